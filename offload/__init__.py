@@ -1,0 +1,27 @@
+"""offload: CPU-resident rows, sparse optimizer updates and metered asynchronous transfers.
+
+This package knows nothing of models: it depends on torch, numpy and numba only, and never imports
+`meft` or `transformers` (a test checks it). Public names are resolved lazily (PEP 562) so that
+`import offload` stays cheap and does not compile numba kernels or touch CUDA.
+"""
+
+from importlib import import_module
+
+__all__ = ["RowStore", "SparseAdamW", "TransferScheduler", "TrafficMeter"]
+
+_WHERE = {
+    "RowStore": "offload.store",
+    "SparseAdamW": "offload.optim",
+    "TransferScheduler": "offload.scheduler",
+    "TrafficMeter": "offload.meter",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'offload' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
