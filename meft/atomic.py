@@ -1,0 +1,87 @@
+"""Atomic file and folder writes: a crash, a kill or Ctrl-C never leaves a half-written result.
+
+Files: write to a temp file in the same folder, flush + fsync, `os.replace` onto the final name.
+Folders: fill a temp folder beside the final one, fsync its files, rename it into place, and only then
+point a small `latest` file at it (itself replaced atomically). A reader that follows `latest` sees
+either the previous complete folder or the new complete one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_write_text", "atomic_folder", "read_pointer", "write_pointer"]
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not all platforms allow opening a directory.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` atomically (temp file in the same folder + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | Path) -> Iterator[Path]:
+    """Yield a temp folder; on normal exit it becomes `final` (replacing an old one), else it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        for root, _dirs, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            # Move the old one aside first: a rename cannot replace a non-empty folder.
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_pointer(folder: str | Path, target_name: str, pointer: str = "latest") -> None:
+    """Atomically make `folder/pointer` name `target_name` (a sibling folder inside `folder`)."""
+    atomic_write_text(Path(folder) / pointer, target_name + "\n")
+
+
+def read_pointer(folder: str | Path, pointer: str = "latest") -> Path | None:
+    """The folder that `folder/pointer` names, or None when there is no complete one yet."""
+    ptr = Path(folder) / pointer
+    if not ptr.is_file():
+        return None
+    target = Path(folder) / ptr.read_text().strip()
+    return target if target.is_dir() else None
