@@ -1,0 +1,278 @@
+"""numba kernels for the CPU side of offload: row gather (+cast to bf16), row-gradient accumulation
+and the fused lazy AdamW update over touched rows.
+
+This module owns only the arithmetic; argument checking lives in `offload.store` / `offload.optim`.
+All kernels take numpy arrays (zero-copy views of torch tensors). bf16 is handled as its 16-bit
+pattern (`uint16`): a bf16 value is the high half of an fp32, and fp32 -> bf16 rounds to nearest
+even with NaN mapped to 0x7FC0, bit-identical to `torch.Tensor.to(torch.bfloat16)`.
+
+Every kernel is `parallel=True` over rows and `cache=True`; none allocates a temporary larger than
+a few scalars per row (fresh memory is slow to touch). Each docstring gives the plain-PyTorch code
+that it equals; `offload.optim.reference_adamw_rows` is the tested twin of `adamw_rows`.
+Idea of documenting the equivalent plain op: xformers `ops/indexing.py`.
+"""
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+__all__ = [
+    "as_numpy",
+    "gather_rows",
+    "accumulate_rows",
+    "adamw_rows",
+    "sum_sq_rows",
+    "first_bad_id",
+    "plan_slots",
+    "release_slots",
+]
+
+_EXP_MASK = np.uint32(0x7F800000)
+_ABS_MASK = np.uint32(0x7FFFFFFF)
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a CPU tensor; bf16 becomes its uint16 bit pattern."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+# ---------------------------------------------------------------- scalar bit casts (inlined)
+
+
+@intrinsic
+def _u32_as_f32(typingctx, x):
+    if x != types.uint32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _f32_as_u32(typingctx, x):
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@njit(inline="always")
+def _bits_to_bf16(b):
+    """fp32 bits (uint32) -> bf16 bits (uint16), round to nearest even, NaN -> 0x7FC0 (as torch)."""
+    rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.uint16(0x7FC0) if (b & _ABS_MASK) > _EXP_MASK else np.uint16(rounded)
+
+
+def _ld(a, i, j):  # a[i, j] as float32 (a: float32 or bf16-as-uint16)
+    pass
+
+
+def _st(a, i, j, x):  # a[i, j] = x (float32), rounding to bf16 when a is uint16
+    pass
+
+
+@overload(_ld, inline="always")
+def _ld_impl(a, i, j):
+    if a.dtype == types.float32:
+        return lambda a, i, j: a[i, j]
+    if a.dtype == types.uint16:
+        return lambda a, i, j: _u32_as_f32(np.uint32(a[i, j]) << np.uint32(16))
+    return None
+
+
+@overload(_st, inline="always")
+def _st_impl(a, i, j, x):
+    if a.dtype == types.float32:
+
+        def st_f32(a, i, j, x):
+            a[i, j] = x
+
+        return st_f32
+    if a.dtype == types.uint16:
+
+        def st_bf16(a, i, j, x):
+            a[i, j] = _bits_to_bf16(_f32_as_u32(x))
+
+        return st_bf16
+    return None
+
+
+# ---------------------------------------------------------------- gather
+
+
+@njit(parallel=True, cache=True)
+def _gather_f32(src, ids, out):
+    width = src.shape[1]
+    for r in prange(ids.shape[0]):
+        i = ids[r]
+        for j in range(width):
+            out[r, j] = src[i, j]
+
+
+@njit(parallel=True, cache=True)
+def _gather_bf16(src_bits, ids, out_bits):
+    width = src_bits.shape[1]
+    for r in prange(ids.shape[0]):
+        i = ids[r]
+        for j in range(width):
+            out_bits[r, j] = _bits_to_bf16(src_bits[i, j])
+
+
+def gather_rows(src: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
+    """out[:R] = src[ids] (cast to bf16 bits when out is uint16).
+
+    Plain PyTorch: `torch.index_select(src, 0, ids, out=out[:R])` for fp32 out, or
+    `out[:R].copy_(src.index_select(0, ids).to(torch.bfloat16))` for bf16 out.
+    src: [N, W] float32; ids: [R] int64 (checked by the caller); out: [>=R, W] float32 or uint16.
+    """
+    if out.dtype == np.uint16:
+        _gather_bf16(src.view(np.uint32), ids, out)
+    else:
+        _gather_f32(src, ids, out)
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+@njit(parallel=True, cache=True)
+def accumulate_rows(pending, slots, fresh, grads, slot_maxbits):
+    """pending[slots[r]] (+)= grads[r] in fp32; slot_maxbits[s] = max |bits| of pending row s.
+
+    Plain PyTorch: for fresh slots `pending[slots] = grads.float()`, for the others
+    `pending.index_add_(0, slots, grads.float())`; `slot_maxbits[s]` is the bit pattern of
+    `pending[s].abs().max()` (>= 0x7F800000 means the row holds inf/NaN).
+    pending: [C, W] f32; slots: [R] int64 unique; fresh: [R] bool; grads: [R, W] f32 or uint16 (bf16);
+    slot_maxbits: [C] uint32.
+    """
+    width = pending.shape[1]
+    for r in prange(slots.shape[0]):
+        s = slots[r]
+        mx = np.uint32(0)
+        if fresh[r]:
+            for j in range(width):
+                x = _ld(grads, r, j)
+                pending[s, j] = x
+                mx = max(mx, _f32_as_u32(x) & _ABS_MASK)
+        else:
+            for j in range(width):
+                x = pending[s, j] + _ld(grads, r, j)
+                pending[s, j] = x
+                mx = max(mx, _f32_as_u32(x) & _ABS_MASK)
+        slot_maxbits[s] = mx
+
+
+@njit(parallel=True, cache=True)
+def sum_sq_rows(pending, n):
+    """sum of squares of pending[:n] accumulated in float64.
+
+    Plain PyTorch: `pending[:n].double().square().sum().item()`.
+    """
+    width = pending.shape[1]
+    total = 0.0
+    for r in prange(n):
+        acc = 0.0
+        for j in range(width):
+            x = np.float64(pending[r, j])
+            acc += x * x
+        total += acc
+    return total
+
+
+# ---------------------------------------------------------------- fused lazy AdamW
+
+
+@njit(parallel=True, cache=True)
+def adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay):
+    """Lazy AdamW on rows ids[r] with gradient grads[r] * grad_scale, each row with its own step.
+
+    Plain PyTorch (per touched row i = ids[r], g = grads[r].float() * grad_scale, t = ++steps[i]):
+        w[i] *= 1 - lr * weight_decay
+        m[i] = m[i].lerp(g, 1 - beta1)
+        v[i] = v[i] * beta2 + (1 - beta2) * g * g
+        w[i] += -(lr / (1 - beta1**t)) * m[i] / (v[i].sqrt() / sqrt(1 - beta2**t) + eps)
+    i.e. exactly `torch.optim.AdamW` (single-tensor path) per row; `reference_adamw_rows` is the twin.
+    Math is fp32; bias corrections are computed in float64 and rounded once, like torch's scalars.
+    w: [N, W] f32; m, v: [N, W] f32 or uint16 (bf16, written back round-to-nearest-even);
+    steps: [N] int64; ids: [R] int64 unique; grads: [>=R, W] f32 or uint16 (bf16).
+    """
+    width = w.shape[1]
+    decay = np.float32(1.0 - lr * weight_decay)
+    one_minus_b1 = np.float32(1.0 - beta1)
+    b2 = np.float32(beta2)
+    one_minus_b2 = np.float32(1.0 - beta2)
+    eps32 = np.float32(eps)
+    scale = np.float32(grad_scale)
+    for r in prange(ids.shape[0]):
+        i = ids[r]
+        t = steps[i] + 1
+        steps[i] = t
+        neg_step = np.float32(-(lr / (1.0 - beta1 ** np.float64(t))))
+        bc2_sqrt = np.float32(np.sqrt(1.0 - beta2 ** np.float64(t)))
+        for j in range(width):
+            g = _ld(grads, r, j) * scale
+            mj = _ld(m, i, j)
+            mj = mj + one_minus_b1 * (g - mj)
+            vj = _ld(v, i, j) * b2 + one_minus_b2 * g * g
+            denom = np.sqrt(vj) / bc2_sqrt + eps32
+            w[i, j] = w[i, j] * decay + neg_step * (mj / denom)
+            _st(m, i, j, mj)
+            _st(v, i, j, vj)
+
+
+# ---------------------------------------------------------------- id bookkeeping (serial, O(R))
+
+
+@njit(cache=True)
+def first_bad_id(ids, n_rows):
+    """Index of the first id outside [0, n_rows), or -1. Plain: `((ids < 0) | (ids >= n)).nonzero()`."""
+    for r in range(ids.shape[0]):
+        if ids[r] < 0 or ids[r] >= n_rows:
+            return r
+    return -1
+
+
+@njit(cache=True)
+def plan_slots(ids, slot_of, stamp, call_no, pending_ids, n_pending, slots, fresh):
+    """Map ids to pending-buffer slots, allocating new slots in order of first appearance.
+
+    First pass checks for an id repeated inside this call (via `stamp[id] == call_no`) and returns
+    `-(r + 1)` for the first repeat at position r with nothing changed. Otherwise fills `slots[r]`,
+    `fresh[r]` (slot newly allocated), appends new ids to `pending_ids` and returns the new count.
+    """
+    n = ids.shape[0]
+    for r in range(n):
+        i = ids[r]
+        if stamp[i] == call_no:
+            for q in range(r):  # undo the stamps of this call so a retry is clean
+                stamp[ids[q]] = call_no - 1
+            return -(r + 1)
+        stamp[i] = call_no
+    for r in range(n):
+        i = ids[r]
+        s = slot_of[i]
+        if s < 0:
+            s = n_pending
+            slot_of[i] = s
+            pending_ids[s] = i
+            n_pending += 1
+            fresh[r] = True
+        else:
+            fresh[r] = False
+        slots[r] = s
+    return n_pending
+
+
+@njit(cache=True)
+def release_slots(pending_ids, n_pending, slot_of):
+    """slot_of[pending_ids[:n]] = -1 (drop all pending slots)."""
+    for s in range(n_pending):
+        slot_of[pending_ids[s]] = -1

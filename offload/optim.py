@@ -1,0 +1,213 @@
+"""SparseAdamW: lazy AdamW over one RowStore, plus its plain-PyTorch twin `reference_adamw_rows`.
+
+Only rows that received a gradient since the last step are updated; each row keeps its own step
+count for bias correction and gets decoupled weight decay only when touched. With every row touched
+every step this is exactly `torch.optim.AdamW` (tested). Gradients of several micro-batches are summed
+per row id in an fp32 pending buffer (`accumulate`), preallocated and grown geometrically, so nothing
+is allocated per step after warm-up. A step whose (scaled) gradient holds inf/NaN is skipped for the
+whole store and counted in `skipped_steps`; the store is left untouched.
+
+The arithmetic lives in `offload.kernels.adamw_rows` (numba, fused, in place).
+"""
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+from offload import kernels
+from offload.store import RowStore, check_ids
+
+__all__ = ["SparseAdamW", "reference_adamw_rows"]
+
+_F32_MAX_BITS = 0x7F800000  # abs bit patterns >= this are inf/NaN
+_MIN_CAPACITY = 64
+
+
+class SparseAdamW:
+    """Lazy AdamW over the rows of `store` that were given gradients (see module docstring)."""
+
+    def __init__(self, store: RowStore, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        if not isinstance(store, RowStore):
+            raise TypeError(f"store must be an offload.RowStore, got {type(store).__name__}")
+        _check_hparams(lr, betas, eps, weight_decay)
+        self.store = store
+        self.lr, self.betas = float(lr), (float(betas[0]), float(betas[1]))
+        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        self.skipped_steps = 0
+        self._warned = False
+        n = store.n_rows
+        self._slot_of = np.full(n, -1, dtype=np.int64)   # [N] row id -> pending slot or -1
+        self._stamp = np.zeros(n, dtype=np.int64)        # [N] last accumulate() call that saw the id
+        self._call_no = 0
+        self._n = 0                                      # pending rows
+        self._capacity = 0
+        self._grow(min(n, _MIN_CAPACITY))
+
+    # ------------------------------------------------------------------ pending gradient buffer
+
+    def _grow(self, needed: int) -> None:
+        cap = min(self.store.n_rows, max(needed, 2 * self._capacity, _MIN_CAPACITY))
+        pending = torch.empty((cap, self.store.width), dtype=torch.float32)  # [C, W] fp32 row grads
+        ids = np.empty(cap, dtype=np.int64)                                   # [C] row id of slot
+        maxbits = np.zeros(cap, dtype=np.uint32)                              # [C] max |g| bits per slot
+        slots = np.empty(cap, dtype=np.int64)                                 # [C] scratch: slot per row
+        fresh = np.empty(cap, dtype=np.bool_)                                 # [C] scratch: slot is new
+        if self._n:
+            pending[: self._n].copy_(self._pending[: self._n])
+            ids[: self._n] = self._pending_ids[: self._n]
+            maxbits[: self._n] = self._maxbits[: self._n]
+        self._pending, self._pending_np = pending, pending.numpy()
+        self._pending_ids, self._maxbits, self._slots, self._fresh = ids, maxbits, slots, fresh
+        self._capacity = cap
+
+    @property
+    def pending_rows(self) -> int:
+        """Number of distinct rows holding a pending gradient."""
+        return self._n
+
+    def pending_ids(self) -> torch.Tensor:
+        """Copy of the ids with pending gradients, in slot order. [n] int64."""
+        return torch.from_numpy(self._pending_ids[: self._n].copy())
+
+    def accumulate(self, ids: torch.Tensor, grads: torch.Tensor) -> None:
+        """pending[ids[r]] += grads[r]. ids: [R] int64 unique; grads: [R, W] fp32 or bf16, CPU.
+
+        Repeated ids across calls sum (micro-batches); an id repeated inside one call is an error.
+        On any error nothing changes.
+        """
+        ids_np = check_ids(ids, self.store.n_rows)
+        grads_np = self._check_grads(grads, ids_np.shape[0])
+        r = ids_np.shape[0]
+        if self._n + r > self._capacity:
+            self._grow(self._n + r)
+        self._call_no += 1
+        n_new = kernels.plan_slots(ids_np, self._slot_of, self._stamp, self._call_no, self._pending_ids,
+                                   self._n, self._slots, self._fresh)
+        if n_new < 0:
+            q = -n_new - 1
+            first = int(np.nonzero(ids_np[:q] == ids_np[q])[0][0])
+            raise ValueError(f"ids has a duplicate inside one accumulate() call: ids[{first}] == ids[{q}] == "
+                             f"{int(ids_np[q])}; sum them first (index_add_) or pass unique ids")
+        self._n = n_new
+        kernels.accumulate_rows(self._pending_np, self._slots[:r], self._fresh[:r], grads_np, self._maxbits)
+
+    def _check_grads(self, grads, n_ids: int) -> np.ndarray:
+        width = self.store.width
+        if not isinstance(grads, torch.Tensor):
+            raise TypeError(f"grads must be a torch.Tensor [R, {width}], got {type(grads).__name__}")
+        if grads.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"grads must be float32 or bfloat16, got {grads.dtype}; pass grads.float()")
+        if grads.dim() != 2 or tuple(grads.shape) != (n_ids, width):
+            raise ValueError(f"grads has shape {tuple(grads.shape)}, expected ({n_ids}, {width}) = "
+                             f"(len(ids), store.width)")
+        if grads.device.type != "cpu":
+            raise ValueError(f"grads must be on the CPU, got device {grads.device}; pass grads.cpu()")
+        return kernels.as_numpy(grads.contiguous())
+
+    def grad_sq_norm(self) -> float:
+        """Sum of squares of the pending (unscaled) gradient, in float64 (inf/NaN if non-finite)."""
+        if self._n == 0:
+            return 0.0
+        return float(kernels.sum_sq_rows(self._pending_np, self._n))
+
+    # ------------------------------------------------------------------ update
+
+    def _finite(self, grad_scale: float) -> bool:
+        """Exact: every pending g * grad_scale (fp32) is finite. Uses the per-slot max |g| bits."""
+        if not math.isfinite(grad_scale):
+            return False
+        top = int(self._maxbits[: self._n].max())
+        if top >= _F32_MAX_BITS:
+            return False
+        max_abs = np.array([top], dtype=np.uint32).view(np.float32)[0]
+        return bool(np.isfinite(max_abs * np.float32(grad_scale)))
+
+    def step(self, grad_scale: float = 1.0) -> bool:
+        """Apply pending grads * grad_scale to the touched rows, then drop them.
+
+        Returns False (and counts `skipped_steps`, store untouched) when a scaled gradient is inf/NaN.
+        """
+        if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
+            raise TypeError(f"grad_scale must be a float, got {type(grad_scale).__name__}")
+        if self._n == 0:
+            return True
+        if not self._finite(float(grad_scale)):
+            self.skipped_steps += 1
+            if not self._warned:
+                warnings.warn(f"SparseAdamW: non-finite gradient (grad_scale={grad_scale}); step skipped, "
+                              f"store unchanged (counted in skipped_steps; warned once)", stacklevel=2)
+                self._warned = True
+            self.zero_grad()
+            return False
+        _check_hparams(self.lr, self.betas, self.eps, self.weight_decay)
+        s = self.store
+        kernels.adamw_rows(s._w_np, s._m_np, s._v_np, s._steps_np, self._pending_ids[: self._n],
+                           self._pending_np, float(grad_scale), self.lr, self.betas[0], self.betas[1],
+                           self.eps, self.weight_decay)
+        self.zero_grad()
+        return True
+
+    def zero_grad(self) -> None:
+        """Drop all pending gradients (buffers are kept for reuse)."""
+        kernels.release_slots(self._pending_ids, self._n, self._slot_of)
+        self._n = 0
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict:
+        """Hyper-parameters, skipped-step count and the store's state_dict (moments, steps, weights).
+
+        Pending (not yet applied) gradients are not saved: checkpoint at a step boundary.
+        """
+        return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
+                "skipped_steps": self.skipped_steps, "store": self.store.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore hyper-parameters (and the store when `sd` holds one); drops pending gradients."""
+        missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in sd]
+        if missing:
+            raise ValueError(f"state_dict is missing {missing}; expected a SparseAdamW.state_dict()")
+        _check_hparams(sd["lr"], sd["betas"], sd["eps"], sd["weight_decay"])
+        if "store" in sd:
+            self.store.load_state_dict(sd["store"])
+        self.lr, self.betas = float(sd["lr"]), (float(sd["betas"][0]), float(sd["betas"][1]))
+        self.eps, self.weight_decay = float(sd["eps"]), float(sd["weight_decay"])
+        self.skipped_steps = int(sd.get("skipped_steps", 0))
+        self.zero_grad()
+
+
+def _check_hparams(lr, betas, eps, weight_decay) -> None:
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite float >= 0, got {lr!r}")
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a float >= 0, got {weight_decay!r}")
+
+
+def reference_adamw_rows(weights, exp_avg, exp_avg_sq, steps, ids, grads, *, lr, betas, eps,
+                         weight_decay) -> None:
+    """Plain-PyTorch twin of `kernels.adamw_rows` (and of torch.optim.AdamW per row), in place.
+
+    weights: [N, W] fp32; exp_avg, exp_avg_sq: [N, W] fp32 or bf16; steps: [N] int64;
+    ids: [R] int64 unique; grads: [R, W] any float dtype (math in fp32).
+    """
+    beta1, beta2 = betas
+    steps[ids] += 1
+    t = steps[ids].double().unsqueeze(1)                                  # [R, 1]
+    neg_step = (-(lr / (1.0 - beta1**t))).float()                         # [R, 1]
+    bc2_sqrt = (1.0 - beta2**t).sqrt().float()                            # [R, 1]
+    g = grads.float()                                                     # [R, W]
+    w = weights.index_select(0, ids) * (1.0 - lr * weight_decay)          # [R, W]
+    m = exp_avg.index_select(0, ids).float().lerp_(g, 1.0 - beta1)       # [R, W]
+    v = exp_avg_sq.index_select(0, ids).float().mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    denom = v.sqrt() / bc2_sqrt + eps
+    w.addcmul_(neg_step, m / denom)
+    weights.index_copy_(0, ids, w)
+    exp_avg.index_copy_(0, ids, m.to(exp_avg.dtype))
+    exp_avg_sq.index_copy_(0, ids, v.to(exp_avg_sq.dtype))

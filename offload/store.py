@@ -1,0 +1,177 @@
+"""RowStore: CPU-resident master rows `[n_rows, width]` fp32 plus their AdamW state.
+
+Owns the host memory of one adapter layer: fp32 master weights, AdamW first/second moments (fp32,
+or bf16 to halve host RAM) and a per-row int64 step count (lazy AdamW bias correction). Host RAM is
+checked with psutil *before* anything is allocated. Memory is pinned only when CUDA is available
+(pinning needs a CUDA context-capable build). `gather` copies rows by id into a caller-provided
+buffer, casting to bf16 in the same pass (numba kernel in `offload.kernels`).
+
+The optimizer (`offload.optim.SparseAdamW`) is the only writer of `weights`/`exp_avg`/`exp_avg_sq`.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+import psutil
+import torch
+
+from offload import kernels
+
+__all__ = ["RowStore", "check_ids"]
+
+_STATE_DTYPES = {torch.float32: 4, torch.bfloat16: 2}
+_RAM_HEADROOM = 0.9  # refuse above this fraction of the currently available host RAM
+_GiB = float(1 << 30)
+
+
+def check_ids(ids, n_rows: int, name: str = "ids") -> np.ndarray:
+    """Validate a row-id tensor (int64, rank 1, CPU, in range) and return its numpy view."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64 row ids, got {type(ids).__name__}; "
+                        f"pass torch.as_tensor(..., dtype=torch.int64)")
+    if ids.dtype != torch.int64:
+        raise TypeError(f"{name} must have dtype torch.int64, got {ids.dtype}; pass {name}.long()")
+    if ids.dim() != 1:
+        raise ValueError(f"{name} must be rank 1 [R], got shape {tuple(ids.shape)}; flatten it first")
+    if ids.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got device {ids.device}; pass {name}.cpu()")
+    ids_np = ids.contiguous().numpy()
+    bad = kernels.first_bad_id(ids_np, n_rows)
+    if bad >= 0:
+        raise ValueError(f"{name}[{bad}] = {int(ids_np[bad])} is out of range for a store of {n_rows} rows; "
+                         f"row ids must lie in [0, {n_rows})")
+    return ids_np
+
+
+class RowStore:
+    """fp32 master rows + AdamW moments + per-row step counts, in (pinned when possible) host RAM.
+
+    init: "zeros", a tensor `[n_rows, width]` to copy, or a callable filling `weights` in place.
+    state_dtype: dtype of exp_avg / exp_avg_sq (torch.float32 or torch.bfloat16).
+    pin_memory: None -> pin iff torch.cuda.is_available(); False -> never; True -> pin if CUDA is
+    available (silently unpinned otherwise, there is nothing to pin for).
+    """
+
+    def __init__(self, n_rows: int, width: int, *, init: str | torch.Tensor | Callable = "zeros",
+                 state_dtype: torch.dtype = torch.float32, pin_memory: bool | None = None):
+        _check_shape_args(n_rows, width, state_dtype)
+        self.n_rows, self.width, self.state_dtype = int(n_rows), int(width), state_dtype
+        self.nbytes = self.bytes_needed(n_rows, width, state_dtype)
+        _check_host_ram(self.nbytes, n_rows, width, state_dtype)
+        self.pinned = bool(pin_memory is not False and torch.cuda.is_available())
+        self.weights = self._alloc(torch.float32)     # [N, W] fp32 master rows
+        self.exp_avg = self._alloc(state_dtype)       # [N, W] first moment
+        self.exp_avg_sq = self._alloc(state_dtype)    # [N, W] second moment
+        self.steps = self._alloc(torch.int64, (self.n_rows,))  # [N] per-row AdamW step
+        for t in (self.exp_avg, self.exp_avg_sq, self.steps):
+            t.zero_()
+        self._init_weights(init)
+        self._bind_numpy()
+
+    @staticmethod
+    def bytes_needed(n_rows: int, width: int, state_dtype: torch.dtype = torch.float32) -> int:
+        """Host bytes of a store: fp32 weights + two moments + int64 step per row."""
+        if state_dtype not in _STATE_DTYPES:
+            raise TypeError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        return int(n_rows) * (int(width) * (4 + 2 * _STATE_DTYPES[state_dtype]) + 8)
+
+    def _alloc(self, dtype, shape=None) -> torch.Tensor:
+        shape = (self.n_rows, self.width) if shape is None else shape
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pinned)
+
+    def _init_weights(self, init) -> None:
+        if isinstance(init, str):
+            if init != "zeros":
+                raise ValueError(f"init must be 'zeros', a tensor or a callable, got {init!r}")
+            self.weights.zero_()
+        elif isinstance(init, torch.Tensor):
+            if tuple(init.shape) != (self.n_rows, self.width):
+                raise ValueError(f"init tensor has shape {tuple(init.shape)}, expected "
+                                 f"({self.n_rows}, {self.width}) = (n_rows, width)")
+            self.weights.copy_(init)
+        elif callable(init):
+            init(self.weights)
+        else:
+            raise TypeError(f"init must be 'zeros', a tensor or a callable, got {type(init).__name__}")
+
+    def _bind_numpy(self) -> None:
+        """numpy views used by the kernels (bf16 moments as uint16 bit patterns)."""
+        self._w_np = kernels.as_numpy(self.weights)
+        self._m_np = kernels.as_numpy(self.exp_avg)
+        self._v_np = kernels.as_numpy(self.exp_avg_sq)
+        self._steps_np = self.steps.numpy()
+
+    def gather(self, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out[:R] = weights[ids] (cast to out's dtype, fp32 or bf16 round-to-nearest-even); returns out[:R].
+
+        Plain PyTorch: `torch.index_select(self.weights, 0, ids).to(out.dtype)` written into out[:R].
+        ids: [R] int64 CPU; out: [>=R, width] fp32 or bf16, contiguous, CPU.
+        """
+        ids_np = check_ids(ids, self.n_rows)
+        n = ids_np.shape[0]
+        if not isinstance(out, torch.Tensor) or out.dtype not in (torch.float32, torch.bfloat16):
+            got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
+            raise TypeError(f"out must be a float32 or bfloat16 tensor, got {got}")
+        if out.dim() != 2 or out.shape[1] != self.width or out.shape[0] < n:
+            raise ValueError(f"out has shape {tuple(out.shape)}; it needs [>= {n}, {self.width}] "
+                             f"(at least len(ids) rows of the store's width)")
+        if out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous CPU tensor (device {out.device}, "
+                             f"contiguous={out.is_contiguous()}); preallocate it with torch.empty")
+        kernels.gather_rows(self._w_np, ids_np, kernels.as_numpy(out))
+        return out[:n]
+
+    def state_dict(self) -> dict:
+        """References (not copies) to every tensor, plus the shape and dtypes. Save with torch.save."""
+        return {"n_rows": self.n_rows, "width": self.width, "state_dtype": str(self.state_dtype),
+                "weights": self.weights, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
+                "steps": self.steps}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Copy a state_dict into this store's buffers (moments may come in either state dtype)."""
+        for key in ("weights", "exp_avg", "exp_avg_sq", "steps"):
+            if key not in sd:
+                raise ValueError(f"state_dict has no {key!r}; expected a RowStore.state_dict()")
+        if (sd.get("n_rows"), sd.get("width")) != (self.n_rows, self.width):
+            got = (sd.get("n_rows"), sd.get("width"))
+            raise ValueError(f"state_dict is for a store of (rows, width) = {got}, "
+                             f"this store is ({self.n_rows}, {self.width}); build a matching RowStore")
+        if sd["steps"].shape != self.steps.shape or sd["steps"].dtype != torch.int64:
+            raise ValueError(f"state_dict['steps'] must be int64 [{self.n_rows}], got "
+                             f"{sd['steps'].dtype} {tuple(sd['steps'].shape)}")
+        for key in ("weights", "exp_avg", "exp_avg_sq"):
+            if tuple(sd[key].shape) != (self.n_rows, self.width) or not sd[key].is_floating_point():
+                raise ValueError(f"state_dict[{key!r}] must be float [{self.n_rows}, {self.width}], "
+                                 f"got {sd[key].dtype} {tuple(sd[key].shape)}")
+        for key in ("weights", "exp_avg", "exp_avg_sq", "steps"):
+            getattr(self, key).copy_(sd[key])
+
+    def __repr__(self) -> str:
+        return (f"RowStore(n_rows={self.n_rows}, width={self.width}, state_dtype={self.state_dtype}, "
+                f"{self.nbytes / _GiB:.3f} GiB, pinned={self.pinned})")
+
+
+def _check_shape_args(n_rows, width, state_dtype) -> None:
+    for name, val in (("n_rows", n_rows), ("width", width)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val <= 0:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if state_dtype not in _STATE_DTYPES:
+        raise TypeError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}; "
+                        f"bf16 halves the moments' host RAM")
+
+
+def _check_host_ram(needed: int, n_rows: int, width: int, state_dtype) -> None:
+    """Refuse (MemoryError) before allocating more than ~90% of available host RAM."""
+    available = psutil.virtual_memory().available
+    budget = int(available * _RAM_HEADROOM)
+    if needed <= budget:
+        return
+    fit = {dt: budget // RowStore.bytes_needed(1, width, dt) for dt in _STATE_DTYPES}
+    bf16_total = RowStore.bytes_needed(n_rows, width, torch.bfloat16)
+    raise MemoryError(
+        f"RowStore({n_rows} rows x {width}, {state_dtype} moments) needs {needed / _GiB:.2f} GiB "
+        f"({needed} bytes) of host RAM but only {available / _GiB:.2f} GiB ({available} bytes) is available "
+        f"(the limit is {_RAM_HEADROOM:.0%} of that). Options that fit: at most {fit[torch.float32]} rows "
+        f"at width {width} with fp32 moments, or {fit[torch.bfloat16]} rows with "
+        f"state_dtype=torch.bfloat16 (this size would need {bf16_total / _GiB:.2f} GiB with bf16 moments); "
+        f"or fewer adapter rows / layers, or free host memory.")
