@@ -1,0 +1,175 @@
+"""Evaluation: QA accuracy by greedy generation, perplexity on text.
+
+Works for any HF causal LM, wrapped or not: it only calls ``model.generate(...)`` and ``model(...)``
+and reads ``.logits``. Prompts are built exactly as in training (`meft.data.prompt_ids`: chat template
+with generation prompt for instruct tokenizers), left-padded for batched generation, and sorted by
+length so batches waste little padding; results come back in the input order.
+
+Answer normalisation (`normalize_answer`, SQuAD-style plus accent folding): Unicode NFKD with
+combining marks dropped ("Bogotá" -> "bogota"), lower case, every punctuation/symbol character
+replaced by a space ("+33" -> "33", ".fr" -> "fr"), the articles "a", "an", "the" dropped, whitespace
+collapsed. ``exact``: normalised prediction equals a normalised accepted answer. ``contains``: a
+normalised accepted answer occurs in the normalised prediction as whole words ("paris" is contained in
+"the capital is paris", "1" is not contained in "+12").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from meft.data import IGNORE_INDEX, prompt_ids, reference_answers
+
+__all__ = ["normalize_answer", "exact_match", "contains_match", "generate_answers", "qa_accuracy",
+           "perplexity"]
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Accent-fold, lower-case, punctuation -> space, drop articles, collapse whitespace."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    text = "".join(" " if unicodedata.category(c)[0] in "PS" else c for c in text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> bool:
+    pred = normalize_answer(prediction)
+    return any(pred == normalize_answer(a) for a in answers)
+
+
+def contains_match(prediction: str, answers: Sequence[str]) -> bool:
+    pred = f" {normalize_answer(prediction)} "
+    return any(normalize_answer(a) and f" {normalize_answer(a)} " in pred for a in answers)
+
+
+def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)      # [B, T]
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)            # [B, T]
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[row, width - len(s):] = 1
+    return ids, mask
+
+
+def _device_of(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="item")
+
+
+def generate_answers(model, tokenizer, prompts: Sequence[list[int]], *, batch_size: int = 16,
+                     max_new_tokens: int = 16, progress: bool = False) -> list[str]:
+    """Greedy answers to tokenized prompts (batched, left-padded); decoded without special tokens."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: must be an int >= 1")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    device = _device_of(model)
+    with _progress(len(prompts), progress, "eval") as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            ids, mask = _left_pad([prompts[i] for i in chunk], pad_id)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                 eos_token_id=tokenizer.eos_token_id)      # [B, T + new]
+            new = out[:, ids.shape[1]:].cpu()
+            for row, i in enumerate(chunk):
+                answers[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+            bar.update(len(chunk))
+    return answers
+
+
+def qa_accuracy(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
+                max_new_tokens: int = 16, chat: bool | None = None, progress: bool = False) -> dict:
+    """Greedy-decode an answer to each QA/chat record and score it (see the module docstring).
+
+    Returns ``{"exact_match": float, "contains": float, "n": int, "items": [{"prompt", "prediction",
+    "answers", "exact", "contains"}, ...]}``; the accuracies are fractions in [0, 1]. Accepted answers
+    are ``record["answers"]`` if present, else the completion / last assistant message.
+    """
+    if not records:
+        raise ValueError("qa_accuracy got no records; fix: pass at least one QA record")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            prompts = [prompt_ids(r, tokenizer, chat) for r in records]
+            preds = generate_answers(model, tokenizer, prompts, batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens, progress=progress)
+    finally:
+        model.train(was_training)
+    items = []
+    for rec, pred in zip(records, preds):
+        answers = reference_answers(rec)
+        items.append({"prompt": rec.get("prompt") or rec.get("messages"), "prediction": pred,
+                      "answers": answers, "exact": exact_match(pred, answers),
+                      "contains": contains_match(pred, answers)})
+    n = len(items)
+    return {"exact_match": sum(i["exact"] for i in items) / n,
+            "contains": sum(i["contains"] for i in items) / n, "n": n, "items": items}
+
+
+def _text_windows(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    windows = []
+    for text in texts:
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        windows += [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+    return [w for w in windows if len(w) >= 2]
+
+
+def _right_pad(windows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(w) for w in windows)
+    ids = torch.full((len(windows), width), pad_id, dtype=torch.long)         # [B, T]
+    labels = torch.full((len(windows), width), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+    for row, w in enumerate(windows):
+        ids[row, :len(w)] = torch.tensor(w, dtype=torch.long)
+        labels[row, :len(w)] = torch.tensor(w, dtype=torch.long)
+    return ids, labels
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 4, max_length: int = 512,
+               progress: bool = False) -> dict:
+    """Token-level perplexity of `texts`: ``exp(sum NLL / n_tokens)`` over every predicted token.
+
+    Each text is tokenized alone and cut into non-overlapping windows of `max_length` tokens (no
+    context crosses a window). Returns ``{"perplexity", "loss" (mean NLL, nats), "n_tokens"}``.
+    """
+    windows = _text_windows(tokenizer, texts, max_length)
+    if not windows:
+        raise ValueError("perplexity needs at least one text of 2+ tokens")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device, total, count = _device_of(model), 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _progress(len(windows), progress, "perplexity") as bar:
+            for start in range(0, len(windows), batch_size):
+                chunk = windows[start:start + batch_size]
+                ids, labels = _right_pad(chunk, pad_id)
+                mask = (labels != IGNORE_INDEX).long()                                   # [B, T]
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [B, T, V]
+                targets = labels[:, 1:].flatten().to(device)                             # [B * (T-1)]
+                nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets,
+                                      ignore_index=IGNORE_INDEX, reduction="sum")
+                total += float(nll)
+                count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+                bar.update(len(chunk))
+    finally:
+        model.train(was_training)
+    loss = total / count
+    return {"perplexity": math.exp(loss), "loss": loss, "n_tokens": count}
