@@ -65,7 +65,7 @@ def _f32_as_u32(typingctx, x):
     return types.uint32(types.float32), codegen
 
 
-@njit(inline="always")
+@njit
 def _bits_to_bf16(b):
     """fp32 bits (uint32) -> bf16 bits (uint16), round to nearest even, NaN -> 0x7FC0 (as torch)."""
     rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
@@ -80,16 +80,16 @@ def _st(a, i, j, x):  # a[i, j] = x (float32), rounding to bf16 when a is uint16
     pass
 
 
-@overload(_ld, inline="always")
+@overload(_ld)
 def _ld_impl(a, i, j):
     if a.dtype == types.float32:
         return lambda a, i, j: a[i, j]
     if a.dtype == types.uint16:
-        return lambda a, i, j: _u32_as_f32(np.uint32(a[i, j]) << np.uint32(16))
+        return lambda a, i, j: _u32_as_f32(np.uint32(np.uint32(a[i, j]) << np.uint32(16)))
     return None
 
 
-@overload(_st, inline="always")
+@overload(_st)
 def _st_impl(a, i, j, x):
     if a.dtype == types.float32:
 

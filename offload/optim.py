@@ -123,7 +123,8 @@ class SparseAdamW:
         if top >= _F32_MAX_BITS:
             return False
         max_abs = np.array([top], dtype=np.uint32).view(np.float32)[0]
-        return bool(np.isfinite(max_abs * np.float32(grad_scale)))
+        with np.errstate(over="ignore"):
+            return bool(np.isfinite(max_abs * np.float32(grad_scale)))
 
     def step(self, grad_scale: float = 1.0) -> bool:
         """Apply pending grads * grad_scale to the touched rows, then drop them.
