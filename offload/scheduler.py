@@ -1,0 +1,405 @@
+"""TransferScheduler: rows down, row gradients back, CPU updates, all asynchronous and metered.
+
+Owns DESIGN.md "One training step". For each adapter layer (one SparseAdamW over one RowStore):
+
+    fetch(l, ids)       ids -> host (ids_host), host worker gathers rows (wire dtype) into a staging
+                        slot, H2D into the layer's rows_dev buffer; handle.wait() -> rows on device
+    push_grads(l, ...)  grads cast to wire dtype on the device, D2H into a staging slot; the host
+                        worker waits for it, accumulates into the layer's optimizer and, at the
+                        accumulation boundary (last micro-batch), runs its step()
+    finish_step()       staleness 0: returns when every update of the step is done
+
+The host worker is a single FIFO thread, so "a gather submitted after an update sees it" is the only
+ordering rule needed. Staleness 1 (ZeRO-Offload's delayed parameter update), deterministic: the update
+of layer l from step t is applied right after layer l's next fetch (its first of step t+1 normally)
+has gathered its rows; `flush()` / `close()` apply what is pending. Clipping: "none", "layer" (scale
+min(1, max_norm / (||g_l|| + 1e-6)) per layer) or "global" (the norm of all layers' gradients of the
+step, summed in layer order on the host in finish_step; the updates then start there: a documented
+cost). Staging slots and device buffers come from fixed pools; a full pool blocks the caller.
+A worker exception is re-raised in the caller at the next call with its original traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+
+from offload.engine import CopyEngine, make_engine
+from offload.handles import FetchHandle, LayerState
+from offload.meter import TrafficMeter
+from offload.slots import HostWorker, SlotPool
+
+__all__ = ["TransferScheduler", "FetchHandle", "clip_scale", "CLIP_MODES"]
+
+CLIP_MODES = ("none", "layer", "global")
+
+
+def clip_scale(sq_norm: float, max_norm: float) -> float:
+    """Gradient scale for clipping to `max_norm`: min(1, max_norm / (sqrt(sq_norm) + 1e-6))."""
+    return min(1.0, max_norm / (math.sqrt(sq_norm) + 1e-6))
+
+
+class TransferScheduler:
+    """See module docstring; API in /work/contracts.md."""
+
+    def __init__(self, optimizers: Sequence, *, device="cpu", engine: CopyEngine | None = None,
+                 wire_dtype=torch.bfloat16, max_rows: int, n_slots: int = 2, staleness: int = 0,
+                 clip: str = "none", max_norm: float = 1.0, meter: TrafficMeter | None = None):
+        self._broken = None
+        self._closed = True  # until fully constructed
+        self.optimizers = list(optimizers)
+        _validate_args(self.optimizers, wire_dtype, max_rows, n_slots, staleness, clip, max_norm)
+        self.device = torch.device(device)
+        self._own_engine = engine is None
+        self.engine = make_engine(self.device) if engine is None else engine
+        if self.engine.device.type != self.device.type:
+            raise ValueError(f"engine {self.engine!r} copies to {self.engine.device}, but device={device!r}; "
+                             "pass a matching engine or leave engine=None")
+        self.width = self.optimizers[0].store.width
+        self.wire_dtype, self.max_rows, self.n_slots = wire_dtype, max_rows, n_slots
+        self.staleness, self.clip, self.max_norm = staleness, clip, float(max_norm)
+        self.meter = TrafficMeter() if meter is None else meter
+        on_host = self.device.type == "cpu"
+        self.layers = [LayerState(i, self.engine, max_rows, self.width, wire_dtype, on_host)
+                       for i in range(len(self.optimizers))]
+        self.h2d_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype, "h2d")
+        self.d2h_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype, "d2h")
+        self.worker = HostWorker()
+        self._wire_bytes = torch.empty((), dtype=wire_dtype).element_size()
+        self._state_bytes = torch.empty((), dtype=self.optimizers[0].store.state_dtype).element_size()
+        self.step, self.micro_batch, self.accum_steps, self._in_step = 0, -1, 1, False
+        self._test_skip_waits: set[str] = set()  # test hook: {"h2d", "d2h"} disables that wait
+        self._error_reported = False
+        self._closed = False
+
+    # ------------------------------------------------------------------------------ errors
+    def _check(self) -> None:
+        """Raise a worker's exception in the caller (once, original object and traceback)."""
+        err = self.worker.error
+        if err is None:
+            return
+        if not self._error_reported:
+            self._error_reported = True
+            raise err
+        raise RuntimeError("TransferScheduler stopped after a worker error (raised earlier); close() it "
+                           "and build a new one") from err
+
+    def _entry(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"TransferScheduler.{what}: the scheduler is closed")
+        self._check()
+
+    def _layer(self, layer) -> LayerState:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(self.layers):
+            raise ValueError(f"layer={layer!r} is out of range: this scheduler has {len(self.layers)} layers "
+                             f"(0..{len(self.layers) - 1}), one per optimizer")
+        return self.layers[layer]
+
+    # ------------------------------------------------------------------------------ steps
+    def begin_step(self, accum_steps: int = 1) -> None:
+        """Step counter += 1; the micro-batch counter restarts (micro-batch 0 begins implicitly)."""
+        self._entry("begin_step")
+        if not isinstance(accum_steps, int) or accum_steps < 1:
+            raise ValueError(f"accum_steps={accum_steps!r} must be an int >= 1 (micro-batches per step)")
+        if self._in_step:
+            raise ValueError(f"begin_step: step {self.step} was not finished; call finish_step() first")
+        self.step += 1
+        self.accum_steps, self.micro_batch, self._in_step = accum_steps, -1, True
+        self.meter.set_step(self.step)
+
+    def begin_micro_batch(self) -> None:
+        """Start the next micro-batch (calling it before the first one is optional)."""
+        self._entry("begin_micro_batch")
+        self._need_step("begin_micro_batch")
+        if self.micro_batch + 1 >= self.accum_steps:
+            raise ValueError(f"begin_micro_batch: micro-batch {self.micro_batch + 1} would exceed "
+                             f"accum_steps={self.accum_steps} given to begin_step")
+        self.micro_batch += 1
+
+    def _need_step(self, what: str) -> None:
+        if not self._in_step:
+            raise ValueError(f"{what}: no step in progress; call begin_step() first")
+        if self.micro_batch < 0:
+            self.micro_batch = 0
+
+    # ------------------------------------------------------------------------------ fetch
+    def fetch(self, layer: int, ids: torch.Tensor) -> FetchHandle:
+        """Start moving rows `ids` ([R] int64 unique sorted, any device) of `layer` to the device."""
+        self._entry("fetch")
+        st = self._layer(layer)
+        n = self._check_ids(ids, "fetch")
+        self._need_step("fetch")
+        h0 = st.handle
+        if h0 is not None and h0.step == self.step and h0.micro_batch == self.micro_batch:
+            raise ValueError(f"fetch: layer {layer} was already fetched in micro-batch {self.micro_batch} of "
+                             f"step {self.step}; reuse that handle (recomputation must not fetch again) or "
+                             "call handle.release() first")
+        if st.triggered_step == self.step:
+            raise ValueError(f"fetch: layer {layer} already received its last-micro-batch gradients in step "
+                             f"{self.step} (its update is under way); fetch it in the next step")
+        if st.handle is not None:
+            st.handle.release()  # an earlier micro-batch's fetch without gradients
+        if st.last_gather is not None:
+            st.last_gather.wait_gathered()  # protects ids_host: the previous gather still reads it
+        slot = self.h2d_pool.acquire(self._check)  # backpressure: blocks while every slot is busy
+        marker = self.engine.mark_compute()  # H2D into rows_dev waits for compute issued so far
+        h = self._stage_ids(st, ids, n, marker)
+        st.handle = st.last_gather = h
+        apply_pending = st.pending_update
+        st.pending_update = False
+        self.worker.submit(lambda: self._gather_task(st, h, slot, marker, apply_pending))
+        return h
+
+    def _check_ids(self, ids, what: str) -> int:
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+            got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise TypeError(f"{what}: ids must be a 1-D int64 tensor [R], got {got}")
+        if ids.numel() > self.max_rows:
+            raise ValueError(f"{what}: {ids.numel()} ids exceed max_rows={self.max_rows}; raise max_rows or "
+                             "lower the router's row budget")
+        if ids.device.type not in ("cpu", self.device.type):
+            raise ValueError(f"{what}: ids are on {ids.device}; pass them on the CPU or on {self.device}")
+        return ids.numel()
+
+    def _stage_ids(self, st: LayerState, ids, n: int, marker) -> FetchHandle:
+        if ids.device.type == "cpu":
+            st.ids_host[:n].copy_(ids)
+            h = FetchHandle(self, st, self.step, self.micro_batch, n, st.ids_dev[:n])
+            if st.ids_dev is not st.ids_host:
+                h.ids_event = self.engine.h2d(st.ids_host[:n], st.ids_dev[:n], rows=n, after=marker)
+            return h
+        h = FetchHandle(self, st, self.step, self.micro_batch, n, ids)
+        meta = (self.step, self.micro_batch, st.index)
+        h.ids_event = self.engine.d2h(ids, st.ids_host[:n], rows=n, after=marker,
+                                      on_done=lambda ev: self._meter_copy(ev, "ids", meta))
+        return h
+
+    def _gather_task(self, st: LayerState, h: FetchHandle, slot, marker, apply_pending: bool) -> None:
+        n = h.n_rows
+        try:
+            if h.ids_event is not None and h.ids_event.direction == "d2h":
+                h.ids_event.wait()  # protects the gather from reading ids_host before the ids D2H landed
+            t0 = time.perf_counter()
+            self.optimizers[st.index].store.gather(st.ids_host[:n], slot.rows)
+            self.meter.record_cpu(step=h.step, layer=st.index, op="gather", rows=n,
+                                  nbytes=n * self.width * (4 + self._wire_bytes), start=t0,
+                                  end=time.perf_counter())
+        except BaseException:
+            self.h2d_pool.release(slot)
+            raise
+        meta = (h.step, h.micro_batch, st.index)
+        h.copy_event = self.engine.h2d(slot.rows[:n], st.rows_dev[:n], rows=n, after=marker,
+                                       on_done=lambda ev: self._h2d_done(ev, slot, meta))
+        h.gathered.set()
+        if apply_pending:  # staleness 1: the previous step's update, right after this gather
+            self._update_task(st, h.step)
+
+    def _h2d_done(self, ev, slot, meta) -> None:
+        self.h2d_pool.release(slot)  # the H2D has read the slot: it may be refilled
+        self._meter_copy(ev, "h2d", meta)
+
+    def _meter_copy(self, ev, direction: str, meta) -> None:
+        step, mb, layer = meta
+        self.meter.record_transfer(step=step, micro_batch=mb, layer=layer, direction=direction,
+                                   nbytes=ev.nbytes, rows=ev.rows, start=ev.start_s, end=ev.end_s,
+                                   engine=self.engine.name, pageable=ev.pageable)
+
+    # ------------------------------------------------------------------------------ gradients
+    def push_grads(self, layer: int, ids: torch.Tensor, grads: torch.Tensor) -> None:
+        """Send `grads` ([R, width], any float dtype, on the device) of the layer's live fetch back."""
+        self._entry("push_grads")
+        st = self._layer(layer)
+        h = st.handle
+        if h is None or h.step != self.step or h.micro_batch != self.micro_batch:
+            raise ValueError(f"push_grads: layer {layer} has no live fetch in micro-batch {self.micro_batch} "
+                             f"of step {self.step}; call fetch({layer}, ids) first (once per micro-batch)")
+        n = h.n_rows
+        self._check_grads(st, h, ids, grads)
+        h.wait_gathered()  # protects the ids copy below: ids_host must hold this fetch's ids
+        slot = self.d2h_pool.acquire(self._check)  # backpressure
+        slot.ids[:n].copy_(st.ids_host[:n])
+        src = self._grads_source(st, grads, n)
+        meta = (self.step, self.micro_batch, st.index)
+        ev = self.engine.d2h(src, slot.rows[:n], rows=n, after=self.engine.mark_compute(),
+                             on_done=lambda e: self._meter_copy(e, "d2h", meta))
+        if src is not grads:
+            st.last_d2h = ev
+        h.release()
+        st.grads_step = self.step
+        step = self.step
+        self.worker.submit(lambda: self._accumulate_task(st, slot, ev, n, step))
+        if self.micro_batch == self.accum_steps - 1 and self.clip != "global":
+            self._trigger(st)
+
+    def _check_grads(self, st: LayerState, h: FetchHandle, ids, grads) -> None:
+        n, w = h.n_rows, self.width
+        if not isinstance(grads, torch.Tensor) or not grads.is_floating_point():
+            got = grads.dtype if isinstance(grads, torch.Tensor) else type(grads).__name__
+            raise TypeError(f"push_grads: grads must be a floating-point tensor [R, {w}], got {got}")
+        if tuple(grads.shape) != (n, w):
+            raise ValueError(f"push_grads: grads has shape {tuple(grads.shape)}, expected ({n}, {w}) = "
+                             f"(rows of layer {st.index}'s fetch, width)")
+        if grads.device.type != self.device.type:
+            raise ValueError(f"push_grads: grads are on {grads.device}, expected {self.device}")
+        if not isinstance(ids, torch.Tensor) or ids.numel() != n:
+            raise ValueError(f"push_grads: ids must be the fetched ids ({n} of them) of layer {st.index}")
+        if ids.device.type == "cpu" and ids.data_ptr() != st.ids_host.data_ptr():
+            h.wait_gathered()
+            if not torch.equal(ids, st.ids_host[:n]):
+                raise ValueError(f"push_grads: ids differ from the ids fetched for layer {st.index}; pass "
+                                 "handle.ids_dev or the tensor given to fetch")
+
+    def _grads_source(self, st: LayerState, grads, n: int) -> torch.Tensor:
+        if grads.dtype == self.wire_dtype and grads.is_contiguous():
+            return grads  # copied as is (on CUDA, record_stream keeps its memory alive)
+        if st.grads_dev is None:
+            st.grads_dev = self.engine.alloc_device((self.max_rows, self.width), self.wire_dtype)
+        if st.last_d2h is not None:
+            # protects grads_dev: the previous D2H out of it must have read it before we overwrite it
+            st.last_d2h.wait_device()
+        st.grads_dev[:n].copy_(grads)  # cast to the wire dtype on the compute stream
+        return st.grads_dev[:n]
+
+    def _accumulate_task(self, st: LayerState, slot, ev, n: int, step: int) -> None:
+        try:
+            if "d2h" not in self._test_skip_waits:
+                ev.wait()  # protects the slot: the grads' D2H must have landed before we read it
+            t0 = time.perf_counter()
+            self.optimizers[st.index].accumulate(slot.ids[:n], slot.rows[:n])
+            self.meter.record_cpu(step=step, layer=st.index, op="accumulate", rows=n,
+                                  nbytes=n * self.width * (self._wire_bytes + 8), start=t0,
+                                  end=time.perf_counter())
+        finally:
+            self.d2h_pool.release(slot)
+
+    # ------------------------------------------------------------------------------ updates
+    def _trigger(self, st: LayerState) -> None:
+        """The layer's gradients of this step are complete: update now (staleness 0) or later (1)."""
+        st.triggered_step = self.step
+        if self.staleness == 0:
+            step = self.step
+            self.worker.submit(lambda: self._update_task(st, step))
+        else:
+            st.pending_update = True
+
+    def _update_task(self, st: LayerState, step: int) -> None:
+        opt = self.optimizers[st.index]
+        t0 = time.perf_counter()
+        if self.clip == "layer":
+            scale = clip_scale(opt.grad_sq_norm(), self.max_norm)
+        elif self.clip == "global":
+            scale = st.global_scale
+        else:
+            scale = 1.0
+        rows = opt.pending_rows
+        opt.step(grad_scale=scale)
+        # bytes touched: weights fp32 + both moments, read and written, plus the fp32 pending grads
+        nbytes = rows * self.width * (2 * (4 + 2 * self._state_bytes) + 4)
+        self.meter.record_update(step=step, layer=st.index, rows=rows, nbytes=nbytes, start=t0,
+                                 end=time.perf_counter())
+
+    def _global_task(self, layers: list[LayerState], step: int) -> None:
+        sq = 0.0
+        for st in layers:  # layer order, float64 on the host: deterministic
+            sq += self.optimizers[st.index].grad_sq_norm()
+        scale = clip_scale(sq, self.max_norm)
+        for st in layers:
+            st.global_scale = scale
+            if self.staleness == 0:
+                self._update_task(st, step)
+
+    def finish_step(self) -> None:
+        """End the step: trigger remaining updates; staleness 0 waits until all of them are done."""
+        self._entry("finish_step")
+        if not self._in_step:
+            raise ValueError("finish_step: no step in progress; call begin_step() first")
+        with_grads = [st for st in self.layers if st.grads_step == self.step]
+        if self.clip == "global":
+            for st in with_grads:
+                st.triggered_step = self.step
+                st.pending_update = self.staleness == 1
+            step = self.step
+            self.worker.submit(lambda: self._global_task(with_grads, step))
+        else:
+            for st in with_grads:
+                if st.triggered_step != self.step:
+                    self._trigger(st)
+        for st in self.layers:
+            if st.handle is not None:
+                st.handle.release()
+        self._in_step = False
+        if self.staleness == 0:
+            self.worker.barrier(self._check)
+        self._check()
+
+    def flush(self) -> None:
+        """Apply every pending (staleness 1) update now and wait for all host work to finish."""
+        self._entry("flush")
+        for st in self.layers:
+            if st.pending_update:
+                st.pending_update = False
+                step = self.step
+                self.worker.submit(lambda st=st, step=step: self._update_task(st, step))
+        self.worker.barrier(self._check)
+        self._check()
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Apply pending updates (unless a worker failed), stop the threads. Idempotent, never hangs."""
+        if self._closed:
+            return
+        try:
+            if self.worker.error is None:
+                self.flush()
+        finally:
+            self._closed = True
+            self.worker.stop()
+            if self._own_engine:
+                self.engine.close()
+        if not self._error_reported:
+            self._check()  # a worker error nobody has seen yet is raised, never swallowed
+
+    def __enter__(self) -> TransferScheduler:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except BaseException:  # noqa: BLE001 - the exception already propagating is the one to see
+            pass
+
+    def stats(self) -> dict:
+        """Pool usage (backpressure) and host queue length."""
+        return {"h2d_peak_slots": self.h2d_pool.peak_in_use, "d2h_peak_slots": self.d2h_pool.peak_in_use,
+                "h2d_waits": self.h2d_pool.waits, "d2h_waits": self.d2h_pool.waits,
+                "staging_bytes": self.h2d_pool.nbytes + self.d2h_pool.nbytes,
+                "host_queue": self.worker.pending()}
+
+
+def _validate_args(optimizers, wire_dtype, max_rows, n_slots, staleness, clip, max_norm) -> None:
+    if not optimizers:
+        raise ValueError("optimizers is empty: pass one SparseAdamW per adapter layer")
+    for i, opt in enumerate(optimizers):
+        if not hasattr(opt, "store") or not hasattr(opt, "accumulate"):
+            raise TypeError(f"optimizers[{i}] is a {type(opt).__name__}; pass offload.SparseAdamW objects")
+    widths = {opt.store.width for opt in optimizers}
+    if len(widths) != 1:
+        raise ValueError(f"optimizers' stores have different widths {sorted(widths)}; use one width")
+    if wire_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"wire_dtype={wire_dtype!r} must be torch.bfloat16 or torch.float32")
+    if not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows={max_rows!r} must be an int >= 1 (most rows one fetch moves)")
+    if not isinstance(n_slots, int) or n_slots < 1:
+        raise ValueError(f"n_slots={n_slots!r} must be an int >= 1 (staging slots per direction)")
+    if staleness not in (0, 1):
+        raise ValueError(f"staleness={staleness!r} must be 0 (exact) or 1 (delayed update)")
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip={clip!r} must be one of {CLIP_MODES}")
+    if not (isinstance(max_norm, (int, float)) and max_norm > 0):
+        raise ValueError(f"max_norm={max_norm!r} must be a number > 0")
