@@ -1,0 +1,106 @@
+"""MeftOptimizer: the adapter-side `torch.optim.Optimizer` of a wrapped model (`model.meft.optimizer`).
+
+Owns the optimizer a plain PyTorch loop (and any `torch.optim.lr_scheduler`) drives:
+
+* param group 0 ("router"): the router gates G_l, updated here on the device with AdamW;
+* param group 1 ("adapter_rows"): no tensors; its `lr` / `weight_decay` are copied into every layer's
+  `offload.SparseAdamW` before the scheduler runs the step's row updates (`finish_step`).
+
+`step()` updates the gates, then calls the runtime's `end_step()` (-> `scheduler.finish_step()`); the
+next training forward begins the next step. `state_dict()` holds the router AdamW state plus each
+layer's SparseAdamW state (which references -- does not copy -- the host stores).
+With clip != "none" the gates are clipped by their own norm (torch's `clip_grad_norm_`); the rows are
+clipped by the scheduler.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["MeftOptimizer"]
+
+
+class MeftOptimizer(torch.optim.Optimizer):
+    """See the module docstring. Built by `meft.wrap`."""
+
+    def __init__(self, runtime, gates, *, router_lr: float, adapter_lr: float, weight_decay: float,
+                 betas=(0.9, 0.999), eps: float = 1e-8, clip: str = "none", max_norm: float = 1.0):
+        defaults = dict(lr=router_lr, betas=tuple(betas), eps=eps, weight_decay=0.0)
+        groups = [
+            dict(params=list(gates), lr=router_lr, weight_decay=0.0, name="router"),
+            dict(params=[], lr=adapter_lr, weight_decay=weight_decay, name="adapter_rows"),
+        ]
+        super().__init__(groups, defaults)
+        self.runtime = runtime
+        self.clip, self.max_norm = clip, float(max_norm)
+
+    @property
+    def router_group(self) -> dict:
+        return self.param_groups[0]
+
+    @property
+    def rows_group(self) -> dict:
+        return self.param_groups[1]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        g = self.rows_group
+        for opt in self.runtime.sparse_optimizers:  # read by SparseAdamW when the row update runs
+            opt.lr, opt.weight_decay = float(g["lr"]), float(g["weight_decay"])
+            opt.betas, opt.eps = tuple(float(b) for b in g["betas"]), float(g["eps"])
+        self._router_step(self.router_group)
+        self.runtime.end_step()
+        return loss
+
+    def _router_step(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        if self.clip != "none":
+            torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        b1, b2 = group["betas"]
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["step"] += 1
+            t = float(st["step"])
+            grad = p.grad.float()
+            p.mul_(1.0 - lr * wd)  # decoupled weight decay (torch.optim.AdamW)
+            st["exp_avg"].lerp_(grad, 1.0 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+            denom = (st["exp_avg_sq"].sqrt() / (1.0 - b2**t) ** 0.5).add_(eps)
+            p.addcdiv_(st["exp_avg"], denom, value=-lr / (1.0 - b1**t))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears the router gates' grads. Row gradients are pushed to the host during backward and
+        consumed by step(); there is nothing to clear for them."""
+        super().zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        self.runtime.sync_to_host()
+        sd = super().state_dict()
+        sd["adapter_rows"] = [opt.state_dict() for opt in self.runtime.sparse_optimizers]
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        sd = dict(state_dict)
+        rows = sd.pop("adapter_rows", None)
+        super().load_state_dict(sd)
+        if rows is not None:
+            opts = self.runtime.sparse_optimizers
+            if len(rows) != len(opts):
+                raise ValueError(f"state_dict has {len(rows)} adapter layers, this model has {len(opts)}; "
+                                 f"load a state_dict saved from the same MeftConfig.layers")
+            for opt, s in zip(opts, rows):
+                opt.load_state_dict(s)
+            load = getattr(self.runtime.scheduler, "load_from_host", None)
+            if load is not None:
+                load()

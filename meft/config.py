@@ -1,0 +1,267 @@
+"""MeftConfig: every knob of the sparse FFN adapter, with a help string per field and full validation.
+
+Owns the dataclass, its validation (every bad field reported at once, each with field, value and fix,
+in one ValueError) and its JSON round trip (dtypes are stored as strings such as "bfloat16").
+Style follows peft's tuner configs (a help string per field in `metadata`).
+
+Defaults are sized for SmolLM2-135M (d=576, 30 layers, FFN width 1536):
+* adapter_rows=16384 per layer: ~10x the FFN's own 1536 neurons; rows are [k | v] of width 2d=1152, so
+  one layer is 75 MB of fp32 weights (+2x moments) and the whole adapter (566M params, 4x the model)
+  lives in host RAM (~6.8 GB with fp32 moments, ~4.5 GB with bf16 moments), never on the GPU.
+* expert_size=32 -> E=512 experts, MEFT's best "about 4*sqrt(N)" (4*sqrt(16384) = 512).
+* experts_per_token=4: each token sees 4*32 = 128 candidate rows, softmax-weighted.
+* max_active_rows=1024 (6.25% of the rows, 32 experts): the adapter then costs about as many FLOPs as
+  the base FFN (T*1024*2d vs T*1536*3d per layer), and moves 1024*1152*2 B = 2.4 MB per layer each
+  way in bf16 (~70 MB per micro-batch for 30 layers: a few ms over PCIe 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["MeftConfig", "DTYPES", "parse_dtype", "dtype_name"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BACKBONES = ("frozen", "lomo", "adalomo")
+_CLIPS = ("none", "layer", "global")
+_PREFETCH = ("none", "lookahead")
+
+
+def parse_dtype(value: Any) -> torch.dtype | None:
+    """'bfloat16' | torch.bfloat16 | 'auto'/None -> dtype (None for auto); unknown -> ValueError."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+        return DTYPES[value.removeprefix("torch.")]
+    raise ValueError(f"unknown dtype {value!r}; use one of {sorted(DTYPES)}")
+
+
+def dtype_name(value: Any) -> str:
+    """Canonical string form ('bfloat16', 'auto') of a dtype-like value."""
+    dt = parse_dtype(value)
+    return "auto" if dt is None else str(dt).removeprefix("torch.")
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class MeftConfig:
+    adapter_rows: int = _f(
+        16384, "Rows (neurons) of the sparse adapter per layer; each row is [key | value], 2*d wide.")
+    expert_size: int = _f(
+        32, "Contiguous rows per expert; E = adapter_rows / expert_size (MEFT: E ~ 4*sqrt(N)).")
+    experts_per_token: int = _f(
+        4, "Experts each token routes to (top scores of x @ G.T); gate = softmax over them.")
+    max_active_rows: int = _f(
+        1024, "Row budget per layer per micro-batch; experts kept by total routing weight.")
+    active_per_token: int | None = _f(
+        None, "Optional exact per-token top-K among its candidate rows (None = all).")
+    scale: float = _f(1.0, "Multiplier of the adapter output added to the FFN output.")
+    layers: Any = _f("all", "Decoder layers that get an adapter: 'all', a list of indices, or an int stride.")
+    target_module: str | None = _f(
+        None, "Dotted path of the FFN with '*' for the layer index, e.g. 'model.layers.*.mlp' (or "
+        "'<layers>.*.<in>><out>' for an inlined FFN); None = built-in map for the model type, then a search.")
+    wire_dtype: str = _f("bfloat16", "Dtype of rows sent to the device and of row gradients sent back.")
+    compute_dtype: str = _f(
+        "auto", "Dtype of the adapter math on the device; 'auto' = dtype of the FFN input.")
+    state_dtype: str = _f("float32", "Dtype of the host AdamW moments (bfloat16 halves their host RAM).")
+    backbone: str = _f(
+        "frozen", "Backbone treatment: 'frozen', or trained in backward by 'lomo' / 'adalomo'.")
+    backbone_lr: float = _f(1e-5, "Learning rate of the backbone when backbone is 'lomo' or 'adalomo'.")
+    adapter_lr: float = _f(1e-3, "AdamW learning rate of the adapter rows (values start at zero).")
+    router_lr: float = _f(1e-3, "AdamW learning rate of the router gates (on the device).")
+    weight_decay: float = _f(0.0, "Decoupled AdamW weight decay of the adapter rows (touched rows only).")
+    staleness: int = _f(
+        0, "0: row updates finish inside the step; 1: they overlap the next step (delayed update).")
+    clip: str = _f(
+        "none", "Adapter gradient clipping: 'none', per 'layer', or by the 'global' norm of the step.")
+    max_norm: float = _f(1.0, "Clipping threshold for clip='layer'/'global' (also clips the router gates).")
+    prefetch: str = _f(
+        "none", "'none' (exact, default) or 'lookahead': route layer l+1 from layer l's input and start "
+        "its fetch early; rows it then misses are fetched when needed.")
+    grad_accum_steps: int = _f(1, "Micro-batches per optimizer step (tells the scheduler which one is last).")
+    offload: bool = _f(
+        True, "Rows on the host, moved by the TransferScheduler; False keeps all rows resident on the "
+        "compute device (same update rule; the reference twin).")
+    seed: int = _f(0, "Seed of the key and router-gate initialisation.")
+
+    # ---- validation -------------------------------------------------------------------------------
+    def _problems(self) -> list[tuple[str, Any, str]]:
+        return (self._size_problems() + self._layer_problems() + self._dtype_problems()
+                + self._choice_problems() + self._number_problems())
+
+    def _bad_int(self, name: str, lo: int) -> bool:
+        v = getattr(self, name)
+        return isinstance(v, bool) or not isinstance(v, int) or v < lo
+
+    def _size_problems(self) -> list[tuple[str, Any, str]]:
+        bad = []
+        ok_rows, ok_es = not self._bad_int("adapter_rows", 1), not self._bad_int("expert_size", 1)
+        if not ok_rows:
+            bad.append(("adapter_rows", self.adapter_rows, "a positive int, e.g. 16384"))
+        if not ok_es:
+            bad.append(("expert_size", self.expert_size, "a positive int dividing adapter_rows, e.g. 32"))
+        elif ok_rows and self.adapter_rows % self.expert_size:
+            bad.append(("expert_size", self.expert_size, f"must divide adapter_rows={self.adapter_rows}"))
+        n_exp = self.adapter_rows // self.expert_size if ok_rows and ok_es else None
+        if self._bad_int("experts_per_token", 1):
+            bad.append(("experts_per_token", self.experts_per_token, "a positive int, e.g. 4"))
+        elif n_exp and self.experts_per_token > n_exp:
+            bad.append(("experts_per_token", self.experts_per_token,
+                        f"at most the number of experts ({n_exp})"))
+        if self._bad_int("max_active_rows", 1):
+            bad.append(("max_active_rows", self.max_active_rows,
+                        "a positive multiple of expert_size, e.g. 1024"))
+        elif ok_es and self.max_active_rows < self.expert_size:
+            bad.append(("max_active_rows", self.max_active_rows,
+                        f"at least expert_size={self.expert_size} (room for one expert)"))
+        apt = self.active_per_token
+        if apt is not None and self._bad_int("active_per_token", 1):
+            bad.append(("active_per_token", apt, "None (off) or a positive int"))
+        if self._bad_int("grad_accum_steps", 1):
+            bad.append(("grad_accum_steps", self.grad_accum_steps, "a positive int (micro-batches per step)"))
+        if self._bad_int("seed", 0):
+            bad.append(("seed", self.seed, "an int >= 0"))
+        tm = self.target_module
+        if tm is not None and (not isinstance(tm, str) or tm.count("*") != 1):
+            bad.append(("target_module", tm, "None or a dotted path with one '*', e.g. 'model.layers.*.mlp'"))
+        return bad
+
+    def _dtype_problems(self) -> list[tuple[str, Any, str]]:
+        bad = []
+        for name, allowed in (("wire_dtype", ("bfloat16", "float32", "float16")),
+                              ("compute_dtype", ("auto", "bfloat16", "float32", "float16")),
+                              ("state_dtype", ("float32", "bfloat16"))):
+            v = getattr(self, name)
+            try:
+                ok = dtype_name(v) in allowed
+            except (ValueError, TypeError):
+                ok = False
+            if not ok:
+                bad.append((name, v, "one of " + ", ".join(repr(a) for a in allowed)))
+        return bad
+
+    def _choice_problems(self) -> list[tuple[str, Any, str]]:
+        bad = []
+        for name, choices in (("backbone", _BACKBONES), ("clip", _CLIPS), ("prefetch", _PREFETCH),
+                              ("staleness", (0, 1)), ("offload", (True, False))):
+            v = getattr(self, name)
+            if v not in choices or type(v) is not type(choices[0]):
+                bad.append((name, v, "one of " + ", ".join(repr(c) for c in choices)))
+        return bad
+
+    def _number_problems(self) -> list[tuple[str, Any, str]]:
+        bad = []
+        need = {"scale": "a finite number, e.g. 1.0", "max_norm": "a number > 0"}
+        for name in ("scale", "backbone_lr", "adapter_lr", "router_lr", "weight_decay", "max_norm"):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if ok and name == "max_norm":
+                ok = v > 0
+            elif ok and name != "scale":
+                ok = v >= 0
+            if not ok:
+                bad.append((name, v, need.get(name, "a number >= 0")))
+        return bad
+
+    def _layer_problems(self) -> list[tuple[str, Any, str]]:
+        v = self.layers
+        fix = "'all', a list of distinct layer indices >= 0, or a positive int stride"
+        if v == "all":
+            return []
+        if isinstance(v, int) and not isinstance(v, bool):
+            return [] if v >= 1 else [("layers", v, fix)]
+        if isinstance(v, (list, tuple)) and v and all(isinstance(i, int) and not isinstance(i, bool)
+                                                      and i >= 0 for i in v) and len(set(v)) == len(v):
+            return []
+        return [("layers", v, fix)]
+
+    def validate(self) -> MeftConfig:
+        """Raise one ValueError listing every bad field (field, value, fix); return self when valid."""
+        bad = self._problems()
+        if bad:
+            lines = "\n".join(f"  {n} = {v!r}: {fix}" for n, v, fix in bad)
+            raise ValueError(f"invalid MeftConfig ({len(bad)} field(s)):\n{lines}")
+        return self
+
+    # ---- derived ----------------------------------------------------------------------------------
+    @property
+    def n_experts(self) -> int:
+        return self.adapter_rows // self.expert_size
+
+    @property
+    def budget_experts(self) -> int:
+        """Experts that fit the row budget (max_active_rows // expert_size, at most n_experts)."""
+        return min(self.n_experts, self.max_active_rows // self.expert_size)
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        """Decoder-layer indices that get an adapter, for a model with n_layers layers."""
+        if self.layers == "all":
+            return list(range(n_layers))
+        if isinstance(self.layers, int):
+            return list(range(0, n_layers, self.layers))
+        out = sorted(self.layers)
+        if out[-1] >= n_layers:
+            raise ValueError(f"layers = {self.layers!r}: index {out[-1]} out of range; the model has "
+                             f"{n_layers} layers (0..{n_layers - 1})")
+        return out
+
+    # ---- (de)serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in ("wire_dtype", "compute_dtype", "state_dtype"):
+            try:
+                d[name] = dtype_name(d[name])
+            except ValueError:
+                pass  # left as is; validate() reports it
+        if isinstance(d["layers"], tuple):
+            d["layers"] = list(d["layers"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MeftConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MeftConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self, path: str | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> MeftConfig:
+        s = text_or_path.lstrip()
+        if not s.startswith("{"):
+            with open(text_or_path) as f:
+                s = f.read()
+        return cls.from_dict(json.loads(s))
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """field name -> help string."""
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+    def __post_init__(self):
+        for name in ("wire_dtype", "compute_dtype", "state_dtype"):
+            v = getattr(self, name)
+            if isinstance(v, torch.dtype):
+                setattr(self, name, dtype_name(v))
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)

@@ -1,0 +1,202 @@
+"""meft.wrap / meft.unwrap and the trainable-parameter summary of a wrapped model.
+
+Owns putting adapters into any HF causal LM (targets from `meft.targets`), building the per-layer
+host stores + SparseAdamW optimizers, the scheduler (`offload.TransferScheduler`, or the resident
+twin `meft.resident.ResidentScheduler` with `offload=False`), the runtime (`model.meft`), the
+adapter-side optimizer and, for backbone="lomo"/"adalomo", the backbone optimizer; and undoing it.
+Rows: row i of layer l is [k_i | v_i] (2d wide); keys ~ U(-1/sqrt(d), 1/sqrt(d)) seeded per layer,
+values 0, so the wrapped model starts exactly equal to the base model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import warnings
+
+import psutil
+import torch
+import torch.nn as nn
+
+from meft.adapter import SparseFFNAdapter
+from meft.adapter_optim import MeftOptimizer
+from meft.config import MeftConfig, parse_dtype
+from meft.resident import ResidentScheduler
+from meft.router import init_gate
+from meft.runtime import MeftRuntime
+from meft.targets import find_targets, hidden_size_of
+from offload.optim import SparseAdamW
+from offload.store import RowStore
+
+__all__ = ["wrap", "unwrap", "summary", "summary_table", "row_init"]
+
+
+def row_init(d: int, seed: int, layer: int):
+    """Callable filling a [N, 2d] store: keys U(-1/sqrt(d), 1/sqrt(d)) (seeded by seed, layer), values 0."""
+    def fill(weights: torch.Tensor) -> None:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+        bound = d ** -0.5
+        weights[:, :d].uniform_(-bound, bound, generator=gen)
+        weights[:, d:].zero_()
+    return fill
+
+
+def _check_host_ram(config: MeftConfig, n_layers: int, width: int) -> None:
+    st = parse_dtype(config.state_dtype)
+    need = n_layers * RowStore.bytes_needed(config.adapter_rows, width, st)
+    avail = psutil.virtual_memory().available
+    if need > 0.9 * avail:
+        per_row = n_layers * RowStore.bytes_needed(1, width, torch.bfloat16)
+        raise ValueError(
+            f"adapter_rows = {config.adapter_rows} x {n_layers} layers x width {width} needs "
+            f"{need / 2**30:.2f} GiB of host RAM, {avail / 2**30:.2f} GiB available; fix: lower adapter_rows "
+            f"(at most ~{int(0.9 * avail // per_row)} per layer with state_dtype='bfloat16'), set "
+            f"state_dtype='bfloat16', or adapt fewer layers (layers=2 or a list)")
+
+
+def _build_scheduler(config: MeftConfig, opts, device):
+    kw = dict(device=device, wire_dtype=parse_dtype(config.wire_dtype),
+              max_rows=config.budget_experts * config.expert_size, staleness=config.staleness,
+              clip=config.clip, max_norm=config.max_norm)
+    if config.offload:
+        if importlib.util.find_spec("offload.scheduler") is not None:
+            from offload.meter import TrafficMeter
+            from offload.scheduler import TransferScheduler
+            meter = TrafficMeter()
+            return TransferScheduler(opts, meter=meter, **kw), meter
+        warnings.warn("offload.scheduler is not available yet: using the resident twin "
+                      "(all rows on the compute device)", stacklevel=3)
+    return ResidentScheduler(opts, **kw), None
+
+
+def _backbone_optimizer(config: MeftConfig, params):
+    if config.backbone == "frozen":
+        return None
+    if importlib.util.find_spec("meft.lomo") is None:
+        raise NotImplementedError(f"backbone = {config.backbone!r} needs meft.lomo, which is not available "
+                                  f"in this build; use backbone='frozen'")
+    lomo = importlib.import_module("meft.lomo")
+    cls = lomo.Lomo if config.backbone == "lomo" else lomo.AdaLomo
+    return cls(params, lr=config.backbone_lr)
+
+
+def wrap(model: nn.Module, config: MeftConfig | None = None) -> nn.Module:
+    """Attach a sparse FFN adapter to every selected decoder layer of `model`, in place.
+
+    Returns `model`, with `model.meft` (MeftRuntime: .optimizer, .backbone_optimizer, .scheduler,
+    .stores, .summary(), .summary_table()). The wrapped model starts equal to the base model.
+    """
+    config = (config if config is not None else MeftConfig()).validate()
+    if hasattr(model, "meft"):
+        raise ValueError("model is already wrapped (model.meft exists); call meft.unwrap(model) first")
+    targets = find_targets(model, config.target_module)
+    chosen = [targets[i] for i in config.layer_indices(len(targets))]
+    d = hidden_size_of(model)
+    _check_host_ram(config, len(chosen), 2 * d)
+    device = next(model.parameters()).device
+    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    backbone = [p for p in model.parameters()]
+    if config.backbone == "frozen":
+        for p in backbone:
+            p.requires_grad_(False)
+    adapters, opts, restore, taps = [], [], [], []
+    for i, t in enumerate(chosen):
+        gate = init_gate(config.n_experts, d, seed=config.seed * 1_000_003 + 500_000 + t.layer).to(device)
+        base = getattr(t.parent, t.out_name)
+        ad = SparseFFNAdapter(base, index=i, layer=t.layer, d=d, gate=gate, expert_size=config.expert_size,
+                              scale=config.scale, active_per_token=config.active_per_token,
+                              compute_dtype=parse_dtype(config.compute_dtype))
+        setattr(t.parent, t.out_name, ad)
+        restore.append((t.parent, t.out_name, base))
+        if t.split:
+            taps.append(getattr(t.parent, t.in_name).register_forward_pre_hook(ad.tap))
+        store = RowStore(config.adapter_rows, 2 * d, init=row_init(d, config.seed, t.layer),
+                         state_dtype=parse_dtype(config.state_dtype))
+        opts.append(SparseAdamW(store, lr=config.adapter_lr, weight_decay=config.weight_decay))
+        adapters.append(ad)
+    scheduler, meter = _build_scheduler(config, opts, device)
+    rt = MeftRuntime(model, config, adapters, opts, scheduler, device=device, meter=meter)
+    rt._restore, rt._taps, rt._grad_flags = restore, taps, grad_flags
+    for ad in adapters:
+        ad.runtime = rt
+    rt.optimizer = MeftOptimizer(rt, [ad.gate for ad in adapters], router_lr=config.router_lr,
+                                 adapter_lr=config.adapter_lr, weight_decay=config.weight_decay,
+                                 clip=config.clip, max_norm=config.max_norm)
+    rt.backbone_params = backbone
+    rt.backbone_optimizer = _backbone_optimizer(config, backbone)
+    model.meft = rt
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove the adapters (restoring the original modules and requires_grad flags); returns model."""
+    rt = getattr(model, "meft", None)
+    if rt is None:
+        raise ValueError("model is not wrapped (no model.meft); nothing to unwrap")
+    rt.close()
+    for h in rt._taps:
+        h.remove()
+    for parent, name, base in rt._restore:
+        setattr(parent, name, base)
+    for ad in rt.adapters:
+        ad.runtime = None
+    for n, p in model.named_parameters():
+        if n in rt._grad_flags:
+            p.requires_grad_(rt._grad_flags[n])
+    del model.meft
+    return model
+
+
+def summary(rt) -> dict:
+    """Trainable parameters split into device-resident and host-resident, with bytes."""
+    c = rt.config
+    gates = sum(ad.gate.numel() for ad in rt.adapters)
+    backbone_trained = rt.backbone_optimizer is not None
+    bb = rt.backbone_params
+    bb_params = sum(p.numel() for p in bb)
+    bb_bytes = sum(p.numel() * p.element_size() for p in bb)
+    rows_params = sum(s.n_rows * s.width for s in rt.stores)
+    host_bytes = sum(s.nbytes for s in rt.stores)
+    width = rt.stores[0].width if rt.stores else 0
+    wire = parse_dtype(c.wire_dtype).itemsize
+    return {
+        "layers": [ad.layer for ad in rt.adapters],
+        "device_resident": {
+            "router_gates": {"params": gates, "bytes": gates * 4 * 3},  # fp32 + AdamW moments
+            "backbone": {"params": bb_params, "bytes": bb_bytes, "trained": backbone_trained},
+            "active_rows_per_layer": {"rows": c.budget_experts * c.expert_size,
+                                      "bytes": c.budget_experts * c.expert_size * width * wire},
+        },
+        "host_resident": {
+            "adapter_rows": {"params": rows_params, "bytes": host_bytes,
+                             "rows_per_layer": c.adapter_rows, "row_width": width,
+                             "state_dtype": c.state_dtype},
+        },
+        "trainable_params": gates + (bb_params if backbone_trained else 0) + rows_params,
+        "scheduler": type(rt.scheduler).__name__,
+    }
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n} B"
+
+
+def summary_table(rt) -> str:
+    s = summary(rt)
+    dev, host = s["device_resident"], s["host_resident"]["adapter_rows"]
+    rows = [
+        ("device", "router gates", dev["router_gates"]["params"], dev["router_gates"]["bytes"]),
+        ("device", "backbone" + ("" if dev["backbone"]["trained"] else " (frozen)"),
+         dev["backbone"]["params"], dev["backbone"]["bytes"]),
+        ("host", f"adapter rows ({len(s['layers'])} x {host['rows_per_layer']} x {host['row_width']})",
+         host["params"], host["bytes"]),
+    ]
+    lines = [f"{'where':<7}{'what':<44}{'params':>14}{'bytes':>12}"]
+    lines += [f"{w:<7}{n:<44}{p:>14,}{_fmt_bytes(b):>12}" for w, n, p, b in rows]
+    a = dev["active_rows_per_layer"]
+    lines.append(f"trainable: {s['trainable_params']:,} params; on device per layer per micro-batch: "
+                 f"<= {a['rows']} rows ({_fmt_bytes(a['bytes'])} on the wire); scheduler: {s['scheduler']}")
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Key-Experts router: per-token expert scores -> the micro-batch's active expert set under a row budget.
+
+Owns the routing rule (MEFT, arXiv 2406.04984, "Key-Experts"), split in two halves so that gradient
+checkpointing can recompute the differentiable half without re-routing:
+
+* `route(x, gate, ...)` (discrete, no grad): each token scores the E experts (`x @ G.T`), keeps its top
+  `experts_per_token`; the active set is the union of the tokens' experts. When the union has more rows
+  than `max_active_rows`, experts are kept by **total routing weight** (sum over tokens of their softmax
+  gate weight for that expert), ties broken by lower expert index -- never by truncating sorted ids
+  (MEFT's `idx[:S]` bias towards low ids). Tokens keep their weights for kept experts only (dropped
+  experts contribute zero; weights are not renormalised).
+* `gate_weights(x, gate, routing)` (differentiable in x and G): the per-token softmax weights scattered
+  into the kept-expert columns, `[T, n_kept]`.
+
+Plain-torch equivalent of the active set, for reference:
+    w = zeros(E).index_add_(0, top_idx.flatten(), softmax(top_scores).flatten())
+    kept = argsort(-w, stable=True)[:budget] if union > budget else union;  ids = rows of sorted(kept)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Routing", "route", "gate_weights", "expert_weights", "init_gate"]
+
+
+@dataclass
+class Routing:
+    """Discrete result of routing one micro-batch through one layer (all on x's device)."""
+
+    top_idx: Tensor   # [T, k] int64 expert chosen by each token (by score, descending)
+    pos: Tensor       # [T, k] int64 column of that expert in `kept`, -1 when dropped by the budget
+    kept: Tensor      # [n] int64 kept experts, ascending
+    ids: Tensor       # [n * expert_size] int64 active row ids, ascending, unique
+    expert_size: int
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.ids.numel())
+
+
+def init_gate(n_experts: int, d: int, seed: int, std: float = 0.02) -> Tensor:
+    """Seeded N(0, std) router gate [E, d] fp32 (distinct scores so tokens spread over experts)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_experts, d, generator=g) * std  # [E, d]
+
+
+def _top(x: Tensor, gate: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    scores = x.float() @ gate.float().t()  # [T, E] fp32 routing, whatever the compute dtype
+    top_s, top_idx = torch.topk(scores, k, dim=1)  # [T, k] descending; ties -> lower index
+    return top_s, top_idx
+
+
+def expert_weights(top_idx: Tensor, g: Tensor, n_experts: int) -> Tensor:
+    """Total routing weight per expert: sum over tokens of their gate weight for it. -> [E] fp32."""
+    w = torch.zeros(n_experts, dtype=torch.float32, device=g.device)
+    return w.index_add_(0, top_idx.reshape(-1), g.reshape(-1).float())
+
+
+@torch.no_grad()
+def route(x: Tensor, gate: Tensor, *, experts_per_token: int, expert_size: int,
+          max_active_rows: int) -> Routing:
+    """x [T, d], gate [E, d] -> Routing. Deterministic; see the module docstring for the rule."""
+    n_experts = gate.shape[0]
+    k = min(experts_per_token, n_experts)
+    top_s, top_idx = _top(x, gate, k)  # [T, k]
+    g = torch.softmax(top_s, dim=1)  # [T, k]
+    w = expert_weights(top_idx, g, n_experts)  # [E]
+    chosen = torch.zeros(n_experts, dtype=torch.bool, device=x.device)
+    chosen[top_idx.reshape(-1)] = True
+    budget = max(1, max_active_rows // expert_size)
+    if int(chosen.sum()) > budget:
+        # stable descending sort: equal weights keep ascending index order -> ties to the lower index
+        order = torch.sort(w, descending=True, stable=True).indices
+        keep_mask = torch.zeros_like(chosen)
+        keep_mask[order[:budget]] = True
+        chosen &= keep_mask
+    kept = torch.nonzero(chosen).flatten()  # [n] ascending
+    col = torch.full((n_experts,), -1, dtype=torch.int64, device=x.device)
+    col[kept] = torch.arange(kept.numel(), device=x.device)
+    pos = col[top_idx]  # [T, k]
+    ids = (kept[:, None] * expert_size + torch.arange(expert_size, device=x.device)).reshape(-1)
+    return Routing(top_idx=top_idx, pos=pos, kept=kept, ids=ids, expert_size=expert_size)
+
+
+def gate_weights(x: Tensor, gate: Tensor, routing: Routing) -> Tensor:
+    """Differentiable gate weights [T, n_kept] fp32: softmax over each token's top experts, placed in
+    the kept-expert columns (dropped experts: weight discarded)."""
+    scores = x.float() @ gate.float().t()  # [T, E]
+    g = torch.softmax(scores.gather(1, routing.top_idx), dim=1)  # [T, k]
+    keep = routing.pos >= 0  # [T, k]
+    g = g * keep
+    out = torch.zeros(x.shape[0], routing.kept.numel(), dtype=g.dtype, device=g.device)  # [T, n]
+    return out.scatter_add(1, routing.pos.clamp(min=0), g)
