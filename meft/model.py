@@ -77,7 +77,7 @@ def _backbone_optimizer(config: MeftConfig, params):
                                   f"in this build; use backbone='frozen'")
     lomo = importlib.import_module("meft.lomo")
     cls = lomo.Lomo if config.backbone == "lomo" else lomo.AdaLomo
-    return cls(params, lr=config.backbone_lr)
+    return cls([p for p in params if p.requires_grad], lr=config.backbone_lr)
 
 
 def wrap(model: nn.Module, config: MeftConfig | None = None) -> nn.Module:

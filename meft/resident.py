@@ -39,6 +39,9 @@ class ResidentHandle:
     def wait(self) -> Tensor:
         return self._rows
 
+    def release(self) -> None:
+        """Nothing to give back (the rows are a private copy)."""
+
 
 class _Layer:
     """Device copies of one store + the step's dense fp32 gradient accumulator."""
@@ -75,6 +78,8 @@ class _Layer:
 
 class ResidentScheduler:
     """Drop-in for TransferScheduler with all rows resident on `device` (see module docstring)."""
+
+    partial_push = True  # push_grads accepts any ids (not only those of the layer's live fetch)
 
     def __init__(self, optimizers: Sequence[SparseAdamW], *, device="cpu", engine=None,
                  wire_dtype=torch.bfloat16, max_rows: int, n_slots: int = 2, staleness: int = 0,

@@ -140,8 +140,7 @@ class MeftRuntime:
         start = self._start_fetch(idx, routing.ids, key)
         if self.config.prefetch == "lookahead" and idx + 1 < len(self.adapters):
             nxt = self._route(self.adapters[idx + 1], x2)  # layer l+1's gate on layer l's input
-            self._prefetch[idx + 1] = _Prefetch(key, nxt.ids, self.scheduler.fetch(idx + 1, nxt.ids))
-            self.fetches += 1
+            self._prefetch[idx + 1] = _Prefetch(key, nxt.ids, self._fetch(idx + 1, nxt.ids))
         rows_wire = start()  # [R, 2d] wire dtype
         rows = rows_wire.to(self._compute_dtype(adapter, x2)).detach().requires_grad_(True)
         ids = routing.ids
@@ -157,22 +156,29 @@ class MeftRuntime:
         return routing, rows
 
     def _start_fetch(self, idx: int, ids: Tensor, key):
-        """Issue the fetch of `ids` for layer idx (using a lookahead prefetch if one is in flight);
-        return a callable giving rows [R, 2d] in the wire dtype."""
+        """Issue the fetch of `ids` for layer idx, using a lookahead prefetch in flight if there is one;
+        return a callable giving rows [R, 2d] in the wire dtype.
+
+        A scheduler with `partial_push` (the resident twin) takes the prefetched rows it needs and
+        fetches only the missing ones. TransferScheduler accepts one live fetch per layer whose ids
+        push_grads must match, so unless the prediction was exact the prefetch is released and the
+        needed rows are fetched (exact; the meter shows the extra traffic)."""
         pf = self._prefetch.pop(idx, None)
         if pf is None or pf.key != key:
-            h = self.scheduler.fetch(idx, ids)
-            self.fetches += 1
-            return h.wait
+            return self._fetch(idx, ids).wait
         hit = torch.isin(ids, pf.ids)  # [R] bool
         n_hit = int(hit.sum())
         self._record_lookahead(idx, ids.numel(), n_hit)
+        if torch.equal(ids, pf.ids):
+            return pf.handle.wait
+        if not getattr(self.scheduler, "partial_push", False):
+            pf.handle.release()
+            return self._fetch(idx, ids).wait
         pos = torch.searchsorted(pf.ids, ids[hit])  # rows of the prefetch we need
-        part = pf.handle.wait().index_select(0, pos)  # copied out before any new fetch of idx
+        part = pf.handle.wait().index_select(0, pos)  # copied out before the next fetch of idx
         if n_hit == ids.numel():
             return lambda: part
-        h = self.scheduler.fetch(idx, ids[~hit])  # exact: only the rows that were not in flight
-        self.fetches += 1
+        h = self._fetch(idx, ids[~hit])  # exact: only the rows that were not in flight
 
         def assemble() -> Tensor:
             miss = h.wait()
@@ -182,6 +188,10 @@ class MeftRuntime:
             return rows
 
         return assemble
+
+    def _fetch(self, idx: int, ids: Tensor):
+        self.fetches += 1
+        return self.scheduler.fetch(idx, ids)
 
     def _record_lookahead(self, idx: int, needed: int, hit: int) -> None:
         self.lookahead["needed"] += needed
