@@ -47,11 +47,13 @@ class TransferScheduler:
 
     def __init__(self, optimizers: Sequence, *, device="cpu", engine: CopyEngine | None = None,
                  wire_dtype=torch.bfloat16, max_rows: int, n_slots: int = 2, staleness: int = 0,
-                 clip: str = "none", max_norm: float = 1.0, meter: TrafficMeter | None = None):
+                 clip: str = "none", max_norm: float = 1.0, meter: TrafficMeter | None = None,
+                 host_threads: int | None = None):
         self._broken = None
         self._closed = True  # until fully constructed
         self.optimizers = list(optimizers)
         _validate_args(self.optimizers, wire_dtype, max_rows, n_slots, staleness, clip, max_norm)
+        init = None if host_threads is None else _numba_threads_setter(host_threads)
         self.device = torch.device(device)
         self._own_engine = engine is None
         self.engine = make_engine(self.device) if engine is None else engine
@@ -67,7 +69,7 @@ class TransferScheduler:
                        for i in range(len(self.optimizers))]
         self.h2d_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype, "h2d")
         self.d2h_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype, "d2h")
-        self.worker = HostWorker()
+        self.worker = HostWorker(init=init)
         self._wire_bytes = torch.empty((), dtype=wire_dtype).element_size()
         self._state_bytes = torch.empty((), dtype=self.optimizers[0].store.state_dtype).element_size()
         self.step, self.micro_batch, self.accum_steps, self._in_step = 0, -1, 1, False
@@ -113,7 +115,8 @@ class TransferScheduler:
     def begin_micro_batch(self) -> None:
         """Start the next micro-batch (calling it before the first one is optional)."""
         self._entry("begin_micro_batch")
-        self._need_step("begin_micro_batch")
+        if not self._in_step:
+            raise ValueError("begin_micro_batch: no step in progress; call begin_step() first")
         if self.micro_batch + 1 >= self.accum_steps:
             raise ValueError(f"begin_micro_batch: micro-batch {self.micro_batch + 1} would exceed "
                              f"accum_steps={self.accum_steps} given to begin_step")
@@ -380,6 +383,17 @@ class TransferScheduler:
                 "h2d_waits": self.h2d_pool.waits, "d2h_waits": self.d2h_pool.waits,
                 "staging_bytes": self.h2d_pool.nbytes + self.d2h_pool.nbytes,
                 "host_queue": self.worker.pending()}
+
+
+def _numba_threads_setter(n):
+    """`host_threads`: numba threads of the host worker's kernels (thread-local in numba). Tiny
+    parallel kernels on an oversubscribed machine wait for a time slice per parallel region; 1 avoids it."""
+    import numba
+
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= limit:
+        raise ValueError(f"host_threads={n!r} must be an int in [1, {limit}] (NUMBA_NUM_THREADS) or None")
+    return lambda: numba.set_num_threads(n)
 
 
 def _validate_args(optimizers, wire_dtype, max_rows, n_slots, staleness, clip, max_norm) -> None:

@@ -79,8 +79,10 @@ _STOP = object()
 class HostWorker:
     """FIFO thread for host tasks; keeps the first exception (see module docstring)."""
 
-    def __init__(self, name: str = "meft-host-worker"):
+    def __init__(self, name: str = "meft-host-worker", init: Callable[[], None] | None = None):
         self._q: queue.Queue = queue.Queue()
+        if init is not None:
+            self._q.put(init)  # runs first, on the worker thread (e.g. thread-local numba settings)
         self.error: BaseException | None = None
         self.on_error: Callable[[BaseException], None] | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

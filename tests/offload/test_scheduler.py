@@ -1,0 +1,351 @@
+"""TransferScheduler against the same training done synchronously with no scheduler (bitwise).
+
+A random "script" (steps, micro-batches, layers, active sets) drives both. Gradients are a fixed
+function of the rows the step received, so reading stale or not-yet-landed rows changes the result.
+The thread engine gets random injected delays so that missing waits would show; one test disables a
+wait through the test hook and expects the mismatch (proof the comparison is sensitive).
+"""
+
+import threading
+import time
+
+import numba
+import pytest
+import torch
+
+from offload.engine import ThreadCopyEngine
+from offload.optim import SparseAdamW
+from offload.scheduler import TransferScheduler, clip_scale
+from offload.store import RowStore
+
+N_ROWS, WIDTH, N_LAYERS, MAX_ROWS = 48, 8, 3, 16
+WIRE = torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def _one_numba_thread():
+    """Tiny shapes: serial kernels (numba threads are per calling thread; the schedulers here get
+    host_threads=1). Parallel regions on an oversubscribed 2-core box cost a time slice each."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
+
+
+def sched(opts, **kw):
+    return TransferScheduler(opts, **{"max_rows": MAX_ROWS, "host_threads": 1, **kw})
+
+
+def make_script(n_steps: int, seed: int):
+    """[(accum_steps, [micro-batch: [(layer, ids, grad_dtype), ...]]), ...]."""
+    g = torch.Generator().manual_seed(seed)
+    rint = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    script = []
+    for _ in range(n_steps):
+        accum = rint(1, 3)
+        mbs = []
+        for _ in range(accum):
+            layers = sorted(torch.randperm(N_LAYERS, generator=g)[: rint(1, N_LAYERS)].tolist())
+            mbs.append([(la, torch.randperm(N_ROWS, generator=g)[: rint(0, MAX_ROWS)].sort().values,
+                         dtypes[rint(0, 2)]) for la in layers])
+        script.append((accum, mbs))
+    return script
+
+
+def grads_of(rows: torch.Tensor, key: int, dtype) -> torch.Tensor:
+    """Deterministic gradient [R, W] from the rows received (wire dtype) and a key."""
+    noise = torch.randn(rows.shape, generator=torch.Generator().manual_seed(key & 0xFFFFFFFF))
+    return (rows.float() * 0.7 + noise).to(dtype)
+
+
+def make_opts(seed: int = 0, state_dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [SparseAdamW(RowStore(N_ROWS, WIDTH, init=torch.randn(N_ROWS, WIDTH, generator=g),
+                                 state_dtype=state_dtype), lr=3e-2, weight_decay=0.01)
+            for _ in range(N_LAYERS)]
+
+
+def _scale(opt, clip, max_norm, gscale):
+    if clip == "layer":
+        return clip_scale(opt.grad_sq_norm(), max_norm)
+    return gscale if clip == "global" else 1.0
+
+
+def run_sync(opts, script, *, staleness, clip, max_norm=1.0):
+    """The plain definition: gather, gradient, accumulate; updates at the boundary or delayed by one."""
+    pending, gscale = [False] * N_LAYERS, [1.0] * N_LAYERS
+    buf = torch.empty(MAX_ROWS, WIDTH, dtype=WIRE)
+    for t, (accum, mbs) in enumerate(script):
+        with_grads = set()
+        for m, mb in enumerate(mbs):
+            for layer, ids, dt in mb:
+                opt = opts[layer]
+                rows = opt.store.gather(ids, buf).clone()
+                if pending[layer]:  # staleness 1: the previous update, right after this gather
+                    opt.step(_scale(opt, clip, max_norm, gscale[layer]))
+                    pending[layer] = False
+                g = grads_of(rows, hash((t, m, layer)), dt)
+                opt.accumulate(ids, g.to(WIRE))
+                with_grads.add(layer)
+        if clip == "global":
+            sq = sum(opts[la].grad_sq_norm() for la in sorted(with_grads))
+            for la in with_grads:
+                gscale[la] = clip_scale(sq, max_norm)
+        for la in sorted(with_grads):
+            if staleness == 0:
+                opts[la].step(_scale(opts[la], clip, max_norm, gscale[la]))
+            else:
+                pending[la] = True
+    for la in range(N_LAYERS):
+        if pending[la]:
+            opts[la].step(_scale(opts[la], clip, max_norm, gscale[la]))
+
+
+def run_async(sched, script, *, flush=True):
+    for t, (accum, mbs) in enumerate(script):
+        sched.begin_step(accum)
+        for m, mb in enumerate(mbs):
+            sched.begin_micro_batch()
+            handles = {layer: (sched.fetch(layer, ids), dt) for layer, ids, dt in mb}
+            for layer in sorted(handles, reverse=True):  # backward order
+                h, dt = handles[layer]
+                g = grads_of(h.wait().clone(), hash((t, m, layer)), dt)
+                sched.push_grads(layer, h.ids_dev, g)
+        sched.finish_step()
+    if flush:
+        sched.flush()
+
+
+def random_delay(seed: int, max_us: float = 150.0):
+    g = torch.Generator().manual_seed(seed)
+    lock = threading.Lock()
+
+    def delay(direction, nbytes):
+        with lock:
+            return float(torch.rand((), generator=g)) * max_us * 1e-6
+    return delay
+
+
+def assert_stores_equal(a, b):
+    for oa, ob in zip(a, b):
+        for name in ("weights", "exp_avg", "exp_avg_sq", "steps"):
+            x, y = getattr(oa.store, name), getattr(ob.store, name)
+            assert torch.equal(x, y), f"{name} differs"
+
+
+def check_equal_to_sync(n_steps, seed, *, staleness, clip, delay_us=150.0, max_norm=1.0, **kw):
+    script = make_script(n_steps, seed)
+    ref, got = make_opts(seed), make_opts(seed)
+    run_sync(ref, script, staleness=staleness, clip=clip, max_norm=max_norm)
+    eng = ThreadCopyEngine(delay=random_delay(seed, delay_us))
+    with sched(got, engine=eng, staleness=staleness, clip=clip, max_norm=max_norm, **kw) as s:
+        run_async(s, script)
+    eng.close()
+    assert_stores_equal(ref, got)
+    return ref
+
+
+@pytest.mark.parametrize("staleness,clip", [(0, "layer"), (1, "global")])
+def test_1000_random_steps_bitwise_equal_to_sync(staleness, clip):
+    ref = check_equal_to_sync(1000, seed=staleness + 1, staleness=staleness, clip=clip)
+    assert int(ref[0].store.steps.sum()) > 0  # training happened
+
+
+@pytest.mark.parametrize("staleness,clip", [(0, "none"), (0, "global"), (1, "none"), (1, "layer")])
+def test_random_steps_other_modes(staleness, clip):
+    check_equal_to_sync(150, seed=7 + staleness, staleness=staleness, clip=clip, n_slots=3)
+
+
+def test_fp32_wire_and_bf16_moments():
+    script = make_script(60, 3)
+    ref, got = make_opts(3, torch.bfloat16), make_opts(3, torch.bfloat16)
+    buf = torch.empty(MAX_ROWS, WIDTH)
+    for t, (_, mbs) in enumerate(script):  # the fp32-wire synchronous definition
+        with_grads = set()
+        for m, mb in enumerate(mbs):
+            for layer, ids, dt in mb:
+                rows = ref[layer].store.gather(ids, buf).clone()
+                ref[layer].accumulate(ids, grads_of(rows, hash((t, m, layer)), dt).float())
+                with_grads.add(layer)
+        for la in with_grads:
+            ref[la].step()
+    with sched(got, wire_dtype=torch.float32) as s:
+        run_async(s, script)
+    assert_stores_equal(ref, got)
+
+
+def test_staleness1_differs_from_staleness0():
+    """Sanity: the two definitions really differ (so each equality test checks its own semantics)."""
+    script = make_script(40, 5)
+    a, b = make_opts(5), make_opts(5)
+    run_sync(a, script, staleness=0, clip="none")
+    run_sync(b, script, staleness=1, clip="none")
+    assert not torch.equal(a[0].store.weights, b[0].store.weights)
+
+
+@pytest.mark.parametrize("hook", ["h2d", "d2h"])
+def test_disabled_wait_is_detected(hook):
+    """With the wait removed (test hook) and delayed copies, the result must differ from sync."""
+    script = make_script(30, 11)
+    ref, got = make_opts(11), make_opts(11)
+    run_sync(ref, script, staleness=0, clip="none")
+    eng = ThreadCopyEngine(delay=lambda d, n: 2e-3 if d == hook else 0.0)
+    with sched(got, engine=eng) as s:
+        s._test_skip_waits = {hook}
+        run_async(s, script)
+        s._test_skip_waits = set()
+    eng.close()
+    with pytest.raises(AssertionError, match="differs"):
+        assert_stores_equal(ref, got)
+
+
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float32])
+def test_metered_bytes_equal_analytic(wire):
+    script = make_script(25, 13)
+    with sched(make_opts(13), wire_dtype=wire) as s:
+        s.meter.keep_steps = 100
+        run_async(s, script)
+        rep = s.meter.report()
+    esize = torch.empty((), dtype=wire).element_size()
+    total = 0
+    for t, (_, mbs) in enumerate(script, start=1):
+        rows = sum(len(ids) for mb in mbs for _, ids, _ in mb)
+        total += rows
+        for d in ("h2d", "d2h"):
+            assert rep["per_step"][t][d]["bytes"] == rows * WIDTH * esize
+            assert rep["per_step"][t][d]["rows"] == rows
+    for d in ("h2d", "d2h"):
+        assert rep["totals"][d]["bytes"] == total * WIDTH * esize
+    assert rep["cpu"]["update"]["count"] > 0 and rep["pageable_copies"] == 0
+
+
+def test_backpressure_two_slots_slow_link():
+    eng = ThreadCopyEngine(link_gbps=0.002, latency_us=200)  # 2 MB/s: 256 B rows take ~0.3 ms each
+    opts = [SparseAdamW(RowStore(N_ROWS, WIDTH)) for _ in range(8)]
+    with sched(opts, engine=eng, n_slots=2) as s:
+        before = s.stats()["staging_bytes"]
+        for _ in range(3):
+            s.begin_step()
+            hs = [s.fetch(la, torch.arange(MAX_ROWS)) for la in range(8)]  # no waits: all in flight
+            for la in reversed(range(8)):
+                s.push_grads(la, hs[la].ids_dev, hs[la].wait().float())
+            s.finish_step()
+        st = s.stats()
+    eng.close()
+    assert st["h2d_peak_slots"] == 2 and st["d2h_peak_slots"] == 2
+    assert st["h2d_waits"] > 0  # the caller was held back
+    assert st["staging_bytes"] == before == 2 * 2 * (MAX_ROWS * WIDTH * 2 + MAX_ROWS * 8)
+
+
+def test_memory_does_not_grow_with_steps():
+    script = make_script(200, 17)
+    with sched(make_opts(17), staleness=1) as s:
+        s.meter.keep_steps = 4
+        run_async(s, script[:100], flush=False)
+        mid = (s.stats(), len(s.meter._raw))
+        run_async(s, script[100:])
+        end = (s.stats(), len(s.meter._raw))
+    assert mid[0]["staging_bytes"] == end[0]["staging_bytes"]
+    assert mid[1] == end[1] == 4
+    assert end[0]["host_queue"] == 0
+
+
+def test_worker_exception_surfaces_with_original_traceback():
+    opts = [SparseAdamW(RowStore(N_ROWS, WIDTH))]
+    s = sched(opts)
+    s.begin_step()
+    h = s.fetch(0, torch.tensor([1, N_ROWS + 5]))  # out of the store's range: fails on the worker
+    with pytest.raises(ValueError, match="out of range") as info:
+        h.wait()
+    frames = [f.name for f in info.traceback]
+    assert "gather" in frames and "_gather_task" in frames  # the worker's own frames
+    with pytest.raises(RuntimeError, match="worker error"):
+        s.begin_micro_batch()
+    t0 = time.perf_counter()
+    s.close()  # already reported: closes quietly
+    assert time.perf_counter() - t0 < 5
+
+
+class _FailingAdamW(SparseAdamW):
+    def step(self, grad_scale: float = 1.0) -> bool:
+        raise OSError("injected failure in the optimizer step")
+
+
+@pytest.mark.timeout(30)
+def test_shutdown_after_error_does_not_hang():
+    eng = ThreadCopyEngine(link_gbps=0.01)
+    opts = [_FailingAdamW(RowStore(N_ROWS, WIDTH)) for _ in range(4)]
+    s = sched(opts, engine=eng, n_slots=1)
+    with pytest.raises(OSError, match="injected"):  # at the first call after the worker failed
+        s.begin_step()
+        hs = [s.fetch(la, torch.arange(8)) for la in range(4)]
+        for la in reversed(range(4)):
+            s.push_grads(la, hs[la].ids_dev, hs[la].wait().float())
+            time.sleep(0.05)
+        s.finish_step()
+    t0 = time.perf_counter()
+    s.close()
+    eng.close()
+    assert time.perf_counter() - t0 < 10
+    assert not s.worker._thread.is_alive()
+
+
+@pytest.mark.timeout(30)
+def test_unreported_error_is_raised_by_close_and_context_manager():
+    opts = [_FailingAdamW(RowStore(N_ROWS, WIDTH))]
+    with pytest.raises(OSError, match="injected"):
+        with sched(opts, staleness=1) as s:
+            s.begin_step()
+            h = s.fetch(0, torch.arange(4))
+            s.push_grads(0, h.ids_dev, h.wait().float())
+            s.finish_step()  # staleness 1: the failing step only runs at close (flush)
+
+
+def test_input_validation():
+    opts = make_opts()
+    with sched(opts) as s:
+        with pytest.raises(ValueError, match="begin_step"):
+            s.fetch(0, torch.arange(3))
+        s.begin_step(accum_steps=1)
+        with pytest.raises(ValueError, match="layer=3 is out of range"):
+            s.fetch(3, torch.arange(3))
+        with pytest.raises(ValueError, match="max_rows"):
+            s.fetch(0, torch.arange(MAX_ROWS + 1))
+        with pytest.raises(TypeError, match="int64"):
+            s.fetch(0, torch.arange(3, dtype=torch.int32))
+        with pytest.raises(ValueError, match="no live fetch"):
+            s.push_grads(1, torch.arange(3), torch.zeros(3, WIDTH))
+        h = s.fetch(0, torch.arange(3))
+        with pytest.raises(ValueError, match="already fetched"):
+            s.fetch(0, torch.arange(3))
+        with pytest.raises(ValueError, match=r"expected \(3, 8\)"):
+            s.push_grads(0, h.ids_dev, torch.zeros(4, WIDTH))
+        with pytest.raises(ValueError, match="differ"):
+            s.push_grads(0, torch.tensor([0, 1, 5]), torch.zeros(3, WIDTH))
+        with pytest.raises(ValueError, match="accum_steps"):
+            s.begin_micro_batch()
+        s.push_grads(0, h.ids_dev, torch.zeros(3, WIDTH))
+        with pytest.raises(ValueError, match="no longer valid"):
+            h.wait()
+        with pytest.raises(ValueError, match="last-micro-batch"):
+            s.fetch(0, torch.arange(3))
+        s.finish_step()
+    for kw, msg in [({"max_rows": 0}, "max_rows"), ({"staleness": 2}, "staleness"),
+                    ({"clip": "norm"}, "clip"), ({"n_slots": 0}, "n_slots"),
+                    ({"wire_dtype": torch.float16}, "wire_dtype"), ({"host_threads": 0}, "host_threads")]:
+        with pytest.raises(ValueError, match=msg):
+            TransferScheduler(opts, **{"max_rows": 4, **kw})
+
+
+def test_release_allows_refetch_and_empty_fetch():
+    opts = make_opts()
+    with sched(opts) as s:
+        s.begin_step()
+        h = s.fetch(1, torch.tensor([2, 5]))
+        torch.testing.assert_close(h.wait(), opts[1].store.weights[[2, 5]].to(WIRE))
+        h.release()
+        h2 = s.fetch(1, torch.empty(0, dtype=torch.int64))
+        assert h2.wait().shape == (0, WIDTH)
+        s.push_grads(1, h2.ids_dev, torch.zeros(0, WIDTH))
+        s.finish_step()
