@@ -76,7 +76,7 @@ def run_sync(opts, script, *, staleness, clip, max_norm=1.0):
     """The plain definition: gather, gradient, accumulate; updates at the boundary or delayed by one."""
     pending, gscale = [False] * N_LAYERS, [1.0] * N_LAYERS
     buf = torch.empty(MAX_ROWS, WIDTH, dtype=WIRE)
-    for t, (accum, mbs) in enumerate(script):
+    for t, (_accum, mbs) in enumerate(script):
         with_grads = set()
         for m, mb in enumerate(mbs):
             for layer, ids, dt in mb:
