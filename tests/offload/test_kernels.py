@@ -101,3 +101,40 @@ def test_first_bad_id_and_plan_slots():
     assert np.array_equal(slot_of, before)  # nothing assigned on a duplicate
     kernels.release_slots(pending_ids, n, slot_of)
     assert np.all(slot_of == -1)
+
+
+def test_parallel_path_equals_single_thread_and_twin():
+    """Work above PARALLEL_MIN_BYTES takes the multi-threaded path: same bits as one thread, == twin."""
+    gen = torch.Generator().manual_seed(5)
+    n, w = 600, 1024
+    ids = torch.randperm(n, generator=gen)[:400].sort().values
+    grads = torch.randn(400, w, generator=gen)
+    assert 400 * w * 28 > kernels.PARALLEL_MIN_BYTES
+    base = [torch.randn(n, w, generator=gen), torch.zeros(n, w), torch.zeros(n, w), torch.zeros(n, dtype=torch.int64)]
+    results = []
+    for threads in (None, 1):
+        kernels.set_num_threads(threads)
+        try:
+            st = [t.clone() for t in base]
+            for _ in range(2):
+                kernels.adamw_rows(*(t.numpy() for t in st), ids.numpy(), grads.numpy(), 1.0, 1e-2, 0.9, 0.999,
+                                   1e-8, 0.1)
+            out = torch.empty(400, w, dtype=torch.bfloat16)
+            kernels.gather_rows(st[0].numpy(), ids.numpy(), kernels.as_numpy(out))
+            results.append(st + [out])
+        finally:
+            kernels.set_num_threads(None)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    ref = [t.clone() for t in base]
+    for _ in range(2):
+        reference_adamw_rows(*ref, ids, grads, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    for a, b in zip(results[0][:4], ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(results[0][4], results[0][0][ids].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 10**6, 1.5, True])
+def test_set_num_threads_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="NUMBA_NUM_THREADS"):
+        kernels.set_num_threads(bad)
