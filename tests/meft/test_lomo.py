@@ -182,8 +182,11 @@ def test_gradient_accumulation_is_refused():
     model = tiny_llama()
     opt = Lomo(model, lr=0.1)
     loss_of(model, batches(1)[0]).backward()
+    opt.step()
+    loss_of(model, batches(1)[0]).backward()  # fine: step() ended the previous step
     with pytest.raises(RuntimeError, match="accumulation"):
-        loss_of(model, batches(1)[0]).backward()
+        loss_of(model, batches(1)[0]).backward()  # a second backward in the same step
+    assert opt.steps_done == 1
 
 
 def test_fp16_grad_scaler_and_fp16_params_are_refused():
