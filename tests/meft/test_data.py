@@ -51,13 +51,16 @@ def tiny_tokenizer(chat: bool = True):
     return fast
 
 
-def tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32):
+def tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32, init_range: float = 0.2):
+    """Tiny Llama; init_range 0.2 (not 0.02) so greedy outputs depend on the prompt instead of
+    repeating one token."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
+                      max_position_embeddings=512, tie_word_embeddings=True, initializer_range=init_range,
+                      bos_token_id=1,
                       eos_token_id=2, pad_token_id=2)
     return LlamaForCausalLM(cfg).eval()
 
