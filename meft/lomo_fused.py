@@ -238,14 +238,15 @@ class FusedBackwardOptimizer(Optimizer):
         """First pass of clip='global': backward inside this block only measures the gradient norm.
 
         Nothing is updated; gradients are freed. On leaving the block the clip coefficient is fixed for
-        this step; the next backward (the update pass) uses it, then `step()` ends the step.
+        this step; the next backward (the update pass) uses it, then `step()` ends the step. Running the
+        norm pass again before the update pass replaces the norm (nothing was updated yet).
         """
         if self.clip != "global":
             raise ValueError(f"norm_pass() is for clip='global', this optimizer has clip={self.clip!r}")
         if self._in_norm_pass:
             raise RuntimeError("norm_pass() blocks cannot be nested")
-        if self._n_updated or self._clip_coef is not None:
-            raise RuntimeError("this step already has a norm pass or updates; call opt.step() first")
+        if self._n_updated:
+            raise RuntimeError("this step already updated parameters; call opt.step() before the next norm pass")
         self._in_norm_pass, self._norms = True, {}
         try:
             yield
@@ -281,7 +282,8 @@ class FusedBackwardOptimizer(Optimizer):
 
         Raises TypeError for a closure (closure-style optimization cannot be fused), RuntimeError when
         driven by an fp16 GradScaler, for a norm pass without its update pass, or when an owned
-        parameter holds `.grad` (something, e.g. DDP, produced a gradient after our hook freed it).
+        parameter holds `.grad` (something, e.g. DDP, produced a gradient after our hook freed it); it
+        closes the step before raising. A step() without a backward since the last one is an empty step.
         """
         if closure is not None:
             raise TypeError(f"{type(self).__name__}.step() takes no closure: updates happen inside backward")
@@ -291,24 +293,27 @@ class FusedBackwardOptimizer(Optimizer):
             raise TypeError(f"unexpected arguments {sorted(kwargs)} to {type(self).__name__}.step()")
         if self._in_norm_pass:
             raise RuntimeError("step() called inside `with opt.norm_pass():`; call it after the update pass")
+        problem = None
         if self.clip == "global" and self._clip_coef is not None and self._n_updated != len(self._norms):
-            raise RuntimeError(
-                f"the norm pass saw {len(self._norms)} gradients but the update pass updated "
-                f"{self._n_updated}: run loss.backward() once after the norm pass (or use opt.backward(loss))"
-            )
+            problem = (f"the norm pass saw {len(self._norms)} gradients but the update pass updated "
+                       f"{self._n_updated}: run loss.backward() once after the norm pass (or use "
+                       "opt.backward(loss)). The step was closed anyway; the next one starts clean.")
         for i, p in enumerate(self._params):
             if p.grad is not None:
-                raise RuntimeError(
+                problem = (
                     f"owned parameter #{i} {tuple(p.shape)} holds .grad after backward: something produced a "
                     "gradient after the fused update freed it (DistributedDataParallel / FSDP, a manual "
                     "p.grad, or hooks removed). Do not wrap the model in DDP/FSDP: Lomo/AdaLomo average "
                     "gradients across ranks themselves"
                 )
+                break
         self.skipped_steps += int(self._skip and self._n_updated > 0)
         self._updated = bytearray(len(self._params))
         self._n_updated, self._clip_coef, self._coef_on, self._skip = 0, None, {}, False
         self._norms = {}
         self.steps_done += 1
+        if problem is not None:
+            raise RuntimeError(problem)
 
     # ---- state -------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:

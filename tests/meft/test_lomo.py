@@ -142,11 +142,12 @@ def test_global_clip_update_pass_refuses_without_fresh_norm_pass():
     loss = loss_of(model, batches(1)[0])
     with opt.norm_pass():
         loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="already has a norm pass"):
-        with opt.norm_pass():
-            pass
+    with opt.norm_pass():  # a repeated norm pass replaces the pending norm: nothing was updated yet
+        loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="update pass"):
-        opt.step()  # norm pass without its update pass
+        opt.step()  # norm pass without its update pass: refused, and the step is closed
+    opt.backward(loss_of(model, batches(1)[0]))  # the next step starts clean
+    opt.step()
     with pytest.raises(ValueError, match="clip='global'"):
         Lomo(tiny_llama(), lr=0.1).norm_pass().__enter__()
 
@@ -257,3 +258,17 @@ def test_value_and_tensor_clipping_match_plain_clipping():
                 p.add_(p.grad, alpha=-0.05)
         for (name, a), b in zip(model.named_parameters(), ref.parameters()):
             assert torch.equal(a, b), (clip, name)
+
+
+def test_non_finite_global_norm_skips_the_step():
+    lin = torch.nn.Linear(4, 4)
+    before = [p.detach().clone() for p in lin.parameters()]
+    opt = Lomo(lin, lr=0.1, clip="global")
+    opt.backward(lin(torch.full((1, 4), float("inf"))).sum())
+    opt.step()
+    assert opt.skipped_steps == 1 and not torch.isfinite(opt.last_grad_norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters()))
+    assert all(p.grad is None for p in lin.parameters())
+    opt.backward(lin(torch.ones(1, 4)).sum())
+    opt.step()
+    assert opt.skipped_steps == 1 and not torch.equal(before[0], lin.weight)
