@@ -11,12 +11,14 @@ Owns DESIGN.md "One training step". For each adapter layer (one SparseAdamW over
 
 The host worker is a single FIFO thread, so "a gather submitted after an update sees it" is the only
 ordering rule needed. Staleness 1 (ZeRO-Offload's delayed parameter update), deterministic: the update
-of layer l from step t is applied right after layer l's next fetch (its first of step t+1 normally)
-has gathered its rows; `flush()` / `close()` apply what is pending. Clipping: "none", "layer" (scale
-min(1, max_norm / (||g_l|| + 1e-6)) per layer) or "global" (the norm of all layers' gradients of the
-step, summed in layer order on the host in finish_step; the updates then start there: a documented
-cost). Staging slots and device buffers come from fixed pools; a full pool blocks the caller.
-A worker exception is re-raised in the caller at the next call with its original traceback.
+of layer l from step t is applied right after layer l's next fetch (its first of step t+1 normally) has
+gathered its rows; `flush()` / `close()` apply what is pending. The worker parks that update and runs it
+in idle time or, at the latest, before its next task for layer l (identical result: nothing else touches
+the layer in between), so it stays off the critical path of the forward pass. Clipping: "none", "layer"
+(scale min(1, max_norm / (||g_l|| + 1e-6)) per layer) or "global" (the norm of all layers' gradients of
+the step, summed in layer order on the host in finish_step; the updates then start there: a documented
+cost). Staging slots and device buffers come from fixed pools; a full pool blocks the caller. A worker
+exception is re-raised in the caller at the next call with its original traceback.
 """
 
 from __future__ import annotations
@@ -151,9 +153,11 @@ class TransferScheduler:
         marker = self.engine.mark_compute()  # H2D into rows_dev waits for compute issued so far
         h = self._stage_ids(st, ids, n, marker)
         st.handle = st.last_gather = h
-        apply_pending = st.pending_update
-        st.pending_update = False
-        self.worker.submit(lambda: self._gather_task(st, h, slot, marker, apply_pending))
+        self.worker.submit(lambda: self._gather_task(st, h, slot, marker), layer)
+        if st.pending_update:  # staleness 1: the previous step's update, after this gather
+            st.pending_update = False
+            step = self.step
+            self.worker.defer(layer, lambda: self._update_task(st, step))
         return h
 
     def _check_ids(self, ids, what: str) -> int:
@@ -180,7 +184,7 @@ class TransferScheduler:
                                       on_done=lambda ev: self._meter_copy(ev, "ids", meta))
         return h
 
-    def _gather_task(self, st: LayerState, h: FetchHandle, slot, marker, apply_pending: bool) -> None:
+    def _gather_task(self, st: LayerState, h: FetchHandle, slot, marker) -> None:
         n = h.n_rows
         try:
             if h.ids_event is not None and h.ids_event.direction == "d2h":
@@ -197,8 +201,6 @@ class TransferScheduler:
         h.copy_event = self.engine.h2d(slot.rows[:n], st.rows_dev[:n], rows=n, after=marker,
                                        on_done=lambda ev: self._h2d_done(ev, slot, meta))
         h.gathered.set()
-        if apply_pending:  # staleness 1: the previous step's update, right after this gather
-            self._update_task(st, h.step)
 
     def _h2d_done(self, ev, slot, meta) -> None:
         self.h2d_pool.release(slot)  # the H2D has read the slot: it may be refilled
@@ -233,7 +235,7 @@ class TransferScheduler:
         h.release()
         st.grads_step = self.step
         step = self.step
-        self.worker.submit(lambda: self._accumulate_task(st, slot, ev, n, step))
+        self.worker.submit(lambda: self._accumulate_task(st, slot, ev, n, step), st.index)
         if self.micro_batch == self.accum_steps - 1 and self.clip != "global":
             self._trigger(st)
 
@@ -284,7 +286,7 @@ class TransferScheduler:
         st.triggered_step = self.step
         if self.staleness == 0:
             step = self.step
-            self.worker.submit(lambda: self._update_task(st, step))
+            self.worker.submit(lambda: self._update_task(st, step), st.index)
         else:
             st.pending_update = True
 
@@ -345,7 +347,8 @@ class TransferScheduler:
             if st.pending_update:
                 st.pending_update = False
                 step = self.step
-                self.worker.submit(lambda st=st, step=step: self._update_task(st, step))
+                self.worker.submit(lambda st=st, step=step: self._update_task(st, step), st.index)
+        self.worker.run_deferred()
         self.worker.barrier(self._check)
         self._check()
 
