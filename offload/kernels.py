@@ -45,13 +45,16 @@ __all__ = [
 ]
 
 PARALLEL_MIN_BYTES = 1 << 20  # calls touching less than this run on the calling thread only
-_threads = int(os.environ.get("OFFLOAD_NUM_THREADS", "0") or 0)  # 0: numba's default (all cores)
+# Default: all cores but one, which is left to the Python / GPU-driving main thread that runs beside the
+# host worker calling these kernels (on a 2-core machine: 1 thread). Env OFFLOAD_NUM_THREADS overrides.
+_DEFAULT_THREADS = max(1, numba.config.NUMBA_NUM_THREADS - 1)
+_threads = min(max(int(os.environ.get("OFFLOAD_NUM_THREADS", "0") or 0), 0), numba.config.NUMBA_NUM_THREADS)
 _EXP_MASK = np.uint32(0x7F800000)
 _ABS_MASK = np.uint32(0x7FFFFFFF)
 
 
 def set_num_threads(n: int | None) -> None:
-    """Threads used by the parallel kernels, from any calling thread (None: numba's default, all cores).
+    """Threads used by the parallel kernels, from any calling thread (None: all cores but one).
 
     On an oversubscribed shared machine 1 thread is often faster: a fork-join region waits for its
     slowest thread, and a descheduled helper costs a whole scheduler slice. Env: OFFLOAD_NUM_THREADS.
@@ -64,7 +67,8 @@ def set_num_threads(n: int | None) -> None:
 
 
 def get_num_threads() -> int:
-    return _threads or numba.config.NUMBA_NUM_THREADS
+    """Threads the parallel kernels use for work of at least PARALLEL_MIN_BYTES."""
+    return _threads or _DEFAULT_THREADS
 
 
 def _run(kernel, work_bytes: int, *args):

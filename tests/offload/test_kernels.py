@@ -1,5 +1,6 @@
 """numba kernels against the plain-PyTorch code each docstring names."""
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -112,7 +113,7 @@ def test_parallel_path_equals_single_thread_and_twin():
     assert 400 * w * 28 > kernels.PARALLEL_MIN_BYTES
     base = [torch.randn(n, w, generator=gen), torch.zeros(n, w), torch.zeros(n, w), torch.zeros(n, dtype=torch.int64)]
     results = []
-    for threads in (None, 1):
+    for threads in (numba.config.NUMBA_NUM_THREADS, 1):  # all cores vs the calling thread alone
         kernels.set_num_threads(threads)
         try:
             st = [t.clone() for t in base]
