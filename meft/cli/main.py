@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune HF causal LMs with sparse FFN adapters held in CPU memory.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in SUBCOMMANDS.items():
+    for module in SUBCOMMANDS.values():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

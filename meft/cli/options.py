@@ -65,11 +65,12 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_text = f.metadata.get("help", "")
+        base = _base_type(hints[f.name])
+        extra = {"nargs": "?", "const": True, "metavar": "BOOL"} if base is bool else {
+            "metavar": base.__name__.upper() if base in (int, float, str) else "VALUE"}
         group.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, type=_converter(hints[f.name]), default=None,
-            metavar=f.metadata.get("metavar", _base_type(hints[f.name]).__name__.upper()
-                                   if isinstance(_base_type(hints[f.name]), type) else "VALUE"),
-            help=f"{help_text} (default: {default!r})",
+            help=f"{help_text} (default: {default!r})", **extra,
         )
 
 

@@ -72,3 +72,12 @@ def test_format_table_aligns():
     t = format_table([["a", 1, 2.5], ["bbb", 1000, 0.125]], ["name", "n", "x"])
     lines = t.splitlines()
     assert len({len(x) for x in lines}) == 1 and "1,000" in t
+
+
+def test_bool_flag_alone_means_true():
+    _, args = _parse(["--flag"])
+    (o,) = resolve_options(args, [Opts])
+    assert o.flag is True
+    _, args = _parse(["--flag", "false"])
+    (o,) = resolve_options(args, [Opts])
+    assert o.flag is False
