@@ -92,17 +92,17 @@ def _from_pattern(model: nn.Module, pattern: str) -> list[FFNTarget]:
     if not isinstance(layers, nn.ModuleList) or not tail:
         raise ValueError(f"target_module = {pattern!r}: {head!r} is not a ModuleList of layers in "
                          f"{type(model).__name__}; {_found(model)}")
-    in_name, _, out_name = tail.partition(">")
-    out_name = out_name or in_name
+    in_name, _, out_name = tail.partition(">")  # out (if given) is a sibling of in: same parent
+    parent_path, _, in_attr = in_name.rpartition(".")
+    out_attr = out_name or in_attr
     out = []
     for i, layer in enumerate(layers):
-        if _get(layer, in_name) is None or _get(layer, out_name) is None:
+        parent = _get(layer, parent_path) if parent_path else layer
+        if parent is None or _get(parent, in_attr) is None or _get(parent, out_attr) is None:
             raise ValueError(f"target_module = {pattern!r}: layer {i} has no {tail!r}; "
                              f"its children: {[n for n, _ in layer.named_children()]}")
-        parent_path = in_name.rpartition(".")[0]
-        parent = _get(layer, parent_path) if parent_path else layer
-        out.append(FFNTarget(i, parent, in_name.rpartition(".")[2], out_name.rpartition(".")[2],
-                             f"{head}.{i}.{out_name}"))
+        prefix = f"{head}.{i}." + (parent_path + "." if parent_path else "")
+        out.append(FFNTarget(i, parent, in_attr, out_attr, prefix + out_attr))
     return out
 
 
@@ -111,7 +111,7 @@ def _found(model: nn.Module) -> str:
              for n, m in _layer_lists(model)[:4]]
     return ("found layer lists: " + "; ".join(lists) if lists else "found no nn.ModuleList of layers") + (
         ". Name the FFN with MeftConfig(target_module='<layers path>.*.<ffn attr>'), e.g. "
-        "'model.layers.*.mlp' (or '<layers>.*.<in>><out>' for an inlined FFN, e.g. "
+        "'model.layers.*.mlp' (or '<layers>.*.<in>><out>' for an inlined FFN, <out> a sibling of <in>, e.g. "
         "'model.decoder.layers.*.fc1>fc2').")
 
 
