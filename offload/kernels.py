@@ -39,6 +39,7 @@ __all__ = [
     "accumulate_rows",
     "adamw_rows",
     "sum_sq_rows",
+    "max_abs_bits",
     "first_bad_id",
     "plan_slots",
     "release_slots",
@@ -225,6 +226,28 @@ def _accumulate_rows(pending, slots, fresh, grads, slot_maxbits):
                 pending[s, j] = x
                 mx = max(mx, _f32_as_u32(x) & _ABS_MASK)
         slot_maxbits[s] = mx
+
+
+def max_abs_bits(grads, n, out) -> int:
+    """out[r] = bit pattern of |grads[r]|.max() (fp32 bits) for r < n; returns the max over rows.
+
+    Plain PyTorch: `grads[:n].float().abs().amax(1).view(torch.int32)`; a result >= 0x7F800000 means
+    inf/NaN is present. grads: [>=n, W] f32 or uint16 (bf16); out: [>=n] uint32.
+    """
+    if n == 0:
+        return 0
+    _run(_max_abs_bits, n * grads.shape[1] * grads.itemsize, grads, n, out)
+    return int(out[:n].max())
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _max_abs_bits(grads, n, out):
+    width = grads.shape[1]
+    for r in prange(n):
+        mx = np.uint32(0)
+        for j in range(width):
+            mx = max(mx, _f32_as_u32(_ld(grads, r, j)) & _ABS_MASK)
+        out[r] = mx
 
 
 def sum_sq_rows(pending, n) -> float:

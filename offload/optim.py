@@ -115,11 +115,11 @@ class SparseAdamW:
 
     # ------------------------------------------------------------------ update
 
-    def _finite(self, grad_scale: float) -> bool:
-        """Exact: every pending g * grad_scale (fp32) is finite. Uses the per-slot max |g| bits."""
+    def _finite(self, grad_scale: float, top: int | None = None) -> bool:
+        """Exact: every g * grad_scale (fp32) is finite, from the max |g| bits (default: of the pending rows)."""
         if not math.isfinite(grad_scale):
             return False
-        top = int(self._maxbits[: self._n].max())
+        top = int(self._maxbits[: self._n].max()) if top is None else top
         if top >= _F32_MAX_BITS:
             return False
         max_abs = np.array([top], dtype=np.uint32).view(np.float32)[0]
@@ -131,25 +131,54 @@ class SparseAdamW:
 
         Returns False (and counts `skipped_steps`, store untouched) when a scaled gradient is inf/NaN.
         """
-        if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
-            raise TypeError(f"grad_scale must be a float, got {type(grad_scale).__name__}")
+        _check_scale(grad_scale)
         if self._n == 0:
             return True
-        if not self._finite(float(grad_scale)):
-            self.skipped_steps += 1
-            if not self._warned:
-                warnings.warn(f"SparseAdamW: non-finite gradient (grad_scale={grad_scale}); step skipped, "
-                              f"store unchanged (counted in skipped_steps; warned once)", stacklevel=2)
-                self._warned = True
-            self.zero_grad()
-            return False
+        ok = self._finite(float(grad_scale)) and self._update(self._pending_ids[: self._n], self._pending_np,
+                                                               grad_scale)
+        if not ok:
+            self._skip(grad_scale)
+        self.zero_grad()
+        return ok
+
+    def step_rows(self, ids: torch.Tensor, grads: torch.Tensor, grad_scale: float = 1.0) -> bool:
+        """`accumulate(ids, grads)` then `step(grad_scale)` in one pass, without the copy into the pending
+        buffer (one micro-batch per step). Needs no pending gradients; same checks, same result."""
+        if self._n:
+            raise RuntimeError(f"step_rows() needs an empty pending buffer, but {self._n} rows hold gradients "
+                               f"from accumulate(); call step() or zero_grad() first")
+        _check_scale(grad_scale)
+        ids_np = check_ids(ids, self.store.n_rows)
+        grads_np = self._check_grads(grads, ids_np.shape[0])
+        r = ids_np.shape[0]
+        if r > self._capacity:
+            self._grow(r)
+        self._call_no += 1
+        n_new = kernels.plan_slots(ids_np, self._slot_of, self._stamp, self._call_no, self._pending_ids, 0,
+                                   self._slots, self._fresh)  # only to detect duplicates; released below
+        if n_new < 0:
+            raise ValueError(f"ids has a duplicate at position {-n_new - 1} (value {int(ids_np[-n_new - 1])}); "
+                             f"pass unique ids")
+        kernels.release_slots(self._pending_ids, n_new, self._slot_of)
+        top = kernels.max_abs_bits(grads_np, r, self._maxbits)
+        ok = self._finite(float(grad_scale), top) and self._update(ids_np, grads_np, grad_scale)
+        if not ok:
+            self._skip(grad_scale)
+        return ok
+
+    def _update(self, ids_np: np.ndarray, grads_np: np.ndarray, grad_scale: float) -> bool:
         _check_hparams(self.lr, self.betas, self.eps, self.weight_decay)
         s = self.store
-        kernels.adamw_rows(s._w_np, s._m_np, s._v_np, s._steps_np, self._pending_ids[: self._n],
-                           self._pending_np, float(grad_scale), self.lr, self.betas[0], self.betas[1],
-                           self.eps, self.weight_decay)
-        self.zero_grad()
+        kernels.adamw_rows(s._w_np, s._m_np, s._v_np, s._steps_np, ids_np, grads_np, float(grad_scale),
+                           self.lr, self.betas[0], self.betas[1], self.eps, self.weight_decay)
         return True
+
+    def _skip(self, grad_scale) -> None:
+        self.skipped_steps += 1
+        if not self._warned:
+            warnings.warn(f"SparseAdamW: non-finite gradient (grad_scale={grad_scale}); step skipped, "
+                          f"store unchanged (counted in skipped_steps; warned once)", stacklevel=3)
+            self._warned = True
 
     def zero_grad(self) -> None:
         """Drop all pending gradients (buffers are kept for reuse)."""
@@ -178,6 +207,11 @@ class SparseAdamW:
         self.eps, self.weight_decay = float(sd["eps"]), float(sd["weight_decay"])
         self.skipped_steps = int(sd.get("skipped_steps", 0))
         self.zero_grad()
+
+
+def _check_scale(grad_scale) -> None:
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
+        raise TypeError(f"grad_scale must be a float, got {type(grad_scale).__name__}")
 
 
 def _check_hparams(lr, betas, eps, weight_decay) -> None:

@@ -139,3 +139,14 @@ def test_parallel_path_equals_single_thread_and_twin():
 def test_set_num_threads_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="NUMBA_NUM_THREADS"):
         kernels.set_num_threads(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_abs_bits(dtype):
+    grads = torch.randn(6, 17).to(dtype)
+    out = np.zeros(8, dtype=np.uint32)
+    top = kernels.max_abs_bits(kernels.as_numpy(grads), 5, out)
+    want = grads[:5].float().abs().amax(1).view(torch.int32).numpy().view(np.uint32)
+    assert np.array_equal(out[:5], want) and top == want.max() and out[5] == 0
+    grads[2, 3] = float("-inf")
+    assert kernels.max_abs_bits(kernels.as_numpy(grads), 5, out) == 0x7F800000

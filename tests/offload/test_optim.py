@@ -245,3 +245,36 @@ def test_lr_set_to_nonsense_is_caught_at_step():
     opt.lr = float("nan")
     with pytest.raises(ValueError, match="lr"):
         opt.step()
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_step_rows_equals_accumulate_then_step(grad_dtype):
+    store_a, opt_a, _ = _pair(lr=1e-2, weight_decay=0.1)
+    store_b, opt_b, _ = _pair(lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        ids = torch.randperm(N, generator=gen)[:33]
+        grads = torch.randn(33, W, generator=gen).to(grad_dtype)
+        opt_a.accumulate(ids, grads)
+        assert opt_a.step(grad_scale=0.5) is True
+        assert opt_b.step_rows(ids, grads, grad_scale=0.5) is True
+    for key in ("weights", "exp_avg", "exp_avg_sq", "steps"):
+        assert torch.equal(getattr(store_a, key), getattr(store_b, key)), key
+
+
+def test_step_rows_checks_and_skips():
+    store, opt, _ = _pair(lr=1e-2)
+    before = _snapshot(store)
+    with pytest.raises(ValueError, match="duplicate"):
+        opt.step_rows(torch.tensor([3, 5, 3]), torch.randn(3, W))
+    grads = torch.randn(2, W)
+    grads[1, 2] = float("nan")
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert opt.step_rows(torch.tensor([3, 5]), grads) is False
+    assert opt.skipped_steps == 1
+    for a, b in zip(before, _snapshot(store)):
+        assert torch.equal(a, b)
+    opt.accumulate(torch.tensor([1]), torch.randn(1, W))
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        opt.step_rows(torch.tensor([3]), torch.randn(1, W))
+    assert opt.step() is True and opt.step_rows(torch.tensor([3, 5]), torch.randn(2, W)) is True
