@@ -11,7 +11,8 @@ that makes a plain PyTorch loop correct:
   forward) reuses the cache -- no second fetch, no re-routing. A post-accumulate-grad hook on the rows
   leaf pushes the row gradient `[R, 2d]` to the scheduler and drops the cache entry;
 * `prefetch="lookahead"`: layer l also routes its input through gate l+1 and starts that fetch; layer
-  l+1 uses the rows in flight and fetches only what is missing (exact), and the hit rate is recorded;
+  l+1 uses the rows in flight and fetches what is missing (exact), and the hit rate is recorded (see
+  `_start_fetch` for what TransferScheduler's one-live-fetch-per-layer rule implies);
 * outside training (eval, `generate()`, no_grad) rows are read per forward, nothing is cached or pushed.
 Summary tables live in `meft.model`.
 """
@@ -99,6 +100,9 @@ class MeftRuntime:
         if self.step_open:
             self.scheduler.finish_step()
         self.step_open = False
+        for entries in self._cache.values():  # forwards without backward: free their rows now
+            for e in entries:
+                e.rows = None
         self._cache.clear()
         self._prefetch.clear()
 
@@ -113,6 +117,11 @@ class MeftRuntime:
         idx = adapter.index
         if adapter.training and self.step_open and torch._C._current_graph_task_id() != -1:
             return self._recompute_rows(idx, x2)  # inside backward: checkpoint recomputation
+        if adapter.training and torch.is_grad_enabled() and not self.in_forward:
+            raise RuntimeError(
+                f"adapter {idx}: a training forward with gradients that did not go through the wrapped "
+                f"model's forward (no micro-batch is open, so row gradients would be lost); call the model "
+                f"given to meft.wrap, or run this forward under torch.no_grad() / model.eval()")
         if adapter.training and self.in_forward:
             key = (self.step, self.micro)
             for e in self._cache.get(idx, ()):
@@ -149,6 +158,7 @@ class MeftRuntime:
             self.scheduler.push_grads(idx, ids, leaf.grad)
             leaf.grad = None
             self._cache[idx] = [e for e in self._cache.get(idx, []) if e is not entry]
+            entry.rows = None  # break leaf -> hook -> entry -> leaf so the rows are freed at once
 
         entry = _Entry(key, routing, rows, x2.shape[0])
         rows.register_post_accumulate_grad_hook(push)

@@ -179,6 +179,15 @@ def test_too_many_micro_batches_is_an_error():
         model(input_ids=ids, labels=ids)
 
 
+def test_training_forward_outside_wrapped_model_is_an_error():
+    model = meft.wrap(tiny_model("llama"), small_config())
+    model.train()
+    with pytest.raises(RuntimeError, match="did not go through the wrapped model's forward"):
+        model.model(input_ids=batch())  # the inner model: no micro-batch opened
+    with torch.no_grad():
+        model.model(input_ids=batch())  # fine without gradients
+
+
 def test_generate_on_wrapped_model():
     model = meft.wrap(tiny_model("llama"), small_config())
     train(model, batch(), 2)
