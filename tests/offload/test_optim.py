@@ -278,3 +278,15 @@ def test_step_rows_checks_and_skips():
     with pytest.raises(RuntimeError, match="zero_grad"):
         opt.step_rows(torch.tensor([3]), torch.randn(1, W))
     assert opt.step() is True and opt.step_rows(torch.tensor([3, 5]), torch.randn(2, W)) is True
+
+
+def test_empty_ids_are_a_no_op():
+    store, opt, _ = _pair()
+    before = _snapshot(store)
+    empty = torch.empty(0, dtype=torch.int64)
+    opt.accumulate(empty, torch.empty(0, W))
+    assert opt.pending_rows == 0 and opt.step() is True
+    assert opt.step_rows(empty, torch.empty(0, W, dtype=torch.bfloat16)) is True
+    assert store.gather(empty, torch.empty(0, W)).shape == (0, W)
+    for a, b in zip(before, _snapshot(store)):
+        assert torch.equal(a, b)
