@@ -6,9 +6,10 @@ All kernels take numpy arrays (zero-copy views of torch tensors). bf16 is handle
 pattern (`uint16`): a bf16 value is the high half of an fp32, and fp32 -> bf16 rounds to nearest
 even with NaN mapped to 0x7FC0, bit-identical to `torch.Tensor.to(torch.bfloat16)`.
 
-Every kernel is `parallel=True` over rows and `cache=True`; none allocates a temporary larger than
-a few scalars per row (fresh memory is slow to touch). Each docstring gives the plain-PyTorch code
-that it equals; `offload.optim.reference_adamw_rows` is the tested twin of `adamw_rows`.
+Every row kernel is `parallel=True` over rows and `cache=True` (the O(R) id bookkeeping is serial);
+none allocates a temporary larger than a few scalars per row (fresh memory is slow to touch).
+Each docstring gives the plain-PyTorch code that it equals; `offload.optim.reference_adamw_rows`
+is the tested twin of `adamw_rows`.
 Idea of documenting the equivalent plain op: xformers `ops/indexing.py`.
 
 Threading: kernels release the GIL (`nogil=True`) so a scheduler's worker thread can update rows while
@@ -16,7 +17,8 @@ Python runs elsewhere. With numba's OpenMP layer, libgomp's default wait policy 
 region cost ~10 ms on an oversubscribed 2-core machine (measured: 16 ms median for an empty prange vs
 9 us with OMP_WAIT_POLICY=PASSIVE), so we default that variable for numba's libgomp (loaded at the
 first parallel launch, after this import; torch's own bundled libgomp was initialised before).
-A user-set OMP_WAIT_POLICY wins.
+A user-set OMP_WAIT_POLICY wins. Thread count: all cores but one by default (the caller's main thread
+keeps one), 1 for calls under PARALLEL_MIN_BYTES; `set_num_threads` / OFFLOAD_NUM_THREADS change it.
 """
 
 import os

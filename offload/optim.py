@@ -5,7 +5,9 @@ count for bias correction and gets decoupled weight decay only when touched. Wit
 every step this is exactly `torch.optim.AdamW` (tested). Gradients of several micro-batches are summed
 per row id in an fp32 pending buffer (`accumulate`), preallocated and grown geometrically, so nothing
 is allocated per step after warm-up. A step whose (scaled) gradient holds inf/NaN is skipped for the
-whole store and counted in `skipped_steps`; the store is left untouched.
+whole store and counted in `skipped_steps`; the store is left untouched. `step()` consumes the
+pending gradients either way. `step_rows(ids, grads)` is accumulate + step for a single micro-batch
+without the copy into the pending buffer.
 
 The arithmetic lives in `offload.kernels.adamw_rows` (numba, fused, in place).
 """
