@@ -41,6 +41,13 @@ BYTES = {"copy": 8, "gather fp32": 8, "gather bf16": 6, "accumulate": 8, "Sparse
          "SparseAdamW acc+step": 28, "SparseAdamW step_rows": 32, "torch fused": 28, "torch foreach": 28}
 
 
+NOTES = """Reading this on a shared 2-core box: each process gets a fraction of a core, and an operation
+that loses the CPU for one scheduler slice (several ms) looks several times slower, so short operations
+(1-3 ms) have noisy medians; "best" is the fastest repeat. With 2 threads every numba/torch parallel
+region waits for its descheduled helper thread (~20 ms per region here), which is why offload's default
+thread count is all cores but one (1 here). Targets are judged on the medians at the default thread count."""
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -248,7 +255,7 @@ def main(argv=None) -> dict:
                 f"Versions: python {platform.python_version()}, torch {torch.__version__}, "
                 f"numba {numba.__version__} ({numba.threading_layer()} threading layer), numpy {np.__version__}")
         write_section(Path(__file__).resolve().parents[1] / "BENCHMARKS.md",
-                      meta + "\n\n" + __doc__.split("\n\n")[2] + "\n\n" + out)
+                      meta + "\n\n" + __doc__.split("\n\n")[2] + "\n\n" + out + "\n\n" + NOTES)
     summary = dict(summaries[main_t], threads=main_t, best_repeats=bests[main_t],
                    by_threads={str(t): sm for t, sm in summaries.items()})
     if args.json:
