@@ -1,0 +1,45 @@
+"""`meft plan`: will a wrapped training step fit the GPU? Fake-tensor estimate, nothing allocated."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from meft.cli.options import add_dataclass_options, resolve_options
+
+__all__ = ["add_parser", "run"]
+
+EPILOG = """The estimate runs one training step (forward, backward, optimizer step) of the model built from its
+config inside FakeTensorMode on fake CPU tensors, under torch's MemTracker, with the adapter step built
+from the adapter options alone (no host store is allocated). Margins for the CUDA context and the
+caching allocator are added and stated. Host RAM is the RowStores' bytes + staging + pending grads.
+
+examples:
+  meft plan --model llama-2-7b --gpu-mem 24GiB --seq 512 --batch 4 --gradient-checkpointing \\
+            --adapter-rows 8464 --expert-size 23 --active-per-token 64 --backbone lomo
+  meft plan --model ./my-hf-folder --method dense --adapter-rows 33856 --json
+  meft plan --model llama-3-8b --method full --gpu-mem 80GB
+"""
+
+
+def add_parser(sub) -> None:
+    from meft.config import MeftConfig
+    from meft.plan import PlanOptions
+
+    p = sub.add_parser("plan", help="estimate GPU peak memory and host RAM of a training step (no GPU needed)",
+                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of options (command line wins)")
+    p.add_argument("--debug", action="store_true", help="Show full tracebacks for user errors.")
+    add_dataclass_options(p, PlanOptions, "plan")
+    add_dataclass_options(p, MeftConfig, "adapter (MeftConfig)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from meft.config import MeftConfig
+    from meft.plan import PlanOptions, format_plan, plan
+
+    opts, cfg = resolve_options(args, [PlanOptions, MeftConfig])
+    res = plan(opts, cfg)
+    print(json.dumps(res, indent=2) if opts.json else format_plan(res))
+    return 0
