@@ -106,6 +106,7 @@ def wrap(model: nn.Module, config: MeftConfig | None = None) -> nn.Module:
         ad = SparseFFNAdapter(base, index=i, layer=t.layer, d=d, gate=gate, expert_size=config.expert_size,
                               scale=config.scale, active_per_token=config.active_per_token,
                               compute_dtype=parse_dtype(config.compute_dtype))
+        ad.train(base.training)  # a new module would otherwise be in training mode in an eval model
         setattr(t.parent, t.out_name, ad)
         restore.append((t.parent, t.out_name, base))
         if t.split:

@@ -10,12 +10,12 @@ T, D, N, S = 24, 16, 128, 8
 E = N // S
 
 
-def _setup(seed=0, dtype=torch.float32):
+def _setup(seed=0, dtype=torch.float32, t=T, d=D, n=N):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, D, generator=g, dtype=dtype)
-    keys = torch.randn(N, D, generator=g, dtype=dtype) * D ** -0.5
-    values = torch.randn(N, D, generator=g, dtype=dtype) * 0.1
-    gate = torch.randn(E, D, generator=g, dtype=torch.float32)
+    x = torch.randn(t, d, generator=g, dtype=dtype)
+    keys = torch.randn(n, d, generator=g, dtype=dtype) * d ** -0.5
+    values = torch.randn(n, d, generator=g, dtype=dtype) * 0.1
+    gate = torch.randn(n // S, d, generator=g, dtype=torch.float32)
     return x, keys, values, gate
 
 
@@ -51,20 +51,24 @@ def test_fast_path_equals_dense_reference(case):
     torch.testing.assert_close(grows[:, D:], gvd[routing.ids], **tol)
     inactive = torch.ones(N, dtype=torch.bool)
     inactive[routing.ids] = False
-    assert gkd[inactive].abs().max() == 0 and gvd[inactive].abs().max() == 0
+    assert gkd[inactive].abs().sum() == 0 and gvd[inactive].abs().sum() == 0
     assert ggf.abs().max() > 0 and gxf.abs().max() > 0  # gradients really flow
 
 
 def test_function_gradcheck_float64():
-    x, keys, values, gate = _setup(1, torch.float64)
-    routing = route(x, gate, experts_per_token=3, expert_size=S, max_active_rows=6 * S)
+    x, keys, values, gate = _setup(1, torch.float64, t=8, d=6, n=64)  # small: gradcheck is O(inputs)
+    routing = route(x, gate, experts_per_token=3, expert_size=S, max_active_rows=3 * S)
     rows = torch.cat([keys, values], 1)[routing.ids].clone().requires_grad_(True)
     coef = gate_weights(x, gate, routing).double().detach().requires_grad_(True)
     xg = x.clone().requires_grad_(True)
     fn = lambda a, b, c: SparseAdapterFunction.apply(a, b, c, S, 1.3, None)
     assert torch.autograd.gradcheck(fn, (xg, rows, coef))
-    fn_k = lambda a, b, c: SparseAdapterFunction.apply(a, b, c, S, 1.3, 5)
-    assert torch.autograd.gradcheck(fn_k, (xg, rows, coef))
+    # top-K: the selection is piecewise constant; away from ties (all coefficients > 0, so no
+    # zero-valued candidates tie for the last places) it is differentiable and must check too
+    coef_pos = (torch.rand(coef.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+                + 0.5).requires_grad_(True)
+    fn_k = lambda a, b, c: SparseAdapterFunction.apply(a, b, c, S, 1.3, 7)
+    assert torch.autograd.gradcheck(fn_k, (xg, rows, coef_pos))
 
 
 def test_fast_path_equals_plain_torch_formula():
