@@ -156,11 +156,12 @@ class ResidentScheduler:
                 lay.deferred = (ids, grads)
 
     def flush(self) -> None:
-        """Apply every deferred (staleness 1) update now."""
+        """Apply every deferred (staleness 1) update now; the RowStores are then current."""
         for lay in self.layers:
             if lay.deferred is not None:
                 lay.apply(*lay.deferred)
                 lay.deferred = None
+        self.sync_to_host()
 
     def sync_to_host(self) -> None:
         """Copy device weights/moments/steps into the RowStores (no-op on a CPU device)."""
@@ -182,7 +183,6 @@ class ResidentScheduler:
 
     def close(self) -> None:
         self.flush()
-        self.sync_to_host()
 
     def __enter__(self):
         return self

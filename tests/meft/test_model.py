@@ -96,12 +96,14 @@ def test_wrap_starts_equal_then_trains(arch):
     assert not hasattr(model, "meft")
 
 
-def test_offloaded_training_equals_resident():
+@pytest.mark.parametrize("clip,staleness", [("layer", 0), ("global", 1)])
+def test_offloaded_training_equals_resident(clip, staleness):
     """20 steps through TransferScheduler (rows on the host, thread engine) == all rows resident."""
     ids = batch(4, 10)
     runs = []
     for offload in (True, False):
-        model = meft.wrap(tiny_model("llama"), small_config(offload=offload, clip="layer", max_norm=0.5))
+        cfg = small_config(offload=offload, clip=clip, max_norm=0.5, staleness=staleness)
+        model = meft.wrap(tiny_model("llama"), cfg)
         assert isinstance(model.meft.scheduler, ResidentScheduler) != offload
         losses = train(model, ids, 20)
         runs.append((losses, adapter_state(model)))
