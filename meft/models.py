@@ -150,7 +150,10 @@ def convert_default_model(cache: str | os.PathLike | None = None, *, force: bool
         marker = {"source": str(gguf), "size": gguf.stat().st_size, "converted_s": time.perf_counter() - t0}
         (tmp / _MARKER).write_text(json.dumps(marker, indent=1))
         tmp.chmod(0o755)  # mkdtemp makes it 0700
-        if target.exists():  # a stale/partial folder from an older layout, or force
+        if _is_converted(target) and not force:  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
+        if target.exists():  # an unfinished folder not written by us, or force
             shutil.rmtree(target)
         os.replace(tmp, target)
     except OSError:
