@@ -19,8 +19,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["FactSet", "WORLD_RELATIONS", "FICTIONAL_RELATIONS", "world_facts", "fictional_facts",
-           "load_builtin", "BUILTIN_NAMES"]
+__all__ = ["FactSet", "WORLD_RELATIONS", "DEFAULT_WORLD_RELATIONS", "FICTIONAL_RELATIONS", "world_facts",
+           "fictional_facts", "load_builtin", "BUILTIN_NAMES"]
 
 BUILTIN_NAMES = ("world_facts", "fictional_facts")
 
