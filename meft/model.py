@@ -77,7 +77,11 @@ def _backbone_optimizer(config: MeftConfig, params):
                                   f"in this build; use backbone='frozen'")
     lomo = importlib.import_module("meft.lomo")
     cls = lomo.Lomo if config.backbone == "lomo" else lomo.AdaLomo
-    return cls([p for p in params if p.requires_grad], lr=config.backbone_lr)
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"backbone = {config.backbone!r} but no backbone parameter requires grad; fix: "
+                         f"unfreeze the parameters to train, or use backbone='frozen'")
+    return cls(trainable, lr=config.backbone_lr)
 
 
 def wrap(model: nn.Module, config: MeftConfig | None = None) -> nn.Module:
@@ -94,39 +98,70 @@ def wrap(model: nn.Module, config: MeftConfig | None = None) -> nn.Module:
     d = hidden_size_of(model)
     _check_host_ram(config, len(chosen), 2 * d)
     device = next(model.parameters()).device
-    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    backbone = [p for p in model.parameters()]
-    if config.backbone == "frozen":
-        for p in backbone:
-            p.requires_grad_(False)
-    adapters, opts, restore, taps = [], [], [], []
-    for i, t in enumerate(chosen):
-        gate = init_gate(config.n_experts, d, seed=config.seed * 1_000_003 + 500_000 + t.layer).to(device)
-        base = getattr(t.parent, t.out_name)
-        ad = SparseFFNAdapter(base, index=i, layer=t.layer, d=d, gate=gate, expert_size=config.expert_size,
-                              scale=config.scale, active_per_token=config.active_per_token,
-                              compute_dtype=parse_dtype(config.compute_dtype))
-        ad.train(base.training)  # a new module would otherwise be in training mode in an eval model
-        setattr(t.parent, t.out_name, ad)
-        restore.append((t.parent, t.out_name, base))
-        if t.split:
-            taps.append(getattr(t.parent, t.in_name).register_forward_pre_hook(ad.tap))
-        store = RowStore(config.adapter_rows, 2 * d, init=row_init(d, config.seed, t.layer),
-                         state_dtype=parse_dtype(config.state_dtype))
-        opts.append(SparseAdamW(store, lr=config.adapter_lr, weight_decay=config.weight_decay))
-        adapters.append(ad)
-    scheduler, meter = _build_scheduler(config, opts, device)
-    rt = MeftRuntime(model, config, adapters, opts, scheduler, device=device, meter=meter)
-    rt._restore, rt._taps, rt._grad_flags = restore, taps, grad_flags
-    for ad in adapters:
-        ad.runtime = rt
-    rt.optimizer = MeftOptimizer(rt, [ad.gate for ad in adapters], router_lr=config.router_lr,
-                                 adapter_lr=config.adapter_lr, weight_decay=config.weight_decay,
-                                 clip=config.clip, max_norm=config.max_norm)
-    rt.backbone_params = backbone
-    rt.backbone_optimizer = _backbone_optimizer(config, backbone)
+    undo = _Undo({n: p.requires_grad for n, p in model.named_parameters()})
+    backbone = list(model.parameters())
+    try:
+        if config.backbone == "frozen":
+            for p in backbone:
+                p.requires_grad_(False)
+        adapters, opts = [], []
+        for i, t in enumerate(chosen):
+            ad, opt = _attach(t, i, d, config, device, undo)
+            adapters.append(ad)
+            opts.append(opt)
+        scheduler, meter = _build_scheduler(config, opts, device)
+        rt = MeftRuntime(model, config, adapters, opts, scheduler, device=device, meter=meter)
+        undo.runtime = rt
+        rt.undo = undo
+        for ad in adapters:
+            ad.runtime = rt
+        rt.optimizer = MeftOptimizer(rt, [ad.gate for ad in adapters], router_lr=config.router_lr,
+                                     adapter_lr=config.adapter_lr, weight_decay=config.weight_decay,
+                                     clip=config.clip, max_norm=config.max_norm)
+        rt.backbone_params = backbone
+        rt.backbone_optimizer = _backbone_optimizer(config, backbone)
+    except BaseException:
+        undo(model)  # leave the model as it was given
+        raise
     model.meft = rt
     return model
+
+
+class _Undo:
+    """What wrap changed: replaced modules, input taps, requires_grad flags, the runtime."""
+
+    def __init__(self, grad_flags: dict[str, bool]):
+        self.grad_flags, self.modules, self.taps, self.runtime = grad_flags, [], [], None
+
+    def __call__(self, model: nn.Module) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+            for ad in self.runtime.adapters:
+                ad.runtime = None
+        for h in self.taps:
+            h.remove()
+        for parent, name, base in self.modules:
+            setattr(parent, name, base)
+        for n, p in model.named_parameters():
+            if n in self.grad_flags:
+                p.requires_grad_(self.grad_flags[n])
+
+
+def _attach(t, i: int, d: int, config: MeftConfig, device, undo: _Undo):
+    """Adapter `i` around target t (module replaced, input tapped if split) + its store and optimizer."""
+    gate = init_gate(config.n_experts, d, seed=config.seed * 1_000_003 + 500_000 + t.layer).to(device)
+    base = getattr(t.parent, t.out_name)
+    ad = SparseFFNAdapter(base, index=i, layer=t.layer, d=d, gate=gate, expert_size=config.expert_size,
+                          scale=config.scale, active_per_token=config.active_per_token,
+                          compute_dtype=parse_dtype(config.compute_dtype))
+    ad.train(base.training)  # a new module would otherwise be in training mode in an eval model
+    setattr(t.parent, t.out_name, ad)
+    undo.modules.append((t.parent, t.out_name, base))
+    if t.split:
+        undo.taps.append(getattr(t.parent, t.in_name).register_forward_pre_hook(ad.tap))
+    store = RowStore(config.adapter_rows, 2 * d, init=row_init(d, config.seed, t.layer),
+                     state_dtype=parse_dtype(config.state_dtype))
+    return ad, SparseAdamW(store, lr=config.adapter_lr, weight_decay=config.weight_decay)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -134,16 +169,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     rt = getattr(model, "meft", None)
     if rt is None:
         raise ValueError("model is not wrapped (no model.meft); nothing to unwrap")
-    rt.close()
-    for h in rt._taps:
-        h.remove()
-    for parent, name, base in rt._restore:
-        setattr(parent, name, base)
-    for ad in rt.adapters:
-        ad.runtime = None
-    for n, p in model.named_parameters():
-        if n in rt._grad_flags:
-            p.requires_grad_(rt._grad_flags[n])
+    rt.undo(model)
     del model.meft
     return model
 

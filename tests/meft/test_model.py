@@ -144,6 +144,17 @@ def test_wrap_errors():
         meft.wrap(tiny_model("llama"), small_config(adapter_rows=1 << 40))
 
 
+def test_failed_wrap_leaves_model_untouched():
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="backbone = 'lomo' but no backbone parameter requires grad"):
+        meft.wrap(model, small_config(backbone="lomo"))  # fails after the adapters were attached
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP" and not hasattr(model, "meft")
+    assert not any(p.requires_grad for p in model.parameters())
+    meft.wrap(model, small_config())  # and it can be wrapped afterwards
+
+
 def test_optimizer_lr_scheduler_and_state_dict():
     ids = batch()
     model = meft.wrap(tiny_model("llama"), small_config(offload=False))
