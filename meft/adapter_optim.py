@@ -4,7 +4,8 @@ Owns the optimizer a plain PyTorch loop (and any `torch.optim.lr_scheduler`) dri
 
 * param group 0 ("router"): the router gates G_l, updated here on the device with AdamW;
 * param group 1 ("adapter_rows"): no tensors; its `lr` / `weight_decay` are copied into every layer's
-  `offload.SparseAdamW` before the scheduler runs the step's row updates (`finish_step`).
+  `offload.SparseAdamW` when a step opens (`sync_hyperparams`, called by the runtime at the step's
+  first training forward), and the scheduler fixes them per update when it queues that update.
 
 `step()` updates the gates, then calls the runtime's `end_step()` (-> `scheduler.finish_step()`); the
 next training forward begins the next step. `state_dict()` holds the router AdamW state plus each
@@ -48,13 +49,20 @@ class MeftOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        g = self.rows_group
-        for opt in self.runtime.sparse_optimizers:  # read by SparseAdamW when the row update runs
-            opt.lr, opt.weight_decay = float(g["lr"]), float(g["weight_decay"])
-            opt.betas, opt.eps = tuple(float(b) for b in g["betas"]), float(g["eps"])
         self._router_step(self.router_group)
         self.runtime.end_step()
         return loss
+
+    def sync_hyperparams(self) -> None:
+        """Copy the rows group's lr / betas / eps / weight_decay into every layer's SparseAdamW.
+
+        Called by the runtime when a step opens (its first training forward), so a learning-rate
+        scheduler stepped after `step()` drives the next step. Row updates start during backward,
+        before `step()` runs, so setting them in `step()` would be one step late (and racy)."""
+        g = self.rows_group
+        for opt in self.runtime.sparse_optimizers:
+            opt.lr, opt.weight_decay = float(g["lr"]), float(g["weight_decay"])
+            opt.betas, opt.eps = (float(g["betas"][0]), float(g["betas"][1])), float(g["eps"])
 
     def _router_step(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]

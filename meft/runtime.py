@@ -78,6 +78,8 @@ class MeftRuntime:
             return
         k = self.config.grad_accum_steps
         if not self.step_open:
+            if self.optimizer is not None:
+                self.optimizer.sync_hyperparams()  # this step's lr, before any row update can start
             self.scheduler.begin_step(accum_steps=k)
             self.step += 1
             self.micro = 0

@@ -54,6 +54,13 @@ def _store_tensors(rt) -> dict[str, torch.Tensor]:
     return out
 
 
+def _optimizer_without_stores(rt) -> dict:
+    """The adapter optimizer's state_dict minus the RowStores it references (saved in safetensors)."""
+    sd = rt.optimizer.state_dict()
+    sd["adapter_rows"] = [{k: v for k, v in layer.items() if k != "store"} for layer in sd["adapter_rows"]]
+    return sd
+
+
 def _trained_backbone(model, rt) -> dict[str, torch.Tensor]:
     if rt.backbone_optimizer is None:
         return {}
@@ -75,7 +82,7 @@ def save_training_state(output_dir: str | Path, step: int, model, *, data_state:
             time.sleep(float(os.environ[_SLOW_SAVE_ENV]))
         torch.save({
             "step": step,
-            "optimizer": rt.optimizer.state_dict(),
+            "optimizer": _optimizer_without_stores(rt),
             "backbone_optimizer": rt.backbone_optimizer.state_dict() if rt.backbone_optimizer else None,
             "backbone": _trained_backbone(model, rt),
             "gates": [ad.gate.detach().clone() for ad in rt.adapters],

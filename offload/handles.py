@@ -33,6 +33,7 @@ class LayerState:
         self.grads_step = -1  # last step in which push_grads was called
         self.triggered_step = -1  # step whose update has been triggered (last micro-batch / finish)
         self.pending_update = False  # staleness 1: a computed-but-unapplied update waits for a fetch
+        self.update_hparams = None  # SparseAdamW.hparams() fixed when the layer's update was decided
         self.global_scale = 1.0  # clip="global": scale of the pending update (written by the worker)
 
 

@@ -128,16 +128,22 @@ class SparseAdamW:
         with np.errstate(over="ignore"):
             return bool(np.isfinite(max_abs * np.float32(grad_scale)))
 
-    def step(self, grad_scale: float = 1.0) -> bool:
+    def hparams(self) -> tuple[float, tuple[float, float], float, float]:
+        """(lr, betas, eps, weight_decay) as they are now: a snapshot an asynchronous update can carry, so
+        that changing `lr` on another thread while the update waits in a queue cannot change its result."""
+        return self.lr, self.betas, self.eps, self.weight_decay
+
+    def step(self, grad_scale: float = 1.0, *, hparams: tuple | None = None) -> bool:
         """Apply pending grads * grad_scale to the touched rows, then drop them.
 
+        `hparams` (from `hparams()`) overrides the current hyper-parameters for this step only.
         Returns False (and counts `skipped_steps`, store untouched) when a scaled gradient is inf/NaN.
         """
         _check_scale(grad_scale)
         if self._n == 0:
             return True
         ok = self._finite(float(grad_scale)) and self._update(self._pending_ids[: self._n], self._pending_np,
-                                                               grad_scale)
+                                                               grad_scale, hparams)
         if not ok:
             self._skip(grad_scale)
         self.zero_grad()
@@ -168,11 +174,13 @@ class SparseAdamW:
             self._skip(grad_scale)
         return ok
 
-    def _update(self, ids_np: np.ndarray, grads_np: np.ndarray, grad_scale: float) -> bool:
-        _check_hparams(self.lr, self.betas, self.eps, self.weight_decay)
+    def _update(self, ids_np: np.ndarray, grads_np: np.ndarray, grad_scale: float,
+                hparams: tuple | None = None) -> bool:
+        lr, betas, eps, wd = hparams if hparams is not None else self.hparams()
+        _check_hparams(lr, betas, eps, wd)
         s = self.store
         kernels.adamw_rows(s._w_np, s._m_np, s._v_np, s._steps_np, ids_np, grads_np, float(grad_scale),
-                           self.lr, self.betas[0], self.betas[1], self.eps, self.weight_decay)
+                           lr, betas[0], betas[1], eps, wd)
         return True
 
     def _skip(self, grad_scale) -> None:

@@ -148,8 +148,8 @@ class TransferScheduler:
         self.worker.submit(lambda: self._gather_task(st, h, slot, marker), layer)
         if st.pending_update:  # staleness 1: the previous step's update, after this gather
             st.pending_update = False
-            step = self.step
-            self.worker.defer(layer, lambda: self._update_task(st, step))
+            step, hp = self.step, st.update_hparams
+            self.worker.defer(layer, lambda: self._update_task(st, step, hp))
         return h
 
     def _check_ids(self, ids, what: str) -> int:
@@ -276,13 +276,16 @@ class TransferScheduler:
     def _trigger(self, st: LayerState) -> None:
         """The layer's gradients of this step are complete: update now (staleness 0) or later (1)."""
         st.triggered_step = self.step
+        # The update's lr etc. are fixed now, on the caller's thread: the caller may change them (an lr
+        # schedule) before the worker runs the update, and the result must not depend on that timing.
+        st.update_hparams = hp = self.optimizers[st.index].hparams()
         if self.staleness == 0:
             step = self.step
-            self.worker.submit(lambda: self._update_task(st, step), st.index)
+            self.worker.submit(lambda: self._update_task(st, step, hp), st.index)
         else:
             st.pending_update = True
 
-    def _update_task(self, st: LayerState, step: int) -> None:
+    def _update_task(self, st: LayerState, step: int, hparams: tuple) -> None:
         opt = self.optimizers[st.index]
         t0 = time.perf_counter()
         if self.clip == "layer":
@@ -292,7 +295,7 @@ class TransferScheduler:
         else:
             scale = 1.0
         rows = opt.pending_rows
-        opt.step(grad_scale=scale)
+        opt.step(grad_scale=scale, hparams=hparams)
         # bytes touched: weights fp32 + both moments, read and written, plus the fp32 pending grads
         nbytes = rows * self.width * (2 * (4 + 2 * self._state_bytes) + 4)
         self.meter.record_update(step=step, layer=st.index, rows=rows, nbytes=nbytes, start=t0,
@@ -306,7 +309,7 @@ class TransferScheduler:
         for st in layers:
             st.global_scale = scale
             if self.staleness == 0:
-                self._update_task(st, step)
+                self._update_task(st, step, st.update_hparams)
 
     def finish_step(self) -> None:
         """End the step: trigger remaining updates; staleness 0 waits until all of them are done."""
@@ -317,6 +320,7 @@ class TransferScheduler:
         if self.clip == "global":
             for st in with_grads:
                 st.triggered_step = self.step
+                st.update_hparams = self.optimizers[st.index].hparams()  # fixed on this thread (see _trigger)
                 st.pending_update = self.staleness == 1
             step = self.step
             self.worker.submit(lambda: self._global_task(with_grads, step))
@@ -339,7 +343,8 @@ class TransferScheduler:
             if st.pending_update:
                 st.pending_update = False
                 step = self.step
-                self.worker.submit(lambda st=st, step=step: self._update_task(st, step), st.index)
+                self.worker.submit(lambda st=st, step=step, hp=st.update_hparams: self._update_task(st, step, hp),
+                                   st.index)
         self.worker.run_deferred()
         self.worker.barrier(self._check)
         self._check()

@@ -268,7 +268,7 @@ def test_worker_exception_surfaces_with_original_traceback():
 
 
 class _FailingAdamW(SparseAdamW):
-    def step(self, grad_scale: float = 1.0) -> bool:
+    def step(self, grad_scale: float = 1.0, *, hparams=None) -> bool:
         raise OSError("injected failure in the optimizer step")
 
 
@@ -349,3 +349,25 @@ def test_release_allows_refetch_and_empty_fetch():
         assert h2.wait().shape == (0, WIDTH)
         s.push_grads(1, h2.ids_dev, torch.zeros(0, WIDTH))
         s.finish_step()
+
+
+def test_update_uses_the_lr_set_when_its_step_ran_not_later():
+    """An lr change made right after the step's gradients are pushed (as an lr scheduler does) must not
+    leak into that step's queued updates, however late the worker runs them."""
+    results = []
+    for delay in (0.0, 0.2):
+        eng = ThreadCopyEngine(delay=(lambda d, n, s=delay: s))
+        opts = [SparseAdamW(RowStore(N_ROWS, WIDTH), lr=1e-2) for _ in range(2)]
+        with sched(opts, engine=eng) as s:
+            s.begin_step()
+            hs = [s.fetch(la, torch.arange(8)) for la in range(2)]
+            for la in reversed(range(2)):
+                s.push_grads(la, hs[la].ids_dev, torch.ones(8, WIDTH))
+            for o in opts:  # the caller moves on to the next step's lr before the updates ran
+                o.lr = 123.0
+            s.finish_step()
+        eng.close()
+        results.append([o.store.weights.clone() for o in opts])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert results[0][0][:8].abs().max() < 1.0  # lr 1e-2 was used, not 123
