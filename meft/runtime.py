@@ -11,8 +11,9 @@ that makes a plain PyTorch loop correct:
   forward) reuses the cache -- no second fetch, no re-routing. A post-accumulate-grad hook on the rows
   leaf pushes the row gradient `[R, 2d]` to the scheduler and drops the cache entry;
 * `prefetch="lookahead"`: layer l also routes its input through gate l+1 and starts that fetch; layer
-  l+1 uses the rows in flight and fetches what is missing (exact), and the hit rate is recorded (see
-  `_start_fetch` for what TransferScheduler's one-live-fetch-per-layer rule implies);
+  l+1 uses the rows in flight and fetches only what is missing (`fetch_more`, exact), pushes gradients
+  for the rows it used only, and the hit rate is recorded (see `_start_fetch`). The scheduler's layer
+  row buffers are then sized for 2 * max_rows (`reserve_live_rows`): a prefetch plus its misses;
 * outside training (eval, `generate()`, no_grad) rows are read per forward, nothing is cached or pushed.
 Summary tables live in `meft.model`.
 """
@@ -61,7 +62,7 @@ class MeftRuntime:
         self.micro = 0                            # micro-batches of the current step
         self.step_open = False
         self.in_forward = False                   # inside a training forward of the top model
-        self.fetches = 0                          # scheduler.fetch calls issued by the adapters
+        self.fetches = 0                          # scheduler.fetch / fetch_more calls of the adapters
         self.lookahead = {"needed": 0, "hit": 0}
         self._cache: dict[int, list[_Entry]] = {}  # entries live until their grads are pushed
         self._prefetch: dict[int, _Prefetch] = {}
@@ -70,6 +71,9 @@ class MeftRuntime:
             model.register_forward_hook(self._on_forward_post, always_call=True),
         ]
         self._wire = scheduler.wire_dtype if hasattr(scheduler, "wire_dtype") else torch.bfloat16
+        if config.prefetch == "lookahead" and hasattr(scheduler, "reserve_live_rows"):
+            # a prefetch (<= max_rows) plus the rows it missed (<= max_rows) live in one layer buffer
+            scheduler.reserve_live_rows(2 * scheduler.max_rows)
         self._read_buf: Tensor | None = None
 
     # ---- micro-batch detection ----------------------------------------------------------------
@@ -151,7 +155,7 @@ class MeftRuntime:
         start = self._start_fetch(idx, routing.ids, key)
         if self.config.prefetch == "lookahead" and idx + 1 < len(self.adapters):
             nxt = self._route(self.adapters[idx + 1], x2)  # layer l+1's gate on layer l's input
-            self._prefetch[idx + 1] = _Prefetch(key, nxt.ids, self._fetch(idx + 1, nxt.ids))
+            self._prefetch[idx + 1] = _Prefetch(key, nxt.ids, self._fetch(idx + 1, nxt.ids, prefetch=True))
         rows_wire = start()  # [R, 2d] wire dtype
         rows = rows_wire.to(self._compute_dtype(adapter, x2)).detach().requires_grad_(True)
         ids = routing.ids
@@ -169,12 +173,13 @@ class MeftRuntime:
 
     def _start_fetch(self, idx: int, ids: Tensor, key):
         """Issue the fetch of `ids` for layer idx, using a lookahead prefetch in flight if there is one;
-        return a callable giving rows [R, 2d] in the wire dtype.
+        return a callable giving rows [R, 2d] in the wire dtype, in the order of `ids`.
 
-        A scheduler with `partial_push` (the resident twin) takes the prefetched rows it needs and
-        fetches only the missing ones. TransferScheduler accepts one live fetch per layer whose ids
-        push_grads must match, so unless the prediction was exact the prefetch is released and the
-        needed rows are fetched (exact; the meter shows the extra traffic)."""
+        Exact either way: the rows come from the same store state as a plain fetch. With a prefetch,
+        TransferScheduler (`fetch_more`) appends only the missing rows to the prefetch and the needed
+        rows are gathered from [prefetched | missing] by position on the device; push_grads then
+        sends the needed rows' gradients only (a subset of the chain: prefetched rows not needed get
+        no gradient and no update). The resident twin (`partial_push`) fetches the missing rows apart."""
         pf = self._prefetch.pop(idx, None)
         if pf is None or pf.key != key:
             return self._fetch(idx, ids).wait
@@ -183,6 +188,8 @@ class MeftRuntime:
         self._record_lookahead(idx, ids.numel(), n_hit)
         if torch.equal(ids, pf.ids):
             return pf.handle.wait
+        if hasattr(self.scheduler, "fetch_more"):
+            return self._complete_prefetch(idx, ids, pf, hit, n_hit)
         if not getattr(self.scheduler, "partial_push", False):
             pf.handle.release()
             return self._fetch(idx, ids).wait
@@ -201,8 +208,22 @@ class MeftRuntime:
 
         return assemble
 
-    def _fetch(self, idx: int, ids: Tensor):
+    def _complete_prefetch(self, idx: int, ids: Tensor, pf: _Prefetch, hit: Tensor, n_hit: int):
+        """TransferScheduler: `fetch_more` the misses onto the prefetch; rows for `ids` [R] are gathered
+        by position from the chain's rows [P + M, 2d] = [prefetched (sorted) | missing (sorted)]."""
+        pos = torch.empty_like(ids)  # [R] position of each needed row in the chain
+        pos[hit] = torch.searchsorted(pf.ids, ids[hit])
+        handle, n_miss = pf.handle, ids.numel() - n_hit
+        if n_miss:
+            pos[~hit] = pf.ids.numel() + torch.arange(n_miss, device=ids.device)
+            self.fetches += 1
+            handle = self.scheduler.fetch_more(idx, ids[~hit])  # exact: only the rows not in flight
+        return lambda: handle.wait().index_select(0, pos)  # [R, 2d] copied out of the layer's buffer
+
+    def _fetch(self, idx: int, ids: Tensor, *, prefetch: bool = False):
         self.fetches += 1
+        if prefetch and hasattr(self.scheduler, "fetch_more"):
+            return self.scheduler.fetch(idx, ids, extendable=True)  # may be completed by fetch_more
         return self.scheduler.fetch(idx, ids)
 
     def _record_lookahead(self, idx: int, needed: int, hit: int) -> None:

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-__all__ = ["CLIP_MODES", "clip_scale", "numba_threads_setter", "validate_args"]
+__all__ = ["CLIP_MODES", "check_grads", "check_ids", "check_live_rows", "check_subset", "clip_scale",
+           "numba_threads_setter", "validate_args"]
 
 CLIP_MODES = ("none", "layer", "global")
 
@@ -48,3 +49,52 @@ def validate_args(optimizers, wire_dtype, max_rows, n_slots, staleness, clip, ma
         raise ValueError(f"clip={clip!r} must be one of {CLIP_MODES}")
     if not (isinstance(max_norm, (int, float)) and max_norm > 0):
         raise ValueError(f"max_norm={max_norm!r} must be a number > 0")
+
+
+def check_live_rows(max_live_rows, max_rows: int) -> int:
+    """`max_live_rows` (rows one layer's live fetch may hold, fetch_more included): None -> max_rows."""
+    if max_live_rows is None:
+        return max_rows
+    if not isinstance(max_live_rows, int) or isinstance(max_live_rows, bool) or max_live_rows < max_rows:
+        raise ValueError(f"max_live_rows={max_live_rows!r} must be an int >= max_rows={max_rows} (rows one "
+                         f"layer's live fetch holds; a lookahead prefetch plus its misses needs 2 * max_rows "
+                         f"= {2 * max_rows}) or None")
+    return max_live_rows
+
+
+def check_ids(ids, what: str, max_rows: int, device: torch.device) -> int:
+    """Validate row ids of a fetch / push: 1-D int64, at most `max_rows`, on the CPU or `device`."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+        got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"{what}: ids must be a 1-D int64 tensor [R], got {got}")
+    if ids.numel() > max_rows:
+        raise ValueError(f"{what}: {ids.numel()} ids exceed max_rows={max_rows}; raise max_rows or "
+                         "lower the router's row budget")
+    if ids.device.type not in ("cpu", device.type):
+        raise ValueError(f"{what}: ids are on {ids.device}; pass them on the CPU or on {device}")
+    return ids.numel()
+
+
+def check_grads(grads, k: int, width: int, layer: int, device: torch.device) -> None:
+    """push_grads: grads must be a float tensor [k, width] on the compute device."""
+    if not isinstance(grads, torch.Tensor) or not grads.is_floating_point():
+        got = grads.dtype if isinstance(grads, torch.Tensor) else type(grads).__name__
+        raise TypeError(f"push_grads: grads must be a floating-point tensor [R, {width}], got {got}")
+    if tuple(grads.shape) != (k, width):
+        raise ValueError(f"push_grads: grads has shape {tuple(grads.shape)}, expected ({k}, {width}) = "
+                         f"(ids pushed for layer {layer}, width)")
+    if grads.device.type != device.type:
+        raise ValueError(f"push_grads: grads are on {grads.device}, expected {device}")
+
+
+def check_subset(ids_host: torch.Tensor, live_host: torch.Tensor, layer: int) -> None:
+    """A partial push: `ids_host` [K] must be unique and all among the live fetch's ids `live_host` [n]."""
+    inside = torch.isin(ids_host, live_host)  # [K] bool
+    if not bool(inside.all()):
+        bad = ids_host[~inside]
+        raise ValueError(f"push_grads: ids differ from the ids fetched for layer {layer}: {bad.numel()} of "
+                         f"{ids_host.numel()} (e.g. {bad[:4].tolist()}) are not among the {live_host.numel()} "
+                         "rows of its live fetch; push the fetched ids or a subset of them (fetch_more adds "
+                         "rows to a live fetch)")
+    if torch.unique(ids_host).numel() != ids_host.numel():
+        raise ValueError(f"push_grads: ids for layer {layer} repeat a row; pass each row once")

@@ -23,6 +23,7 @@ exception is re-raised in the caller at the next call with its original tracebac
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 
@@ -31,8 +32,17 @@ import torch
 from offload.engine import CopyEngine, make_engine
 from offload.handles import FetchHandle, LayerState
 from offload.meter import TrafficMeter
-from offload.sched_args import CLIP_MODES, clip_scale, numba_threads_setter, validate_args
-from offload.slots import HostWorker, SlotPool
+from offload.sched_args import (
+    CLIP_MODES,
+    check_grads,
+    check_ids,
+    check_live_rows,
+    check_subset,
+    clip_scale,
+    numba_threads_setter,
+    validate_args,
+)
+from offload.slots import HostWorker, SlotPool, wait_for
 
 __all__ = ["TransferScheduler", "FetchHandle", "clip_scale", "CLIP_MODES"]
 
@@ -42,12 +52,13 @@ class TransferScheduler:
     def __init__(self, optimizers: Sequence, *, device="cpu", engine: CopyEngine | None = None,
                  wire_dtype=torch.bfloat16, max_rows: int, n_slots: int = 2, staleness: int = 0,
                  clip: str = "none", max_norm: float = 1.0, meter: TrafficMeter | None = None,
-                 host_threads: int | None = None):
+                 host_threads: int | None = None, max_live_rows: int | None = None):
         self._broken = None
         self._closed = True  # until fully constructed
         self.optimizers = list(optimizers)
         validate_args(self.optimizers, wire_dtype, max_rows, n_slots, staleness, clip, max_norm)
         init = None if host_threads is None else numba_threads_setter(host_threads)
+        live_rows = check_live_rows(max_live_rows, max_rows)
         self.device = torch.device(device)
         self._own_engine = engine is None
         self.engine = make_engine(self.device) if engine is None else engine
@@ -59,7 +70,7 @@ class TransferScheduler:
         self.staleness, self.clip, self.max_norm = staleness, clip, float(max_norm)
         self.meter = TrafficMeter() if meter is None else meter
         on_host = self.device.type == "cpu"
-        self.layers = [LayerState(i, self.engine, max_rows, self.width, wire_dtype, on_host)
+        self.layers = [LayerState(i, self.engine, live_rows, self.width, wire_dtype, on_host)
                        for i in range(len(self.optimizers))]
         self.h2d_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype, "h2d")
         self.d2h_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype, "d2h")
@@ -123,66 +134,110 @@ class TransferScheduler:
             self.micro_batch = 0
 
     # ------------------------------------------------------------------------------ fetch
-    def fetch(self, layer: int, ids: torch.Tensor) -> FetchHandle:
-        """Start moving rows `ids` ([R] int64 unique sorted, any device) of `layer` to the device."""
+    def fetch(self, layer: int, ids: torch.Tensor, *, extendable: bool = False) -> FetchHandle:
+        """Start moving rows `ids` ([R] int64 unique sorted, any device) of `layer` to the device.
+
+        `extendable=True` (a prefetch that `fetch_more` may complete): with staleness 1 the layer's
+        delayed update then waits until this fetch ends (push_grads / release / finish_step) instead of
+        following its gather, so rows added later are read from the same state as these."""
         self._entry("fetch")
         st = self._layer(layer)
-        n = self._check_ids(ids, "fetch")
+        n = check_ids(ids, "fetch", self.max_rows, self.device)
         self._need_step("fetch")
         h0 = st.handle
         if h0 is not None and h0.step == self.step and h0.micro_batch == self.micro_batch:
             raise ValueError(f"fetch: layer {layer} was already fetched in micro-batch {self.micro_batch} of "
-                             f"step {self.step}; reuse that handle (recomputation must not fetch again) or "
-                             "call handle.release() first")
+                             f"step {self.step}; reuse that handle (recomputation must not fetch again), add "
+                             "rows with fetch_more, or call handle.release() first")
         if st.triggered_step == self.step:
             raise ValueError(f"fetch: layer {layer} already received its last-micro-batch gradients in step "
                              f"{self.step} (its update is under way); fetch it in the next step")
         if st.handle is not None:
             st.handle.release()  # an earlier micro-batch's fetch without gradients
         if st.last_gather is not None:
-            st.last_gather.wait_gathered()  # protects ids_host: the previous gather still reads it
-        slot = self.h2d_pool.acquire(self._check)  # backpressure: blocks while every slot is busy
-        marker = self.engine.mark_compute()  # H2D into rows_dev waits for compute issued so far
-        h = self._stage_ids(st, ids, n, marker)
-        st.handle = st.last_gather = h
-        self.worker.submit(lambda: self._gather_task(st, h, slot, marker), layer)
-        if st.pending_update:  # staleness 1: the previous step's update, after this gather
+            st.last_gather.wait_gathered()  # protects ids_host: the previous gathers still read it
+        if st.ids_reader is not None:
+            wait_for(st.ids_reader, self._check)  # protects ids_host: a push's subset check reads it
+            st.ids_reader = None
+        h = self._start_part(st, ids, n, None)
+        h.extendable = bool(extendable)
+        if st.pending_update:  # staleness 1: the previous step's update, after this fetch's gathers
             st.pending_update = False
-            step, hp = self.step, st.update_hparams
-            self.worker.defer(layer, lambda: self._update_task(st, step, hp))
+            h.owes_update = (self.step, st.update_hparams)
+            if not extendable:
+                self._release_update(st, h)  # right after this gather
         return h
 
-    def _check_ids(self, ids, what: str) -> int:
-        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
-            got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise TypeError(f"{what}: ids must be a 1-D int64 tensor [R], got {got}")
-        if ids.numel() > self.max_rows:
-            raise ValueError(f"{what}: {ids.numel()} ids exceed max_rows={self.max_rows}; raise max_rows or "
-                             "lower the router's row budget")
-        if ids.device.type not in ("cpu", self.device.type):
-            raise ValueError(f"{what}: ids are on {ids.device}; pass them on the CPU or on {self.device}")
-        return ids.numel()
+    def fetch_more(self, layer: int, ids: torch.Tensor) -> FetchHandle:
+        """Add rows `ids` ([M] int64 unique, M >= 1, none already live) to `layer`'s live fetch of this
+        micro-batch; they land after the live rows. Returns the chain's handle: `wait()` -> rows
+        [n0 + M, width] (the live rows first, then these), `ids_host` [n0 + M]. The chain holds at most
+        `max_live_rows` rows (see `reserve_live_rows`); each part at most `max_rows`."""
+        self._entry("fetch_more")
+        st = self._layer(layer)
+        m = check_ids(ids, "fetch_more", self.max_rows, self.device)
+        self._need_step("fetch_more")
+        base = st.handle
+        if base is None or base.step != self.step or base.micro_batch != self.micro_batch:
+            raise ValueError(f"fetch_more: layer {layer} has no live fetch in micro-batch {self.micro_batch} "
+                             f"of step {self.step}; call fetch({layer}, ids) first")
+        if m == 0:
+            raise ValueError(f"fetch_more: ids is empty; nothing to add to layer {layer}'s fetch")
+        if base.n_rows + m > st.capacity:
+            raise ValueError(f"fetch_more: layer {layer}'s live fetch would hold {base.n_rows} + {m} rows, "
+                             f"more than max_live_rows={st.capacity}; build the scheduler with max_live_rows="
+                             f"{2 * self.max_rows} (2 * max_rows) or call reserve_live_rows({2 * self.max_rows})")
+        root = base.parts()[0]
+        if root.owes_update is None and root.emitted_update:
+            raise ValueError(f"fetch_more: layer {layer}'s delayed (staleness 1) update already follows its "
+                             "fetch, so added rows would be read after it; fetch with extendable=True")
+        return self._start_part(st, ids, m, base)
 
-    def _stage_ids(self, st: LayerState, ids, n: int, marker) -> FetchHandle:
+    def _start_part(self, st: LayerState, ids, n: int, base: FetchHandle | None) -> FetchHandle:
+        slot = self.h2d_pool.acquire(self._check)  # backpressure: blocks while every slot is busy
+        marker = self.engine.mark_compute()  # H2D into rows_dev waits for compute issued so far
+        h = self._stage_ids(st, ids, n, base, marker)
+        st.handle = st.last_gather = h
+        self.worker.submit(lambda: self._gather_task(st, h, slot, marker), st.index)
+        return h
+
+    def reserve_live_rows(self, rows: int) -> None:
+        """Size each layer's live buffers (rows_dev [rows, width], ids) for `rows` >= max_rows rows, so a
+        fetch plus `fetch_more` fits (2 * max_rows for a lookahead prefetch plus its misses: the device
+        row buffers then take twice the memory). Between steps only; it waits for the host worker."""
+        rows = check_live_rows(rows, self.max_rows)
+        self._entry("reserve_live_rows")
+        if self._in_step:
+            raise ValueError("reserve_live_rows: a step is in progress; call it before begin_step()")
+        self.worker.barrier(self._check)  # gathers read st.ids_host: none may still run
+        for st in self.layers:
+            if st.capacity < rows:
+                st.alloc(self.engine, rows, self.width, self.wire_dtype, self.device.type == "cpu")
+                st.last_gather = st.handle = None
+
+    def _stage_ids(self, st: LayerState, ids, n: int, base, marker) -> FetchHandle:
+        off = 0 if base is None else base.n_rows
+        end = off + n
         if ids.device.type == "cpu":
-            st.ids_host[:n].copy_(ids)
-            h = FetchHandle(self, st, self.step, self.micro_batch, n, st.ids_dev[:n])
+            st.ids_host[off:end].copy_(ids)
+            h = FetchHandle(self, st, self.step, self.micro_batch, end, st.ids_dev[off:end], base)
             if st.ids_dev is not st.ids_host:
-                h.ids_event = self.engine.h2d(st.ids_host[:n], st.ids_dev[:n], rows=n, after=marker)
+                h.ids_event = self.engine.h2d(st.ids_host[off:end], st.ids_dev[off:end], rows=n, after=marker)
             return h
-        h = FetchHandle(self, st, self.step, self.micro_batch, n, ids)
+        h = FetchHandle(self, st, self.step, self.micro_batch, end, ids, base)
         meta = (self.step, self.micro_batch, st.index)
-        h.ids_event = self.engine.d2h(ids, st.ids_host[:n], rows=n, after=marker,
+        h.ids_event = self.engine.d2h(ids, st.ids_host[off:end], rows=n, after=marker,
                                       on_done=lambda ev: self._meter_copy(ev, "ids", meta))
         return h
 
     def _gather_task(self, st: LayerState, h: FetchHandle, slot, marker) -> None:
-        n = h.n_rows
+        off, end = h.offset, h.n_rows
+        n = end - off
         try:
             if h.ids_event is not None and h.ids_event.direction == "d2h":
                 h.ids_event.wait()  # protects the gather from reading ids_host before the ids D2H landed
             t0 = time.perf_counter()
-            self.optimizers[st.index].store.gather(st.ids_host[:n], slot.rows)
+            self.optimizers[st.index].store.gather(st.ids_host[off:end], slot.rows)
             self.meter.record_cpu(step=h.step, layer=st.index, op="gather", rows=n,
                                   nbytes=n * self.width * (4 + self._wire_bytes), start=t0,
                                   end=time.perf_counter())
@@ -190,7 +245,7 @@ class TransferScheduler:
             self.h2d_pool.release(slot)
             raise
         meta = (h.step, h.micro_batch, st.index)
-        h.copy_event = self.engine.h2d(slot.rows[:n], st.rows_dev[:n], rows=n, after=marker,
+        h.copy_event = self.engine.h2d(slot.rows[:n], st.rows_dev[off:end], rows=n, after=marker,
                                        on_done=lambda ev: self._h2d_done(ev, slot, meta))
         h.gathered.set()
 
@@ -206,48 +261,73 @@ class TransferScheduler:
 
     # ------------------------------------------------------------------------------ gradients
     def push_grads(self, layer: int, ids: torch.Tensor, grads: torch.Tensor) -> None:
-        """Send `grads` ([R, width], any float dtype, on the device) of the layer's live fetch back."""
+        """Send `grads` ([K, width], any float dtype, on the device) for rows `ids` ([K]) of the layer's
+        live fetch back, and end that fetch. `ids`: the fetch's ids (handle.ids_dev or the tensor given to
+        fetch), or a subset of the live rows (a fetch_more chain's included) in any order, each once:
+        rows fetched but not pushed get no gradient and no update. Host ids are checked here; device
+        ids of a partial push (CUDA) are checked by the host worker (an error surfaces at the next call)."""
         self._entry("push_grads")
         st = self._layer(layer)
         h = st.handle
         if h is None or h.step != self.step or h.micro_batch != self.micro_batch:
             raise ValueError(f"push_grads: layer {layer} has no live fetch in micro-batch {self.micro_batch} "
                              f"of step {self.step}; call fetch({layer}, ids) first (once per micro-batch)")
-        n = h.n_rows
-        self._check_grads(st, h, ids, grads)
+        k = check_ids(ids, "push_grads", self.max_rows, self.device)
+        check_grads(grads, k, self.width, layer, self.device)
+        full = self._push_is_full(st, h, ids)
         h.wait_gathered()  # protects the ids copy below: ids_host must hold this fetch's ids
         slot = self.d2h_pool.acquire(self._check)  # backpressure
-        slot.ids[:n].copy_(st.ids_host[:n])
-        src = self._grads_source(st, grads, n)
         meta = (self.step, self.micro_batch, st.index)
-        ev = self.engine.d2h(src, slot.rows[:n], rows=n, after=self.engine.mark_compute(),
+        ids_check = None
+        if full:
+            slot.ids[:k].copy_(st.ids_host[:k])
+        elif ids.device.type == "cpu":
+            slot.ids[:k].copy_(ids)  # checked by _push_is_full
+        else:  # partial push with device ids: D2H them, the worker checks them against ids_host
+            ids_ev = self.engine.d2h(ids, slot.ids[:k], rows=k, after=self.engine.mark_compute(),
+                                     on_done=lambda e: self._meter_copy(e, "ids", meta))
+            st.ids_reader = threading.Event()
+            ids_check = (ids_ev, h.n_rows, st.ids_reader)
+        src = self._grads_source(st, grads, k)
+        ev = self.engine.d2h(src, slot.rows[:k], rows=k, after=self.engine.mark_compute(),
                              on_done=lambda e: self._meter_copy(e, "d2h", meta))
         if src is not grads:
             st.last_d2h = ev
-        h.release()
+        self._end_chain(st)  # an owed staleness-1 update is queued before the accumulation (as at fetch)
         st.grads_step = self.step
         step = self.step
-        self.worker.submit(lambda: self._accumulate_task(st, slot, ev, n, step), st.index)
+        self.worker.submit(lambda: self._accumulate_task(st, slot, ev, k, step, ids_check), st.index)
         if self.micro_batch == self.accum_steps - 1 and self.clip != "global":
             self._trigger(st)
 
-    def _check_grads(self, st: LayerState, h: FetchHandle, ids, grads) -> None:
-        n, w = h.n_rows, self.width
-        if not isinstance(grads, torch.Tensor) or not grads.is_floating_point():
-            got = grads.dtype if isinstance(grads, torch.Tensor) else type(grads).__name__
-            raise TypeError(f"push_grads: grads must be a floating-point tensor [R, {w}], got {got}")
-        if tuple(grads.shape) != (n, w):
-            raise ValueError(f"push_grads: grads has shape {tuple(grads.shape)}, expected ({n}, {w}) = "
-                             f"(rows of layer {st.index}'s fetch, width)")
-        if grads.device.type != self.device.type:
-            raise ValueError(f"push_grads: grads are on {grads.device}, expected {self.device}")
-        if not isinstance(ids, torch.Tensor) or ids.numel() != n:
-            raise ValueError(f"push_grads: ids must be the fetched ids ({n} of them) of layer {st.index}")
-        if ids.device.type == "cpu" and ids.data_ptr() != st.ids_host.data_ptr():
+    def _push_is_full(self, st: LayerState, h: FetchHandle, ids) -> bool:
+        """True: `ids` are the live fetch's own ids (copied from ids_host); False: a checked subset."""
+        n = h.n_rows
+        if ids.numel() == n and h.base is None:
+            if ids.device.type != "cpu" or ids.data_ptr() == st.ids_host.data_ptr():
+                return True  # the fetch's ids (device ids are not compared: that would wait for compute)
             h.wait_gathered()
-            if not torch.equal(ids, st.ids_host[:n]):
-                raise ValueError(f"push_grads: ids differ from the ids fetched for layer {st.index}; pass "
-                                 "handle.ids_dev or the tensor given to fetch")
+            if torch.equal(ids, st.ids_host[:n]):
+                return True
+        if ids.device.type == "cpu":
+            h.wait_gathered()  # ids_host holds every part's ids
+            check_subset(ids, st.ids_host[:n], st.index)
+        return False
+
+    def _end_chain(self, st: LayerState) -> None:
+        """End the layer's live fetch (all parts); queue the staleness-1 update it held back, if any."""
+        h, st.handle = st.handle, None
+        parts = h.parts()
+        for p in parts:
+            p.valid = False
+        if parts[0].owes_update is not None:
+            self._release_update(st, parts[0])
+
+    def _release_update(self, st: LayerState, root: FetchHandle) -> None:
+        """Queue the staleness-1 update owed by `root`: parked until idle time or the layer's next task."""
+        step, hp = root.owes_update
+        root.owes_update, root.emitted_update = None, True
+        self.worker.defer(st.index, lambda: self._update_task(st, step, hp))
 
     def _grads_source(self, st: LayerState, grads, n: int) -> torch.Tensor:
         if grads.dtype == self.wire_dtype and grads.is_contiguous():
@@ -260,8 +340,15 @@ class TransferScheduler:
         st.grads_dev[:n].copy_(grads)  # cast to the wire dtype on the compute stream
         return st.grads_dev[:n]
 
-    def _accumulate_task(self, st: LayerState, slot, ev, n: int, step: int) -> None:
+    def _accumulate_task(self, st: LayerState, slot, ev, n: int, step: int, ids_check=None) -> None:
         try:
+            if ids_check is not None:
+                ids_ev, live, reader = ids_check
+                try:
+                    ids_ev.wait()  # protects the check: the pushed ids' D2H must have landed
+                    check_subset(slot.ids[:n], st.ids_host[:live], st.index)
+                finally:
+                    reader.set()  # ids_host may be refilled by the layer's next fetch
             if "d2h" not in self._test_skip_waits:
                 ev.wait()  # protects the slot: the grads' D2H must have landed before we read it
             t0 = time.perf_counter()
@@ -316,6 +403,9 @@ class TransferScheduler:
         self._entry("finish_step")
         if not self._in_step:
             raise ValueError("finish_step: no step in progress; call begin_step() first")
+        for st in self.layers:
+            if st.handle is not None:
+                st.handle.release()  # fetches without gradients; queues an update a prefetch held back
         with_grads = [st for st in self.layers if st.grads_step == self.step]
         if self.clip == "global":
             for st in with_grads:
@@ -328,9 +418,6 @@ class TransferScheduler:
             for st in with_grads:
                 if st.triggered_step != self.step:
                     self._trigger(st)
-        for st in self.layers:
-            if st.handle is not None:
-                st.handle.release()
         self._in_step = False
         if self.staleness == 0:
             self.worker.barrier(self._check)
@@ -340,6 +427,9 @@ class TransferScheduler:
         """Apply every pending (staleness 1) update now and wait for all host work to finish."""
         self._entry("flush")
         for st in self.layers:
+            root = None if st.handle is None else st.handle.parts()[0]
+            if root is not None and root.owes_update is not None:
+                self._release_update(st, root)  # a live prefetch's held-back update (no fetch_more after)
             if st.pending_update:
                 st.pending_update = False
                 step = self.step
