@@ -63,7 +63,7 @@ class MeftRuntime:
         self.step_open = False
         self.in_forward = False                   # inside a training forward of the top model
         self.fetches = 0                          # scheduler.fetch / fetch_more calls of the adapters
-        self.lookahead = {"needed": 0, "hit": 0}
+        self.lookahead = {"needed": 0, "hit": 0, "prefetched": 0}  # rows: needed, of them prefetched, prefetched
         self._cache: dict[int, list[_Entry]] = {}  # entries live until their grads are pushed
         self._prefetch: dict[int, _Prefetch] = {}
         self._hooks = [
@@ -155,6 +155,7 @@ class MeftRuntime:
         start = self._start_fetch(idx, routing.ids, key)
         if self.config.prefetch == "lookahead" and idx + 1 < len(self.adapters):
             nxt = self._route(self.adapters[idx + 1], x2)  # layer l+1's gate on layer l's input
+            self.lookahead["prefetched"] += nxt.ids.numel()
             self._prefetch[idx + 1] = _Prefetch(key, nxt.ids, self._fetch(idx + 1, nxt.ids, prefetch=True))
         rows_wire = start()  # [R, 2d] wire dtype
         rows = rows_wire.to(self._compute_dtype(adapter, x2)).detach().requires_grad_(True)
