@@ -19,6 +19,7 @@ import threading
 
 import torch
 
+from offload.sched_args import check_subset
 from offload.slots import wait_for
 
 __all__ = ["FetchHandle", "LayerState"]
@@ -47,6 +48,47 @@ class LayerState:
         self.rows_dev = engine.alloc_device((capacity, width), wire_dtype)  # [C, W] wire
         self.ids_host = engine.alloc_host((capacity,), torch.int64)  # [C]
         self.ids_dev = self.ids_host if on_host else engine.alloc_device((capacity,), torch.int64)  # [C]
+
+    def stage_ids(self, sched, ids, n: int, base: FetchHandle | None, marker) -> FetchHandle:
+        """Put a fetch part's `ids` [n] in place (after `base`'s rows, if any) and make its handle:
+        host ids -> ids_host (+ H2D into ids_dev); device ids -> D2H into ids_host (metered as "ids")."""
+        off = 0 if base is None else base.n_rows
+        end = off + n
+        if ids.device.type == "cpu":
+            self.ids_host[off:end].copy_(ids)
+            h = FetchHandle(sched, self, sched.step, sched.micro_batch, end, self.ids_dev[off:end], base)
+            if self.ids_dev is not self.ids_host:
+                h.ids_event = sched.engine.h2d(self.ids_host[off:end], self.ids_dev[off:end], rows=n, after=marker)
+            return h
+        h = FetchHandle(sched, self, sched.step, sched.micro_batch, end, ids, base)
+        meta = (sched.step, sched.micro_batch, self.index)
+        h.ids_event = sched.engine.d2h(ids, self.ids_host[off:end], rows=n, after=marker,
+                                       on_done=lambda ev: sched._meter_copy(ev, "ids", meta))
+        return h
+
+    def push_is_full(self, h: FetchHandle, ids) -> bool:
+        """push_grads: True if `ids` are live fetch `h`'s own ids (then copied from ids_host). Otherwise
+        a partial push: host ids are checked here (unique, all live), device ids later by the worker.
+        Device ids as many as a plain fetch's are taken as its ids (comparing would wait for compute)."""
+        n = h.n_rows
+        if ids.numel() == n and h.base is None:
+            if ids.device.type != "cpu" or ids.data_ptr() == self.ids_host.data_ptr():
+                return True
+            h.wait_gathered()
+            if torch.equal(ids, self.ids_host[:n]):
+                return True
+        if ids.device.type == "cpu":
+            h.wait_gathered()  # ids_host holds every part's ids
+            check_subset(ids, self.ids_host[:n], self.index)
+        return False
+
+    def end_chain(self) -> FetchHandle | None:
+        """End the live fetch (every part); return its first part if it holds back a staleness-1 update."""
+        h, self.handle = self.handle, None
+        parts = h.parts()
+        for p in parts:
+            p.valid = False
+        return parts[0] if parts[0].owes_update is not None else None
 
 
 class FetchHandle:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["CLIP_MODES", "check_grads", "check_ids", "check_live_rows", "check_subset", "clip_scale",
+__all__ = ["CLIP_MODES", "check_extend", "check_grads", "check_ids", "check_live_rows", "check_subset", "clip_scale",
            "numba_threads_setter", "validate_args"]
 
 CLIP_MODES = ("none", "layer", "global")
@@ -98,3 +98,20 @@ def check_subset(ids_host: torch.Tensor, live_host: torch.Tensor, layer: int) ->
                          "rows to a live fetch)")
     if torch.unique(ids_host).numel() != ids_host.numel():
         raise ValueError(f"push_grads: ids for layer {layer} repeat a row; pass each row once")
+
+
+def check_extend(base, m: int, layer: int, step: int, micro_batch: int, capacity: int, max_rows: int) -> None:
+    """fetch_more(layer, ids [m]) onto live fetch `base` (the layer's newest handle or None)."""
+    if base is None or base.step != step or base.micro_batch != micro_batch:
+        raise ValueError(f"fetch_more: layer {layer} has no live fetch in micro-batch {micro_batch} of step "
+                         f"{step}; call fetch({layer}, ids) first")
+    if m == 0:
+        raise ValueError(f"fetch_more: ids is empty; nothing to add to layer {layer}'s fetch")
+    if base.n_rows + m > capacity:
+        raise ValueError(f"fetch_more: layer {layer}'s live fetch would hold {base.n_rows} + {m} rows, more "
+                         f"than max_live_rows={capacity}; build the scheduler with max_live_rows={2 * max_rows} "
+                         f"(2 * max_rows) or call reserve_live_rows({2 * max_rows})")
+    root = base.parts()[0]
+    if root.owes_update is None and root.emitted_update:
+        raise ValueError(f"fetch_more: layer {layer}'s delayed (staleness 1) update already follows its fetch, "
+                         "so added rows would be read after it; fetch with extendable=True")

@@ -8,6 +8,10 @@ Owns DESIGN.md "One training step". For each adapter layer (one SparseAdamW over
                         worker waits for it, accumulates into the layer's optimizer and, at the
                         accumulation boundary (last micro-batch), runs its step()
     finish_step()       staleness 0: returns when every update of the step is done
+    fetch_more(l, ids)  appends rows to the layer's live fetch (a lookahead prefetch completed with only
+                        the rows it missed); push_grads may then carry any subset of the live rows: rows
+                        not pushed get no gradient and no update (lazy AdamW stays exact). Buffers hold
+                        `max_live_rows` (default max_rows; 2 * max_rows fits a prefetch plus its misses)
 
 The host worker is a single FIFO thread, so "a gather submitted after an update sees it" is the only
 ordering rule needed. Staleness 1 (ZeRO-Offload's delayed parameter update), deterministic: the update
@@ -34,6 +38,7 @@ from offload.handles import FetchHandle, LayerState
 from offload.meter import TrafficMeter
 from offload.sched_args import (
     CLIP_MODES,
+    check_extend,
     check_grads,
     check_ids,
     check_live_rows,
@@ -178,25 +183,13 @@ class TransferScheduler:
         m = check_ids(ids, "fetch_more", self.max_rows, self.device)
         self._need_step("fetch_more")
         base = st.handle
-        if base is None or base.step != self.step or base.micro_batch != self.micro_batch:
-            raise ValueError(f"fetch_more: layer {layer} has no live fetch in micro-batch {self.micro_batch} "
-                             f"of step {self.step}; call fetch({layer}, ids) first")
-        if m == 0:
-            raise ValueError(f"fetch_more: ids is empty; nothing to add to layer {layer}'s fetch")
-        if base.n_rows + m > st.capacity:
-            raise ValueError(f"fetch_more: layer {layer}'s live fetch would hold {base.n_rows} + {m} rows, "
-                             f"more than max_live_rows={st.capacity}; build the scheduler with max_live_rows="
-                             f"{2 * self.max_rows} (2 * max_rows) or call reserve_live_rows({2 * self.max_rows})")
-        root = base.parts()[0]
-        if root.owes_update is None and root.emitted_update:
-            raise ValueError(f"fetch_more: layer {layer}'s delayed (staleness 1) update already follows its "
-                             "fetch, so added rows would be read after it; fetch with extendable=True")
+        check_extend(base, m, layer, self.step, self.micro_batch, st.capacity, self.max_rows)
         return self._start_part(st, ids, m, base)
 
     def _start_part(self, st: LayerState, ids, n: int, base: FetchHandle | None) -> FetchHandle:
         slot = self.h2d_pool.acquire(self._check)  # backpressure: blocks while every slot is busy
         marker = self.engine.mark_compute()  # H2D into rows_dev waits for compute issued so far
-        h = self._stage_ids(st, ids, n, base, marker)
+        h = st.stage_ids(self, ids, n, base, marker)
         st.handle = st.last_gather = h
         self.worker.submit(lambda: self._gather_task(st, h, slot, marker), st.index)
         return h
@@ -214,21 +207,6 @@ class TransferScheduler:
             if st.capacity < rows:
                 st.alloc(self.engine, rows, self.width, self.wire_dtype, self.device.type == "cpu")
                 st.last_gather = st.handle = None
-
-    def _stage_ids(self, st: LayerState, ids, n: int, base, marker) -> FetchHandle:
-        off = 0 if base is None else base.n_rows
-        end = off + n
-        if ids.device.type == "cpu":
-            st.ids_host[off:end].copy_(ids)
-            h = FetchHandle(self, st, self.step, self.micro_batch, end, st.ids_dev[off:end], base)
-            if st.ids_dev is not st.ids_host:
-                h.ids_event = self.engine.h2d(st.ids_host[off:end], st.ids_dev[off:end], rows=n, after=marker)
-            return h
-        h = FetchHandle(self, st, self.step, self.micro_batch, end, ids, base)
-        meta = (self.step, self.micro_batch, st.index)
-        h.ids_event = self.engine.d2h(ids, st.ids_host[off:end], rows=n, after=marker,
-                                      on_done=lambda ev: self._meter_copy(ev, "ids", meta))
-        return h
 
     def _gather_task(self, st: LayerState, h: FetchHandle, slot, marker) -> None:
         off, end = h.offset, h.n_rows
@@ -274,7 +252,7 @@ class TransferScheduler:
                              f"of step {self.step}; call fetch({layer}, ids) first (once per micro-batch)")
         k = check_ids(ids, "push_grads", self.max_rows, self.device)
         check_grads(grads, k, self.width, layer, self.device)
-        full = self._push_is_full(st, h, ids)
+        full = st.push_is_full(h, ids)  # else a checked subset (host ids)
         h.wait_gathered()  # protects the ids copy below: ids_host must hold this fetch's ids
         slot = self.d2h_pool.acquire(self._check)  # backpressure
         meta = (self.step, self.micro_batch, st.index)
@@ -300,28 +278,11 @@ class TransferScheduler:
         if self.micro_batch == self.accum_steps - 1 and self.clip != "global":
             self._trigger(st)
 
-    def _push_is_full(self, st: LayerState, h: FetchHandle, ids) -> bool:
-        """True: `ids` are the live fetch's own ids (copied from ids_host); False: a checked subset."""
-        n = h.n_rows
-        if ids.numel() == n and h.base is None:
-            if ids.device.type != "cpu" or ids.data_ptr() == st.ids_host.data_ptr():
-                return True  # the fetch's ids (device ids are not compared: that would wait for compute)
-            h.wait_gathered()
-            if torch.equal(ids, st.ids_host[:n]):
-                return True
-        if ids.device.type == "cpu":
-            h.wait_gathered()  # ids_host holds every part's ids
-            check_subset(ids, st.ids_host[:n], st.index)
-        return False
-
     def _end_chain(self, st: LayerState) -> None:
         """End the layer's live fetch (all parts); queue the staleness-1 update it held back, if any."""
-        h, st.handle = st.handle, None
-        parts = h.parts()
-        for p in parts:
-            p.valid = False
-        if parts[0].owes_update is not None:
-            self._release_update(st, parts[0])
+        root = st.end_chain()
+        if root is not None:
+            self._release_update(st, root)
 
     def _release_update(self, st: LayerState, root: FetchHandle) -> None:
         """Queue the staleness-1 update owed by `root`: parked until idle time or the layer's next task."""
