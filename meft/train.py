@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from meft.config import MeftConfig
+from meft.loss import causal_lm_loss
 from meft.run_log import MetricsLog, format_table, plot_loss_curve
 from meft.train_args import LR_SCHEDULES, TrainArgs
 from meft.train_data import RunData, load_run_data
@@ -103,7 +104,7 @@ def _one_step(model, rt, batches, accum: int) -> tuple[float, int]:
     device = rt.device
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss / accum
+        loss = causal_lm_loss(model, batch) / accum
         if rt.backbone_optimizer is not None:
             rt.backbone_optimizer.backward(loss)
         else:
