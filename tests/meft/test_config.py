@@ -49,7 +49,7 @@ BAD = [  # (field, bad value, words the fix must contain)
 
 def test_defaults_valid_and_sized_for_smollm2():
     c = MeftConfig().validate()
-    assert c.n_experts == 512 and c.budget_experts == 32  # 4*sqrt(16384) experts, 1024-row budget
+    assert c.n_experts == 256 and c.budget_experts == 64  # 4*sqrt(4096) experts, 1024-row budget
     assert c.layer_indices(30) == list(range(30))
     assert MeftConfig(layers=3).layer_indices(8) == [0, 3, 6]
     assert MeftConfig(layers=[5, 1]).layer_indices(8) == [1, 5]
