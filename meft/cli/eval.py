@@ -1,0 +1,105 @@
+"""`meft eval`: exact-match / contains accuracy on QA data, perplexity on text data, base or base+adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+
+from meft.cli.options import add_dataclass_options, resolve_options
+
+__all__ = ["add_parser", "run", "EvalArgs"]
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class EvalArgs:
+    model: str = _f("default", "Base model: 'default' (SmolLM2-135M-Instruct), a local HF folder or a hub id.")
+    adapter: str | None = _f(None, "Adapter folder written by `meft train` (run_dir/adapter) or "
+                             "meft.save_adapter; omit to score the base model.")
+    data: str = _f("world_facts:50", "QA or text data: a .jsonl file or a built-in set (as in `meft train`). "
+                   "QA records are scored by greedy decoding; {text} records by perplexity.")
+    split: str = _f("held_out", "For built-in sets: 'trained' (training phrasings) or 'held_out' "
+                    "(same facts, phrasings never trained on).")
+    limit: int = _f(0, "Score at most this many records (0 = all); a seeded sample.")
+    batch_size: int = _f(32, "Prompts (or text windows) per batch.")
+    max_new_tokens: int = _f(12, "Tokens generated per answer.")
+    max_length: int = _f(512, "Window length for perplexity.")
+    seed: int = _f(0, "Seed of the built-in data and of the sample.")
+    json_out: str | None = _f(None, "Also write the full result (with every prediction) to this JSON file.")
+    progress: bool = _f(True, "Show a progress bar.")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="score a model (or model + adapter) on QA or text data",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  meft eval --adapter runs/meft/adapter\n"
+                              "  meft eval --data facts.jsonl --limit 200\n"
+                              "  meft eval --data corpus.jsonl  # perplexity")
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of options (command line wins)")
+    add_dataclass_options(p, EvalArgs, "eval")
+    p.set_defaults(run=run)
+
+
+def load_scored_model(model_arg: str, adapter: str | None):
+    """(model, tokenizer) for scoring: the base model, wrapped with `adapter` when given."""
+    import os
+
+    from meft.checkpoint import load_adapter
+    from meft.models import load_model
+
+    if adapter is not None and not os.path.isdir(adapter):
+        raise FileNotFoundError(f"--adapter {adapter!r}: no such folder; pass run_dir/adapter of a `meft train` run")
+    model, tokenizer = load_model(model_arg)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model.eval(), tokenizer
+
+
+def _records(args: EvalArgs) -> tuple[str, list[dict]]:
+    import random
+
+    from meft.data import load_jsonl, records_kind
+    from meft.datasets_builtin import load_builtin
+    from meft.train_data import parse_data_spec
+
+    kind, kw = parse_data_spec(args.data)
+    if kind == "jsonl":
+        records = load_jsonl(kw["path"])
+    else:
+        if args.split not in ("trained", "held_out"):
+            raise ValueError(f"--split {args.split!r}: choose 'trained' or 'held_out'")
+        facts = load_builtin(kind, **kw, seed=args.seed)
+        records = facts.train if args.split == "trained" else facts.eval
+    if args.limit and args.limit < len(records):
+        records = random.Random(args.seed).sample(records, args.limit)
+    return records_kind(records), records
+
+
+def run(args: argparse.Namespace) -> int:
+    from meft.evaluate import perplexity, qa_accuracy
+    from meft.run_log import format_table
+
+    (ea,) = resolve_options(args, [EvalArgs])
+    kind, records = _records(ea)
+    model, tokenizer = load_scored_model(ea.model, ea.adapter)
+    who = f"{ea.model}" + (f" + {ea.adapter}" if ea.adapter else "")
+    if kind == "text":
+        res = perplexity(model, tokenizer, [r["text"] for r in records], batch_size=ea.batch_size,
+                         max_length=ea.max_length, progress=ea.progress)
+        print(format_table([[who, res["n_tokens"], round(res["loss"], 4), round(res["perplexity"], 3)]],
+                           ["model", "tokens", "loss (nats)", "perplexity"]))
+    else:
+        res = qa_accuracy(model, tokenizer, records, batch_size=ea.batch_size,
+                          max_new_tokens=ea.max_new_tokens, progress=ea.progress)
+        print(format_table([[who, res["n"], f"{res['exact_match']:.1%}", f"{res['contains']:.1%}"]],
+                           ["model", "records", "exact match", "contains"]))
+    if ea.json_out:
+        with open(ea.json_out, "w") as fh:
+            json.dump(res, fh, indent=2)
+    if getattr(model, "meft", None) is not None:
+        model.meft.close()
+    return 0

@@ -1,0 +1,55 @@
+"""`meft generate`: answer prompts with a base model, or base + adapter (chat template for instruct models)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from meft.cli.options import add_dataclass_options, resolve_options
+
+__all__ = ["add_parser", "run", "GenerateArgs"]
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class GenerateArgs:
+    model: str = _f("default", "Base model: 'default' (SmolLM2-135M-Instruct), a local HF folder or a hub id.")
+    adapter: str | None = _f(None, "Adapter folder (run_dir/adapter of `meft train`); omit for the base model.")
+    prompt_file: str | None = _f(None, "A text file with one prompt per line (in addition to PROMPT args).")
+    max_new_tokens: int = _f(64, "Tokens generated per answer (greedy decoding).")
+    batch_size: int = _f(8, "Prompts answered together.")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="answer prompts with a model (or model + adapter)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog='example:\n  meft generate --adapter runs/meft/adapter "What is the capital of Peru?"')
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts to answer")
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of options (command line wins)")
+    add_dataclass_options(p, GenerateArgs, "generate")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from meft.cli.eval import load_scored_model
+    from meft.data import prompt_ids
+    from meft.evaluate import generate_answers
+
+    (ga,) = resolve_options(args, [GenerateArgs])
+    prompts = list(args.prompts)
+    if ga.prompt_file:
+        with open(ga.prompt_file) as fh:
+            prompts += [line.strip() for line in fh if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: pass them as arguments or with --prompt-file FILE")
+    model, tokenizer = load_scored_model(ga.model, ga.adapter)
+    ids = [prompt_ids({"prompt": p, "completion": "-"}, tokenizer) for p in prompts]
+    answers = generate_answers(model, tokenizer, ids, batch_size=ga.batch_size, max_new_tokens=ga.max_new_tokens)
+    for p, a in zip(prompts, answers):
+        print(f"> {p}\n{a}\n")
+    if getattr(model, "meft", None) is not None:
+        model.meft.close()
+    return 0
