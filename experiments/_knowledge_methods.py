@@ -1,0 +1,184 @@
+"""The trainers compared by experiments/knowledge.py and experiments/bench_step.py, and what each one
+would keep resident on the GPU.
+
+Owns one small `Trainer` per method, all driving the same HF causal LM with one `step(batch)`:
+
+* "meft"          MEFT sparse adapter, rows on the host (`meft.wrap`, backbone frozen); the step is
+                  `meft.train._one_step`, exactly what `meft train` runs.
+* "meft_adalomo"  the same plus an AdaLomo backbone fused into backward (`MeftConfig.backbone`).
+* "lora8/16/64"   LoRA r=8/16/64 on every linear layer of the decoder through the real `peft`
+                  (`target_modules="all-linear"`, alpha = 2r, no dropout), torch AdamW.
+* "dense"         MEFT's "PA" baseline: a dense parallel adapter of `rows` rows per layer, every row
+                  resident and trained (`meft.plan_model.DenseParallelAdapter`, keys initialised like
+                  MEFT's rows by `meft.model.row_init`, values 0), torch AdamW.
+* "full_adalomo"  full fine-tuning with `meft.AdaLomo` (update fused into backward).
+
+`device_memory()` computes the device-resident *training state* of a method from the live objects
+(no activations: they are the same backbone activations for every method at a given batch, and a CPU
+run cannot measure GPU memory): weights of every parameter that sits on the device, gradients
+(AdamW-trained parameters: one fp32 gradient each; fused AdaLomo: at most one parameter's gradient is
+alive at a time, so the largest one), optimizer state (AdamW: two fp32 moments; AdaLomo: the bytes of
+its actual state tensors), and for MEFT the active rows: per layer the device row buffer
+[max_active_rows, 2d] in the wire dtype, plus its compute-dtype copy when the dtypes differ (cached
+from forward until backward pushes its gradient), plus one row gradient [max_active_rows, 2d]; the
+same rule as `meft plan` (`meft.plan._adapter_rows_bytes`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["METHODS", "build_trainer", "device_memory", "Trainer"]
+
+METHODS = ("meft", "meft_adalomo", "lora8", "lora16", "lora64", "dense", "full_adalomo")
+
+
+def _nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+class Trainer:
+    """One method around one model: `step(batch) -> (loss, labelled tokens)`, `close()`."""
+
+    def __init__(self, method: str, model: nn.Module, *, adam=None, fused=None, rt=None, trained=()):
+        self.method, self.model = method, model
+        self.adam, self.fused, self.rt = adam, fused, rt   # torch AdamW | AdaLomo | MeftRuntime
+        self.trained = list(trained)                      # device params updated by `adam`
+
+    def step(self, batch: dict) -> tuple[float, int]:
+        if self.rt is not None:
+            from meft.train import _one_step
+
+            return _one_step(self.model, self.rt, [batch], 1)
+        loss = self.model(**batch).loss
+        if self.fused is not None:
+            self.fused.backward(loss)
+            self.fused.step()
+        else:
+            loss.backward()
+            self.adam.step()
+            self.adam.zero_grad(set_to_none=True)
+        return float(loss.detach()), int((batch["labels"] != -100).sum())
+
+    def close(self) -> None:
+        if self.rt is not None:
+            self.rt.close()
+
+
+def _meft(model, *, seed, rows, max_active_rows, expert_size, adapter_lr, backbone, backbone_lr,
+          state_dtype):
+    import meft
+
+    cfg = meft.MeftConfig(adapter_rows=rows, expert_size=expert_size, max_active_rows=max_active_rows,
+                          adapter_lr=adapter_lr, router_lr=adapter_lr, backbone=backbone,
+                          backbone_lr=backbone_lr, state_dtype=state_dtype, seed=seed)
+    meft.wrap(model, cfg)
+    return model, {"rt": model.meft}
+
+
+def _lora(model, *, r, lr):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
+    trained = [p for p in peft_model.parameters() if p.requires_grad]
+    return peft_model, {"adam": torch.optim.AdamW(trained, lr=lr), "trained": trained}
+
+
+def _dense(model, *, seed, rows, lr):
+    from meft.config import MeftConfig
+    from meft.model import row_init
+    from meft.plan_model import DenseParallelAdapter, attach_dense
+    from meft.targets import hidden_size_of
+
+    d = hidden_size_of(model)
+    dtype = next(model.parameters()).dtype
+    trained = attach_dense(model, MeftConfig(adapter_rows=rows, expert_size=1, max_active_rows=1), dtype)
+    adapters = [m for m in model.modules() if isinstance(m, DenseParallelAdapter)]
+    layer_rows = torch.empty(rows, 2 * d)  # [N, 2d]: [keys | values] exactly as MEFT's rows start
+    with torch.no_grad():
+        for i, ad in enumerate(adapters):
+            row_init(d, seed, i)(layer_rows)
+            ad.keys.copy_(layer_rows[:, :d])
+            ad.values.copy_(layer_rows[:, d:])
+            ad.keys.requires_grad_(True)
+            ad.values.requires_grad_(True)
+    return model, {"adam": torch.optim.AdamW(trained, lr=lr, weight_decay=0.0), "trained": trained}
+
+
+def _full_adalomo(model, *, lr):
+    from meft.lomo import AdaLomo
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, {"fused": AdaLomo(model, lr=lr)}
+
+
+def build_trainer(method: str, model: nn.Module, *, seed: int = 0, rows: int = 4096,
+                  max_active_rows: int = 1024, expert_size: int = 32, lr: float = 1e-3,
+                  backbone_lr: float = 1e-3, state_dtype: str = "float32") -> Trainer:
+    """Turn a freshly loaded `model` (training mode) into `method`'s trainer; see the module docstring."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: choose one of {METHODS}")
+    torch.manual_seed(seed)
+    model.train()
+    if method in ("meft", "meft_adalomo"):
+        model, kw = _meft(model, seed=seed, rows=rows, max_active_rows=max_active_rows,
+                          expert_size=expert_size, adapter_lr=lr, state_dtype=state_dtype,
+                          backbone="frozen" if method == "meft" else "adalomo", backbone_lr=backbone_lr)
+    elif method.startswith("lora"):
+        model, kw = _lora(model, r=int(method[4:]), lr=lr)
+    elif method == "dense":
+        model, kw = _dense(model, seed=seed, rows=rows, lr=lr)
+    else:
+        model, kw = _full_adalomo(model, lr=backbone_lr)
+    return Trainer(method, model, **kw)
+
+
+def _fused_bytes(opt) -> tuple[int, int]:
+    """(largest single gradient, optimizer-state bytes) of a fused-backward optimizer."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    grad = max((p.numel() * 4 for p in params), default=0)  # fp32 math on one gradient at a time
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+    return grad, state
+
+
+def _active_rows_bytes(rt) -> int:
+    from meft.config import parse_dtype
+
+    c = rt.config
+    r = c.budget_experts * c.expert_size
+    width = rt.stores[0].width
+    wire = parse_dtype(c.wire_dtype)
+    compute = parse_dtype(c.compute_dtype) or next(rt.adapters[0].parameters()).dtype
+    one_wire, one_compute = r * width * wire.itemsize, r * width * compute.itemsize
+    n = len(rt.adapters)
+    return n * one_wire + (n * one_compute if compute != wire else 0) + one_compute
+
+
+def device_memory(tr: Trainer) -> dict:
+    """Device-resident training state of `tr` in bytes: weights, grads, optimizer, active_rows, total."""
+    weights = _nbytes(tr.model.parameters())
+    grads = opt = rows = 0
+    adam_params = list(tr.trained)
+    if tr.rt is not None:
+        adam_params = [ad.gate for ad in tr.rt.adapters]  # router gates: AdamW on the device
+        rows = _active_rows_bytes(tr.rt)
+        if tr.rt.backbone_optimizer is not None:
+            grads, opt = _fused_bytes(tr.rt.backbone_optimizer)
+    if tr.fused is not None:
+        grads, opt = _fused_bytes(tr.fused)
+    grads += sum(p.numel() * 4 for p in adam_params)
+    opt += sum(2 * p.numel() * 4 for p in adam_params)
+    return {"weights": weights, "grads": grads, "optimizer": opt, "active_rows": rows,
+            "total": weights + grads + opt + rows,
+            "trainable_params": _trainable_params(tr)}
+
+
+def _trainable_params(tr: Trainer) -> int:
+    n = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
+    if tr.rt is not None:
+        n += sum(s.n_rows * s.width for s in tr.rt.stores)
+    return n

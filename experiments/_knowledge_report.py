@@ -1,0 +1,156 @@
+"""Tables and target checks for experiments/knowledge.py results (one dict per run, from JSONL).
+
+Owns the Markdown output (header with command, date, machine and versions; one table per dataset with
+every run; a per-method mean table; the issue-8 target checks with their numbers) and the JSON summary.
+Also `machine_header()`, reused by experiments/bench_step.py.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+
+__all__ = ["format_report", "machine_header", "summarize"]
+
+MiB, GiB = 2**20, 2**30
+ORDER = ("base", "meft", "meft_adalomo", "lora8", "lora16", "lora64", "dense", "full_adalomo")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_header(command: str) -> str:
+    import numba
+    import peft
+    import psutil
+    import torch
+    import transformers
+
+    load = os.getloadavg()
+    return (f"Command: `{command}`  \n"
+            f"Date: {time.strftime('%Y-%m-%dT%H:%M')}  \n"
+            f"Machine: {_cpu_name()}, {os.cpu_count()} cores (shared with other jobs; load average "
+            f"{load[0]:.1f} at report time), {psutil.virtual_memory().total / GiB:.0f} GiB RAM, "
+            f"{platform.system()} {platform.release()}  \n"
+            f"Versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}, peft {peft.__version__}, numba {numba.__version__}")
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _em(r: dict, split: str, metric: str = "exact_match"):
+    return r.get("eval", {}).get(split, {}).get(metric)
+
+
+def _run_row(r: dict) -> str:
+    s, dm = r["spec"], r.get("device")
+    if "error" in r:
+        return f"| {s['method']} | {s['seed']} | FAILED: {r['error'].strip().splitlines()[-1][:120]} |"
+    if s["method"] == "base":
+        return (f"| base (untrained) | - | 0 | 0 | - | - | {_pct(_em(r, 'trained'))} | {_pct(_em(r, 'held_out'))} "
+                f"| {_pct(_em(r, 'trained', 'contains'))} | - | - | - | - | - | - | - | - | - |")
+    return (f"| {s['method']} | {s['seed']} | {s['steps']} | {r['labelled_tokens']:,} | {r['epochs']:.1f} "
+            f"| {r['first_loss']:.2f} -> {r['last_loss']:.3f} | {_pct(_em(r, 'trained'))} "
+            f"| {_pct(_em(r, 'held_out'))} | {_pct(_em(r, 'trained', 'contains'))} "
+            f"| {dm['weights'] / MiB:.0f} | {dm['grads'] / MiB:.1f} | {dm['optimizer'] / MiB:.1f} "
+            f"| {dm['active_rows'] / MiB:.1f} | **{dm['total'] / MiB:.0f}** | {dm['trainable_params'] / 1e6:.1f}M "
+            f"| {r['peak_rss_bytes'] / GiB:.2f} | {r['host_stores_bytes'] / GiB:.2f} | {r['step_s_median']:.2f} |")
+
+
+_HEAD = ("| method | seed | steps | labelled tokens | epochs | loss first -> last 5 | EM trained % "
+         "| EM held-out % | contains trained % | dev weights MiB | dev grads MiB | dev optim MiB "
+         "| dev active rows MiB | **dev total MiB** | trainable params | host peak RSS GiB "
+         "| MEFT host stores GiB | step s (median) |\n" + "|---" * 18 + "|")
+
+
+def _order(r: dict) -> tuple:
+    m = r["spec"]["method"]
+    return (ORDER.index(m) if m in ORDER else 99, r["spec"]["seed"])
+
+
+def summarize(results: list[dict]) -> dict:
+    """dataset -> method -> means over seeds (EM trained / held-out, device total, step s, seeds)."""
+    acc = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        if "error" not in r:
+            acc[r["spec"]["dataset"]][r["spec"]["method"]].append(r)
+    out = {}
+    for ds, by in acc.items():
+        out[ds] = {}
+        for m, rs in by.items():
+            def mean(f, rs=rs):
+                return statistics.fmean([f(x) for x in rs]) if rs else None
+            out[ds][m] = {"seeds": [x["spec"]["seed"] for x in rs],
+                          "em_trained": mean(lambda x: _em(x, "trained")),
+                          "em_held_out": mean(lambda x: _em(x, "held_out")),
+                          "device_total": mean(lambda x: x["device"]["total"]) if m != "base" else None,
+                          "step_s": mean(lambda x: x["step_s_median"]) if m != "base" else None,
+                          "labelled_tokens": sorted({x.get("labelled_tokens", 0) for x in rs})}
+    return out
+
+
+def _targets(ds: str, s: dict) -> list[str]:
+    meft, l8, l64, dense = (s.get(k) for k in ("meft", "lora8", "lora64", "dense"))
+    lines = []
+    if meft and l8:
+        for split in ("trained", "held_out"):
+            gap = 100 * (meft[f"em_{split}"] - l8[f"em_{split}"])
+            lines.append(f"- {ds}: MEFT - LoRA r=8 exact match ({split}) = {gap:+.1f} points (target >= +10): "
+                         f"**{'HIT' if gap >= 10 else 'MISSED'}**")
+    if meft and l64:
+        a, b = meft["device_total"] / MiB, l64["device_total"] / MiB
+        lines.append(f"- {ds}: MEFT device-resident training state {a:.0f} MiB vs LoRA r=64 {b:.0f} MiB "
+                     f"(target <=): **{'HIT' if a <= b else 'MISSED'}**")
+    if meft and dense:
+        for split in ("trained", "held_out"):
+            gap = 100 * (meft[f"em_{split}"] - dense[f"em_{split}"])
+            lines.append(f"- {ds}: MEFT - dense adapter exact match ({split}) = {gap:+.1f} points (target >= -3): "
+                         f"**{'HIT' if gap >= -3 else 'MISSED'}**")
+    return lines
+
+
+def _mean_table(by: dict) -> list[str]:
+    lines = ["| method | seeds | EM trained % (mean) | EM held-out % (mean) | dev total MiB | step s |",
+             "|---|---|---|---|---|---|"]
+    for m in sorted(by, key=lambda k: ORDER.index(k) if k in ORDER else 99):
+        v = by[m]
+        dev = "-" if v["device_total"] is None else f"{v['device_total'] / MiB:.0f}"
+        st = "-" if v["step_s"] is None else f"{v['step_s']:.2f}"
+        lines.append(f"| {m} | {v['seeds']} | {_pct(v['em_trained'])} | {_pct(v['em_held_out'])} | {dev} | {st} |")
+    return lines
+
+
+def format_report(results: list[dict], *, command: str) -> tuple[str, dict]:
+    """Markdown (header, per-dataset run tables, mean tables, target checks) and the summary dict."""
+    summary = summarize(results)
+    parts = [machine_header(command), ""]
+    for ds in sorted({r["spec"]["dataset"] for r in results}):
+        rs = sorted((r for r in results if r["spec"]["dataset"] == ds), key=_order)
+        ok = next((r for r in rs if "error" not in r and r["spec"]["method"] != "base"), rs[0])
+        s = ok["spec"]
+        parts += [f"**{ds} facts**: {ok.get('n_facts', '?')} facts, {ok.get('n_train_records', '?')} training "
+                  f"records (3 phrasings per fact); held-out = each fact once with an unseen phrasing. "
+                  f"batch {s['batch_size']}, {s['steps']} steps, adapter rows/layer {s['rows']}, "
+                  f"max_active_rows {s['max_active_rows']}, expert_size {s['expert_size']}, AdamW lr {s['lr']}, "
+                  f"AdaLomo lr {s['backbone_lr']}, state_dtype {s['state_dtype']}, "
+                  f"{'chat template' if s['chat'] else 'plain prompt + answer + eos'}, "
+                  f"up to {s['eval_limit']} questions scored per split", "", _HEAD]
+        parts += [_run_row(r) for r in rs] + [""]
+        parts += _mean_table(summary.get(ds, {})) + [""]
+        parts += _targets(ds, summary.get(ds, {})) + [""]
+        toks = {tuple(v["labelled_tokens"]) for m, v in summary.get(ds, {}).items() if m != "base"}
+        parts.append(f"Same training tokens for every method of a seed: {'yes' if len(toks) <= 1 else toks}")
+        parts.append("")
+    return "\n".join(parts), summary

@@ -1,0 +1,134 @@
+"""One (method, dataset, seed) run of experiments/knowledge.py, in its own process.
+
+Owns: building the data (built-in world / fictional facts), the identical batch stream every method
+sees (same `BatchIterator` seed, same steps, so the same training tokens), training with one of the
+`_knowledge_methods` trainers, timing each step, scoring exact match on the trained phrasings and on
+the held-out phrasings (`meft.evaluate.qa_accuracy`), and the memory numbers (device-resident training
+state computed by `device_memory`; host: peak RSS of this process, and for MEFT the row stores as
+`meft.plan.host_ram_bytes` counts them). A run in its own process gives a clean peak RSS.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["RunSpec", "load_facts", "run_one", "eval_base"]
+
+
+@dataclass
+class RunSpec:
+    method: str
+    dataset: str = "fictional"     # "fictional" | "world"
+    n_facts: int = 200             # fictional: facts; world: countries (4 facts each)
+    seed: int = 0                  # training seed (init, batch order); the facts themselves use seed 0
+    steps: int = 100
+    batch_size: int = 16
+    rows: int = 4096               # adapter rows per layer (meft; dense uses the same)
+    max_active_rows: int = 1024
+    expert_size: int = 32
+    lr: float = 1e-3               # AdamW lr: meft rows + router, LoRA, dense
+    backbone_lr: float = 1e-3      # AdaLomo lr: meft_adalomo backbone, full_adalomo
+    state_dtype: str = "float32"
+    chat: bool = False             # chat template (long system prompt) or plain "question answer</s>"
+    eval_limit: int = 200
+    max_new_tokens: int = 12
+    model: str = "default"
+
+
+def load_facts(spec: RunSpec):
+    from meft.datasets_builtin import fictional_facts, world_facts
+
+    if spec.dataset == "fictional":
+        return fictional_facts(spec.n_facts, seed=0)
+    if spec.dataset == "world":
+        return world_facts(max_countries=spec.n_facts, seed=0)
+    raise ValueError(f"dataset={spec.dataset!r}: choose 'fictional' or 'world'")
+
+
+def _splits(facts, limit: int) -> dict[str, list[dict]]:
+    """'trained': a sample of the trained (phrasing, fact) records; 'held_out': unseen phrasings."""
+    sample = lambda recs: recs if len(recs) <= limit else random.Random(0).sample(recs, limit)
+    return {"trained": sample(facts.train), "held_out": sample(facts.eval)}
+
+
+def _evaluate(model, tok, facts, spec: RunSpec) -> dict:
+    from meft.evaluate import qa_accuracy
+
+    out = {}
+    for name, recs in _splits(facts, spec.eval_limit).items():
+        res = qa_accuracy(model, tok, recs, batch_size=32, max_new_tokens=spec.max_new_tokens, chat=spec.chat)
+        out[name] = {"exact_match": res["exact_match"], "contains": res["contains"], "n": res["n"],
+                     "examples": [(i["prompt"], i["prediction"], i["answers"][0]) for i in res["items"][:3]]}
+    return out
+
+
+def _load(spec: RunSpec):
+    from meft.models import load_model
+
+    torch.manual_seed(spec.seed)
+    return load_model(spec.model, dtype=torch.float32, device="cpu")
+
+
+def _batches(facts, tok, spec: RunSpec):
+    from meft.data import BatchIterator, build_examples
+
+    examples = build_examples(facts.train, tok, chat=spec.chat)
+    return BatchIterator(examples, spec.batch_size, tok.pad_token_id, seed=spec.seed)
+
+
+def eval_base(spec: RunSpec) -> dict:
+    """Exact match of the untrained model (the floor every method starts from)."""
+    model, tok = _load(spec)
+    facts = load_facts(spec)
+    return {"spec": asdict(spec), "eval": _evaluate(model, tok, facts, spec), "n_facts": facts.n_facts}
+
+
+def run_one(spec: RunSpec) -> dict:
+    """Train `spec.method` for `spec.steps` steps on the same batches any method gets; score; measure."""
+    from experiments._knowledge_methods import build_trainer, device_memory
+
+    model, tok = _load(spec)
+    facts = load_facts(spec)
+    batches = _batches(facts, tok, spec)
+    tr = build_trainer(spec.method, model, seed=spec.seed, rows=spec.rows, max_active_rows=spec.max_active_rows,
+                       expert_size=spec.expert_size, lr=spec.lr, backbone_lr=spec.backbone_lr,
+                       state_dtype=spec.state_dtype)
+    step_s, losses, labelled, input_tokens = [], [], 0, 0
+    t_train = time.perf_counter()
+    for _ in range(spec.steps):
+        batch = next(batches)
+        input_tokens += int(batch["attention_mask"].sum())
+        t0 = time.perf_counter()
+        loss, n = tr.step(batch)
+        step_s.append(time.perf_counter() - t0)
+        losses.append(loss)
+        labelled += n
+    train_s = time.perf_counter() - t_train
+    mem = device_memory(tr)
+    host_stores = _meft_host_bytes(tr)
+    ev = _evaluate(tr.model, tok, facts, spec)
+    tr.close()
+    timed = step_s[2:] if len(step_s) > 4 else step_s  # first steps warm up (numba, allocator)
+    return {"spec": asdict(spec), "n_facts": facts.n_facts, "n_train_records": len(facts.train),
+            "epochs": spec.steps * spec.batch_size / len(facts.train), "labelled_tokens": labelled,
+            "input_tokens": input_tokens, "first_loss": losses[0], "last_loss": statistics.fmean(losses[-5:]),
+            "step_s_median": statistics.median(timed), "train_s": train_s, "device": mem,
+            "host_stores_bytes": host_stores, "peak_rss_bytes": _peak_rss(), "eval": ev}
+
+
+def _meft_host_bytes(tr) -> int:
+    if tr.rt is None:
+        return 0
+    from meft.plan import host_ram_bytes
+
+    return host_ram_bytes(tr.rt.config, len(tr.rt.adapters), tr.rt.adapters[0].d)["total"]
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB

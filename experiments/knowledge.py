@@ -1,0 +1,148 @@
+"""Does the big sparse adapter learn more than LoRA, and at what cost? (issue 8)
+
+Trains SmolLM2-135M-Instruct (the default model) on the built-in world facts and on synthetic
+fictional facts with every method of `experiments/_knowledge_methods.py` -- (a) meft: MEFT sparse
+adapter, rows on the host, frozen backbone; (b) meft_adalomo: the same + AdaLomo backbone; (c) lora8 /
+lora64 through `peft`; (d) dense: a resident parallel adapter of the same total size as (a); (e)
+full_adalomo: full fine-tuning with AdaLomo -- on the same batches (same seed, steps and batch size,
+so the same training tokens), and reports exact match on the trained phrasings and on held-out
+phrasings, the device-resident training state (computed: see `_knowledge_methods`), host RAM (peak
+RSS of the run's own process; MEFT's row stores), and the median step time. Each (method, dataset,
+seed) runs in its own process (`_knowledge_run.run_one`); results are appended to a JSONL file as they
+finish, so a long run can be stopped and resumed (`--resume`) and the tables rebuilt (`--report`).
+
+    python experiments/knowledge.py --quick              # minutes: tiny sets, a few steps
+    python experiments/knowledge.py --seeds 0 1          # the fuller run (see BENCHMARKS.md)
+    python experiments/knowledge.py --report --out F     # tables from an existing results file
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from experiments._knowledge_report import format_report  # noqa: E402
+from experiments._knowledge_run import RunSpec  # noqa: E402
+
+__all__ = ["main", "parse_args", "specs_for"]
+
+DEFAULT_METHODS = ("meft", "meft_adalomo", "lora8", "lora64", "dense", "full_adalomo")
+QUICK = dict(n_fictional=20, n_countries=5, steps=4, batch_size=8, rows=512, max_active_rows=128,
+             expert_size=16, eval_limit=16, seeds=[0, 1], datasets=["fictional"])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny run (minutes): " + json.dumps(QUICK))
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--datasets", nargs="+", default=["fictional", "world"], choices=["fictional", "world"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--n-fictional", type=int, default=2000, help="fictional facts")
+    p.add_argument("--n-countries", type=int, default=None, help="world facts: countries (4 facts each); all")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rows", type=int, default=4096, help="adapter rows per layer (meft and dense)")
+    p.add_argument("--max-active-rows", type=int, default=1024)
+    p.add_argument("--expert-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (meft rows/router, LoRA, dense)")
+    p.add_argument("--backbone-lr", type=float, default=1e-3, help="AdaLomo lr (meft_adalomo, full_adalomo)")
+    p.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--chat", action="store_true", help="chat template with its long system prompt")
+    p.add_argument("--eval-limit", type=int, default=200, help="questions scored per split")
+    p.add_argument("--out", default="runs/knowledge/results.jsonl")
+    p.add_argument("--resume", action="store_true", help="skip runs already in --out")
+    p.add_argument("--report", action="store_true", help="only print the tables of --out")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON RunSpec, run in this process
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():  # options given explicitly win over the quick preset
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+        if args.out == p.get_default("out"):
+            args.out = "runs/knowledge/quick.jsonl"
+    return args
+
+
+def specs_for(args) -> list[RunSpec]:
+    """Every run, seed-major (all methods of seed 0 first, so a cut-short run still compares them)."""
+    out = []
+    for seed in args.seeds:
+        for ds in args.datasets:
+            n = args.n_fictional if ds == "fictional" else (args.n_countries or 10_000)
+            for method in ["base"] * (seed == args.seeds[0]) + list(args.methods):
+                out.append(RunSpec(method=method, dataset=ds, n_facts=n, seed=seed, steps=args.steps,
+                                   batch_size=args.batch_size, rows=args.rows,
+                                   max_active_rows=args.max_active_rows, expert_size=args.expert_size,
+                                   lr=args.lr, backbone_lr=args.backbone_lr, state_dtype=args.state_dtype,
+                                   chat=args.chat, eval_limit=args.eval_limit))
+    return out
+
+
+def _key(spec: dict) -> tuple:
+    return tuple(sorted((k, json.dumps(v)) for k, v in spec.items()))
+
+
+def _run_in_subprocess(spec: RunSpec) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(dataclasses.asdict(spec))]
+    env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        return {"spec": dataclasses.asdict(spec), "error": res.stderr[-2000:]}
+    return json.loads(lines[-1])
+
+
+def _one(text: str) -> None:
+    from experiments._knowledge_run import eval_base, run_one
+
+    spec = RunSpec(**json.loads(text))
+    print(json.dumps(eval_base(spec) if spec.method == "base" else run_one(spec)), flush=True)
+
+
+def _load_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.one:
+        _one(args.one)
+        return 0
+    out = Path(args.out)
+    if not args.report:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        done = {_key(r["spec"]) for r in _load_results(out) if "error" not in r} if args.resume else set()
+        if not args.resume and out.exists():
+            out.unlink()
+        specs = [s for s in specs_for(args) if _key(dataclasses.asdict(s)) not in done]
+        t0 = time.time()
+        for i, spec in enumerate(specs, 1):
+            print(f"[{i}/{len(specs)} {time.time() - t0:6.0f}s] {spec.dataset} {spec.method} seed={spec.seed}",
+                  flush=True)
+            res = _run_in_subprocess(spec)
+            if "error" in res:
+                print(f"  FAILED: {res['error']}", flush=True)
+            with out.open("a") as fh:
+                fh.write(json.dumps(res) + "\n")
+    text, summary = format_report(_load_results(out), command=" ".join(sys.argv))
+    print(text)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Smoke runs of experiments/knowledge.py and experiments/bench_step.py on a tiny local Llama: every
+method trains on the same tokens, the device-memory accounting adds up, the dense baseline starts equal
+to the base model, and bench_step's JSON ends with the two ratios. Seconds, not minutes."""
+
+import json
+
+import pytest
+import torch
+
+from experiments import bench_step
+from experiments._knowledge_methods import METHODS, build_trainer, device_memory
+from experiments._knowledge_report import format_report
+from experiments._knowledge_run import RunSpec, run_one
+from tests.meft.test_data import tiny_model, tiny_tokenizer
+
+SMALL = dict(n_facts=5, steps=3, batch_size=4, rows=64, max_active_rows=32, expert_size=16, eval_limit=4,
+             max_new_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_exp")
+    tok = tiny_tokenizer()
+    tiny_model(len(tok)).save_pretrained(root)
+    tok.save_pretrained(root)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def results(tiny_dir):
+    return {m: run_one(RunSpec(method=m, model=tiny_dir, **SMALL)) for m in METHODS}
+
+
+def test_every_method_trains_on_the_same_tokens(results):
+    tokens = {m: (r["labelled_tokens"], r["input_tokens"]) for m, r in results.items()}
+    assert len(set(tokens.values())) == 1, tokens
+    for m, r in results.items():
+        assert r["labelled_tokens"] > 0 and r["step_s_median"] > 0, m
+        assert {"trained", "held_out"} <= set(r["eval"]), m
+        assert 0.0 <= r["eval"]["trained"]["exact_match"] <= 1.0
+
+
+def test_device_memory_adds_up(results):
+    for m, r in results.items():
+        dm = r["device"]
+        assert dm["total"] == dm["weights"] + dm["grads"] + dm["optimizer"] + dm["active_rows"], m
+        assert (dm["active_rows"] > 0) == m.startswith("meft"), m
+        assert (r["host_stores_bytes"] > 0) == m.startswith("meft"), m
+    # frozen-backbone MEFT keeps only router gates (+ rows) on the device; LoRA r=64 trains more there
+    assert results["meft"]["device"]["optimizer"] < results["lora64"]["device"]["optimizer"]
+    # full fine-tuning: fused AdaLomo keeps one gradient alive (the largest parameter), not all of them
+    weights = results["full_adalomo"]["device"]["weights"]
+    assert 0 < results["full_adalomo"]["device"]["grads"] < weights
+
+
+def test_dense_adapter_starts_equal_to_base(tiny_dir):
+    from meft.models import load_model
+
+    base, tok = load_model(tiny_dir)
+    ids = torch.tensor([[1, 5, 9, 13, 7]])
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    model, _ = load_model(tiny_dir)
+    tr = build_trainer("dense", model, rows=64)
+    with torch.no_grad():
+        got = tr.model(input_ids=ids).logits
+    torch.testing.assert_close(got, want)
+    assert all(p.requires_grad for p in tr.trained) and len(tr.trained) == 2 * 2  # K, V per layer
+    assert device_memory(tr)["grads"] == sum(p.numel() * 4 for p in tr.trained)
+
+
+def test_report_flags_targets(results):
+    rows = [dict(r, spec=dict(r["spec"])) for r in results.values()]
+    text, summary = format_report(rows, command="test")
+    assert "MEFT - LoRA r=8" in text and "LoRA r=64" in text and "dense adapter" in text
+    assert set(summary["fictional"]) == set(METHODS)
+
+
+def test_bench_step_json_ends_with_ratios(tiny_dir, capsys):
+    bench_step.main(["--json", "--model", tiny_dir, "--batch-size", "4", "--rows", "64", "--max-active-rows",
+                     "32", "--expert-size", "16", "--rounds", "1", "--warmup", "1"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(res)[-2:] == ["meft_vs_lora_step_ratio", "traffic_vs_meft_original"]
+    assert 0 < res["traffic_vs_meft_original"] < 1 and res["meft_vs_lora_step_ratio"] > 0
+    assert res["traffic"]["measured_equals_analytic"]
