@@ -35,7 +35,7 @@ class TrainArgs:
     block_size: int = _f(256, "Block length when packing {text} data.")
     lr_schedule: str = _f("constant", f"Learning-rate schedule after warm-up: one of {LR_SCHEDULES}.")
     warmup_steps: int = _f(5, "Linear warm-up steps of every learning rate.")
-    eval_limit: int = _f(100, "Records scored per evaluation split (0 = all); evaluation is greedy decoding.")
+    eval_limit: int = _f(64, "Records scored per evaluation split (0 = all); evaluation is greedy decoding.")
     eval_batch_size: int = _f(32, "Prompts per generation batch during evaluation.")
     max_new_tokens: int = _f(12, "Tokens generated per evaluation answer.")
     eval_before: bool = _f(True, "Score the base model before training.")
