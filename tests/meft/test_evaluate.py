@@ -73,11 +73,11 @@ def test_memorised_facts_are_answered_exactly(tok):
             {"prompt": "Which city is the capital of Peru?", "completion": "Lima"},
             {"prompt": "Where was Kalo Mira born?", "completion": "Venton"},
             {"prompt": "What is the currency of France?", "completion": "EUR"}]
-    model = tiny_model(len(tok), seed=3, hidden=64).train()
+    model = tiny_model(len(tok), seed=3).train()
     before = qa_accuracy(model, tok, recs, max_new_tokens=8)["exact_match"]
     batches = BatchIterator(build_examples(recs, tok), batch_size=4, pad_token_id=tok.pad_token_id, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(80):
+    for _ in range(40):
         loss = model(**next(batches)).loss
         opt.zero_grad()
         loss.backward()
