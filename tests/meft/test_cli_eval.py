@@ -2,10 +2,10 @@
 
 import json
 
-from tests.meft.test_cli_train import MEFT, _cmd, _run, tiny  # noqa: F401 - tiny is a fixture
+from tests.meft.test_cli_train import MEFT, _cmd, _run
 
 
-def test_eval_and_generate_reload_the_trained_adapter(tiny, tmp_path):  # noqa: F811
+def test_eval_and_generate_reload_the_trained_adapter(tiny, tmp_path):
     out = tmp_path / "run"
     data = str(tiny / "train.jsonl")
     res = _run(_cmd(tiny, out, "--steps", "4", "--eval-data", data, "--eval-limit", "0", "--eval-before", "false"))
@@ -26,7 +26,7 @@ def test_eval_and_generate_reload_the_trained_adapter(tiny, tmp_path):  # noqa: 
     assert got["items"][0]["prediction"] in res.stdout
 
 
-def test_eval_missing_adapter_is_one_line(tiny, tmp_path):  # noqa: F811
+def test_eval_missing_adapter_is_one_line(tiny, tmp_path):
     res = _run(MEFT + ["eval", "--model", str(tiny / "model"), "--adapter", str(tmp_path / "none"),
                        "--data", str(tiny / "train.jsonl")])
     assert res.returncode == 2 and "Traceback" not in res.stderr and "--adapter" in res.stderr

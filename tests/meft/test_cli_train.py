@@ -11,25 +11,10 @@ import time
 import pytest
 
 from meft.train_state import latest_checkpoint, load_training_state
-from tests.meft.test_data import tiny_model, tiny_tokenizer
 
 MEFT = [sys.executable, "-m", "meft.cli.main"]
 SMALL = ["--adapter-rows", "256", "--expert-size", "16", "--max-active-rows", "64", "--batch-size", "4",
          "--progress", "false", "--wire-dtype", "float32"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny Llama + tokenizer saved as a local HF folder, and a 24-record QA file."""
-    root = tmp_path_factory.mktemp("tiny")
-    tok = tiny_tokenizer()
-    model = tiny_model(len(tok))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    with open(root / "train.jsonl", "w") as fh:
-        for i in range(24):
-            fh.write(json.dumps({"prompt": f"What is the capital of France {i}?", "completion": "Paris"}) + "\n")
-    return root
 
 
 def _cmd(tiny, out, *extra):

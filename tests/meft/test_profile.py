@@ -8,22 +8,8 @@ import sys
 import pytest
 
 from meft.profile_report import predict_link
-from tests.meft.test_data import tiny_model, tiny_tokenizer
 
 MEFT = [sys.executable, "-m", "meft.cli.main"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_profile")
-    tok = tiny_tokenizer()
-    model = tiny_model(len(tok))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    with open(root / "train.jsonl", "w") as fh:
-        for i in range(16):
-            fh.write(json.dumps({"prompt": f"What is the capital of France {i}?", "completion": "Paris"}) + "\n")
-    return root
 
 
 def test_profile_cli_writes_json_trace_png_with_exact_bytes(tiny, tmp_path):
