@@ -99,7 +99,7 @@ def _traffic_totals(rt) -> tuple[int, int, int, float]:
 
 
 def _one_step(model, rt, batches, accum: int) -> tuple[float, int]:
-    """Run `accum` micro-batches and the optimizer step; returns (mean loss, labelled tokens)."""
+    """Run `accum` micro-batches and the optimizer step; returns (mean loss, input tokens, padding excluded)."""
     loss_sum, tokens = 0.0, 0
     device = rt.device
     for batch in batches:
@@ -110,7 +110,8 @@ def _one_step(model, rt, batches, accum: int) -> tuple[float, int]:
         else:
             loss.backward()
         loss_sum += float(loss.detach())
-        tokens += int((batch["labels"] != -100).sum())
+        mask = batch.get("attention_mask")
+        tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     rt.optimizer.step()
     rt.optimizer.zero_grad()
     if rt.backbone_optimizer is not None:
@@ -238,7 +239,7 @@ def _summary_table(s: dict) -> str:
     rows.append(["loss (first -> last step)", _num(s["first_loss"]), _num(s["last_loss"])])
     head = format_table(rows, ["metric", "before", "after"]) + _examples_table(s)
     info = format_table([
-        ["steps", s["steps"]], ["labelled tokens", s["tokens"]],
+        ["steps", s["steps"]], ["tokens (padding excluded)", s["tokens"]],
         ["train time (s)", round(s["train_seconds_this_session"], 1)],
         ["MB rows down (host->device)", round(s["bytes_down"] / 1e6, 1)],
         ["MB grads up (device->host)", round(s["bytes_up"] / 1e6, 1)],
