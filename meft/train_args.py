@@ -29,7 +29,7 @@ class TrainArgs:
                                "set's held-out phrasings, or none for a .jsonl training file.")
     output_dir: str = _f("runs/meft", "Run folder: metrics.jsonl, loss.png, checkpoints/, adapter/, summary.")
     steps: int = _f(0, "Optimizer steps; 0 = derive from --epochs.")
-    epochs: float = _f(2.5, "Passes over the training data when --steps is 0.")
+    epochs: float = _f(2.0, "Passes over the training data when --steps is 0.")
     batch_size: int = _f(16, "Examples per micro-batch.")
     max_length: int = _f(128, "Longest tokenized example (longer ones are truncated).")
     block_size: int = _f(256, "Block length when packing {text} data.")
