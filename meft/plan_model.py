@@ -56,8 +56,10 @@ class PlanRuntime:
     def __init__(self, config: MeftConfig, adapters, d: int, wire: torch.dtype):
         self.config, self.adapters, self.wire = config, adapters, wire
         self.max_rows = config.budget_experts * config.expert_size  # = wrap's scheduler max_rows
-        self.rows_dev = [torch.zeros(self.max_rows, 2 * d, dtype=wire) for _ in adapters]  # [M, 2d]
-        self.ids_dev = [torch.zeros(self.max_rows, dtype=torch.int64) for _ in adapters]  # [M]
+        # lookahead: the runtime reserves 2 x max_rows live rows per layer (prefetch + misses)
+        live = self.max_rows * (2 if config.prefetch == "lookahead" else 1)
+        self.rows_dev = [torch.zeros(live, 2 * d, dtype=wire) for _ in adapters]  # [M, 2d]
+        self.ids_dev = [torch.zeros(live, dtype=torch.int64) for _ in adapters]  # [M]
         self.grads_dev: list[Tensor | None] = [None] * len(adapters)
         self._cache: dict[int, tuple[Routing, Tensor]] = {}
 
