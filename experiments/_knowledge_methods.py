@@ -47,11 +47,18 @@ class Trainer:
         self.trained = list(trained)                      # device params updated by `adam`
 
     def step(self, batch: dict) -> tuple[float, int]:
+        """One optimizer step on `batch`; every method uses the same loss (`meft.loss.causal_lm_loss`:
+        LM head only at labelled positions, as `meft train` does). Returns (loss, labelled tokens)."""
+        from meft.loss import causal_lm_loss
+
+        labelled = int((batch["labels"] != -100).sum())
         if self.rt is not None:
             from meft.train import _one_step
 
-            return _one_step(self.model, self.rt, [batch], 1)
-        loss = self.model(**batch).loss
+            return _one_step(self.model, self.rt, [batch], 1)[0], labelled
+        # peft's wrapper hides `logits_to_keep`; its base model carries the injected LoRA layers
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        loss = causal_lm_loss(inner, batch)
         if self.fused is not None:
             self.fused.backward(loss)
             self.fused.step()
@@ -59,7 +66,7 @@ class Trainer:
             loss.backward()
             self.adam.step()
             self.adam.zero_grad(set_to_none=True)
-        return float(loss.detach()), int((batch["labels"] != -100).sum())
+        return float(loss.detach()), labelled
 
     def close(self) -> None:
         if self.rt is not None:
