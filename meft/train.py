@@ -99,7 +99,7 @@ def _traffic_totals(rt) -> tuple[int, int, int, float]:
 
 
 def _one_step(model, rt, batches, accum: int) -> tuple[float, int]:
-    """Run `accum` micro-batches and the optimizer step; returns (mean loss, input tokens, padding excluded)."""
+    """Run `accum` micro-batches and the optimizer step; returns (mean loss, labelled tokens)."""
     loss_sum, tokens = 0.0, 0
     device = rt.device
     for batch in batches:
@@ -110,8 +110,7 @@ def _one_step(model, rt, batches, accum: int) -> tuple[float, int]:
         else:
             loss.backward()
         loss_sum += float(loss.detach())
-        mask = batch.get("attention_mask")
-        tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        tokens += int((batch["labels"] != -100).sum())
     rt.optimizer.step()
     rt.optimizer.zero_grad()
     if rt.backbone_optimizer is not None:
@@ -174,8 +173,9 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
     with _StopFlag() as stop:
         for step in range(start + 1, total + 1):
             t0 = time.perf_counter()
-            loss, tokens = _one_step(model, rt, [next(data.batches) for _ in range(cfg.grad_accum_steps)],
-                                     cfg.grad_accum_steps)
+            batches = [next(data.batches) for _ in range(cfg.grad_accum_steps)]
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # input tokens, padding excluded
+            loss, _labelled = _one_step(model, rt, batches, cfg.grad_accum_steps)
             for s in scheds:
                 s.step()
             dt = time.perf_counter() - t0
