@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from meft.cli.options import opt
 from meft.config import MeftConfig, parse_dtype
 from meft.plan_configs import load_model_config
 from meft.plan_track import measure_step
@@ -35,28 +36,25 @@ METHODS = ("meft", "dense", "full")
 GiB = 2**30
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class PlanOptions:
-    model: str = _f("llama-2-7b", "Model config: 'llama-2-7b', 'mistral-7b', 'llama-3-8b' (shipped), a hub "
+    model: str = opt("llama-2-7b", "Model config: 'llama-2-7b', 'mistral-7b', 'llama-3-8b' (shipped), a hub "
                     "id of those, an HF config.json or an HF folder. Only the config is read.")
-    gpu_mem: str = _f("24GiB", "GPU memory to plan for, e.g. 24GiB, 80GB, 40000MiB.")
-    host_mem: str | None = _f(None, "Host RAM to plan for (default: this machine's total RAM).")
-    seq: int = _f(512, "Tokens per sequence.")
-    batch: int = _f(4, "Sequences per micro-batch.")
-    dtype: str = _f("bfloat16", "Backbone weight dtype: bfloat16 or float32.")
-    method: str = _f("meft", "'meft' (sparse adapter on the host; backbone per --backbone), 'dense' (a "
+    gpu_mem: str = opt("24GiB", "GPU memory to plan for, e.g. 24GiB, 80GB, 40000MiB.")
+    host_mem: str | None = opt(None, "Host RAM to plan for (default: this machine's total RAM).")
+    seq: int = opt(512, "Tokens per sequence.")
+    batch: int = opt(4, "Sequences per micro-batch.")
+    dtype: str = opt("bfloat16", "Backbone weight dtype: bfloat16 or float32.")
+    method: str = opt("meft", "'meft' (sparse adapter on the host; backbone per --backbone), 'dense' (a "
                      "parallel adapter of --adapter-rows rows resident on the GPU, AdamW) or 'full' "
                      "(AdamW full fine-tuning).")
-    gradient_checkpointing: bool = _f(False, "Recompute decoder-layer activations in backward.")
-    cuda_context: str = _f("0.75GiB", "Margin for the CUDA context, cuBLAS/cuDNN workspaces.")
-    allocator_margin: float = _f(0.08, "Margin for caching-allocator fragmentation, as a fraction of the "
+    gradient_checkpointing: bool = opt(False, "Recompute decoder-layer activations in backward.")
+    cuda_context: str = opt("0.75GiB", "Margin for the CUDA context, cuBLAS/cuDNN workspaces.")
+    allocator_margin: float = opt(0.08, "Margin for caching-allocator fragmentation, as a fraction of the "
                                  "tracked peak.")
-    search: bool = _f(True, "When it does not fit, search the largest batch / row budget / adapter that would.")
-    json: bool = _f(False, "Print the plan as JSON instead of a table.")
+    search: bool = opt(True, "When it does not fit, search the largest batch / row budget / adapter that would.")
+    json: bool = opt(False, "Print the plan as JSON instead of a table.")
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)

@@ -82,6 +82,16 @@ class CopyEngine:
     def close(self) -> None:
         pass
 
+    def _stop_threads(self, queues: dict) -> None:
+        """Stop the per-direction threads fed by `queues`: idempotent, never waits > 10 s per thread."""
+        if self._closed:
+            return
+        self._closed = True
+        for d in (H2D, D2H):
+            queues[d].put(_STOP)
+        for t in self._threads:
+            t.join(timeout=10.0)
+
 
 def _check_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
     if src.shape != dst.shape:
@@ -178,13 +188,7 @@ class ThreadCopyEngine(CopyEngine):
             _call_done(on_done, ev)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for d in (H2D, D2H):
-            self._queues[d].put(_STOP)
-        for t in self._threads:
-            t.join(timeout=10.0)
+        self._stop_threads(self._queues)
 
     def __repr__(self) -> str:
         return f"ThreadCopyEngine(link_gbps={self.link_gbps}, latency_us={self.latency_us})"
@@ -304,13 +308,7 @@ class CudaCopyEngine(CopyEngine):
             _call_done(on_done, ev)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for d in (H2D, D2H):
-            self._watch[d].put(_STOP)
-        for t in self._threads:
-            t.join(timeout=10.0)
+        self._stop_threads(self._watch)
 
     def __repr__(self) -> str:
         return f"CudaCopyEngine(device={self.device})"

@@ -4,33 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from meft.cli.options import add_dataclass_options, resolve_options
+from meft.cli.options import add_dataclass_options, opt, resolve_options
 
 __all__ = ["add_parser", "run", "EvalArgs"]
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class EvalArgs:
-    model: str = _f("default", "Base model: 'default' (SmolLM2-135M-Instruct), a local HF folder or a hub id.")
-    adapter: str | None = _f(None, "Adapter folder written by `meft train` (run_dir/adapter) or "
+    model: str = opt("default", "Base model: 'default' (SmolLM2-135M-Instruct), a local HF folder or a hub id.")
+    adapter: str | None = opt(None, "Adapter folder written by `meft train` (run_dir/adapter) or "
                              "meft.save_adapter; omit to score the base model.")
-    data: str = _f("world_facts:50", "QA or text data: a .jsonl file or a built-in set (as in `meft train`). "
+    data: str = opt("world_facts:50", "QA or text data: a .jsonl file or a built-in set (as in `meft train`). "
                    "QA records are scored by greedy decoding; {text} records by perplexity.")
-    split: str = _f("held_out", "For built-in sets: 'trained' (training phrasings) or 'held_out' "
+    split: str = opt("held_out", "For built-in sets: 'trained' (training phrasings) or 'held_out' "
                     "(same facts, phrasings never trained on).")
-    limit: int = _f(0, "Score at most this many records (0 = all); a seeded sample.")
-    batch_size: int = _f(32, "Prompts (or text windows) per batch.")
-    max_new_tokens: int = _f(12, "Tokens generated per answer.")
-    max_length: int = _f(512, "Window length for perplexity.")
-    seed: int = _f(0, "Seed of the built-in data and of the sample.")
-    json_out: str | None = _f(None, "Also write the full result (with every prediction) to this JSON file.")
-    progress: bool = _f(True, "Show a progress bar.")
+    limit: int = opt(0, "Score at most this many records (0 = all); a seeded sample.")
+    batch_size: int = opt(32, "Prompts (or text windows) per batch.")
+    max_new_tokens: int = opt(12, "Tokens generated per answer.")
+    max_length: int = opt(512, "Window length for perplexity.")
+    seed: int = opt(0, "Seed of the built-in data and of the sample.")
+    json_out: str | None = opt(None, "Also write the full result (with every prediction) to this JSON file.")
+    progress: bool = opt(True, "Show a progress bar.")
 
 
 def add_parser(sub) -> None:

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from meft.cli.options import add_dataclass_options, resolve_options
+from meft.cli.options import add_dataclass_options, opt, resolve_options
 
 __all__ = ["add_parser", "run", "GenerateArgs"]
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class GenerateArgs:
-    model: str = _f("default", "Base model: 'default' (SmolLM2-135M-Instruct), a local HF folder or a hub id.")
-    adapter: str | None = _f(None, "Adapter folder (run_dir/adapter of `meft train`); omit for the base model.")
-    prompt_file: str | None = _f(None, "A text file with one prompt per line (in addition to PROMPT args).")
-    max_new_tokens: int = _f(64, "Tokens generated per answer (greedy decoding).")
-    batch_size: int = _f(8, "Prompts answered together.")
+    model: str = opt("default", "Base model: 'default' (SmolLM2-135M-Instruct), a local HF folder or a hub id.")
+    adapter: str | None = opt(None, "Adapter folder (run_dir/adapter of `meft train`); omit for the base model.")
+    prompt_file: str | None = opt(None, "A text file with one prompt per line (in addition to PROMPT args).")
+    max_new_tokens: int = opt(64, "Tokens generated per answer (greedy decoding).")
+    batch_size: int = opt(8, "Prompts answered together.")
 
 
 def add_parser(sub) -> None:

@@ -15,7 +15,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_dataclass_options", "read_config_file", "resolve_options", "OptionsError"]
+__all__ = ["opt", "add_dataclass_options", "read_config_file", "resolve_options", "OptionsError"]
+
+
+def opt(default, help: str):
+    """A dataclass field carrying its `--help` text (what `add_dataclass_options` reads)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 class OptionsError(ValueError):
