@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from meft.cli.options import add_dataclass_options, opt, resolve_options
+from meft.cli.options import add_command, opt, resolve_options
 
 __all__ = ["add_parser", "run", "EvalArgs"]
 
@@ -31,14 +31,11 @@ class EvalArgs:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="score a model (or model + adapter) on QA or text data",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  meft eval --adapter runs/meft/adapter\n"
-                              "  meft eval --data facts.jsonl --limit 200\n"
-                              "  meft eval --data corpus.jsonl  # perplexity")
-    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of options (command line wins)")
-    add_dataclass_options(p, EvalArgs, "eval")
-    p.set_defaults(run=run)
+    add_command(sub, "eval", help="score a model (or model + adapter) on QA or text data", description=__doc__,
+                epilog="examples:\n  meft eval --adapter runs/meft/adapter\n"
+                       "  meft eval --data facts.jsonl --limit 200\n"
+                       "  meft eval --data corpus.jsonl  # perplexity",
+                run=run, groups=[(EvalArgs, "eval")])
 
 
 def load_scored_model(model_arg: str, adapter: str | None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from meft.cli.options import add_dataclass_options, opt, resolve_options
+from meft.cli.options import add_command, opt, resolve_options
 
 __all__ = ["add_parser", "run", "GenerateArgs"]
 
@@ -21,13 +21,10 @@ class GenerateArgs:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="answer prompts with a model (or model + adapter)", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog='example:\n  meft generate --adapter runs/meft/adapter "What is the capital of Peru?"')
+    p = add_command(sub, "generate", help="answer prompts with a model (or model + adapter)", description=__doc__,
+                    epilog='example:\n  meft generate --adapter runs/meft/adapter "What is the capital of Peru?"',
+                    run=run, groups=[(GenerateArgs, "generate")])
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts to answer")
-    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of options (command line wins)")
-    add_dataclass_options(p, GenerateArgs, "generate")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

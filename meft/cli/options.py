@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-__all__ = ["opt", "add_dataclass_options", "read_config_file", "resolve_options", "OptionsError"]
+__all__ = ["opt", "add_command", "add_dataclass_options", "read_config_file", "resolve_options", "OptionsError"]
 
 
 def opt(default, help: str):
@@ -77,6 +77,18 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str
             "--" + f.name.replace("_", "-"), dest=f.name, type=_converter(hints[f.name]), default=None,
             help=f"{help_text} (default: {default!r})", **extra,
         )
+
+
+def add_command(sub, name: str, *, help: str, description: str, epilog: str, run,
+                groups: list[tuple[type, str]]) -> argparse.ArgumentParser:
+    """A subcommand parser: `--config FILE`, one option group per (dataclass, title), and `run`."""
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of options (command line wins)")
+    for cls, title in groups:
+        add_dataclass_options(p, cls, title)
+    p.set_defaults(run=run)
+    return p
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from meft.cli.options import add_dataclass_options, resolve_options
+from meft.cli.options import add_command, resolve_options
 
 __all__ = ["add_parser", "run"]
 
@@ -26,13 +26,10 @@ def add_parser(sub) -> None:
     from meft.config import MeftConfig
     from meft.plan import PlanOptions
 
-    p = sub.add_parser("plan", help="estimate GPU peak memory and host RAM of a training step (no GPU needed)",
-                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of options (command line wins)")
+    p = add_command(sub, "plan", help="estimate GPU peak memory and host RAM of a training step (no GPU needed)",
+                    description=__doc__, epilog=EPILOG, run=run,
+                    groups=[(PlanOptions, "plan"), (MeftConfig, "adapter (MeftConfig)")])
     p.add_argument("--debug", action="store_true", help="Show full tracebacks for user errors.")
-    add_dataclass_options(p, PlanOptions, "plan")
-    add_dataclass_options(p, MeftConfig, "adapter (MeftConfig)")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

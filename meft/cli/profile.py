@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from meft.cli.options import add_dataclass_options, resolve_options
+from meft.cli.options import add_command, resolve_options
 
 __all__ = ["add_parser", "run", "ProfileOptions"]
 
@@ -32,13 +32,10 @@ def add_parser(sub) -> None:
     from meft.config import MeftConfig
     from meft.train_args import TrainArgs
 
-    p = sub.add_parser("profile", help="profile PCIe traffic, CPU updates and compute of a few training steps",
-                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of options (command line wins)")
-    add_dataclass_options(p, ProfileOptions, "profile")
-    add_dataclass_options(p, TrainArgs, "run (as meft train)")
-    add_dataclass_options(p, MeftConfig, "adapter (MeftConfig)")
-    p.set_defaults(run=run)
+    add_command(sub, "profile", help="profile PCIe traffic, CPU updates and compute of a few training steps",
+                description=__doc__, epilog=EPILOG, run=run,
+                groups=[(ProfileOptions, "profile"), (TrainArgs, "run (as meft train)"),
+                        (MeftConfig, "adapter (MeftConfig)")])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from meft.cli.options import add_dataclass_options, resolve_options
+from meft.cli.options import add_command, resolve_options
 
 __all__ = ["add_parser", "run"]
 
@@ -20,12 +20,8 @@ def add_parser(sub) -> None:
     from meft.config import MeftConfig
     from meft.train_args import TrainArgs
 
-    p = sub.add_parser("train", help="fine-tune with a sparse adapter held in CPU memory",
-                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of options (command line wins)")
-    add_dataclass_options(p, TrainArgs, "run")
-    add_dataclass_options(p, MeftConfig, "adapter (MeftConfig)")
-    p.set_defaults(run=run)
+    add_command(sub, "train", help="fine-tune with a sparse adapter held in CPU memory", description=__doc__,
+                epilog=EPILOG, run=run, groups=[(TrainArgs, "run"), (MeftConfig, "adapter (MeftConfig)")])
 
 
 def run(args: argparse.Namespace) -> int:
