@@ -13,6 +13,8 @@ finish, so a long run can be stopped and resumed (`--resume`) and the tables reb
 
     python experiments/knowledge.py --quick              # minutes: tiny sets, a few steps
     python experiments/knowledge.py --seeds 0 1          # the fuller run (see BENCHMARKS.md)
+    python experiments/knowledge.py --seeds 0 --lrs 1e-3 3e-3 1e-2   # lr sweep (one seed)
+    python experiments/knowledge.py --seeds 1 --lr-for meft=1e-2 lora8=1e-3 ...  # more seeds at chosen lrs
     python experiments/knowledge.py --report --out F     # tables from an existing results file
 """
 
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from experiments._knowledge_report import format_report  # noqa: E402
+from experiments._knowledge_report import ADAMW_FREE, format_report  # noqa: E402
 from experiments._knowledge_run import RunSpec  # noqa: E402
 
 __all__ = ["main", "parse_args", "specs_for"]
@@ -55,6 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-active-rows", type=int, default=1024)
     p.add_argument("--expert-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (meft rows/router, LoRA, dense)")
+    p.add_argument("--lrs", type=float, nargs="+", metavar="LR",
+                   help="sweep: run every AdamW-trained method at each of these lrs (replaces --lr); the "
+                        "report compares each method at its lr with the best exact match on the trained split")
+    p.add_argument("--lr-for", nargs="+", default=[], metavar="METHOD=LR",
+                   help="AdamW lr of one method, e.g. --lr-for meft=1e-2 lora8=1e-3 (wins over --lr/--lrs)")
     p.add_argument("--backbone-lr", type=float, default=1e-3, help="AdaLomo lr (meft_adalomo, full_adalomo)")
     p.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--chat", action="store_true", help="chat template with its long system prompt")
@@ -65,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON RunSpec, run in this process
     args = p.parse_args(argv)
+    args.lr_for = _parse_lr_for(p, args.lr_for, args.methods)
     if args.quick:
         for k, v in QUICK.items():  # options given explicitly win over the quick preset
             if getattr(args, k) == p.get_default(k):
@@ -74,6 +82,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _parse_lr_for(p: argparse.ArgumentParser, items: list[str], methods: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        method, _, value = item.partition("=")
+        try:
+            out[method] = float(value)
+        except ValueError:
+            p.error(f"--lr-for {item!r}: write METHOD=LR, e.g. meft=1e-2")
+        if method not in methods or method in ADAMW_FREE:
+            p.error(f"--lr-for {item!r}: {method!r} is not an AdamW-trained method of this run "
+                    f"(--methods {' '.join(methods)}; {', '.join(ADAMW_FREE)} have no AdamW lr)")
+    return out
+
+
+def _lrs_for(args, method: str) -> list[float]:
+    """The AdamW lrs `method` runs at: --lr-for, else the --lrs grid, else --lr (one run for lr-free methods)."""
+    if method in args.lr_for:
+        return [args.lr_for[method]]
+    if method in ADAMW_FREE or not args.lrs:
+        return [args.lr]
+    return list(args.lrs)
+
+
 def specs_for(args) -> list[RunSpec]:
     """Every run, seed-major (all methods of seed 0 first, so a cut-short run still compares them)."""
     out = []
@@ -81,11 +112,13 @@ def specs_for(args) -> list[RunSpec]:
         for ds in args.datasets:
             n = args.n_fictional if ds == "fictional" else (args.n_countries or 10_000)
             for method in ["base"] * (seed == args.seeds[0]) + list(args.methods):
-                out.append(RunSpec(method=method, dataset=ds, n_facts=n, seed=seed, steps=args.steps,
-                                   batch_size=args.batch_size, rows=args.rows,
-                                   max_active_rows=args.max_active_rows, expert_size=args.expert_size,
-                                   lr=args.lr, backbone_lr=args.backbone_lr, state_dtype=args.state_dtype,
-                                   chat=args.chat, eval_limit=args.eval_limit))
+                # the untrained model has no lr: keep its spec (the --resume key) the same across sweeps
+                lrs = [{}] if method == "base" else [dict(lr=lr, backbone_lr=args.backbone_lr)
+                                                     for lr in _lrs_for(args, method)]
+                out += [RunSpec(method=method, dataset=ds, n_facts=n, seed=seed, steps=args.steps,
+                                batch_size=args.batch_size, rows=args.rows, max_active_rows=args.max_active_rows,
+                                expert_size=args.expert_size, state_dtype=args.state_dtype, chat=args.chat,
+                                eval_limit=args.eval_limit, **kw) for kw in lrs]
     return out
 
 

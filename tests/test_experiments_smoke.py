@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from experiments import bench_step
+from experiments import bench_step, knowledge
 from experiments._knowledge_methods import METHODS, build_trainer, device_memory
-from experiments._knowledge_report import format_report
+from experiments._knowledge_report import format_report, summarize
 from experiments._knowledge_run import RunSpec, run_one
 from tests.meft.test_data import tiny_model, tiny_tokenizer
 
@@ -72,8 +72,33 @@ def test_dense_adapter_starts_equal_to_base(tiny_dir):
 def test_report_flags_targets(results):
     rows = [dict(r, spec=dict(r["spec"])) for r in results.values()]
     text, summary = format_report(rows, command="test")
-    assert "MEFT - LoRA r=8" in text and "LoRA r=64" in text and "dense adapter" in text
+    assert "- LoRA r=8 (lr 0.001" in text and "LoRA r=64" in text and "dense adapter (lr" in text
     assert set(summary["fictional"]) == set(METHODS)
+
+
+def test_lr_sweep_specs():
+    args = knowledge.parse_args(["--methods", "meft", "lora8", "full_adalomo", "--lrs", "1e-3", "1e-2",
+                                 "--lr-for", "lora8=3e-3", "--seeds", "0", "1", "--datasets", "fictional"])
+    got = sorted((s.method, s.seed, s.lr) for s in knowledge.specs_for(args))
+    assert got == sorted([("base", 0, 1e-3)] + [("meft", sd, lr) for sd in (0, 1) for lr in (1e-3, 1e-2)]
+                         + [("lora8", sd, 3e-3) for sd in (0, 1)] + [("full_adalomo", sd, 1e-3) for sd in (0, 1)])
+    with pytest.raises(SystemExit):  # full_adalomo has no AdamW lr: refused, not silently ignored
+        knowledge.parse_args(["--methods", "full_adalomo", "--lr-for", "full_adalomo=1e-2"])
+
+
+def test_report_compares_each_method_at_its_best_lr_on_the_sweep_seed(results):
+    def run(seed, lr, em_trained):
+        r = json.loads(json.dumps(results["meft"]))
+        r["spec"].update(seed=seed, lr=lr)
+        r["eval"]["trained"]["exact_match"] = em_trained
+        return r
+    # seed 0 ran at both lrs and chooses 1e-2; seed 1 ran only there; the table reports the mean of both
+    rows = [run(0, 1e-3, 0.2), run(0, 1e-2, 0.6), run(1, 1e-2, 0.4)]
+    got = summarize(rows)["fictional"]["meft"]
+    assert got["lr"] == 1e-2 and got["seeds"] == [0, 1] and got["em_trained"] == pytest.approx(0.5)
+    assert set(got["by_lr"]) == {1e-3, 1e-2}
+    rows[0]["eval"]["trained"]["exact_match"] = 0.6  # a tie goes to the smaller lr
+    assert summarize(rows)["fictional"]["meft"]["lr"] == 1e-3
 
 
 def test_bench_step_json_ends_with_ratios(tiny_dir, capsys):
