@@ -5,7 +5,7 @@ Public names are resolved lazily (PEP 562) so `import meft` stays cheap and neve
 
 from importlib import import_module
 
-__all__ = ["wrap", "unwrap", "MeftConfig", "Lomo", "AdaLomo", "save_adapter", "load_adapter"]
+__all__ = ["wrap", "unwrap", "MeftConfig", "Lomo", "AdaLomo", "save_adapter", "load_adapter", "MeftCallback"]
 
 _WHERE = {
     "wrap": "meft.model",
@@ -15,6 +15,7 @@ _WHERE = {
     "AdaLomo": "meft.lomo",
     "save_adapter": "meft.checkpoint",
     "load_adapter": "meft.checkpoint",
+    "MeftCallback": "meft.hf_trainer",  # transformers.Trainer integration
 }
 
 

@@ -271,6 +271,15 @@ class MeftRuntime:
         self.remove_hooks()
         self.scheduler.close()
 
+    def traffic_totals(self) -> tuple[int, int, int, float]:
+        """(bytes down, bytes up, rows down, CPU update ms) so far, from the meter (zeros without one)."""
+        if self.meter is None:
+            return 0, 0, 0, 0.0
+        rep = self.meter.report()
+        h2d, d2h = rep["totals"].get("h2d", {}), rep["totals"].get("d2h", {})
+        return (h2d.get("bytes", 0), d2h.get("bytes", 0), h2d.get("rows", 0),
+                rep["cpu"].get("update", {}).get("ms", 0.0))
+
     def summary(self) -> dict:
         from meft.model import summary
         return summary(self)

@@ -87,17 +87,6 @@ def _evaluate(model, tokenizer, data: RunData, args: TrainArgs, label: str) -> d
     return out
 
 
-def _traffic_totals(rt) -> tuple[int, int, int, float]:
-    """(bytes down, bytes up, rows down, CPU update ms) so far, from the meter (zeros without one)."""
-    if rt.meter is None:
-        return 0, 0, 0, 0.0
-    rep = rt.meter.report()
-    tot = rep["totals"]
-    h2d, d2h = tot.get("h2d", {}), tot.get("d2h", {})
-    return (h2d.get("bytes", 0), d2h.get("bytes", 0), h2d.get("rows", 0),
-            rep["cpu"].get("update", {}).get("ms", 0.0))
-
-
 def _one_step(model, rt, batches, accum: int) -> tuple[float, int]:
     """Run `accum` micro-batches and the optimizer step; returns (mean loss, labelled tokens)."""
     loss_sum, tokens = 0.0, 0
@@ -169,7 +158,7 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=start, desc="train", disable=not args.progress, dynamic_ncols=True)
-    prev = _traffic_totals(rt)
+    prev = rt.traffic_totals()
     with _StopFlag() as stop:
         for step in range(start + 1, total + 1):
             t0 = time.perf_counter()
@@ -179,7 +168,7 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
             for s in scheds:
                 s.step()
             dt = time.perf_counter() - t0
-            now = _traffic_totals(rt)
+            now = rt.traffic_totals()
             rec = {"step": step, "loss": loss, "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt,
                    "active_rows": now[2] - prev[2], "mb_down": (now[0] - prev[0]) / 1e6,
                    "mb_up": (now[1] - prev[1]) / 1e6, "cpu_update_ms": now[3] - prev[3],
