@@ -188,7 +188,11 @@ def format_report(results: list[dict], *, command: str) -> tuple[str, dict]:
         parts += [_run_row(r) for r in rs] + [""]
         parts += _mean_table(summary.get(ds, {})) + [""]
         parts += _targets(ds, summary.get(ds, {})) + [""]
-        toks = {tuple(v["labelled_tokens"]) for m, v in summary.get(ds, {}).items() if m != "base"}
-        parts.append(f"Same training tokens for every method of a seed: {'yes' if len(toks) <= 1 else toks}")
+        toks = defaultdict(set)  # seed -> labelled tokens of every trained run (any method, any lr)
+        for r in rs:
+            if "error" not in r and r["spec"]["method"] != "base":
+                toks[r["spec"]["seed"]].add(r["labelled_tokens"])
+        same = all(len(v) == 1 for v in toks.values())
+        parts.append(f"Same training tokens for every run of a seed: {'yes' if same else dict(toks)}")
         parts.append("")
     return "\n".join(parts), summary

@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="skip runs already in --out")
     p.add_argument("--report", action="store_true", help="only print the tables of --out")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+    p.add_argument("--plot", metavar="PNG", help="also draw exact match against AdamW lr per method (a sweep)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON RunSpec, run in this process
     args = p.parse_args(argv)
     args.lr_for = _parse_lr_for(p, args.lr_for, args.methods)
@@ -172,6 +173,10 @@ def main(argv=None) -> int:
                 fh.write(json.dumps(res) + "\n")
     text, summary = format_report(_load_results(out), command=" ".join(sys.argv))
     print(text)
+    if args.plot:
+        from experiments._knowledge_plot import plot_sweep
+
+        print(f"wrote {plot_sweep(_load_results(out), args.plot)}")
     if args.json:
         print(json.dumps(summary))
     return 0

@@ -101,6 +101,14 @@ def test_report_compares_each_method_at_its_best_lr_on_the_sweep_seed(results):
     assert summarize(rows)["fictional"]["meft"]["lr"] == 1e-3
 
 
+def test_sweep_plot_writes_png(results, tmp_path):
+    pytest.importorskip("matplotlib")
+    from experiments._knowledge_plot import plot_sweep
+
+    path = plot_sweep(list(results.values()), str(tmp_path / "sweep.png"))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bench_step_json_ends_with_ratios(tiny_dir, capsys):
     bench_step.main(["--json", "--model", tiny_dir, "--batch-size", "4", "--rows", "64", "--max-active-rows",
                      "32", "--expert-size", "16", "--rounds", "1", "--warmup", "1"])
