@@ -73,12 +73,12 @@ class Trainer:
             self.rt.close()
 
 
-def _meft(model, *, seed, rows, max_active_rows, expert_size, adapter_lr, backbone, backbone_lr,
-          state_dtype):
+def _meft(model, *, seed, rows, max_active_rows, expert_size, adapter_lr, router_lr, backbone,
+          backbone_lr, state_dtype):
     import meft
 
     cfg = meft.MeftConfig(adapter_rows=rows, expert_size=expert_size, max_active_rows=max_active_rows,
-                          adapter_lr=adapter_lr, router_lr=adapter_lr, backbone=backbone,
+                          adapter_lr=adapter_lr, router_lr=router_lr, backbone=backbone,
                           backbone_lr=backbone_lr, state_dtype=state_dtype, seed=seed)
     meft.wrap(model, cfg)
     return model, {"rt": model.meft}
@@ -124,8 +124,11 @@ def _full_adalomo(model, *, lr):
 
 def build_trainer(method: str, model: nn.Module, *, seed: int = 0, rows: int = 4096,
                   max_active_rows: int = 1024, expert_size: int = 32, lr: float = 1e-3,
-                  backbone_lr: float = 1e-3, state_dtype: str = "float32") -> Trainer:
-    """Turn a freshly loaded `model` (training mode) into `method`'s trainer; see the module docstring."""
+                  backbone_lr: float = 1e-3, state_dtype: str = "float32",
+                  router_lr: float | None = None) -> Trainer:
+    """Turn a freshly loaded `model` (training mode) into `method`'s trainer; see the module docstring.
+
+    `lr` is the AdamW lr of every AdamW-trained tensor; MEFT's router gates use `router_lr` if given."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {METHODS}")
     torch.manual_seed(seed)
@@ -133,6 +136,7 @@ def build_trainer(method: str, model: nn.Module, *, seed: int = 0, rows: int = 4
     if method in ("meft", "meft_adalomo"):
         model, kw = _meft(model, seed=seed, rows=rows, max_active_rows=max_active_rows,
                           expert_size=expert_size, adapter_lr=lr, state_dtype=state_dtype,
+                          router_lr=lr if router_lr is None else router_lr,
                           backbone="frozen" if method == "meft" else "adalomo", backbone_lr=backbone_lr)
     elif method.startswith("lora"):
         model, kw = _lora(model, r=int(method[4:]), lr=lr)

@@ -8,7 +8,7 @@ horizontal dashed lines. The lr each method is compared at (`_knowledge_report._
 
 from __future__ import annotations
 
-from experiments._knowledge_report import ORDER, summarize
+from experiments._knowledge_report import method_label, order_key, summarize
 
 __all__ = ["plot_sweep"]
 
@@ -25,7 +25,7 @@ def plot_sweep(results: list[dict], path: str) -> str:
     fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 4.2 * len(datasets)), squeeze=False)
     for row, ds in zip(axes, datasets):
         by_method = summary[ds]
-        methods = sorted(by_method, key=lambda m: ORDER.index(m) if m in ORDER else 99)
+        methods = sorted(by_method, key=order_key)
         for ax, split in zip(row, ("trained", "held_out")):
             for i, m in enumerate(methods):
                 v, color = by_method[m], f"C{i}"
@@ -37,7 +37,7 @@ def plot_sweep(results: list[dict], path: str) -> str:
                 for lr in lrs:
                     for r in results:
                         s = r["spec"]
-                        if "error" not in r and s["dataset"] == ds and s["method"] == m and s["lr"] == lr:
+                        if "error" not in r and s["dataset"] == ds and method_label(s) == m and s["lr"] == lr:
                             ax.plot([lr], [100 * r["eval"][split]["exact_match"]], ".", color=color, alpha=0.4)
                 ax.plot([v["lr"]], [100 * v[f"em_{split}"]], "o", ms=13, mfc="none", color=color)
             ax.set_xscale("log")

@@ -13,7 +13,7 @@ import statistics
 import time
 from collections import defaultdict
 
-__all__ = ["format_report", "machine_header", "summarize"]
+__all__ = ["format_report", "machine_header", "method_label", "order_key", "summarize"]
 
 MiB, GiB = 2**20, 2**30
 ADAMW_FREE = ("base", "full_adalomo")  # methods whose result does not depend on the AdamW lr
@@ -51,6 +51,12 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def method_label(spec: dict) -> str:
+    """The method's name in tables; a MEFT run with its own router lr is a method of its own."""
+    router = spec.get("router_lr")
+    return spec["method"] if router is None else f"{spec['method']} (router lr {router:g})"
+
+
 def _em(r: dict, split: str, metric: str = "exact_match"):
     return r.get("eval", {}).get(split, {}).get(metric)
 
@@ -58,11 +64,12 @@ def _em(r: dict, split: str, metric: str = "exact_match"):
 def _run_row(r: dict) -> str:
     s, dm = r["spec"], r.get("device")
     if "error" in r:
-        return f"| {s['method']} | {_lr(s)} | {s['seed']} | FAILED: {r['error'].strip().splitlines()[-1][:120]} |"
+        return f"| {method_label(s)} | {_lr(s)} | {s['seed']} | FAILED: {r['error'].strip().splitlines()[-1][:120]} |"
     if s["method"] == "base":
         return (f"| base (untrained) | - | - | 0 | 0 | - | - | {_pct(_em(r, 'trained'))} | {_pct(_em(r, 'held_out'))} "
                 f"| {_pct(_em(r, 'trained', 'contains'))} | - | - | - | - | - | - | - | - | - |")
-    return (f"| {s['method']} | {_lr(s)} | {s['seed']} | {s['steps']} | {r['labelled_tokens']:,} | {r['epochs']:.1f} "
+    return (f"| {method_label(s)} | {_lr(s)} | {s['seed']} | {s['steps']} | {r['labelled_tokens']:,} "
+            f"| {r['epochs']:.1f} "
             f"| {r['first_loss']:.2f} -> {r['last_loss']:.3f} | {_pct(_em(r, 'trained'))} "
             f"| {_pct(_em(r, 'held_out'))} | {_pct(_em(r, 'trained', 'contains'))} "
             f"| {dm['weights'] / MiB:.0f} | {dm['grads'] / MiB:.1f} | {dm['optimizer'] / MiB:.1f} "
@@ -80,9 +87,14 @@ _HEAD = ("| method | AdamW lr | seed | steps | labelled tokens | epochs | loss f
          "| MEFT host stores GiB | step s (median) |\n" + "|---" * 19 + "|")
 
 
+def order_key(label: str) -> tuple:
+    """Sort key of a method label: ORDER's place of its method, then the label."""
+    m = label.split(" ")[0]
+    return (ORDER.index(m) if m in ORDER else 99, label)
+
+
 def _order(r: dict) -> tuple:
-    m = r["spec"]["method"]
-    return (ORDER.index(m) if m in ORDER else 99, r["spec"]["lr"], r["spec"]["seed"])
+    return (order_key(method_label(r["spec"])), r["spec"]["lr"], r["spec"]["seed"])
 
 
 def _stats(m: str, rs: list[dict]) -> dict:
@@ -118,7 +130,7 @@ def summarize(results: list[dict]) -> dict:
     for r in results:
         if "error" not in r:
             m = r["spec"]["method"]
-            acc[r["spec"]["dataset"]][m][0.0 if m in ADAMW_FREE else r["spec"]["lr"]].append(r)
+            acc[r["spec"]["dataset"]][method_label(r["spec"])][0.0 if m in ADAMW_FREE else r["spec"]["lr"]].append(r)
     out = {}
     for ds, by in acc.items():
         out[ds] = {}
@@ -159,7 +171,7 @@ def _mean_table(by: dict) -> list[str]:
     """One line per (method, AdamW lr); the lr each method is compared at is marked."""
     lines = ["| method | AdamW lr | seeds | EM trained % (mean) | EM held-out % (mean) | dev total MiB | step s "
              "| compared at |", "|---|---|---|---|---|---|---|---|"]
-    for m in sorted(by, key=lambda k: ORDER.index(k) if k in ORDER else 99):
+    for m in sorted(by, key=order_key):
         for lr, v in sorted(by[m]["by_lr"].items()):
             dev = "-" if v["device_total"] is None else f"{v['device_total'] / MiB:.0f}"
             st = "-" if v["step_s"] is None else f"{v['step_s']:.2f}"

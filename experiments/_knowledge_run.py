@@ -34,6 +34,7 @@ class RunSpec:
     expert_size: int = 32
     lr: float = 1e-3               # AdamW lr: meft rows + router, LoRA, dense
     backbone_lr: float = 1e-3      # AdaLomo lr: meft_adalomo backbone, full_adalomo
+    router_lr: float | None = None  # meft router gates; None = lr (a run with its own is reported apart)
     state_dtype: str = "float32"
     chat: bool = False             # chat template (long system prompt) or plain "question answer</s>"
     eval_limit: int = 200
@@ -98,7 +99,7 @@ def run_one(spec: RunSpec) -> dict:
     batches = _batches(facts, tok, spec)
     tr = build_trainer(spec.method, model, seed=spec.seed, rows=spec.rows, max_active_rows=spec.max_active_rows,
                        expert_size=spec.expert_size, lr=spec.lr, backbone_lr=spec.backbone_lr,
-                       state_dtype=spec.state_dtype)
+                       state_dtype=spec.state_dtype, router_lr=spec.router_lr)
     step_s, losses, labelled, input_tokens = [], [], 0, 0
     t_train = time.perf_counter()
     for _ in range(spec.steps):

@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "report compares each method at its lr with the best exact match on the trained split")
     p.add_argument("--lr-for", nargs="+", default=[], metavar="METHOD=LR",
                    help="AdamW lr of one method, e.g. --lr-for meft=1e-2 lora8=1e-3 (wins over --lr/--lrs)")
+    p.add_argument("--router-lr", type=float, default=None,
+                   help="AdamW lr of MEFT's router gates (default: the method's AdamW lr); such runs are "
+                        "reported as their own method, e.g. 'meft (router lr 0.001)'")
     p.add_argument("--backbone-lr", type=float, default=1e-3, help="AdaLomo lr (meft_adalomo, full_adalomo)")
     p.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--chat", action="store_true", help="chat template with its long system prompt")
@@ -114,7 +117,8 @@ def specs_for(args) -> list[RunSpec]:
             n = args.n_fictional if ds == "fictional" else (args.n_countries or 10_000)
             for method in ["base"] * (seed == args.seeds[0]) + list(args.methods):
                 # the untrained model has no lr: keep its spec (the --resume key) the same across sweeps
-                lrs = [{}] if method == "base" else [dict(lr=lr, backbone_lr=args.backbone_lr)
+                router = {"router_lr": args.router_lr} if method.startswith("meft") and args.router_lr else {}
+                lrs = [{}] if method == "base" else [dict(lr=lr, backbone_lr=args.backbone_lr, **router)
                                                      for lr in _lrs_for(args, method)]
                 out += [RunSpec(method=method, dataset=ds, n_facts=n, seed=seed, steps=args.steps,
                                 batch_size=args.batch_size, rows=args.rows, max_active_rows=args.max_active_rows,

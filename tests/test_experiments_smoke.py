@@ -82,6 +82,9 @@ def test_lr_sweep_specs():
     got = sorted((s.method, s.seed, s.lr) for s in knowledge.specs_for(args))
     assert got == sorted([("base", 0, 1e-3)] + [("meft", sd, lr) for sd in (0, 1) for lr in (1e-3, 1e-2)]
                          + [("lora8", sd, 3e-3) for sd in (0, 1)] + [("full_adalomo", sd, 1e-3) for sd in (0, 1)])
+    args = knowledge.parse_args(["--methods", "meft", "lora8", "--router-lr", "1e-4", "--datasets", "fictional",
+                                 "--seeds", "0"])
+    assert {s.method: s.router_lr for s in knowledge.specs_for(args)} == {"base": None, "meft": 1e-4, "lora8": None}
     with pytest.raises(SystemExit):  # full_adalomo has no AdamW lr: refused, not silently ignored
         knowledge.parse_args(["--methods", "full_adalomo", "--lr-for", "full_adalomo=1e-2"])
 
@@ -99,6 +102,8 @@ def test_report_compares_each_method_at_its_best_lr_on_the_sweep_seed(results):
     assert set(got["by_lr"]) == {1e-3, 1e-2}
     rows[0]["eval"]["trained"]["exact_match"] = 0.6  # a tie goes to the smaller lr
     assert summarize(rows)["fictional"]["meft"]["lr"] == 1e-3
+    rows[2]["spec"]["router_lr"] = 1e-4  # its own router lr: reported as a method of its own
+    assert set(summarize(rows)["fictional"]) == {"meft", "meft (router lr 0.0001)"}
 
 
 def test_sweep_plot_writes_png(results, tmp_path):
