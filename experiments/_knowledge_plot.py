@@ -25,7 +25,7 @@ def plot_sweep(results: list[dict], path: str) -> str:
     fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 4.2 * len(datasets)), squeeze=False)
     for row, ds in zip(axes, datasets):
         by_method = summary[ds]
-        methods = sorted(by_method, key=order_key)
+        methods = sorted(by_method, key=lambda k: order_key(by_method[k]["method"], k))
         for ax, split in zip(row, ("trained", "held_out")):
             for i, m in enumerate(methods):
                 v, color = by_method[m], f"C{i}"

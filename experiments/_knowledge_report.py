@@ -87,20 +87,22 @@ _HEAD = ("| method | AdamW lr | seed | steps | labelled tokens | epochs | loss f
          "| MEFT host stores GiB | step s (median) |\n" + "|---" * 19 + "|")
 
 
-def order_key(label: str) -> tuple:
-    """Sort key of a method label: ORDER's place of its method, then the label."""
-    m = label.split(" ")[0]
-    return (ORDER.index(m) if m in ORDER else 99, label)
+def order_key(method: str, label: str) -> tuple:
+    """Sort key of a table line: ORDER's place of its method, then its label (`method_label`)."""
+    return (ORDER.index(method) if method in ORDER else 99, label)
 
 
 def _order(r: dict) -> tuple:
-    return (order_key(method_label(r["spec"])), r["spec"]["lr"], r["spec"]["seed"])
+    return (order_key(r["spec"]["method"], method_label(r["spec"])), r["spec"]["lr"], r["spec"]["seed"])
 
 
-def _stats(m: str, rs: list[dict]) -> dict:
+def _stats(rs: list[dict]) -> dict:
+    """Means over the runs `rs` of one (method label, lr)."""
+    m = rs[0]["spec"]["method"]
+
     def mean(f):
-        return statistics.fmean([f(x) for x in rs]) if rs else None
-    return {"lr": None if m in ADAMW_FREE else rs[0]["spec"]["lr"],
+        return statistics.fmean([f(x) for x in rs])
+    return {"method": m, "lr": None if m in ADAMW_FREE else rs[0]["spec"]["lr"],
             "seeds": sorted(x["spec"]["seed"] for x in rs),
             "em_trained": mean(lambda x: _em(x, "trained")),
             "em_trained_by_seed": {x["spec"]["seed"]: _em(x, "trained") for x in rs},
@@ -122,7 +124,7 @@ def _best(by_lr: dict) -> float:
 
 
 def summarize(results: list[dict]) -> dict:
-    """dataset -> method -> stats at the method's chosen lr (`_best`), with every lr under "by_lr".
+    """dataset -> method label (`method_label`) -> stats at its chosen lr (`_best`), every lr under "by_lr".
 
     Stats are means over seeds: EM trained / held-out, device total, step s, labelled tokens.
     """
@@ -134,9 +136,9 @@ def summarize(results: list[dict]) -> dict:
     out = {}
     for ds, by in acc.items():
         out[ds] = {}
-        for m, by_lr_runs in by.items():
-            by_lr = {lr: _stats(m, rs) for lr, rs in by_lr_runs.items()}
-            out[ds][m] = dict(by_lr[_best(by_lr)], by_lr=by_lr)
+        for label, by_lr_runs in by.items():
+            by_lr = {lr: _stats(rs) for lr, rs in by_lr_runs.items()}
+            out[ds][label] = dict(by_lr[_best(by_lr)], by_lr=by_lr)
     return out
 
 
@@ -147,7 +149,7 @@ def _at(v: dict) -> str:
 def _frozen_meft(s: dict) -> tuple[str, dict] | tuple[None, None]:
     """MEFT with a frozen backbone as compared: among its variants ('meft', 'meft (router lr X)'), the one
     with the best mean exact match on the trained split (each variant already at its best lr)."""
-    variants = [k for k in s if k == "meft" or k.startswith("meft (")]
+    variants = [k for k, v in s.items() if v["method"] == "meft"]
     if not variants:
         return None, None
     best = max(variants, key=lambda k: (s[k]["em_trained"], k == "meft"))
@@ -181,7 +183,7 @@ def _mean_table(by: dict) -> list[str]:
     """One line per (method, AdamW lr); the lr each method is compared at is marked."""
     lines = ["| method | AdamW lr | seeds | EM trained % (mean) | EM held-out % (mean) | dev total MiB | step s "
              "| compared at |", "|---|---|---|---|---|---|---|---|"]
-    for m in sorted(by, key=order_key):
+    for m in sorted(by, key=lambda k: order_key(by[k]["method"], k)):
         for lr, v in sorted(by[m]["by_lr"].items()):
             dev = "-" if v["device_total"] is None else f"{v['device_total'] / MiB:.0f}"
             st = "-" if v["step_s"] is None else f"{v['step_s']:.2f}"

@@ -88,21 +88,18 @@ def test_trainer_save_writes_loadable_adapter(tmp_path):
     ("unwrapped", r"not wrapped"),
 ])
 def test_callback_refuses_wrong_setups(tmp_path, case, match):
-    cfg = small_config(backbone="lomo", backbone_lr=1e-3) if case == "lomo" else small_config()
-    model = meft.wrap(tiny_model("llama"), cfg)
     args = _args(tmp_path, max_steps=1, max_grad_norm=1.0 if case == "max_grad_norm" else 0.0,
                  gradient_accumulation_steps=2 if case == "accum" else 1)
-    kw = {}
-    if case == "own_optimizer":
-        kw["optimizers"] = (torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), None)
     if case == "unwrapped":
-        model.meft.close()
-        plain = tiny_model("llama")
-        tr = transformers.Trainer(model=plain, args=args, train_dataset=_Rows(batch(4, 10)),
+        tr = transformers.Trainer(model=tiny_model("llama"), args=args, train_dataset=_Rows(batch(4, 10)),
                                   callbacks=[MeftCallback()])
-    else:
-        tr = _trainer(model, args, **kw)
+        with pytest.raises(ValueError, match=match):
+            tr.train()
+        return
+    cfg = small_config(backbone="lomo", backbone_lr=1e-3) if case == "lomo" else small_config()
+    model = meft.wrap(tiny_model("llama"), cfg)
+    own = (torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), None)
+    tr = _trainer(model, args, optimizers=own if case == "own_optimizer" else None)
     with pytest.raises(ValueError, match=match):
         tr.train()
-    if case != "unwrapped":
-        model.meft.close()
+    model.meft.close()
