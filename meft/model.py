@@ -21,7 +21,7 @@ import torch.nn as nn
 from meft.adapter import SparseFFNAdapter
 from meft.adapter_optim import MeftOptimizer
 from meft.config import MeftConfig, parse_dtype
-from meft.resident import ResidentScheduler
+from offload.resident import ResidentScheduler
 from meft.router import init_gate
 from meft.runtime import MeftRuntime
 from meft.targets import find_targets, hidden_size_of

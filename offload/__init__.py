@@ -7,12 +7,13 @@ This package knows nothing of models: it depends on torch, numpy and numba only,
 
 from importlib import import_module
 
-__all__ = ["RowStore", "SparseAdamW", "TransferScheduler", "TrafficMeter"]
+__all__ = ["RowStore", "SparseAdamW", "TransferScheduler", "ResidentScheduler", "TrafficMeter"]
 
 _WHERE = {
     "RowStore": "offload.store",
     "SparseAdamW": "offload.optim",
     "TransferScheduler": "offload.scheduler",
+    "ResidentScheduler": "offload.resident",
     "TrafficMeter": "offload.meter",
 }
 

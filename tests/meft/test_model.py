@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import meft
 from meft.config import MeftConfig
-from meft.resident import ResidentScheduler
+from offload.resident import ResidentScheduler
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "gpt_neox",
          "falcon", "starcoder2"]
