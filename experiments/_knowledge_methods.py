@@ -4,13 +4,13 @@ would keep resident on the GPU.
 Owns one small `Trainer` per method, all driving the same HF causal LM with one `step(batch)`:
 
 * "meft"          MEFT sparse adapter, rows on the host (`meft.wrap`, backbone frozen); the step is
-                  `meft.train._one_step`, exactly what `meft train` runs.
+                  `meft.train.loop._one_step`, exactly what `meft train` runs.
 * "meft_adalomo"  the same plus an AdaLomo backbone fused into backward (`MeftConfig.backbone`).
 * "lora8/16/64"   LoRA r=8/16/64 on every linear layer of the decoder through the real `peft`
                   (`target_modules="all-linear"`, alpha = 2r, no dropout), torch AdamW.
 * "dense"         MEFT's "PA" baseline: a dense parallel adapter of `rows` rows per layer, every row
-                  resident and trained (`meft.plan_model.DenseParallelAdapter`, keys initialised like
-                  MEFT's rows by `meft.model.row_init`, values 0), torch AdamW.
+                  resident and trained (`meft.plan.fake_step.DenseParallelAdapter`, keys initialised like
+                  MEFT's rows by `meft.adapter.wrap.row_init`, values 0), torch AdamW.
 * "full_adalomo"  full fine-tuning with `meft.AdaLomo` (update fused into backward).
 
 `device_memory()` computes the device-resident *training state* of a method from the live objects
@@ -21,7 +21,7 @@ alive at a time, so the largest one), optimizer state (AdamW: two fp32 moments; 
 its actual state tensors), and for MEFT the active rows: per layer the device row buffer
 [max_active_rows, 2d] in the wire dtype, plus its compute-dtype copy when the dtypes differ (cached
 from forward until backward pushes its gradient), plus one row gradient [max_active_rows, 2d]; the
-same rule as `meft plan` (`meft.plan._adapter_rows_bytes`).
+same rule as `meft plan` (`meft.plan.planner._adapter_rows_bytes`).
 """
 
 from __future__ import annotations
@@ -40,20 +40,19 @@ def _nbytes(params) -> int:
 
 class Trainer:
     """One method around one model: `step(batch) -> (loss, labelled tokens)`, `close()`."""
-
     def __init__(self, method: str, model: nn.Module, *, adam=None, fused=None, rt=None, trained=()):
         self.method, self.model = method, model
         self.adam, self.fused, self.rt = adam, fused, rt   # torch AdamW | AdaLomo | MeftRuntime
         self.trained = list(trained)                      # device params updated by `adam`
 
     def step(self, batch: dict) -> tuple[float, int]:
-        """One optimizer step on `batch`; every method uses the same loss (`meft.loss.causal_lm_loss`:
+        """One optimizer step on `batch`; every method uses the same loss (`meft.train.loss.causal_lm_loss`:
         LM head only at labelled positions, as `meft train` does). Returns (loss, labelled tokens)."""
-        from meft.loss import causal_lm_loss
+        from meft.train.loss import causal_lm_loss
 
         labelled = int((batch["labels"] != -100).sum())
         if self.rt is not None:
-            from meft.train import _one_step
+            from meft.train.loop import _one_step
 
             return _one_step(self.model, self.rt, [batch], 1)[0], labelled
         # peft's wrapper hides `logits_to_keep`; its base model carries the injected LoRA layers
@@ -94,10 +93,10 @@ def _lora(model, *, r, lr):
 
 
 def _dense(model, *, seed, rows, lr):
+    from meft.adapter.targets import hidden_size_of
+    from meft.adapter.wrap import row_init
     from meft.config import MeftConfig
-    from meft.model import row_init
-    from meft.plan_model import DenseParallelAdapter, attach_dense
-    from meft.targets import hidden_size_of
+    from meft.plan.fake_step import DenseParallelAdapter, attach_dense
 
     d = hidden_size_of(model)
     dtype = next(model.parameters()).dtype
@@ -115,7 +114,7 @@ def _dense(model, *, seed, rows, lr):
 
 
 def _full_adalomo(model, *, lr):
-    from meft.lomo import AdaLomo
+    from meft.lomo.optimizers import AdaLomo
 
     for p in model.parameters():
         p.requires_grad_(True)

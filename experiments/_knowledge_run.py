@@ -5,7 +5,7 @@ sees (same `BatchIterator` seed, same steps, so the same training tokens), train
 `_knowledge_methods` trainers, timing each step, scoring exact match on the trained phrasings and on
 the held-out phrasings (`meft.evaluate.qa_accuracy`), and the memory numbers (device-resident training
 state computed by `device_memory`; host: peak RSS of this process, and for MEFT the row stores as
-`meft.plan.host_ram_bytes` counts them). A run in its own process gives a clean peak RSS.
+`meft.plan.planner.host_ram_bytes` counts them). A run in its own process gives a clean peak RSS.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class RunSpec:
 
 
 def load_facts(spec: RunSpec):
-    from meft.datasets_builtin import fictional_facts, world_facts
+    from meft.data.builtin import fictional_facts, world_facts
 
     if spec.dataset == "fictional":
         return fictional_facts(spec.n_facts, seed=0)
@@ -70,14 +70,14 @@ def _evaluate(model, tok, facts, spec: RunSpec) -> dict:
 
 
 def _load(spec: RunSpec):
-    from meft.models import load_model
+    from meft.pretrained import load_model
 
     torch.manual_seed(spec.seed)
     return load_model(spec.model, dtype=torch.float32, device="cpu")
 
 
 def _batches(facts, tok, spec: RunSpec):
-    from meft.data import BatchIterator, build_examples
+    from meft.data.records import BatchIterator, build_examples
 
     examples = build_examples(facts.train, tok, chat=spec.chat)
     return BatchIterator(examples, spec.batch_size, tok.pad_token_id, seed=spec.seed)
@@ -126,7 +126,7 @@ def run_one(spec: RunSpec) -> dict:
 def _meft_host_bytes(tr) -> int:
     if tr.rt is None:
         return 0
-    from meft.plan import host_ram_bytes
+    from meft.plan.planner import host_ram_bytes
 
     return host_ram_bytes(tr.rt.config, len(tr.rt.adapters), tr.rt.adapters[0].d)["total"]
 

@@ -10,8 +10,8 @@ shared machine hits all methods alike; the median per method is reported.
 
 Traffic: the TrafficMeter's measured bytes (rows down + row gradients up, wire dtype) per step, and
 MEFT's original scheme for the same active sets (fp32 hidden states [T, d] to the CPU, fp32 key and
-value rows [R, 2d] back, fp32 row gradients [R, 2d] up), counted by `meft.profile.ActiveSetCounter`
-and `meft.profile_report.build_report` -- the same code as `meft profile`.
+value rows [R, 2d] back, fp32 row gradients [R, 2d] up), counted by `meft.profile.run.ActiveSetCounter`
+and `meft.profile.report.build_report` -- the same code as `meft profile`.
 
     python experiments/bench_step.py [--quick] [--json]
 
@@ -43,15 +43,15 @@ METHODS = ("meft", "dense", "lora16")
 
 
 def _batch(tok, batch_size: int) -> dict:
-    from meft.data import build_examples, collate
-    from meft.datasets_builtin import fictional_facts
+    from meft.data.builtin import fictional_facts
+    from meft.data.records import build_examples, collate
 
     examples = build_examples(fictional_facts(max(batch_size, 8), seed=0).train, tok, chat=False)
     return collate(examples[:batch_size], tok.pad_token_id)
 
 
 def _trainers(args) -> dict:
-    from meft.models import load_model
+    from meft.pretrained import load_model
 
     out = {}
     for m in METHODS:
@@ -64,7 +64,7 @@ def _trainers(args) -> dict:
 
 def _traffic(tr, counter, steps: int) -> dict:
     from meft.config import parse_dtype
-    from meft.profile_report import build_report
+    from meft.profile.report import build_report
 
     c = tr.rt.config
     active = {"rows": dict(counter.rows), "tokens": dict(counter.tokens), "width": tr.rt.stores[0].width,
@@ -83,7 +83,7 @@ def _traffic(tr, counter, steps: int) -> dict:
 
 def measure(args) -> dict:
     """Interleaved timed steps of every method; returns the result dict (ratios last)."""
-    from meft.profile import ActiveSetCounter
+    from meft.profile.run import ActiveSetCounter
 
     trainers, tok = _trainers(args)
     batch = _batch(tok, args.batch_size)

@@ -8,14 +8,14 @@ from importlib import import_module
 __all__ = ["wrap", "unwrap", "MeftConfig", "Lomo", "AdaLomo", "save_adapter", "load_adapter", "MeftCallback"]
 
 _WHERE = {
-    "wrap": "meft.model",
-    "unwrap": "meft.model",
+    "wrap": "meft.adapter.wrap",
+    "unwrap": "meft.adapter.wrap",
     "MeftConfig": "meft.config",
-    "Lomo": "meft.lomo",
-    "AdaLomo": "meft.lomo",
-    "save_adapter": "meft.checkpoint",
-    "load_adapter": "meft.checkpoint",
-    "MeftCallback": "meft.hf_trainer",  # transformers.Trainer integration
+    "Lomo": "meft.lomo.optimizers",
+    "AdaLomo": "meft.lomo.optimizers",
+    "save_adapter": "meft.adapter.saving",
+    "load_adapter": "meft.adapter.saving",
+    "MeftCallback": "meft.train.hf_callback",  # transformers.Trainer integration
 }
 
 

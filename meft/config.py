@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MeftConfig", "DTYPES", "parse_dtype", "dtype_name"]
+__all__ = ["MeftConfig", "DTYPES", "parse_dtype", "dtype_name", "opt"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BACKBONES = ("frozen", "lomo", "adalomo")
@@ -50,10 +50,13 @@ def dtype_name(value: Any) -> str:
     return "auto" if dt is None else str(dt).removeprefix("torch.")
 
 
-def _f(default, help: str, **kw):
+def opt(default, help: str):
+    """A dataclass field carrying its `--help` text (what the CLI turns into an option); a list default
+    gets a fresh copy per instance. Every options dataclass (MeftConfig, TrainArgs, PlanOptions, the
+    CLI's own) declares its fields with this one helper."""
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -61,48 +64,48 @@ class MeftConfig:
     # Default sized for the default model (SmolLM2-135M: d=576, FFN 1536 wide, 30 layers): 4096 rows per
     # layer = 2.7x the FFN's neurons, 142M adapter parameters (more than the backbone), 1.6 GiB of host
     # RAM with fp32 moments; 256 experts of 16 rows = MEFT's best E ~ 4*sqrt(N).
-    adapter_rows: int = _f(
+    adapter_rows: int = opt(
         4096, "Rows (neurons) of the sparse adapter per layer; each row is [key | value], 2*d wide.")
-    expert_size: int = _f(
+    expert_size: int = opt(
         16, "Contiguous rows per expert; E = adapter_rows / expert_size (MEFT: E ~ 4*sqrt(N)).")
-    experts_per_token: int = _f(
+    experts_per_token: int = opt(
         4, "Experts each token routes to (top scores of x @ G.T); gate = softmax over them.")
-    max_active_rows: int = _f(
+    max_active_rows: int = opt(
         1024, "Row budget per layer per micro-batch; experts kept by total routing weight.")
-    active_per_token: int | None = _f(
+    active_per_token: int | None = opt(
         None, "Optional exact per-token top-K among its candidate rows (None = all).")
-    scale: float = _f(1.0, "Multiplier of the adapter output added to the FFN output.")
-    layers: Any = _f("all", "Decoder layers that get an adapter: 'all', a list of indices, or an int stride.")
-    target_module: str | None = _f(
+    scale: float = opt(1.0, "Multiplier of the adapter output added to the FFN output.")
+    layers: Any = opt("all", "Decoder layers that get an adapter: 'all', a list of indices, or an int stride.")
+    target_module: str | None = opt(
         None, "Dotted path of the FFN with '*' for the layer index, e.g. 'model.layers.*.mlp' (or "
         "'<layers>.*.<in>><out>' for an inlined FFN); None = built-in map for the model type, then a search.")
-    wire_dtype: str = _f("bfloat16", "Dtype of rows sent to the device and of row gradients sent back.")
-    compute_dtype: str = _f(
+    wire_dtype: str = opt("bfloat16", "Dtype of rows sent to the device and of row gradients sent back.")
+    compute_dtype: str = opt(
         "auto", "Dtype of the adapter math on the device; 'auto' = dtype of the FFN input.")
-    state_dtype: str = _f("float32", "Dtype of the host AdamW moments (bfloat16 halves their host RAM).")
-    backbone: str = _f(
+    state_dtype: str = opt("float32", "Dtype of the host AdamW moments (bfloat16 halves their host RAM).")
+    backbone: str = opt(
         "frozen", "Backbone treatment: 'frozen', or trained in backward by 'lomo' / 'adalomo'.")
-    backbone_lr: float = _f(1e-5, "Learning rate of the backbone when backbone is 'lomo' or 'adalomo'.")
+    backbone_lr: float = opt(1e-5, "Learning rate of the backbone when backbone is 'lomo' or 'adalomo'.")
     # Measured (BENCHMARKS.md, quick start and knowledge capacity): a row is updated only in the steps
     # that route to it, so rows want ~10x LoRA's lr, while a router as fast as the rows keeps moving
     # facts to rows that have not learned them (200 facts: 36% exact match with router lr 1e-2, 64% with 1e-3).
-    adapter_lr: float = _f(1e-2, "AdamW learning rate of the adapter rows (values start at zero).")
-    router_lr: float = _f(1e-3, "AdamW learning rate of the router gates (on the device); keep it below "
+    adapter_lr: float = opt(1e-2, "AdamW learning rate of the adapter rows (values start at zero).")
+    router_lr: float = opt(1e-3, "AdamW learning rate of the router gates (on the device); keep it below "
                                 "adapter_lr so routing stays stable while rows learn.")
-    weight_decay: float = _f(0.0, "Decoupled AdamW weight decay of the adapter rows (touched rows only).")
-    staleness: int = _f(
+    weight_decay: float = opt(0.0, "Decoupled AdamW weight decay of the adapter rows (touched rows only).")
+    staleness: int = opt(
         0, "0: row updates finish inside the step; 1: they overlap the next step (delayed update).")
-    clip: str = _f(
+    clip: str = opt(
         "none", "Adapter gradient clipping: 'none', per 'layer', or by the 'global' norm of the step.")
-    max_norm: float = _f(1.0, "Clipping threshold for clip='layer'/'global' (also clips the router gates).")
-    prefetch: str = _f(
+    max_norm: float = opt(1.0, "Clipping threshold for clip='layer'/'global' (also clips the router gates).")
+    prefetch: str = opt(
         "none", "'none' (exact, default) or 'lookahead': route layer l+1 from layer l's input and start "
         "its fetch early; rows it then misses are fetched when needed.")
-    grad_accum_steps: int = _f(1, "Micro-batches per optimizer step (tells the scheduler which one is last).")
-    offload: bool = _f(
+    grad_accum_steps: int = opt(1, "Micro-batches per optimizer step (tells the scheduler which one is last).")
+    offload: bool = opt(
         True, "Rows on the host, moved by the TransferScheduler; False keeps all rows resident on the "
         "compute device (same update rule; the reference twin).")
-    seed: int = _f(0, "Seed of the key and router-gate initialisation.")
+    seed: int = opt(0, "Seed of the key and router-gate initialisation.")
 
     # ---- validation -------------------------------------------------------------------------------
     def _problems(self) -> list[tuple[str, Any, str]]:

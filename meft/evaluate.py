@@ -1,7 +1,7 @@
 """Evaluation: QA accuracy by greedy generation, perplexity on text.
 
 Works for any HF causal LM, wrapped or not: it only calls ``model.generate(...)`` and ``model(...)``
-and reads ``.logits``. Prompts are built exactly as in training (`meft.data.prompt_ids`: chat template
+and reads ``.logits``. Prompts are built exactly as in training (`meft.data.records.prompt_ids`: chat template
 with generation prompt for instruct tokenizers), left-padded for batched generation, and sorted by
 length so batches waste little padding; results come back in the input order.
 
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from meft.data import IGNORE_INDEX, prompt_ids, reference_answers
+from meft.data.records import IGNORE_INDEX, prompt_ids, reference_answers
 
 __all__ = ["normalize_answer", "exact_match", "contains_match", "generate_answers", "qa_accuracy",
            "perplexity"]

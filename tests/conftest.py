@@ -9,7 +9,7 @@ import pytest
 def tiny(tmp_path_factory):
     """A tiny Llama + byte-level BPE tokenizer saved as a local HF folder (`tiny/model`), and a 24-record
     QA file (`tiny/train.jsonl`): what the CLI tests train, profile and score. Nothing from a hub."""
-    from tests.meft.test_data import tiny_model, tiny_tokenizer
+    from tests.meft.data.test_records import tiny_model, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("tiny")
     tok = tiny_tokenizer()

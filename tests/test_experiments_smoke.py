@@ -11,7 +11,7 @@ from experiments import bench_step, knowledge
 from experiments._knowledge_methods import METHODS, build_trainer, device_memory
 from experiments._knowledge_report import format_report, summarize
 from experiments._knowledge_run import RunSpec, run_one
-from tests.meft.test_data import tiny_model, tiny_tokenizer
+from tests.meft.data.test_records import tiny_model, tiny_tokenizer
 
 SMALL = dict(n_facts=5, steps=3, batch_size=4, rows=64, max_active_rows=32, expert_size=16, eval_limit=4,
              max_new_tokens=4)
@@ -54,7 +54,7 @@ def test_device_memory_adds_up(results):
 
 
 def test_dense_adapter_starts_equal_to_base(tiny_dir):
-    from meft.models import load_model
+    from meft.pretrained import load_model
 
     base, tok = load_model(tiny_dir)
     ids = torch.tensor([[1, 5, 9, 13, 7]])

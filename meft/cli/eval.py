@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 from dataclasses import dataclass
 
-from meft.cli.options import add_command, opt, resolve_options
+from meft.adapter.saving import load_adapter
+from meft.cli.options import add_command, resolve_options
+from meft.config import opt
+from meft.data.builtin import load_builtin
+from meft.data.records import load_jsonl, records_kind
+from meft.data.sources import parse_data_spec
+from meft.evaluate import perplexity, qa_accuracy
+from meft.pretrained import load_model
+from meft.train.run_log import format_table
 
 __all__ = ["add_parser", "run", "EvalArgs"]
 
@@ -40,11 +50,6 @@ def add_parser(sub) -> None:
 
 def load_scored_model(model_arg: str, adapter: str | None):
     """(model, tokenizer) for scoring: the base model, wrapped with `adapter` when given."""
-    import os
-
-    from meft.checkpoint import load_adapter
-    from meft.models import load_model
-
     if adapter is not None and not os.path.isdir(adapter):
         raise FileNotFoundError(f"--adapter {adapter!r}: no such folder; pass run_dir/adapter of a `meft train` run")
     model, tokenizer = load_model(model_arg)
@@ -54,12 +59,6 @@ def load_scored_model(model_arg: str, adapter: str | None):
 
 
 def _records(args: EvalArgs) -> tuple[str, list[dict]]:
-    import random
-
-    from meft.data import load_jsonl, records_kind
-    from meft.datasets_builtin import load_builtin
-    from meft.train_data import parse_data_spec
-
     kind, kw = parse_data_spec(args.data)
     if kind == "jsonl":
         records = load_jsonl(kw["path"])
@@ -74,9 +73,6 @@ def _records(args: EvalArgs) -> tuple[str, list[dict]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meft.evaluate import perplexity, qa_accuracy
-    from meft.run_log import format_table
-
     (ea,) = resolve_options(args, [EvalArgs])
     kind, records = _records(ea)
     model, tokenizer = load_scored_model(ea.model, ea.adapter)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from meft.cli.options import add_command, opt, resolve_options
+from meft.cli.eval import load_scored_model
+from meft.cli.options import add_command, resolve_options
+from meft.config import opt
+from meft.data.records import prompt_ids
+from meft.evaluate import generate_answers
 
 __all__ = ["add_parser", "run", "GenerateArgs"]
 
@@ -28,10 +32,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meft.cli.eval import load_scored_model
-    from meft.data import prompt_ids
-    from meft.evaluate import generate_answers
-
     (ga,) = resolve_options(args, [GenerateArgs])
     prompts = list(args.prompts)
     if ga.prompt_file:

@@ -15,12 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-__all__ = ["opt", "add_command", "add_dataclass_options", "read_config_file", "resolve_options", "OptionsError"]
-
-
-def opt(default, help: str):
-    """A dataclass field carrying its `--help` text (what `add_dataclass_options` reads)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+__all__ = ["add_command", "add_dataclass_options", "read_config_file", "resolve_options", "OptionsError"]
 
 
 class OptionsError(ValueError):

@@ -6,6 +6,8 @@ import argparse
 import json
 
 from meft.cli.options import add_command, resolve_options
+from meft.config import MeftConfig
+from meft.plan.planner import PlanOptions, format_plan, plan
 
 __all__ = ["add_parser", "run"]
 
@@ -23,9 +25,6 @@ examples:
 
 
 def add_parser(sub) -> None:
-    from meft.config import MeftConfig
-    from meft.plan import PlanOptions
-
     p = add_command(sub, "plan", help="estimate GPU peak memory and host RAM of a training step (no GPU needed)",
                     description=__doc__, epilog=EPILOG, run=run,
                     groups=[(PlanOptions, "plan"), (MeftConfig, "adapter (MeftConfig)")])
@@ -33,9 +32,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meft.config import MeftConfig
-    from meft.plan import PlanOptions, format_plan, plan
-
     opts, cfg = resolve_options(args, [PlanOptions, MeftConfig])
     res = plan(opts, cfg)
     print(json.dumps(res, indent=2) if opts.json else format_plan(res))

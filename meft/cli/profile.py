@@ -6,6 +6,9 @@ import argparse
 from dataclasses import dataclass, field
 
 from meft.cli.options import add_command, resolve_options
+from meft.config import MeftConfig
+from meft.profile.run import profile
+from meft.train.args import TrainArgs
 
 __all__ = ["add_parser", "run", "ProfileOptions"]
 
@@ -29,9 +32,6 @@ class ProfileOptions:
 
 
 def add_parser(sub) -> None:
-    from meft.config import MeftConfig
-    from meft.train_args import TrainArgs
-
     add_command(sub, "profile", help="profile PCIe traffic, CPU updates and compute of a few training steps",
                 description=__doc__, epilog=EPILOG, run=run,
                 groups=[(ProfileOptions, "profile"), (TrainArgs, "run (as meft train)"),
@@ -39,10 +39,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meft.config import MeftConfig
-    from meft.profile import profile
-    from meft.train_args import TrainArgs
-
     popts, targs, cfg = resolve_options(args, [ProfileOptions, TrainArgs, MeftConfig])
     args.debug = targs.debug
     if args.output_dir is None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 
 from meft.cli.options import add_command, resolve_options
+from meft.config import MeftConfig
+from meft.train.args import TrainArgs
+from meft.train.loop import train
 
 __all__ = ["add_parser", "run"]
 
@@ -17,18 +20,11 @@ EPILOG = """examples:
 
 
 def add_parser(sub) -> None:
-    from meft.config import MeftConfig
-    from meft.train_args import TrainArgs
-
     add_command(sub, "train", help="fine-tune with a sparse adapter held in CPU memory", description=__doc__,
                 epilog=EPILOG, run=run, groups=[(TrainArgs, "run"), (MeftConfig, "adapter (MeftConfig)")])
 
 
 def run(args: argparse.Namespace) -> int:
-    from meft.config import MeftConfig
-    from meft.train import train
-    from meft.train_args import TrainArgs
-
     targs, cfg = resolve_options(args, [TrainArgs, MeftConfig])
     args.debug = targs.debug
     summary = train(targs, cfg)

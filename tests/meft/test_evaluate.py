@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from meft.data import BatchIterator, build_examples, prompt_ids
+from meft.data.records import BatchIterator, build_examples, prompt_ids
 from meft.evaluate import (
     contains_match,
     exact_match,
@@ -15,7 +15,7 @@ from meft.evaluate import (
     perplexity,
     qa_accuracy,
 )
-from tests.meft.test_data import tiny_model, tiny_tokenizer
+from tests.meft.data.test_records import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,99 @@
+"""Sparse adapter math over gathered rows (fast path) and its dense masked reference twin.
+
+Owns `y = scale * sum_{i active} coef_i(x) * relu(k_i . x) * v_i` for one layer:
+
+* `sparse_adapter(x, rows, coef, ...)`: a `torch.autograd.Function` over the gathered active rows
+  `rows [R, 2d] = [K_A | V_A]`. Backward returns the row gradient as one contiguous `[R, 2d]` tensor
+  (`[dK | dV]`, what the scheduler sends back to the host in one copy), plus dx and dcoef. It saves
+  `h = x @ K_A.T` ([T, R]) instead of the activations so backward needs no extra matmul.
+* `dense_adapter(x, keys, values, gate, routing, ...)`: all N rows on the device as ordinary tensors,
+  masked to the same active set, plain autograd. The reference the fast path is tested against.
+
+Plain-PyTorch equivalent of the fast path (what the Function computes, xformers-style):
+    h = x @ rows[:, :d].T                                  # [T, R]
+    a = relu(h) * coef.repeat_interleave(S, dim=1)         # [T, R]   coef [T, n], R = n * S
+    a = a * topk_mask(a, active_per_token)                 # optional exact per-token top-K
+    y = scale * a @ rows[:, d:]                            # [T, d]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from meft.adapter.router import Routing, gate_weights
+
+__all__ = ["SparseAdapterFunction", "sparse_adapter", "dense_adapter", "topk_mask"]
+
+
+def topk_mask(a: Tensor, k: int | None) -> Tensor | None:
+    """Bool mask [T, R] of each token's k largest entries of a (None when k is None or >= R)."""
+    if k is None or k >= a.shape[1]:
+        return None
+    idx = torch.topk(a, k, dim=1).indices  # [T, k]
+    return torch.zeros_like(a, dtype=torch.bool).scatter_(1, idx, True)
+
+
+def _expand(coef: Tensor, expert_size: int) -> Tensor:
+    return coef.repeat_interleave(expert_size, dim=1)  # [T, n] -> [T, n * S]
+
+
+class SparseAdapterFunction(torch.autograd.Function):
+    """(x [T, d], rows [R, 2d], coef [T, n]) -> y [T, d]; grads dx, drows [R, 2d], dcoef [T, n]."""
+    @staticmethod
+    def forward(ctx, x, rows, coef, expert_size: int, scale: float, active_per_token):
+        d = x.shape[1]
+        coef_c = _expand(coef.to(x.dtype), expert_size)  # [T, R]
+        h = x @ rows[:, :d].t()  # [T, R]
+        a = torch.relu(h) * coef_c  # [T, R]
+        mask = topk_mask(a, active_per_token)
+        if mask is not None:
+            a = a * mask
+        y = (a @ rows[:, d:]) * scale  # [T, d]
+        ctx.save_for_backward(x, rows, coef, h, mask)
+        ctx.expert_size, ctx.scale = expert_size, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, rows, coef, h, mask = ctx.saved_tensors
+        S, d = ctx.expert_size, x.shape[1]
+        T, R = h.shape
+        gy = gy.to(x.dtype) * ctx.scale  # [T, d]
+        coef_c = _expand(coef.to(x.dtype), S)  # [T, R]
+        act = torch.relu(h)  # [T, R]
+        da = gy @ rows[:, d:].t()  # [T, R]
+        if mask is not None:
+            da = da * mask
+        dx = drows = dcoef = None
+        dh = da * coef_c * (h > 0)  # [T, R]
+        if ctx.needs_input_grad[1]:
+            a = act * coef_c if mask is None else act * coef_c * mask  # [T, R]
+            drows = torch.cat([dh.t() @ x, a.t() @ gy], dim=1)  # [R, 2d] = [dK | dV], one block
+        if ctx.needs_input_grad[0]:
+            dx = dh @ rows[:, :d]  # [T, d]
+        if ctx.needs_input_grad[2]:
+            dcoef = (da * act).view(T, R // S, S).sum(-1).to(coef.dtype)  # [T, n]
+        return dx, drows, dcoef, None, None, None
+
+
+def sparse_adapter(x: Tensor, rows: Tensor, coef: Tensor, *, expert_size: int, scale: float = 1.0,
+                   active_per_token: int | None = None) -> Tensor:
+    """Fast path. x [T, d], rows [R, 2d] (same dtype as x), coef [T, R / expert_size] -> [T, d]."""
+    if rows.shape[1] != 2 * x.shape[1]:
+        raise ValueError(f"rows width {rows.shape[1]} != 2 * d = {2 * x.shape[1]}")
+    return SparseAdapterFunction.apply(x, rows, coef, expert_size, float(scale), active_per_token)
+
+
+def dense_adapter(x: Tensor, keys: Tensor, values: Tensor, gate: Tensor, routing: Routing, *,
+                  scale: float = 1.0, active_per_token: int | None = None) -> Tensor:
+    """Reference: keys/values [N, d] (all rows), gate [E, d]; masked to routing's active set."""
+    n_exp, S = gate.shape[0], routing.expert_size
+    coef = gate_weights(x, gate, routing)  # [T, n_kept]
+    coef_full = torch.zeros(x.shape[0], n_exp, dtype=coef.dtype, device=x.device)
+    coef_full = coef_full.index_copy(1, routing.kept, coef)  # [T, E]
+    a = torch.relu(x @ keys.t()) * _expand(coef_full.to(x.dtype), S)  # [T, N]
+    mask = topk_mask(a, active_per_token)
+    if mask is not None:
+        a = a * mask
+    return scale * (a @ values)  # [T, d]

@@ -1,0 +1,69 @@
+"""SparseFFNAdapter: `base_ffn(x) + scale * sparse_adapter(x)` for one decoder layer.
+
+Owns the module that replaces a layer's FFN (or, for inlined FFNs such as OPT's, its output
+projection, with the FFN input captured by a forward pre-hook on the input projection). The module
+holds the router gate `G_l` ([E, d], fp32, trainable, on the device) and delegates everything about
+rows -- routing cache, fetches, gradient pushes, inference reads -- to the runtime
+(`meft.adapter.runtime.MeftRuntime.rows_for`). The adapter's rows never live in this module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from meft.adapter.functional import sparse_adapter
+from meft.adapter.router import gate_weights
+
+__all__ = ["SparseFFNAdapter"]
+
+
+class SparseFFNAdapter(nn.Module):
+    """Wraps `base` (the FFN or its output projection); adds the sparse adapter of layer `index`."""
+    def __init__(self, base: nn.Module, *, index: int, layer: int, d: int, gate: Tensor,
+                 expert_size: int, scale: float, active_per_token: int | None,
+                 compute_dtype: torch.dtype | None):
+        super().__init__()
+        self.base = base
+        self.index = index      # position among adapters (= scheduler layer id)
+        self.layer = layer      # decoder-layer index in the model
+        self.d = d
+        self.gate = nn.Parameter(gate.float())  # [E, d] fp32 router gate
+        self.expert_size, self.scale = expert_size, float(scale)
+        self.active_per_token = active_per_token
+        self.compute_dtype = compute_dtype
+        self.runtime = None     # MeftRuntime, set by wrap (plain attribute, not a submodule)
+        self._tapped: Tensor | None = None  # split targets: FFN input captured at the input module
+        self.enabled = True
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer}, index={self.index}, experts={self.gate.shape[0]}, "
+                f"expert_size={self.expert_size}, scale={self.scale}")
+
+    def tap(self, module, args) -> None:
+        """Forward pre-hook for split targets: remember the FFN input seen by the input module."""
+        self._tapped = args[0]
+
+    def forward(self, *args, **kwargs):
+        x = self._tapped if self._tapped is not None else args[0]
+        self._tapped = None
+        out = self.base(*args, **kwargs)
+        if not self.enabled or self.runtime is None:
+            return out
+        if isinstance(out, tuple):
+            return (out[0] + self.delta(x).to(out[0].dtype),) + out[1:]
+        return out + self.delta(x).to(out.dtype)
+
+    def delta(self, x: Tensor) -> Tensor:
+        """scale * sum_i coef_i relu(k_i . x) v_i over this micro-batch's active rows. x [..., d]."""
+        shape = x.shape
+        x2 = x.reshape(-1, self.d)  # [T, d]
+        if x2.shape[0] == 0:
+            return torch.zeros_like(x)
+        routing, rows = self.runtime.rows_for(self, x2)  # rows [R, 2d] compute dtype, device
+        xc = x2.to(rows.dtype)
+        coef = gate_weights(x2, self.gate, routing)  # [T, n_kept] fp32, grads to x and G
+        y = sparse_adapter(xc, rows, coef, expert_size=self.expert_size, scale=self.scale,
+                           active_per_token=self.active_per_token)  # [T, d]
+        return y.reshape(shape)

@@ -1,0 +1,287 @@
+"""MeftRuntime: the per-model object behind `model.meft` -- step/micro-batch tracking and row traffic.
+
+Owns, for one wrapped model: the adapters, the per-layer RowStores and SparseAdamW optimizers, the
+scheduler (TransferScheduler or the resident twin), the adapter-side optimizer, and the bookkeeping
+that makes a plain PyTorch loop correct:
+
+* a forward pre-hook on the top model opens a micro-batch (training mode and grad enabled only):
+  `begin_step` on the first one after `optimizer.step()`, then `begin_micro_batch`;
+* `rows_for(adapter, x)` routes and fetches once per (step, micro-batch, layer) during that forward and
+  caches (routing, rows leaf); gradient-checkpoint recomputation (which runs outside the top-level
+  forward) reuses the cache -- no second fetch, no re-routing. A post-accumulate-grad hook on the rows
+  leaf pushes the row gradient `[R, 2d]` to the scheduler and drops the cache entry;
+* `prefetch="lookahead"`: layer l also routes its input through gate l+1 and starts that fetch; layer
+  l+1 uses the rows in flight and fetches only what is missing (`fetch_more`, exact), pushes gradients
+  for the rows it used only, and the hit rate is recorded (see `_start_fetch`). The scheduler's layer
+  row buffers are then sized for 2 * max_rows (`reserve_live_rows`): a prefetch plus its misses;
+* outside training (eval, `generate()`, no_grad) rows are read per forward, nothing is cached or pushed.
+Summary tables live in `meft.adapter.summary`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from meft.adapter.router import Routing, route
+from meft.adapter.summary import summary, summary_table
+
+__all__ = ["MeftRuntime"]
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: tuple[int, int]   # (step, micro-batch)
+    routing: Routing
+    rows: Tensor           # [R, 2d] compute-dtype leaf, requires grad
+    n_tokens: int
+
+
+@dataclass(eq=False)
+class _Prefetch:
+    key: tuple[int, int]
+    ids: Tensor            # [P] int64 sorted, device
+    handle: object
+
+
+class MeftRuntime:
+    """See the module docstring. Built by `meft.wrap`; reach it as `model.meft`."""
+    def __init__(self, model, config, adapters, optimizers, scheduler, *, device, meter=None):
+        self.config = config
+        self.adapters = adapters                  # list[SparseFFNAdapter], position = scheduler layer
+        self.stores = [o.store for o in optimizers]
+        self.sparse_optimizers = optimizers       # list[SparseAdamW], one per adapter
+        self.scheduler = scheduler
+        self.meter = meter
+        self.device = torch.device(device)
+        self.optimizer = None                     # MeftOptimizer, set by wrap
+        self.backbone_optimizer = None            # Lomo / AdaLomo when config.backbone trains it
+        self.step = 0                             # optimizer steps begun
+        self.micro = 0                            # micro-batches of the current step
+        self.step_open = False
+        self.in_forward = False                   # inside a training forward of the top model
+        self.fetches = 0                          # scheduler.fetch / fetch_more calls of the adapters
+        self.lookahead = {"needed": 0, "hit": 0, "prefetched": 0}  # rows: needed, of them prefetched, prefetched
+        self._cache: dict[int, list[_Entry]] = {}  # entries live until their grads are pushed
+        self._prefetch: dict[int, _Prefetch] = {}
+        self._hooks = [
+            model.register_forward_pre_hook(self._on_forward_pre),
+            model.register_forward_hook(self._on_forward_post, always_call=True),
+        ]
+        self._wire = scheduler.wire_dtype if hasattr(scheduler, "wire_dtype") else torch.bfloat16
+        if config.prefetch == "lookahead" and hasattr(scheduler, "reserve_live_rows"):
+            # a prefetch (<= max_rows) plus the rows it missed (<= max_rows) live in one layer buffer
+            scheduler.reserve_live_rows(2 * scheduler.max_rows)
+        self._read_buf: Tensor | None = None
+
+    # ---- micro-batch detection ----------------------------------------------------------------
+    def _on_forward_pre(self, module, args) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        k = self.config.grad_accum_steps
+        if not self.step_open:
+            if self.optimizer is not None:
+                self.optimizer.sync_hyperparams()  # this step's lr, before any row update can start
+            self.scheduler.begin_step(accum_steps=k)
+            self.step += 1
+            self.micro = 0
+            self.step_open = True
+        elif self.micro >= k:
+            raise RuntimeError(
+                f"micro-batch {self.micro + 1} of step {self.step} started, but grad_accum_steps={k}: "
+                f"call model.meft.optimizer.step() every {k} micro-batch(es), or set "
+                f"MeftConfig.grad_accum_steps to the number of forwards per optimizer step")
+        self.scheduler.begin_micro_batch()
+        self.micro += 1
+        self._prefetch.clear()
+        self.in_forward = True
+
+    def _on_forward_post(self, module, args, output) -> None:
+        self.in_forward = False
+
+    def end_step(self) -> None:
+        """Called by the optimizer's step(): the scheduler finishes the step's row updates."""
+        if self.step_open:
+            self.scheduler.finish_step()
+        self.step_open = False
+        for entries in self._cache.values():  # forwards without backward: free their rows now
+            for e in entries:
+                e.rows = None
+        self._cache.clear()
+        self._prefetch.clear()
+
+    # ---- rows for one adapter call ------------------------------------------------------------
+    def _route(self, adapter, x2: Tensor) -> Routing:
+        c = self.config
+        return route(x2, adapter.gate, experts_per_token=c.experts_per_token,
+                     expert_size=c.expert_size, max_active_rows=c.max_active_rows)
+
+    def rows_for(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
+        """(routing, rows [R, 2d] in compute dtype) for this call; see the module docstring."""
+        idx = adapter.index
+        if adapter.training and self.step_open and torch._C._current_graph_task_id() != -1:
+            return self._recompute_rows(idx, x2)  # inside backward: checkpoint recomputation
+        if adapter.training and torch.is_grad_enabled() and not self.in_forward:
+            raise RuntimeError(
+                f"adapter {idx}: a training forward with gradients that did not go through the wrapped "
+                f"model's forward (no micro-batch is open, so row gradients would be lost); call the model "
+                f"given to meft.wrap, or run this forward under torch.no_grad() / model.eval()")
+        if adapter.training and self.in_forward:
+            key = (self.step, self.micro)
+            for e in self._cache.get(idx, ()):
+                if e.key == key and e.n_tokens == x2.shape[0]:
+                    return e.routing, e.rows  # same layer called again within this micro-batch
+            return self._train_rows(adapter, x2, key)
+        return self._infer_rows(adapter, x2)
+
+    def _recompute_rows(self, idx: int, x2: Tensor) -> tuple[Routing, Tensor]:
+        entries = self._cache.get(idx, [])
+        if len(entries) != 1 or entries[0].n_tokens != x2.shape[0]:
+            got = [(e.key, e.n_tokens) for e in entries]
+            raise RuntimeError(
+                f"adapter {idx}: gradient-checkpoint recomputation of {x2.shape[0]} tokens needs exactly "
+                f"one cached micro-batch with that many tokens, found {got} (as (step, micro), tokens); "
+                f"run backward after each forward when gradient checkpointing is on")
+        return entries[0].routing, entries[0].rows  # no fetch, no re-route
+
+    def _compute_dtype(self, adapter, x2: Tensor) -> torch.dtype:
+        return adapter.compute_dtype or x2.dtype
+
+    def _train_rows(self, adapter, x2: Tensor, key) -> tuple[Routing, Tensor]:
+        idx = adapter.index
+        routing = self._route(adapter, x2)
+        start = self._start_fetch(idx, routing.ids, key)
+        if self.config.prefetch == "lookahead" and idx + 1 < len(self.adapters):
+            nxt = self._route(self.adapters[idx + 1], x2)  # layer l+1's gate on layer l's input
+            self.lookahead["prefetched"] += nxt.ids.numel()
+            self._prefetch[idx + 1] = _Prefetch(key, nxt.ids, self._fetch(idx + 1, nxt.ids, prefetch=True))
+        rows_wire = start()  # [R, 2d] wire dtype
+        rows = rows_wire.to(self._compute_dtype(adapter, x2)).detach().requires_grad_(True)
+        ids = routing.ids
+
+        def push(leaf: Tensor) -> None:
+            self.scheduler.push_grads(idx, ids, leaf.grad)
+            leaf.grad = None
+            self._cache[idx] = [e for e in self._cache.get(idx, []) if e is not entry]
+            entry.rows = None  # break leaf -> hook -> entry -> leaf so the rows are freed at once
+
+        entry = _Entry(key, routing, rows, x2.shape[0])
+        rows.register_post_accumulate_grad_hook(push)
+        self._cache.setdefault(idx, []).append(entry)
+        return routing, rows
+
+    def _start_fetch(self, idx: int, ids: Tensor, key):
+        """Issue the fetch of `ids` for layer idx, using a lookahead prefetch in flight if there is one;
+        return a callable giving rows [R, 2d] in the wire dtype, in the order of `ids`.
+
+        Exact either way: the rows come from the same store state as a plain fetch. With a prefetch,
+        TransferScheduler (`fetch_more`) appends only the missing rows to the prefetch and the needed
+        rows are gathered from [prefetched | missing] by position on the device; push_grads then
+        sends the needed rows' gradients only (a subset of the chain: prefetched rows not needed get
+        no gradient and no update). The resident twin (`partial_push`) fetches the missing rows apart."""
+        pf = self._prefetch.pop(idx, None)
+        if pf is None or pf.key != key:
+            return self._fetch(idx, ids).wait
+        hit = torch.isin(ids, pf.ids)  # [R] bool
+        n_hit = int(hit.sum())
+        self._record_lookahead(idx, ids.numel(), n_hit)
+        if torch.equal(ids, pf.ids):
+            return pf.handle.wait
+        if hasattr(self.scheduler, "fetch_more"):
+            return self._complete_prefetch(idx, ids, pf, hit, n_hit)
+        if not getattr(self.scheduler, "partial_push", False):
+            pf.handle.release()
+            return self._fetch(idx, ids).wait
+        pos = torch.searchsorted(pf.ids, ids[hit])  # rows of the prefetch we need
+        part = pf.handle.wait().index_select(0, pos)  # copied out before the next fetch of idx
+        if n_hit == ids.numel():
+            return lambda: part
+        h = self._fetch(idx, ids[~hit])  # exact: only the rows that were not in flight
+
+        def assemble() -> Tensor:
+            miss = h.wait()
+            rows = torch.empty(ids.numel(), miss.shape[1], dtype=miss.dtype, device=miss.device)
+            rows[hit] = part
+            rows[~hit] = miss
+            return rows
+
+        return assemble
+
+    def _complete_prefetch(self, idx: int, ids: Tensor, pf: _Prefetch, hit: Tensor, n_hit: int):
+        """TransferScheduler: `fetch_more` the misses onto the prefetch; rows for `ids` [R] are gathered
+        by position from the chain's rows [P + M, 2d] = [prefetched (sorted) | missing (sorted)]."""
+        pos = torch.empty_like(ids)  # [R] position of each needed row in the chain
+        pos[hit] = torch.searchsorted(pf.ids, ids[hit])
+        handle, n_miss = pf.handle, ids.numel() - n_hit
+        if n_miss:
+            pos[~hit] = pf.ids.numel() + torch.arange(n_miss, device=ids.device)
+            self.fetches += 1
+            handle = self.scheduler.fetch_more(idx, ids[~hit])  # exact: only the rows not in flight
+        return lambda: handle.wait().index_select(0, pos)  # [R, 2d] copied out of the layer's buffer
+
+    def _fetch(self, idx: int, ids: Tensor, *, prefetch: bool = False):
+        self.fetches += 1
+        if prefetch and hasattr(self.scheduler, "fetch_more"):
+            return self.scheduler.fetch(idx, ids, extendable=True)  # may be completed by fetch_more
+        return self.scheduler.fetch(idx, ids)
+
+    def _record_lookahead(self, idx: int, needed: int, hit: int) -> None:
+        self.lookahead["needed"] += needed
+        self.lookahead["hit"] += hit
+        rec = getattr(self.meter, "record_lookahead", None)
+        if rec is not None:
+            rec(self.step, idx, needed, hit)
+
+    def _infer_rows(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
+        routing = self._route(adapter, x2)
+        rows = self.read_rows(adapter.index, routing.ids)  # [R, 2d] fp32
+        return routing, rows.to(self._wire).to(self._compute_dtype(adapter, x2))
+
+    @torch.no_grad()
+    def read_rows(self, idx: int, ids: Tensor) -> Tensor:
+        """Current rows [R, 2d] fp32 on the device, outside the step machinery (inference)."""
+        flush = getattr(self.scheduler, "flush", None)
+        if self.config.staleness and flush is not None and not self.step_open:
+            flush()
+        if hasattr(self.scheduler, "read_rows"):
+            return self.scheduler.read_rows(idx, ids)
+        store = self.stores[idx]
+        n = ids.numel()
+        if self._read_buf is None or self._read_buf.shape[0] < n:
+            self._read_buf = torch.empty(max(n, self.config.max_active_rows), store.width)
+        return store.gather(ids.cpu(), self._read_buf).to(self.device)
+
+    def sync_to_host(self) -> None:
+        """Make the RowStores current (resident twin on a GPU keeps device copies)."""
+        flush = getattr(self.scheduler, "flush", None)
+        if flush is not None and not self.step_open:
+            flush()
+        if hasattr(self.scheduler, "sync_to_host"):
+            self.scheduler.sync_to_host()
+
+    # ---- lifetime -----------------------------------------------------------------------------
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def close(self) -> None:
+        self.remove_hooks()
+        self.scheduler.close()
+
+    def traffic_totals(self) -> tuple[int, int, int, float]:
+        """(bytes down, bytes up, rows down, CPU update ms) so far, from the meter (zeros without one)."""
+        if self.meter is None:
+            return 0, 0, 0, 0.0
+        rep = self.meter.report()
+        h2d, d2h = rep["totals"].get("h2d", {}), rep["totals"].get("d2h", {})
+        return (h2d.get("bytes", 0), d2h.get("bytes", 0), h2d.get("rows", 0),
+                rep["cpu"].get("update", {}).get("ms", 0.0))
+
+    def summary(self) -> dict:
+        return summary(self)
+
+    def summary_table(self) -> str:
+        return summary_table(self)

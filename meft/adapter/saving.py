@@ -1,0 +1,129 @@
+"""save_adapter / load_adapter: a wrapped model's adapter as a PEFT-like folder.
+
+Owns the adapter folder format (full training-state checkpoints are a separate module's job):
+
+    <dir>/adapter_config.json          {"format": "meft-adapter", "version": 1, "config": MeftConfig dict,
+                                         "layers": [decoder layer per adapter], "hidden_size", "row_width",
+                                         "model_type", "targets": [module paths], "sizes": {...}}
+    <dir>/adapter_model.safetensors    "layers.<l>.rows" [N, 2d] fp32 (keys | values of layer l)
+                                       "layers.<l>.router" [E, d] fp32 router gate of layer l
+
+Optimizer moments are not part of an adapter (as in PEFT). Loading into a fresh copy of the base model
+reproduces the wrapped model's logits exactly (fp32 rows and gates are stored bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from meft.adapter.wrap import (
+    unwrap,
+    wrap,  # late: meft.adapter.wrap imports this package's siblings
+)
+from meft.config import MeftConfig
+
+__all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_SHAPE_FIELDS = ("adapter_rows", "expert_size", "layers", "target_module")
+log = logging.getLogger(__name__)
+
+
+def _runtime(model):
+    rt = getattr(model, "meft", None)
+    if rt is None:
+        raise ValueError("model is not wrapped (no model.meft): call meft.wrap(model, config) first")
+    return rt
+
+
+def save_adapter(model, path: str, *, verbose: bool = True) -> dict:
+    """Write the adapter folder (see module docstring). Returns {"path", "params", "bytes", "layers"}."""
+    rt = _runtime(model)
+    rt.sync_to_host()  # staleness 1 pending updates applied; resident rows copied back to the stores
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for ad, store in zip(rt.adapters, rt.stores):
+        tensors[f"layers.{ad.layer}.rows"] = store.weights  # [N, 2d] fp32, contiguous host tensor
+        tensors[f"layers.{ad.layer}.router"] = ad.gate.detach().float().cpu().contiguous()  # [E, d]
+    params = sum(t.numel() for t in tensors.values())
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    meta = {
+        "format": "meft-adapter", "version": 1, "config": rt.config.to_dict(),
+        "layers": [ad.layer for ad in rt.adapters], "hidden_size": rt.adapters[0].d,
+        "row_width": rt.stores[0].width,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "sizes": {"params": params, "bytes": nbytes},
+    }
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    save_file(tensors, weights_path, metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    msg = (f"saved meft adapter: {len(rt.adapters)} layers x {rt.config.adapter_rows} rows x "
+           f"{rt.stores[0].width} + router gates = {params:,} params, "
+           f"{os.path.getsize(weights_path) / 2**20:.1f} MiB -> {path}")
+    log.info(msg)
+    if verbose:
+        print(msg)
+    return {"path": path, "params": params, "bytes": nbytes, "layers": meta["layers"]}
+
+
+def _read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{path!r} is not a meft adapter folder: {CONFIG_NAME} is missing "
+                         f"(write one with meft.save_adapter(model, dir))")
+    with open(cfg_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != "meft-adapter":
+        raise ValueError(f"{cfg_path}: format is {meta.get('format')!r}, expected 'meft-adapter'")
+    return meta
+
+
+def _merge_config(saved: MeftConfig, config: MeftConfig | None) -> MeftConfig:
+    if config is None:
+        return saved
+    diff = [f"{n}: saved {getattr(saved, n)!r}, given {getattr(config, n)!r}"
+            for n in _SHAPE_FIELDS if getattr(saved, n) != getattr(config, n)]
+    if diff:
+        raise ValueError("config does not match the saved adapter's shape (" + "; ".join(diff) +
+                         "); leave these fields as saved, or pass config=None")
+    return config
+
+
+def load_adapter(model, path: str, config: MeftConfig | None = None, *, verbose: bool = True):
+    """Wrap a fresh base `model` with the adapter saved in `path`; returns the wrapped model.
+
+    `config` may change runtime fields (offload, wire_dtype, lrs, ...) but not the adapter's shape.
+    """
+
+    meta = _read_config(path)
+    cfg = _merge_config(MeftConfig.from_dict(meta["config"]), config)
+    wrap(model, cfg)
+    rt = model.meft
+    got = [ad.layer for ad in rt.adapters]
+    if got != meta["layers"] or rt.stores[0].width != meta["row_width"]:
+        unwrap(model)
+        raise ValueError(f"adapter in {path!r} has layers {meta['layers']} and row width {meta['row_width']}; "
+                         f"this model gives layers {got} and row width {rt.stores[0].width}: "
+                         f"load it into the base model it was trained on")
+    with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f, torch.no_grad():
+        for ad, store in zip(rt.adapters, rt.stores):
+            store.weights.copy_(f.get_tensor(f"layers.{ad.layer}.rows"))
+            ad.gate.copy_(f.get_tensor(f"layers.{ad.layer}.router"))
+    load = getattr(rt.scheduler, "load_from_host", None)
+    if load is not None:
+        load()
+    msg = (f"loaded meft adapter from {path}: {len(got)} layers, {meta['sizes']['params']:,} params, "
+           f"{meta['sizes']['bytes'] / 2**20:.1f} MiB")
+    log.info(msg)
+    if verbose:
+        print(msg)
+    return model

@@ -1,0 +1,163 @@
+"""meft.wrap / meft.unwrap: put sparse FFN adapters into a model, and take them out again.
+
+Owns putting adapters into any HF causal LM (targets from `meft.adapter.targets`), building the per-layer
+host stores + SparseAdamW optimizers, the scheduler (`offload.TransferScheduler`, or the resident
+twin `offload.resident.ResidentScheduler` with `offload=False`), the runtime (`model.meft`), the
+adapter-side optimizer and, for backbone="lomo"/"adalomo", the backbone optimizer; and undoing it.
+Rows: row i of layer l is [k_i | v_i] (2d wide); keys ~ U(-1/sqrt(d), 1/sqrt(d)) seeded per layer,
+values 0, so the wrapped model starts exactly equal to the base model.
+"""
+
+from __future__ import annotations
+
+import psutil
+import torch
+import torch.nn as nn
+
+from meft.adapter.layer import SparseFFNAdapter
+from meft.adapter.optim import MeftOptimizer
+from meft.adapter.router import init_gate
+from meft.adapter.runtime import MeftRuntime
+from meft.adapter.targets import find_targets, hidden_size_of
+from meft.config import MeftConfig, parse_dtype
+from meft.lomo.optimizers import AdaLomo, Lomo
+from offload.meter import TrafficMeter
+from offload.optim import SparseAdamW
+from offload.resident import ResidentScheduler
+from offload.scheduler import TransferScheduler
+from offload.store import RowStore
+
+__all__ = ["wrap", "unwrap", "row_init"]
+
+
+def row_init(d: int, seed: int, layer: int):
+    """Callable filling a [N, 2d] store: keys U(-1/sqrt(d), 1/sqrt(d)) (seeded by seed, layer), values 0."""
+    def fill(weights: torch.Tensor) -> None:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+        bound = d ** -0.5
+        weights[:, :d].uniform_(-bound, bound, generator=gen)
+        weights[:, d:].zero_()
+    return fill
+
+
+def _check_host_ram(config: MeftConfig, n_layers: int, width: int) -> None:
+    st = parse_dtype(config.state_dtype)
+    need = n_layers * RowStore.bytes_needed(config.adapter_rows, width, st)
+    avail = psutil.virtual_memory().available
+    if need > 0.9 * avail:
+        per_row = n_layers * RowStore.bytes_needed(1, width, torch.bfloat16)
+        raise ValueError(
+            f"adapter_rows = {config.adapter_rows} x {n_layers} layers x width {width} needs "
+            f"{need / 2**30:.2f} GiB of host RAM, {avail / 2**30:.2f} GiB available; fix: lower adapter_rows "
+            f"(at most ~{int(0.9 * avail // per_row)} per layer with state_dtype='bfloat16'), set "
+            f"state_dtype='bfloat16', or adapt fewer layers (layers=2 or a list)")
+
+
+def _build_scheduler(config: MeftConfig, opts, device):
+    kw = dict(device=device, wire_dtype=parse_dtype(config.wire_dtype),
+              max_rows=config.budget_experts * config.expert_size, staleness=config.staleness,
+              clip=config.clip, max_norm=config.max_norm)
+    if config.offload:
+        meter = TrafficMeter()
+        return TransferScheduler(opts, meter=meter, **kw), meter
+    return ResidentScheduler(opts, **kw), None
+
+
+def _backbone_optimizer(config: MeftConfig, params):
+    if config.backbone == "frozen":
+        return None
+    cls = Lomo if config.backbone == "lomo" else AdaLomo
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"backbone = {config.backbone!r} but no backbone parameter requires grad; fix: "
+                         f"unfreeze the parameters to train, or use backbone='frozen'")
+    return cls(trainable, lr=config.backbone_lr)
+
+
+def wrap(model: nn.Module, config: MeftConfig | None = None) -> nn.Module:
+    """Attach a sparse FFN adapter to every selected decoder layer of `model`, in place.
+
+    Returns `model`, with `model.meft` (MeftRuntime: .optimizer, .backbone_optimizer, .scheduler,
+    .stores, .summary(), .summary_table()). The wrapped model starts equal to the base model.
+    """
+    config = (config if config is not None else MeftConfig()).validate()
+    if hasattr(model, "meft"):
+        raise ValueError("model is already wrapped (model.meft exists); call meft.unwrap(model) first")
+    targets = find_targets(model, config.target_module)
+    chosen = [targets[i] for i in config.layer_indices(len(targets))]
+    d = hidden_size_of(model)
+    _check_host_ram(config, len(chosen), 2 * d)
+    device = next(model.parameters()).device
+    undo = _Undo({n: p.requires_grad for n, p in model.named_parameters()})
+    backbone = list(model.parameters())
+    try:
+        if config.backbone == "frozen":
+            for p in backbone:
+                p.requires_grad_(False)
+        adapters, opts = [], []
+        for i, t in enumerate(chosen):
+            ad, opt = _attach(t, i, d, config, device, undo)
+            adapters.append(ad)
+            opts.append(opt)
+        scheduler, meter = _build_scheduler(config, opts, device)
+        rt = MeftRuntime(model, config, adapters, opts, scheduler, device=device, meter=meter)
+        undo.runtime = rt
+        rt.undo = undo
+        for ad in adapters:
+            ad.runtime = rt
+        rt.optimizer = MeftOptimizer(rt, [ad.gate for ad in adapters], router_lr=config.router_lr,
+                                     adapter_lr=config.adapter_lr, weight_decay=config.weight_decay,
+                                     clip=config.clip, max_norm=config.max_norm)
+        rt.backbone_params = backbone
+        rt.backbone_optimizer = _backbone_optimizer(config, backbone)
+    except BaseException:
+        undo(model)  # leave the model as it was given
+        raise
+    model.meft = rt
+    return model
+
+
+class _Undo:
+    """What wrap changed: replaced modules, input taps, requires_grad flags, the runtime."""
+    def __init__(self, grad_flags: dict[str, bool]):
+        self.grad_flags, self.modules, self.taps, self.runtime = grad_flags, [], [], None
+
+    def __call__(self, model: nn.Module) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+            for ad in self.runtime.adapters:
+                ad.runtime = None
+        for h in self.taps:
+            h.remove()
+        for parent, name, base in self.modules:
+            setattr(parent, name, base)
+        for n, p in model.named_parameters():
+            if n in self.grad_flags:
+                p.requires_grad_(self.grad_flags[n])
+
+
+def _attach(t, i: int, d: int, config: MeftConfig, device, undo: _Undo):
+    """Adapter `i` around target t (module replaced, input tapped if split) + its store and optimizer."""
+    gate = init_gate(config.n_experts, d, seed=config.seed * 1_000_003 + 500_000 + t.layer).to(device)
+    base = getattr(t.parent, t.out_name)
+    ad = SparseFFNAdapter(base, index=i, layer=t.layer, d=d, gate=gate, expert_size=config.expert_size,
+                          scale=config.scale, active_per_token=config.active_per_token,
+                          compute_dtype=parse_dtype(config.compute_dtype))
+    ad.train(base.training)  # a new module would otherwise be in training mode in an eval model
+    setattr(t.parent, t.out_name, ad)
+    undo.modules.append((t.parent, t.out_name, base))
+    if t.split:
+        undo.taps.append(getattr(t.parent, t.in_name).register_forward_pre_hook(ad.tap))
+    store = RowStore(config.adapter_rows, 2 * d, init=row_init(d, config.seed, t.layer),
+                     state_dtype=parse_dtype(config.state_dtype))
+    return ad, SparseAdamW(store, lr=config.adapter_lr, weight_decay=config.weight_decay)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove the adapters (restoring the original modules and requires_grad flags); returns model."""
+    rt = getattr(model, "meft", None)
+    if rt is None:
+        raise ValueError("model is not wrapped (no model.meft); nothing to unwrap")
+    rt.undo(model)
+    del model.meft
+    return model

