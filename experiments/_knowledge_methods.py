@@ -4,7 +4,7 @@ would keep resident on the GPU.
 Owns one small `Trainer` per method, all driving the same HF causal LM with one `step(batch)`:
 
 * "meft"          MEFT sparse adapter, rows on the host (`meft.wrap`, backbone frozen); the step is
-                  `meft.train.loop._one_step`, exactly what `meft train` runs.
+                  `meft.train.loop.train_step`, exactly what `meft train` runs.
 * "meft_adalomo"  the same plus an AdaLomo backbone fused into backward (`MeftConfig.backbone`).
 * "lora8/16/64"   LoRA r=8/16/64 on every linear layer of the decoder through the real `peft`
                   (`target_modules="all-linear"`, alpha = 2r, no dropout), torch AdamW.
@@ -52,9 +52,9 @@ class Trainer:
 
         labelled = int((batch["labels"] != -100).sum())
         if self.rt is not None:
-            from meft.train.loop import _one_step
+            from meft.train.loop import train_step
 
-            return _one_step(self.model, self.rt, [batch], 1)[0], labelled
+            return train_step(self.model, self.rt, [batch], 1)[0], labelled
         # peft's wrapper hides `logits_to_keep`; its base model carries the injected LoRA layers
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         loss = causal_lm_loss(inner, batch)

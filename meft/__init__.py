@@ -1,29 +1,24 @@
 """meft: sparse FFN adapters far larger than the GPU, held in CPU memory, for HF causal LMs.
 
 Public names are resolved lazily (PEP 562) so `import meft` stays cheap and never initializes CUDA.
+Subpackages by role (each with its own public face): `adapter`, `lomo`, `data`, `train`, `plan`,
+`profile`, `cli`; modules `config`, `pretrained`, `evaluate`.
 """
 
-from importlib import import_module
-
-__all__ = ["wrap", "unwrap", "MeftConfig", "Lomo", "AdaLomo", "save_adapter", "load_adapter", "MeftCallback"]
+from meft._faces import lazy_face
 
 _WHERE = {
     "wrap": "meft.adapter.wrap",
     "unwrap": "meft.adapter.wrap",
     "MeftConfig": "meft.config",
+    "MeftRuntime": "meft.adapter.runtime",
     "Lomo": "meft.lomo.optimizers",
     "AdaLomo": "meft.lomo.optimizers",
     "save_adapter": "meft.adapter.saving",
     "load_adapter": "meft.adapter.saving",
-    "MeftCallback": "meft.train.hf_callback",  # transformers.Trainer integration
+    "load_model": "meft.pretrained",
+    "MeftCallback": "meft.train.hf_callback",
 }
+__all__ = list(_WHERE)
 
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'meft' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_face(__name__, _WHERE, __all__)

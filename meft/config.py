@@ -25,9 +25,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["MeftConfig", "DTYPES", "parse_dtype", "dtype_name", "opt"]
+__all__ = ["MeftConfig", "DTYPES", "WIRE_DTYPES", "STATE_DTYPES", "COMPUTE_DTYPES", "BACKBONE_DTYPES", "parse_dtype",
+           "dtype_name", "parse_backbone_dtype", "budget_experts", "opt"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The dtypes each field accepts: wire = what the copy engines move (offload.WIRE_DTYPES), state = what a
+# RowStore keeps its moments in; fp16 is left out of the wire on purpose (no loss scaling on row grads).
+WIRE_DTYPES = ("bfloat16", "float32")
+STATE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float32", "float16")
+BACKBONE_DTYPES = ("float32", "bfloat16")
 _BACKBONES = ("frozen", "lomo", "adalomo")
 _CLIPS = ("none", "layer", "global")
 _PREFETCH = ("none", "lookahead")
@@ -48,6 +55,19 @@ def dtype_name(value: Any) -> str:
     """Canonical string form ('bfloat16', 'auto') of a dtype-like value."""
     dt = parse_dtype(value)
     return "auto" if dt is None else str(dt).removeprefix("torch.")
+
+
+def budget_experts(max_active_rows: int, expert_size: int, n_experts: int) -> int:
+    """The row budget in whole experts: max_active_rows // expert_size, at least 1, at most n_experts.
+    The one definition of the budget (the router and every size computed from a config use it)."""
+    return min(n_experts, max(1, max_active_rows // expert_size))
+
+
+def parse_backbone_dtype(field_name: str, value: Any) -> torch.dtype:
+    """A backbone weight dtype option (`meft train --dtype`, `meft plan --dtype`): float32 or bfloat16."""
+    if value not in BACKBONE_DTYPES:
+        raise ValueError(f"{field_name} = {value!r}: choose one of {', '.join(BACKBONE_DTYPES)}")
+    return DTYPES[value]
 
 
 def opt(default, help: str):
@@ -151,9 +171,8 @@ class MeftConfig:
 
     def _dtype_problems(self) -> list[tuple[str, Any, str]]:
         bad = []
-        for name, allowed in (("wire_dtype", ("bfloat16", "float32", "float16")),
-                              ("compute_dtype", ("auto", "bfloat16", "float32", "float16")),
-                              ("state_dtype", ("float32", "bfloat16"))):
+        for name, allowed in (("wire_dtype", WIRE_DTYPES), ("compute_dtype", COMPUTE_DTYPES),
+                              ("state_dtype", STATE_DTYPES)):
             v = getattr(self, name)
             try:
                 ok = dtype_name(v) in allowed
@@ -214,7 +233,27 @@ class MeftConfig:
     @property
     def budget_experts(self) -> int:
         """Experts that fit the row budget (max_active_rows // expert_size, at most n_experts)."""
-        return min(self.n_experts, self.max_active_rows // self.expert_size)
+        return budget_experts(self.max_active_rows, self.expert_size, self.n_experts)
+
+    @property
+    def budget_rows(self) -> int:
+        """Rows one layer's fetch holds at most per micro-batch: the schedulers' `max_rows`."""
+        return self.budget_experts * self.expert_size
+
+    @property
+    def wire(self) -> torch.dtype:
+        """`wire_dtype` as a torch dtype (rows down, row gradients back)."""
+        return parse_dtype(self.wire_dtype)
+
+    @property
+    def state(self) -> torch.dtype:
+        """`state_dtype` as a torch dtype (host AdamW moments)."""
+        return parse_dtype(self.state_dtype)
+
+    @property
+    def compute(self) -> torch.dtype | None:
+        """`compute_dtype` as a torch dtype; None = the dtype of the adapter's input."""
+        return parse_dtype(self.compute_dtype)
 
     def layer_indices(self, n_layers: int) -> list[int]:
         """Decoder-layer indices that get an adapter, for a model with n_layers layers."""

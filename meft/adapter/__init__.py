@@ -2,3 +2,24 @@
 adapter layer module, wrap/unwrap, the runtime behind `model.meft`, the adapter-side optimizer, the
 summary of what is trained where, adapter save/load, and the dense device-resident baseline.
 """
+
+from meft._faces import lazy_face
+
+_WHERE = {
+    "wrap": "meft.adapter.wrap",
+    "unwrap": "meft.adapter.wrap",
+    "row_init": "meft.adapter.wrap",
+    "MeftRuntime": "meft.adapter.runtime",
+    "save_adapter": "meft.adapter.saving",
+    "load_adapter": "meft.adapter.saving",
+    "route": "meft.adapter.router",
+    "Routing": "meft.adapter.router",
+    "find_targets": "meft.adapter.targets",
+    "hidden_size_of": "meft.adapter.targets",
+    "DenseParallelAdapter": "meft.adapter.dense",
+    "attach_dense": "meft.adapter.dense",
+    "freeze": "meft.adapter.dense",
+}
+__all__ = list(_WHERE)
+
+__getattr__, __dir__ = lazy_face(__name__, _WHERE, __all__)

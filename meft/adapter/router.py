@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from meft.config import budget_experts
+
 __all__ = ["Routing", "route", "gate_weights", "expert_weights", "init_gate"]
 
 
@@ -71,7 +73,7 @@ def route(x: Tensor, gate: Tensor, *, experts_per_token: int, expert_size: int,
     w = expert_weights(top_idx, g, n_experts)  # [E]
     chosen = torch.zeros(n_experts, dtype=torch.bool, device=x.device)
     chosen[top_idx.reshape(-1)] = True
-    budget = max(1, max_active_rows // expert_size)
+    budget = budget_experts(max_active_rows, expert_size, n_experts)
     if int(chosen.sum()) > budget:
         # stable descending sort: equal weights keep ascending index order -> ties to the lower index
         order = torch.sort(w, descending=True, stable=True).indices

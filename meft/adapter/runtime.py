@@ -28,7 +28,12 @@ from torch import Tensor
 from meft.adapter.router import Routing, route
 from meft.adapter.summary import summary, summary_table
 
-__all__ = ["MeftRuntime"]
+__all__ = ["MeftRuntime", "in_backward"]
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (e.g. gradient-checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 @dataclass(eq=False)
@@ -121,7 +126,7 @@ class MeftRuntime:
     def rows_for(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
         """(routing, rows [R, 2d] in compute dtype) for this call; see the module docstring."""
         idx = adapter.index
-        if adapter.training and self.step_open and torch._C._current_graph_task_id() != -1:
+        if adapter.training and self.step_open and in_backward():
             return self._recompute_rows(idx, x2)  # inside backward: checkpoint recomputation
         if adapter.training and torch.is_grad_enabled() and not self.in_forward:
             raise RuntimeError(

@@ -5,8 +5,6 @@ Owns `summary(rt)` (a dict) and `summary_table(rt)` (the table `model.meft.summa
 
 from __future__ import annotations
 
-from meft.config import parse_dtype
-
 __all__ = ["summary", "summary_table"]
 
 
@@ -21,14 +19,13 @@ def summary(rt) -> dict:
     rows_params = sum(s.n_rows * s.width for s in rt.stores)
     host_bytes = sum(s.nbytes for s in rt.stores)
     width = rt.stores[0].width if rt.stores else 0
-    wire = parse_dtype(c.wire_dtype).itemsize
+    wire = c.wire.itemsize
     return {
         "layers": [ad.layer for ad in rt.adapters],
         "device_resident": {
             "router_gates": {"params": gates, "bytes": gates * 4 * 3},  # fp32 + AdamW moments
             "backbone": {"params": bb_params, "bytes": bb_bytes, "trained": backbone_trained},
-            "active_rows_per_layer": {"rows": c.budget_experts * c.expert_size,
-                                      "bytes": c.budget_experts * c.expert_size * width * wire},
+            "active_rows_per_layer": {"rows": c.budget_rows, "bytes": c.budget_rows * width * wire},
         },
         "host_resident": {
             "adapter_rows": {"params": rows_params, "bytes": host_bytes,

@@ -19,7 +19,7 @@ from meft.adapter.optim import MeftOptimizer
 from meft.adapter.router import init_gate
 from meft.adapter.runtime import MeftRuntime
 from meft.adapter.targets import find_targets, hidden_size_of
-from meft.config import MeftConfig, parse_dtype
+from meft.config import MeftConfig
 from meft.lomo.optimizers import AdaLomo, Lomo
 from offload.meter import TrafficMeter
 from offload.optim import SparseAdamW
@@ -41,8 +41,7 @@ def row_init(d: int, seed: int, layer: int):
 
 
 def _check_host_ram(config: MeftConfig, n_layers: int, width: int) -> None:
-    st = parse_dtype(config.state_dtype)
-    need = n_layers * RowStore.bytes_needed(config.adapter_rows, width, st)
+    need = n_layers * RowStore.bytes_needed(config.adapter_rows, width, config.state)
     avail = psutil.virtual_memory().available
     if need > 0.9 * avail:
         per_row = n_layers * RowStore.bytes_needed(1, width, torch.bfloat16)
@@ -54,8 +53,8 @@ def _check_host_ram(config: MeftConfig, n_layers: int, width: int) -> None:
 
 
 def _build_scheduler(config: MeftConfig, opts, device):
-    kw = dict(device=device, wire_dtype=parse_dtype(config.wire_dtype),
-              max_rows=config.budget_experts * config.expert_size, staleness=config.staleness,
+    kw = dict(device=device, wire_dtype=config.wire,
+              max_rows=config.budget_rows, staleness=config.staleness,
               clip=config.clip, max_norm=config.max_norm)
     if config.offload:
         meter = TrafficMeter()
@@ -142,14 +141,14 @@ def _attach(t, i: int, d: int, config: MeftConfig, device, undo: _Undo):
     base = getattr(t.parent, t.out_name)
     ad = SparseFFNAdapter(base, index=i, layer=t.layer, d=d, gate=gate, expert_size=config.expert_size,
                           scale=config.scale, active_per_token=config.active_per_token,
-                          compute_dtype=parse_dtype(config.compute_dtype))
+                          compute_dtype=config.compute)
     ad.train(base.training)  # a new module would otherwise be in training mode in an eval model
     setattr(t.parent, t.out_name, ad)
     undo.modules.append((t.parent, t.out_name, base))
     if t.split:
         undo.taps.append(getattr(t.parent, t.in_name).register_forward_pre_hook(ad.tap))
     store = RowStore(config.adapter_rows, 2 * d, init=row_init(d, config.seed, t.layer),
-                     state_dtype=parse_dtype(config.state_dtype))
+                     state_dtype=config.state)
     return ad, SparseAdamW(store, lr=config.adapter_lr, weight_decay=config.weight_decay)
 
 

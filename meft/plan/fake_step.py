@@ -12,9 +12,9 @@ Owns:
   (checkpoint recomputation reuses them), and on push casts the gradient into a lazily made
   `grads_dev [max_rows, 2d]` when it is not already wire dtype (as TransferScheduler does). No fetch,
   no RowStore, no scheduler: those live in host RAM.
-* `attach_meft` / `attach_dense` (a dense parallel adapter of N rows resident on the device, MEFT's
-  baseline), and a fake-tensor-safe AdamW step (`adamw_states`, `adamw_step`; torch.optim.AdamW reads
-  its step count with .item(), which fake tensors cannot answer).
+* `attach_meft` (the dense baseline is `meft.adapter.dense`), and a fake-tensor-safe AdamW step
+  (`adamw_states`, `adamw_step`; torch.optim.AdamW reads its step count with .item(), which fake
+  tensors cannot answer).
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from meft.adapter.dense import freeze
 from meft.adapter.layer import SparseFFNAdapter
 from meft.adapter.router import Routing
+from meft.adapter.runtime import in_backward
 from meft.adapter.targets import find_targets, hidden_size_of
-from meft.config import MeftConfig, parse_dtype
+from meft.config import MeftConfig
 
-__all__ = ["build_model", "PlanRuntime", "attach_meft", "DenseParallelAdapter", "attach_dense",
-           "adamw_states", "adamw_step", "freeze"]
+__all__ = ["build_model", "PlanRuntime", "attach_meft", "adamw_states", "adamw_step"]
 
 
 def build_model(hf_config, dtype: torch.dtype) -> nn.Module:
@@ -45,16 +46,11 @@ def build_model(hf_config, dtype: torch.dtype) -> nn.Module:
     return model.train()
 
 
-def freeze(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-
 class PlanRuntime:
     """See the module docstring. `buffers` are the device tensors that exist before any step."""
     def __init__(self, config: MeftConfig, adapters, d: int, wire: torch.dtype):
         self.config, self.adapters, self.wire = config, adapters, wire
-        self.max_rows = config.budget_experts * config.expert_size  # = wrap's scheduler max_rows
+        self.max_rows = config.budget_rows  # = wrap's scheduler max_rows
         # lookahead: the runtime reserves 2 x max_rows live rows per layer (prefetch + misses)
         live = self.max_rows * (2 if config.prefetch == "lookahead" else 1)
         self.rows_dev = [torch.zeros(live, 2 * d, dtype=wire) for _ in adapters]  # [M, 2d]
@@ -80,7 +76,7 @@ class PlanRuntime:
 
     def rows_for(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
         idx = adapter.index
-        if torch._C._current_graph_task_id() != -1 and idx in self._cache:
+        if in_backward() and idx in self._cache:
             return self._cache[idx]  # checkpoint recomputation: no re-route, no second fetch
         routing = self._routing(adapter, x2)
         n = routing.ids.numel()
@@ -113,43 +109,15 @@ def attach_meft(model: nn.Module, config: MeftConfig) -> PlanRuntime:
         ad = SparseFFNAdapter(getattr(t.parent, t.out_name), index=i, layer=t.layer, d=d, gate=gate,
                               expert_size=config.expert_size, scale=config.scale,
                               active_per_token=config.active_per_token,
-                              compute_dtype=parse_dtype(config.compute_dtype))
+                              compute_dtype=config.compute)
         setattr(t.parent, t.out_name, ad)
         if t.split:
             getattr(t.parent, t.in_name).register_forward_pre_hook(ad.tap)
         adapters.append(ad)
-    rt = PlanRuntime(config, adapters, d, parse_dtype(config.wire_dtype))
+    rt = PlanRuntime(config, adapters, d, config.wire)
     for ad in adapters:
         ad.runtime = rt
     return rt
-
-
-class DenseParallelAdapter(nn.Module):
-    """base(x) + relu(x @ K.T) @ V with all N rows resident and trained on the device ([T, N] hidden)."""
-    def __init__(self, base: nn.Module, n_rows: int, d: int, dtype: torch.dtype):
-        super().__init__()
-        self.base = base
-        self.keys = nn.Parameter(torch.zeros(n_rows, d, dtype=dtype))    # [N, d]
-        self.values = nn.Parameter(torch.zeros(n_rows, d, dtype=dtype))  # [N, d]
-
-    def forward(self, x, *args, **kwargs):
-        return self.base(x, *args, **kwargs) + torch.relu(x @ self.keys.t()) @ self.values
-
-
-def attach_dense(model: nn.Module, config: MeftConfig, dtype: torch.dtype) -> list[nn.Parameter]:
-    """Frozen backbone + a dense parallel adapter of config.adapter_rows rows per selected layer."""
-    targets = find_targets(model, config.target_module)
-    chosen = [targets[i] for i in config.layer_indices(len(targets))]
-    d = hidden_size_of(model)
-    freeze(model)
-    params = []
-    for t in chosen:
-        if t.split:
-            raise ValueError(f"method='dense' needs a single-module FFN; {t.path} is split (in/out modules)")
-        ad = DenseParallelAdapter(getattr(t.parent, t.out_name), config.adapter_rows, d, dtype)
-        setattr(t.parent, t.out_name, ad)
-        params += [ad.keys, ad.values]
-    return params
 
 
 def adamw_states(params, tracker=None) -> list[tuple[Tensor, Tensor]]:

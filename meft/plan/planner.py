@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from meft.config import MeftConfig, opt, parse_dtype
+from meft.adapter.dense import attach_dense
+from meft.config import BACKBONE_DTYPES, MeftConfig, opt, parse_dtype
 from meft.lomo.optimizers import AdaLomo, Lomo
 from meft.plan.configs import load_model_config
-from meft.plan.fake_step import adamw_states, adamw_step, attach_dense, attach_meft, build_model
+from meft.plan.fake_step import adamw_states, adamw_step, attach_meft, build_model
 from meft.plan.search import format_plan as fmt
 from meft.plan.search import search_fits
 from meft.plan.track import measure_step
@@ -79,8 +80,8 @@ def _check(opts: PlanOptions, cfg: MeftConfig) -> None:
     bad = []
     if opts.method not in METHODS:
         bad.append(("method", opts.method, f"one of {METHODS}"))
-    if opts.dtype not in ("bfloat16", "float32"):
-        bad.append(("dtype", opts.dtype, "bfloat16 or float32"))
+    if opts.dtype not in BACKBONE_DTYPES:
+        bad.append(("dtype", opts.dtype, " or ".join(BACKBONE_DTYPES)))
     for name in ("seq", "batch"):
         v = getattr(opts, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -94,9 +95,9 @@ def _check(opts: PlanOptions, cfg: MeftConfig) -> None:
 
 def host_ram_bytes(cfg: MeftConfig, n_layers: int, d: int) -> dict:
     """Host bytes of the offloaded adapter: stores, pinned staging slots, pending gradients."""
-    width, max_rows = 2 * d, cfg.budget_experts * cfg.expert_size
-    wire = parse_dtype(cfg.wire_dtype).itemsize
-    stores = n_layers * RowStore.bytes_needed(cfg.adapter_rows, width, parse_dtype(cfg.state_dtype))
+    width, max_rows = 2 * d, cfg.budget_rows
+    wire = cfg.wire.itemsize
+    stores = n_layers * RowStore.bytes_needed(cfg.adapter_rows, width, cfg.state)
     staging = 2 * 2 * max_rows * (width * wire + 8) + n_layers * max_rows * 8  # 2 pools x 2 slots + ids
     pending = n_layers * max_rows * cfg.grad_accum_steps * (width * 4 + 8)  # fp32 pending row grads
     return {"stores": stores, "staging": staging, "pending_grads": pending,
@@ -195,8 +196,8 @@ def _adapter_rows_bytes(opts, cfg, m, d: int) -> int:
     layer's row gradient [R, 2d]."""
     if opts.method != "meft" or not m["n_layers"]:
         return 0
-    compute = parse_dtype(cfg.compute_dtype) or parse_dtype(opts.dtype)
-    wire = parse_dtype(cfg.wire_dtype)
+    compute = cfg.compute or parse_dtype(opts.dtype)
+    wire = cfg.wire
     one = m["rows_per_layer"] * 2 * d * compute.itemsize
     return (m["n_layers"] * one if compute != wire else 0) + one
 

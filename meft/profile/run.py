@@ -7,7 +7,7 @@ sets (each adapter input is re-routed with `meft.adapter.router.route` in a forw
 meter recorded can be checked against rows x width x wire bytes), the comparison with MEFT's original
 transfer scheme for the same active sets, the link prediction (`meft.profile.report`), and writing
 profile.json, trace.json (Chrome trace) and profile.png. Setup and the step itself come from
-`meft.train.loop` (`_setup`, `_one_step`): a profile runs exactly what `meft train` runs.
+`meft.train.loop` (`setup_run`, `train_step`): a profile runs exactly what `meft train` runs.
 """
 
 from __future__ import annotations
@@ -21,17 +21,14 @@ from pathlib import Path
 import torch
 
 from meft.adapter.router import route
+from meft.adapter.runtime import in_backward
 from meft.adapter.targets import find_targets
-from meft.config import MeftConfig, parse_dtype
+from meft.config import MeftConfig
 from meft.profile.report import build_report, format_report, plot_profile
 from meft.train.args import TrainArgs
-from meft.train.loop import _one_step, _setup
+from meft.train.loop import setup_run, train_step
 
 __all__ = ["profile", "LayerTimer", "ActiveSetCounter"]
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
 
 
 class LayerTimer:
@@ -46,11 +43,11 @@ class LayerTimer:
             self._handles.append(mod.register_forward_hook(lambda m, a, o, i=i: self._post(i, o)))
 
     def _pre(self, i: int) -> None:
-        if not _in_backward():
+        if not in_backward():
             self._t0[i] = time.perf_counter()
 
     def _post(self, i: int, out) -> None:
-        if _in_backward() or i not in self._t0:
+        if in_backward() or i not in self._t0:
             return  # gradient-checkpoint recomputation: inside layer i's backward interval
         self.meter.record_compute(f"fwd L{i}", self._t0.pop(i), time.perf_counter())
         t = out[0] if isinstance(out, tuple) else out
@@ -85,7 +82,7 @@ class ActiveSetCounter:
         self._handles = [ad.register_forward_pre_hook(self._pre) for ad in adapters]
 
     def _pre(self, ad, args) -> None:
-        if not (ad.training and torch.is_grad_enabled()) or _in_backward():
+        if not (ad.training and torch.is_grad_enabled()) or in_backward():
             return
         x = ad._tapped if ad._tapped is not None else args[0]
         x2 = x.reshape(-1, ad.d)  # [T, d]
@@ -114,7 +111,7 @@ def _run_steps(model, rt, data, args, cfg) -> dict:
         batches = [next(data.batches) for _ in range(accum)]
         input_tokens += sum(int(b["input_ids"].numel()) for b in batches)
         t0 = time.perf_counter()
-        _, n = _one_step(model, rt, batches, accum)
+        _, n = train_step(model, rt, batches, accum)
         step_s.append(time.perf_counter() - t0)
         tokens += n
     total = sum(step_s)
@@ -130,7 +127,7 @@ def profile(args: TrainArgs, cfg: MeftConfig, *, link: str | None = None,
         args.steps = 5
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meft, model, _tok, data = _setup(args, cfg)
+    meft, model, _tok, data = setup_run(args, cfg)
     model.train()
     meft.wrap(model, cfg)
     rt = model.meft
@@ -146,7 +143,7 @@ def profile(args: TrainArgs, cfg: MeftConfig, *, link: str | None = None,
         rt.close()
     d = rt.adapters[0].d
     active = {"rows": dict(counter.rows), "tokens": dict(counter.tokens), "width": 2 * d,
-              "wire_bytes": parse_dtype(cfg.wire_dtype).itemsize}
+              "wire_bytes": cfg.wire.itemsize}
     rep = build_report(rt.meter, run, active, link=link, compute_ms_per_layer=compute_ms_per_layer,
                        config={"train": asdict(args), "meft": cfg.to_dict()})
     (out / "profile.json").write_text(json.dumps(rep, indent=2, default=str))

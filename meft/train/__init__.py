@@ -2,3 +2,17 @@
 (`checkpoint`), the run log (`run_log`), the loss (`loss`), the HF Trainer callback (`hf_callback`) and
 atomic file writes (`atomic`).
 """
+
+from meft._faces import lazy_face
+
+_WHERE = {
+    "train": "meft.train.loop",
+    "train_step": "meft.train.loop",
+    "setup_run": "meft.train.loop",
+    "TrainArgs": "meft.train.args",
+    "causal_lm_loss": "meft.train.loss",
+    "MeftCallback": "meft.train.hf_callback",
+}
+__all__ = list(_WHERE)
+
+__getattr__, __dir__ = lazy_face(__name__, _WHERE, __all__)

@@ -20,7 +20,8 @@ import torch
 
 import meft
 from meft.adapter.saving import save_adapter
-from meft.config import MeftConfig
+from meft.config import MeftConfig, parse_backbone_dtype
+from meft.data.records import IGNORE_INDEX
 from meft.data.sources import RunData, load_run_data
 from meft.evaluate import qa_accuracy
 from meft.pretrained import load_model
@@ -29,7 +30,7 @@ from meft.train.checkpoint import latest_checkpoint, load_training_state, save_t
 from meft.train.loss import causal_lm_loss
 from meft.train.run_log import MetricsLog, format_table, plot_loss_curve
 
-__all__ = ["train", "lr_lambda"]
+__all__ = ["train", "train_step", "setup_run", "lr_lambda"]
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -88,7 +89,7 @@ def _evaluate(model, tokenizer, data: RunData, args: TrainArgs, label: str) -> d
     return out
 
 
-def _one_step(model, rt, batches, accum: int) -> tuple[float, int]:
+def train_step(model, rt, batches, accum: int) -> tuple[float, int]:
     """Run `accum` micro-batches and the optimizer step; returns (mean loss, labelled tokens)."""
     loss_sum, tokens = 0.0, 0
     device = rt.device
@@ -100,7 +101,7 @@ def _one_step(model, rt, batches, accum: int) -> tuple[float, int]:
         else:
             loss.backward()
         loss_sum += float(loss.detach())
-        tokens += int((batch["labels"] != -100).sum())
+        tokens += int((batch["labels"] != IGNORE_INDEX).sum())
     rt.optimizer.step()
     rt.optimizer.zero_grad()
     if rt.backbone_optimizer is not None:
@@ -108,12 +109,11 @@ def _one_step(model, rt, batches, accum: int) -> tuple[float, int]:
     return loss_sum, tokens
 
 
-def _setup(args: TrainArgs, cfg: MeftConfig):
+def setup_run(args: TrainArgs, cfg: MeftConfig):
+    """(meft, model, tokenizer, run data) for a run: device and dtype resolved, model loaded, data built."""
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
-    if dtype is None:
-        raise ValueError(f"--dtype {args.dtype!r}: choose float32 or bfloat16")
+    dtype = parse_backbone_dtype("--dtype", args.dtype)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     data = load_run_data(args, tokenizer, seed=cfg.seed)
@@ -126,7 +126,7 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
     """Run one fine-tune as described by `args` and `cfg`; returns the summary dict (also saved)."""
     cfg.validate()
     out = Path(args.output_dir)
-    meft, model, tokenizer, data = _setup(args, cfg)
+    meft, model, tokenizer, data = setup_run(args, cfg)
     total = args.steps or max(1, math.ceil(args.epochs * data.batches.batches_per_epoch / cfg.grad_accum_steps))
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
@@ -160,7 +160,7 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
             t0 = time.perf_counter()
             batches = [next(data.batches) for _ in range(cfg.grad_accum_steps)]
             tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # input tokens, padding excluded
-            loss, _labelled = _one_step(model, rt, batches, cfg.grad_accum_steps)
+            loss, _labelled = train_step(model, rt, batches, cfg.grad_accum_steps)
             for s in scheds:
                 s.step()
             dt = time.perf_counter() - t0

@@ -15,9 +15,10 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from meft.data.records import IGNORE_INDEX
+
 __all__ = ["causal_lm_loss", "IGNORE_INDEX"]
 
-IGNORE_INDEX = -100
 
 
 def _accepts_logits_to_keep(model) -> bool:

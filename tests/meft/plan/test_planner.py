@@ -3,7 +3,7 @@
 The reference ("measured") peak comes from the same StepTracker (torch's MemTracker, a dispatch mode
 that sees every tensor the step creates and the model / optimizer / row buffers registered before it)
 over a *real* step: a real tiny Llama wrapped by the real `meft.wrap` (RowStores, TransferScheduler on
-the CPU engine), one warm-up step, then `meft.train.loop._one_step` measured on real CPU tensors. The plan
+the CPU engine), one warm-up step, then `meft.train.loop.train_step` measured on real CPU tensors. The plan
 builds the same model from its config alone inside FakeTensorMode, with no store and no scheduler.
 Host-side work (gathers into staging, accumulation, SparseAdamW) runs on the scheduler's worker thread,
 which the dispatch mode does not see -- as the GPU would not.
@@ -22,7 +22,7 @@ from meft.config import MeftConfig
 from meft.plan.planner import PlanOptions, estimate, parse_size, plan
 from meft.plan.search import largest_true
 from meft.plan.track import measure_step
-from meft.train.loop import _one_step
+from meft.train.loop import train_step
 
 SMALL = dict(adapter_rows=256, expert_size=16, experts_per_token=4, max_active_rows=64)
 
@@ -48,10 +48,10 @@ def _measured_peak(hf, cfg: MeftConfig, opts: PlanOptions) -> int:
     ids = torch.randint(0, hf.vocab_size, (opts.batch, opts.seq))  # [B, T]
     batch = [{"input_ids": ids, "labels": ids}]
     try:
-        _one_step(model, rt, batch, 1)  # warm-up: router AdamW / AdaLomo state now exist (steady state)
+        train_step(model, rt, batch, 1)  # warm-up: router AdamW / AdaLomo state now exist (steady state)
         opts_ = [o for o in (rt.optimizer, rt.backbone_optimizer) if o is not None]
         bufs = [st.rows_dev for st in rt.scheduler.layers]
-        out = measure_step(lambda mt: _one_step(model, rt, batch, 1), modules=[model], optimizers=opts_,
+        out = measure_step(lambda mt: train_step(model, rt, batch, 1), modules=[model], optimizers=opts_,
                            buffers=bufs)
         assert rt.meter.report()["totals"]["h2d"]["rows"] == 2 * len(rt.adapters) * cfg.max_active_rows
     finally:
