@@ -63,10 +63,10 @@ class MeftRuntime:
         self.device = torch.device(device)
         self.optimizer = None                     # MeftOptimizer, set by wrap
         self.backbone_optimizer = None            # Lomo / AdaLomo when config.backbone trains it
-        self.step = 0                             # optimizer steps begun
-        self.micro = 0                            # micro-batches of the current step
-        self.step_open = False
-        self.in_forward = False                   # inside a training forward of the top model
+        self._step = 0                             # optimizer steps begun
+        self._micro = 0                            # micro-batches of the current step
+        self._step_open = False
+        self._in_forward = False                   # inside a training forward of the top model
         self.fetches = 0                          # scheduler.fetch / fetch_more calls of the adapters
         self.lookahead = {"needed": 0, "hit": 0, "prefetched": 0}  # rows: needed, of them prefetched, prefetched
         self._cache: dict[int, list[_Entry]] = {}  # entries live until their grads are pushed
@@ -86,31 +86,31 @@ class MeftRuntime:
         if not (module.training and torch.is_grad_enabled()):
             return
         k = self.config.grad_accum_steps
-        if not self.step_open:
+        if not self._step_open:
             if self.optimizer is not None:
                 self.optimizer.sync_hyperparams()  # this step's lr, before any row update can start
             self.scheduler.begin_step(accum_steps=k)
-            self.step += 1
-            self.micro = 0
-            self.step_open = True
-        elif self.micro >= k:
+            self._step += 1
+            self._micro = 0
+            self._step_open = True
+        elif self._micro >= k:
             raise RuntimeError(
-                f"micro-batch {self.micro + 1} of step {self.step} started, but grad_accum_steps={k}: "
+                f"micro-batch {self._micro + 1} of step {self._step} started, but grad_accum_steps={k}: "
                 f"call model.meft.optimizer.step() every {k} micro-batch(es), or set "
                 f"MeftConfig.grad_accum_steps to the number of forwards per optimizer step")
         self.scheduler.begin_micro_batch()
-        self.micro += 1
+        self._micro += 1
         self._prefetch.clear()
-        self.in_forward = True
+        self._in_forward = True
 
     def _on_forward_post(self, module, args, output) -> None:
-        self.in_forward = False
+        self._in_forward = False
 
     def end_step(self) -> None:
         """Called by the optimizer's step(): the scheduler finishes the step's row updates."""
-        if self.step_open:
+        if self._step_open:
             self.scheduler.finish_step()
-        self.step_open = False
+        self._step_open = False
         for entries in self._cache.values():  # forwards without backward: free their rows now
             for e in entries:
                 e.rows = None
@@ -126,15 +126,15 @@ class MeftRuntime:
     def rows_for(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
         """(routing, rows [R, 2d] in compute dtype) for this call; see the module docstring."""
         idx = adapter.index
-        if adapter.training and self.step_open and in_backward():
+        if adapter.training and self._step_open and in_backward():
             return self._recompute_rows(idx, x2)  # inside backward: checkpoint recomputation
-        if adapter.training and torch.is_grad_enabled() and not self.in_forward:
+        if adapter.training and torch.is_grad_enabled() and not self._in_forward:
             raise RuntimeError(
                 f"adapter {idx}: a training forward with gradients that did not go through the wrapped "
                 f"model's forward (no micro-batch is open, so row gradients would be lost); call the model "
                 f"given to meft.wrap, or run this forward under torch.no_grad() / model.eval()")
-        if adapter.training and self.in_forward:
-            key = (self.step, self.micro)
+        if adapter.training and self._in_forward:
+            key = (self._step, self._micro)
             for e in self._cache.get(idx, ()):
                 if e.key == key and e.n_tokens == x2.shape[0]:
                     return e.routing, e.rows  # same layer called again within this micro-batch
@@ -237,7 +237,7 @@ class MeftRuntime:
         self.lookahead["hit"] += hit
         rec = getattr(self.meter, "record_lookahead", None)
         if rec is not None:
-            rec(self.step, idx, needed, hit)
+            rec(self._step, idx, needed, hit)
 
     def _infer_rows(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
         routing = self._route(adapter, x2)
@@ -248,7 +248,7 @@ class MeftRuntime:
     def read_rows(self, idx: int, ids: Tensor) -> Tensor:
         """Current rows [R, 2d] fp32 on the device, outside the step machinery (inference)."""
         flush = getattr(self.scheduler, "flush", None)
-        if self.config.staleness and flush is not None and not self.step_open:
+        if self.config.staleness and flush is not None and not self._step_open:
             flush()
         if hasattr(self.scheduler, "read_rows"):
             return self.scheduler.read_rows(idx, ids)
@@ -261,7 +261,7 @@ class MeftRuntime:
     def sync_to_host(self) -> None:
         """Make the RowStores current (resident twin on a GPU keeps device copies)."""
         flush = getattr(self.scheduler, "flush", None)
-        if flush is not None and not self.step_open:
+        if flush is not None and not self._step_open:
             flush()
         if hasattr(self.scheduler, "sync_to_host"):
             self.scheduler.sync_to_host()

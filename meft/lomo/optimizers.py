@@ -109,6 +109,17 @@ class AdaLomo(FusedBackwardOptimizer):
         super().__init__(params, defaults, clip=clip, max_norm=max_norm,
                          stochastic_rounding=stochastic_rounding, seed=seed, process_group=process_group)
 
+    def init_state(self) -> list[Tensor]:
+        """Create every parameter's state now (what the first update would create) and return its tensors.
+        `meft plan` uses it to count AdaLomo's steady-state memory before any step has run."""
+        out = []
+        for p in self._params:
+            st = self.state[p]
+            if not st:
+                self._init_state(p, st)
+            out += [t for t in st.values() if isinstance(t, Tensor)]
+        return out
+
     @staticmethod
     def _init_state(p: Tensor, state: dict) -> None:
         state["step"] = 0

@@ -125,11 +125,8 @@ def _run_fake_step(hf_config, opts: PlanOptions, cfg: MeftConfig) -> dict:
 
         def step(tracker):
             states = adamw_states(trained, tracker)
-            if backbone_opt is not None and hasattr(backbone_opt, "_init_state"):  # AdaLomo: steady state
-                for p in backbone_opt._params:
-                    backbone_opt._init_state(p, backbone_opt.state[p])
-                    tracker.mark_optimizer_state(*[t for t in backbone_opt.state[p].values()
-                                                   if isinstance(t, torch.Tensor)])
+            if isinstance(backbone_opt, AdaLomo):  # steady state: its factored second moments exist
+                tracker.mark_optimizer_state(*backbone_opt.init_state())
             loss = model(input_ids=ids, labels=ids).loss
             (backbone_opt.backward if backbone_opt is not None else torch.Tensor.backward)(loss)
             del loss

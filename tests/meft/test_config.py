@@ -28,6 +28,7 @@ BAD = [  # (field, bad value, words the fix must contain)
     ("target_module", "model.layers.mlp", "one '*'"),
     ("wire_dtype", "int8", "'bfloat16'"),
     ("wire_dtype", "auto", "'bfloat16'"),
+    ("wire_dtype", "float16", "'bfloat16', 'float32'"),  # the engines move bf16 or fp32 only
     ("compute_dtype", "float64", "'auto'"),
     ("state_dtype", "float16", "'float32', 'bfloat16'"),
     ("backbone", "full", "'frozen', 'lomo', 'adalomo'"),
