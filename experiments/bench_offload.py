@@ -190,15 +190,15 @@ def table(rows: list, copy_gbs: dict) -> str:
 
 
 def targets_line(t: int, sm: dict, best: dict) -> str:
-    ok = lambda k, goal: "hit" if sm[k] >= goal else "MISSED"  # noqa: E731
+    """The numbers the issue targets are about (their goals in brackets); whether they are met is judged in
+    BENCHMARKS.md's prose, not here."""
     v = lambda k, fmt: f"{format(sm[k], fmt)} (best repeats: {format(best[k], fmt)})"  # noqa: E731
     return (f"{t} thread(s), worst case over shapes, medians: SparseAdamW step "
-            f"{v('adamw_speedup_vs_torch', '.2f')}x the best torch path (target 3x: "
-            f"{ok('adamw_speedup_vs_torch', 3)}), {v('adamw_bandwidth_fraction', '.0%')} of copy bandwidth "
-            f"(target 70%: {ok('adamw_bandwidth_fraction', 0.7)}); gather+bf16 cast "
-            f"{v('gather_bandwidth_fraction', '.0%')} of copy bandwidth (target 70%: "
-            f"{ok('gather_bandwidth_fraction', 0.7)}); accumulate+step {v('adamw_e2e_speedup_vs_torch', '.2f')}x "
-            f"and step_rows {v('adamw_step_rows_speedup_vs_torch', '.2f')}x the torch path.")
+            f"{v('adamw_speedup_vs_torch', '.2f')}x the best torch path (target 3x), "
+            f"{v('adamw_bandwidth_fraction', '.0%')} of copy bandwidth (target 70%); gather+bf16 cast "
+            f"{v('gather_bandwidth_fraction', '.0%')} of copy bandwidth (target 70%); accumulate+step "
+            f"{v('adamw_e2e_speedup_vs_torch', '.2f')}x and step_rows {v('adamw_step_rows_speedup_vs_torch', '.2f')}x "
+            f"the torch path.")
 
 
 def machine() -> str:

@@ -2,7 +2,7 @@
 against MEFT's original transfer scheme (issue 8).
 
 Same model (SmolLM2-135M-Instruct, fp32, this CPU), same batch (fictional facts, `--batch-size`
-records) for every method. Methods come from `experiments/_knowledge_methods.py`: "meft" (rows on the
+records) for every method. Methods come from `experiments/knowledge/methods.py`: "meft" (rows on the
 host through the TransferScheduler, backbone frozen), "dense" (a resident parallel adapter with
 `--max-active-rows` rows per layer, i.e. MEFT's active size, AdamW) and "lora16" (peft, all linear
 layers, AdamW). Steps run interleaved, round by round (order rotating), so load from other jobs on a
@@ -10,13 +10,14 @@ shared machine hits all methods alike; the median per method is reported.
 
 Traffic: the TrafficMeter's measured bytes (rows down + row gradients up, wire dtype) per step, and
 MEFT's original scheme for the same active sets (fp32 hidden states [T, d] to the CPU, fp32 key and
-value rows [R, 2d] back, fp32 row gradients [R, 2d] up), counted by `meft.profile.run.ActiveSetCounter`
-and `meft.profile.report.build_report` -- the same code as `meft profile`.
+value rows [R, 2d] back, fp32 row gradients [R, 2d] up), counted by `meft.profile.ActiveSetCounter`
+and `meft.profile.build_report` -- the same code as `meft profile`.
 
     python experiments/bench_step.py [--quick] [--json]
 
 `--json` prints one JSON object whose last two keys are `meft_vs_lora_step_ratio` and
-`traffic_vs_meft_original`. Targets: ratio <= 1.5, traffic <= 0.5.
+`traffic_vs_meft_original`. The issue-8 targets (ratio <= 1.5, traffic <= 0.5) are judged in
+BENCHMARKS.md's prose; this script prints the numbers.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from experiments._knowledge_methods import build_trainer, device_memory  # noqa: E402
-from experiments._knowledge_report import machine_header  # noqa: E402
+from experiments.knowledge.methods import build_trainer, device_memory  # noqa: E402
+from experiments.knowledge.report import machine_header  # noqa: E402
 
 __all__ = ["main", "measure"]
 
@@ -43,8 +44,7 @@ METHODS = ("meft", "dense", "lora16")
 
 
 def _batch(tok, batch_size: int) -> dict:
-    from meft.data.builtin import fictional_facts
-    from meft.data.records import build_examples, collate
+    from meft.data import build_examples, collate, fictional_facts
 
     examples = build_examples(fictional_facts(max(batch_size, 8), seed=0).train, tok, chat=False)
     return collate(examples[:batch_size], tok.pad_token_id)
@@ -64,7 +64,7 @@ def _trainers(args) -> dict:
 
 def _traffic(tr, counter, steps: int) -> dict:
     from meft.config import parse_dtype
-    from meft.profile.report import build_report
+    from meft.profile import build_report
 
     c = tr.rt.config
     active = {"rows": dict(counter.rows), "tokens": dict(counter.tokens), "width": tr.rt.stores[0].width,
@@ -83,7 +83,7 @@ def _traffic(tr, counter, steps: int) -> dict:
 
 def measure(args) -> dict:
     """Interleaved timed steps of every method; returns the result dict (ratios last)."""
-    from meft.profile.run import ActiveSetCounter
+    from meft.profile import ActiveSetCounter
 
     trainers, tok = _trainers(args)
     batch = _batch(tok, args.batch_size)
@@ -117,7 +117,6 @@ def format_md(res: dict, command: str) -> str:
     med, tr = res["step_s_median"], res["traffic"]
     rows = [f"| {m} | {med[m]:.2f} | {min(res['step_s_all'][m]):.2f} | {med[m] / med['lora16']:.2f} "
             f"| {res['device_state_bytes'][m] / 2**20:.0f} |" for m in METHODS]
-    ok = lambda v, t: "HIT" if v <= t else "MISSED"
     r1, r2 = res["meft_vs_lora_step_ratio"], res["traffic_vs_meft_original"]
     return "\n".join([
         machine_header(command), "",
@@ -135,9 +134,9 @@ def format_md(res: dict, command: str) -> str:
         f"| MEFT original: fp32 row grads up | {tr['original_grads_d2h_per_step']:,.0f} |",
         f"(active rows per step over all layers: {tr['rows_per_step']:,.0f}; tokens routed per step over all "
         f"layers: {tr['tokens_per_step']:,.0f}; measured == analytic count: {tr['measured_equals_analytic']})", "",
-        f"- MEFT step / LoRA r=16 step = **{r1:.2f}** (target <= 1.5): **{ok(r1, 1.5)}**",
+        f"- MEFT step / LoRA r=16 step = **{r1:.2f}**",
         f"- MEFT step / dense adapter (same active size) step = {res['meft_vs_dense_step_ratio']:.2f}",
-        f"- MEFT traffic / MEFT original scheme = **{r2:.3f}** (target <= 0.5): **{ok(r2, 0.5)}**"])
+        f"- MEFT traffic / MEFT original scheme = **{r2:.3f}**"])
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@ Rows: MEFT's best published adapter (8,464 rows per layer, 64 active per token; 
 E = 368 ~ 4*sqrt(N)) and 4x / 16x more rows (expert size scaled to keep E ~ 4*sqrt(N)), each with a
 frozen and a Lomo backbone (this project: rows on the host, <= 1,012 active rows per layer on the
 GPU), the same adapters as a dense parallel adapter resident on the GPU (AdamW, fp32 moments, frozen
-backbone: MEFT's baseline), and AdamW full fine-tuning. Every number is `meft.plan.planner` (a fake-tensor step
+backbone: MEFT's baseline), and AdamW full fine-tuning. Every number is `meft.plan.plan` (a fake-tensor step
 under MemTracker + stated margins), nothing is allocated. Writes its table into BENCHMARKS.md
 (section "## Memory plan (experiments/plan_7b.py)"); `--json` prints the results, ending with
 `llama2_7b_meft_lomo_fits_24gb` and `peak_gib`.
@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from meft.config import MeftConfig
-from meft.plan.planner import PlanOptions, plan
+from meft.plan import PlanOptions, plan
 
 GiB = 2**30
 SECTION = "## Memory plan (experiments/plan_7b.py)"

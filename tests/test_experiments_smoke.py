@@ -1,16 +1,18 @@
-"""Smoke runs of experiments/knowledge.py and experiments/bench_step.py on a tiny local Llama: every
+"""Smoke runs of experiments/knowledge/ and experiments/bench_step.py on a tiny local Llama: every
 method trains on the same tokens, the device-memory accounting adds up, the dense baseline starts equal
-to the base model, and bench_step's JSON ends with the two ratios. Seconds, not minutes."""
+to the base model, the report compares methods under one stated lr selection rule without verdicts,
+and bench_step's JSON ends with the two ratios. Seconds, not minutes."""
 
 import json
 
 import pytest
 import torch
 
-from experiments import bench_step, knowledge
-from experiments._knowledge_methods import METHODS, build_trainer, device_memory
-from experiments._knowledge_report import format_report, summarize
-from experiments._knowledge_run import RunSpec, run_one
+from experiments import bench_step
+from experiments.knowledge import cli as knowledge
+from experiments.knowledge.methods import METHODS, build_trainer, device_memory
+from experiments.knowledge.report import RULE, format_report, summarize
+from experiments.knowledge.runner import RunSpec, run_one
 from tests.meft.data.test_records import tiny_model, tiny_tokenizer
 
 SMALL = dict(n_facts=5, steps=3, batch_size=4, rows=64, max_active_rows=32, expert_size=16, eval_limit=4,
@@ -69,11 +71,15 @@ def test_dense_adapter_starts_equal_to_base(tiny_dir):
     assert device_memory(tr)["grads"] == sum(p.numel() * 4 for p in tr.trained)
 
 
-def test_report_flags_targets(results):
+def test_report_compares_methods_under_one_rule_without_verdicts(results):
     rows = [dict(r, spec=dict(r["spec"])) for r in results.values()]
     text, summary = format_report(rows, command="test")
     assert "- LoRA r=8 (lr 0.001" in text and "LoRA r=64" in text and "dense adapter (lr" in text
     assert set(summary["fictional"]) == set(METHODS)
+    # one stated rule, the same number of tuning trials for every AdamW-trained method; numbers, no verdicts
+    assert RULE in text and "| 1 of 1 |" in text and "[1]" not in text
+    assert "HIT" not in text and "MISSED" not in text and "target" not in text.lower()
+    assert {v["trials"] for v in summary["fictional"].values()} == {1, None}
 
 
 def test_lr_sweep_specs():
@@ -106,9 +112,22 @@ def test_report_compares_each_method_at_its_best_lr_on_the_sweep_seed(results):
     assert set(summarize(rows)["fictional"]) == {"meft", "meft (router lr 0.0001)"}
 
 
+def test_report_footnotes_methods_with_fewer_tuning_trials(results):
+    def run(method, lr):
+        r = json.loads(json.dumps(results[method]))
+        r["spec"]["lr"] = lr
+        return r
+    rows = [run("meft", 1e-3), run("meft", 1e-2), run("lora8", 1e-3)]
+    got = summarize(rows)["fictional"]
+    assert (got["meft"]["trials"], got["lora8"]["trials"], got["lora8"]["grid_size"]) == (2, 1, 2)
+    text, _ = format_report(rows, command="test")
+    assert "| 2 of 2 |" in text and "| 1 of 2 [1] |" in text
+    assert "[1] lora8: fewer tuning trials, 1 of the 2 grid lrs (not run at 0.01)" in text
+
+
 def test_sweep_plot_writes_png(results, tmp_path):
     pytest.importorskip("matplotlib")
-    from experiments._knowledge_plot import plot_sweep
+    from experiments.knowledge.plot import plot_sweep
 
     path = plot_sweep(list(results.values()), str(tmp_path / "sweep.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

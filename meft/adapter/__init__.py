@@ -1,13 +1,13 @@
 """What `meft.wrap` puts into a model: targets, router, the adapter math (fast path + dense twin), the
 adapter layer module, wrap/unwrap, the runtime behind `model.meft`, the adapter-side optimizer, the
 summary of what is trained where, adapter save/load, and the dense device-resident baseline.
+
+`wrap` / `unwrap` are public as `meft.wrap` / `meft.unwrap` (here `meft.adapter.wrap` is their module).
 """
 
 from meft._faces import lazy_face
 
 _WHERE = {
-    "wrap": "meft.adapter.wrap",
-    "unwrap": "meft.adapter.wrap",
     "row_init": "meft.adapter.wrap",
     "MeftRuntime": "meft.adapter.runtime",
     "save_adapter": "meft.adapter.saving",

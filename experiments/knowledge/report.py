@@ -1,8 +1,10 @@
-"""Tables and target checks for experiments/knowledge.py results (one dict per run, from JSONL).
+"""Tables of the knowledge experiment's results (one dict per run, from JSONL).
 
 Owns the Markdown output (header with command, date, machine and versions; one table per dataset with
-every run; a per-method mean table; the issue-8 target checks with their numbers) and the JSON summary.
-Also `machine_header()`, reused by experiments/bench_step.py.
+every run; a per-(method, lr) mean table; the methods compared under one stated lr selection rule
+(`RULE`), with the number of tuning trials each had; the differences between MEFT and the baselines at
+the compared lrs) and the JSON summary. Numbers only: whether a difference meets an issue target is
+judged in BENCHMARKS.md's prose, not here. Also `machine_header()`, reused by experiments/bench_step.py.
 """
 
 from __future__ import annotations
@@ -13,11 +15,18 @@ import statistics
 import time
 from collections import defaultdict
 
-__all__ = ["format_report", "machine_header", "method_label", "order_key", "summarize"]
+__all__ = ["RULE", "format_report", "machine_header", "method_label", "order_key", "summarize"]
 
 MiB, GiB = 2**20, 2**30
 ADAMW_FREE = ("base", "full_adalomo")  # methods whose result does not depend on the AdamW lr
 ORDER = ("base", "meft", "meft_adalomo", "lora8", "lora16", "lora64", "dense", "full_adalomo")
+RULE = ("every AdamW-trained method (a MEFT variant with its own router lr counts as a method of its own) is "
+        "compared at the lr, among the lrs of the grid it ran, with the best exact match on the *trained* "
+        "split of its sweep seed (the smallest seed run at all of its lrs; held-out phrasings never choose), "
+        "ties to the smaller lr; the grid is every AdamW lr any method ran in this file (K lrs), so each "
+        "method's tuning trials are the grid lrs it ran: the same K for all unless a footnote says otherwise. "
+        "Numbers are means over every seed run at the compared lr. Methods without an AdamW lr (base, "
+        "full_adalomo) have no trials.")
 
 
 def _cpu_name() -> str:
@@ -112,21 +121,28 @@ def _stats(rs: list[dict]) -> dict:
             "labelled_tokens": sorted({x.get("labelled_tokens", 0) for x in rs})}
 
 
-def _best(by_lr: dict) -> float:
-    """The lr a method is compared at: the best exact match on the *trained* split (the fit the method
-    was asked to make; held-out phrasings never choose) on the sweep seed -- the smallest seed run at
-    every lr -- then the smaller lr. The tables report the mean over all seeds run at that lr."""
+def _sweep_seed(by_lr: dict) -> int | None:
+    """The seed a method's lr is chosen on: the smallest seed run at every one of its lrs (None: no such seed)."""
     common = set.intersection(*(set(v["em_trained_by_seed"]) for v in by_lr.values()))
-    if not common:  # no seed ran at every lr: fall back to the mean
+    return min(common) if common else None
+
+
+def _best(by_lr: dict) -> float:
+    """The lr a method is compared at (`RULE`): the best exact match on the *trained* split (the fit the
+    method was asked to make; held-out phrasings never choose) on the sweep seed (`_sweep_seed`), then
+    the smaller lr. The tables report the mean over all seeds run at that lr."""
+    seed = _sweep_seed(by_lr)
+    if seed is None:  # no seed ran at every lr: fall back to the mean (said in the table's footnote)
         return max(by_lr, key=lambda lr: (by_lr[lr]["em_trained"], -lr))
-    seed = min(common)
     return max(by_lr, key=lambda lr: (by_lr[lr]["em_trained_by_seed"][seed], -lr))
 
 
 def summarize(results: list[dict]) -> dict:
     """dataset -> method label (`method_label`) -> stats at its chosen lr (`_best`), every lr under "by_lr".
 
-    Stats are means over seeds: EM trained / held-out, device total, step s, labelled tokens.
+    Stats are means over seeds: EM trained / held-out, device total, step s, labelled tokens; plus the
+    method's tuning trials under `RULE`: "trials" (grid lrs it ran on its sweep seed; None for methods
+    without an AdamW lr), "grid_size" (K: AdamW lrs any method of the dataset ran) and "sweep_seed".
     """
     acc = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in results:
@@ -136,9 +152,13 @@ def summarize(results: list[dict]) -> dict:
     out = {}
     for ds, by in acc.items():
         out[ds] = {}
+        grid = sorted({lr for runs in by.values() for lr, rs in runs.items()
+                       if rs[0]["spec"]["method"] not in ADAMW_FREE})
         for label, by_lr_runs in by.items():
             by_lr = {lr: _stats(rs) for lr, rs in by_lr_runs.items()}
-            out[ds][label] = dict(by_lr[_best(by_lr)], by_lr=by_lr)
+            free = by_lr_runs[next(iter(by_lr_runs))][0]["spec"]["method"] in ADAMW_FREE
+            out[ds][label] = dict(by_lr[_best(by_lr)], by_lr=by_lr, trials=None if free else len(by_lr),
+                                  grid_size=len(grid), sweep_seed=None if free else _sweep_seed(by_lr))
     return out
 
 
@@ -146,41 +166,61 @@ def _at(v: dict) -> str:
     return "" if v["lr"] is None else f" (lr {v['lr']:g}, seeds {v['seeds']})"
 
 
-def _frozen_meft(s: dict) -> tuple[str, dict] | tuple[None, None]:
-    """MEFT with a frozen backbone as compared: among its variants ('meft', 'meft (router lr X)'), the one
-    with the best mean exact match on the trained split (each variant already at its best lr)."""
-    variants = [k for k, v in s.items() if v["method"] == "meft"]
-    if not variants:
-        return None, None
-    best = max(variants, key=lambda k: (s[k]["em_trained"], k == "meft"))
-    return best, s[best]
+def _compared_table(by: dict) -> list[str]:
+    """One line per method at its compared lr, with its tuning trials; footnotes where trials differ."""
+    grid = sorted({lr for v in by.values() if v["trials"] is not None for lr in v["by_lr"]})
+    k = len(grid)
+    lines = [f"Selection rule: {RULE} Grid here: K = {k} ({', '.join(f'{lr:g}' for lr in grid) or '-'}).", "",
+             "| method | compared at AdamW lr | tuning trials (grid lrs run) | sweep seed | seeds | EM trained % "
+             "| EM held-out % | dev total MiB |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
+
+    def note(text: str) -> str:
+        notes.append(f"[{len(notes) + 1}] {text}")
+        return f" [{len(notes)}]"
+    for m in sorted(by, key=lambda key: order_key(by[key]["method"], key)):
+        v = by[m]
+        trials, lr_s, seed = "-", "-", "-"
+        if v["trials"] is not None:
+            trials, lr_s = f"{v['trials']} of {k}", f"{v['lr']:g}"
+            seed = "-" if v["sweep_seed"] is None else str(v["sweep_seed"])
+            if v["trials"] < k:
+                missing = ", ".join(f"{lr:g}" for lr in grid if lr not in v["by_lr"])
+                fixed = ("; its one lr was not tuned in this file (fixed beforehand, e.g. `--lr-for`, or not swept)"
+                         if v["trials"] == 1 else "")
+                trials += note(f"{m}: fewer tuning trials, {v['trials']} of the {k} grid lrs (not run at "
+                               f"{missing}){fixed}.")
+            if v["sweep_seed"] is None:
+                seed += note(f"{m}: no seed ran at all of its lrs; its lr was chosen on the mean over seeds.")
+        dev = "-" if v["device_total"] is None else f"{v['device_total'] / MiB:.0f}"
+        lines.append(f"| {m} | {lr_s} | {trials} | {seed} | {v['seeds']} | {_pct(v['em_trained'])} "
+                     f"| {_pct(v['em_held_out'])} | {dev} |")
+    return lines + ([""] + notes if notes else [])
 
 
-def _gap_line(ds: str, label: str, a: dict, name: str, b: dict, split: str, target: float) -> str:
-    gap = round(100 * (a[f"em_{split}"] - b[f"em_{split}"]), 1)  # the number shown is the number judged
-    return (f"- {ds}: {label}{_at(a)} - {name}{_at(b)} exact match ({split}) = {gap:+.1f} points "
-            f"(target >= {target:+g}): **{'HIT' if gap >= target else 'MISSED'}**")
+def _gap(a: dict, b: dict, split: str) -> float:
+    return round(100 * (a[f"em_{split}"] - b[f"em_{split}"]), 1)  # the number shown is the number compared
 
 
-def _targets(ds: str, s: dict) -> list[str]:
-    """The issue-8 checks, each method at its chosen lr (`_best`), MEFT as `_frozen_meft` picks it."""
-    label, meft = _frozen_meft(s)
+def _differences(ds: str, s: dict) -> list[str]:
+    """Each frozen-backbone MEFT variant against LoRA r=8 and the dense adapter (exact match, points) and
+    its device-resident training state against LoRA r=64, every method at its compared lr. No verdicts."""
     l8, l64, dense = (s.get(k) for k in ("lora8", "lora64", "dense"))
-    label = "MEFT" if label == "meft" else f"MEFT [{label}]"
     lines = []
-    if meft and l8:
-        lines += [_gap_line(ds, label, meft, "LoRA r=8", l8, split, 10) for split in ("trained", "held_out")]
-    if meft and l64:
-        a, b = meft["device_total"] / MiB, l64["device_total"] / MiB
-        lines.append(f"- {ds}: {label} device-resident training state {a:.0f} MiB vs LoRA r=64 {b:.0f} MiB "
-                     f"(target <=): **{'HIT' if a <= b else 'MISSED'}**")
-    if meft and dense:
-        lines += [_gap_line(ds, label, meft, "dense adapter", dense, split, -3) for split in ("trained", "held_out")]
+    for label in sorted(k for k, v in s.items() if v["method"] == "meft"):
+        a = s[label]
+        for name, b in (("LoRA r=8", l8), ("dense adapter", dense)):
+            if b:
+                lines.append(f"- {ds}: {label}{_at(a)} - {name}{_at(b)} exact match: trained "
+                             f"{_gap(a, b, 'trained'):+.1f}, held-out {_gap(a, b, 'held_out'):+.1f} points")
+        if l64:
+            lines.append(f"- {ds}: {label} device-resident training state {a['device_total'] / MiB:.0f} MiB, "
+                         f"LoRA r=64 {l64['device_total'] / MiB:.0f} MiB")
     return lines
 
 
 def _mean_table(by: dict) -> list[str]:
-    """One line per (method, AdamW lr); the lr each method is compared at is marked."""
+    """One line per (method, AdamW lr); the lr each method is compared at (`RULE`) is marked."""
     lines = ["| method | AdamW lr | seeds | EM trained % (mean) | EM held-out % (mean) | dev total MiB | step s "
              "| compared at |", "|---|---|---|---|---|---|---|---|"]
     for m in sorted(by, key=lambda k: order_key(by[k]["method"], k)):
@@ -195,7 +235,8 @@ def _mean_table(by: dict) -> list[str]:
 
 
 def format_report(results: list[dict], *, command: str) -> tuple[str, dict]:
-    """Markdown (header, per-dataset run tables, mean tables, target checks) and the summary dict."""
+    """Markdown (header, per-dataset run tables, mean tables, the compared methods under `RULE`, the
+    differences at the compared lrs) and the summary dict."""
     summary = summarize(results)
     parts = [machine_header(command), ""]
     for ds in sorted({r["spec"]["dataset"] for r in results}):
@@ -211,7 +252,8 @@ def format_report(results: list[dict], *, command: str) -> tuple[str, dict]:
                   f"up to {s['eval_limit']} questions scored per split", "", _HEAD]
         parts += [_run_row(r) for r in rs] + [""]
         parts += _mean_table(summary.get(ds, {})) + [""]
-        parts += _targets(ds, summary.get(ds, {})) + [""]
+        parts += _compared_table(summary.get(ds, {})) + [""]
+        parts += _differences(ds, summary.get(ds, {})) + [""]
         toks = defaultdict(set)  # seed -> labelled tokens of every trained run (any method, any lr)
         for r in rs:
             if "error" not in r and r["spec"]["method"] != "base":

@@ -1,14 +1,14 @@
-"""PNG of an experiments/knowledge.py learning-rate sweep: exact match against AdamW lr, per method.
+"""PNG of a knowledge-experiment learning-rate sweep: exact match against AdamW lr, per method.
 
 Owns one figure per results file: for each dataset, two panels (trained phrasings, held-out
 phrasings); each AdamW-trained method is a line over the lrs it ran at (mean over its seeds, each
 seed also drawn as a dot), and methods without an AdamW lr (full AdaLomo, the untrained model) are
-horizontal dashed lines. The lr each method is compared at (`_knowledge_report._best`) is ringed.
+horizontal dashed lines. The lr each method is compared at (`report.summarize`, under its selection rule) is ringed.
 """
 
 from __future__ import annotations
 
-from experiments._knowledge_report import method_label, order_key, summarize
+from experiments.knowledge.report import method_label, order_key, summarize
 
 __all__ = ["plot_sweep"]
 
@@ -48,7 +48,7 @@ def plot_sweep(results: list[dict], path: str) -> str:
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9)
-    fig.suptitle("knowledge.py lr sweep: line = mean over seeds, dots = seeds, ring = lr compared at")
+    fig.suptitle("knowledge lr sweep: line = mean over seeds, dots = seeds, ring = lr compared at")
     fig.tight_layout(rect=(0, 0.1 / len(datasets), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

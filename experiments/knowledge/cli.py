@@ -1,21 +1,22 @@
 """Does the big sparse adapter learn more than LoRA, and at what cost? (issue 8)
 
 Trains SmolLM2-135M-Instruct (the default model) on the built-in world facts and on synthetic
-fictional facts with every method of `experiments/_knowledge_methods.py` -- (a) meft: MEFT sparse
+fictional facts with every method of `experiments/knowledge/methods.py` -- (a) meft: MEFT sparse
 adapter, rows on the host, frozen backbone; (b) meft_adalomo: the same + AdaLomo backbone; (c) lora8 /
 lora64 through `peft`; (d) dense: a resident parallel adapter of the same total size as (a); (e)
 full_adalomo: full fine-tuning with AdaLomo -- on the same batches (same seed, steps and batch size,
 so the same training tokens), and reports exact match on the trained phrasings and on held-out
-phrasings, the device-resident training state (computed: see `_knowledge_methods`), host RAM (peak
-RSS of the run's own process; MEFT's row stores), and the median step time. Each (method, dataset,
-seed) runs in its own process (`_knowledge_run.run_one`); results are appended to a JSONL file as they
-finish, so a long run can be stopped and resumed (`--resume`) and the tables rebuilt (`--report`).
+phrasings, the device-resident training state (computed: see `methods`), host RAM (peak RSS of the
+run's own process; MEFT's row stores), and the median step time. Each (method, dataset, seed) runs in
+its own process (`runner.run_one`); results are appended to a JSONL file as they finish, so a long run
+can be stopped and resumed (`--resume`) and the tables rebuilt (`--report`). Run from the repository
+root:
 
-    python experiments/knowledge.py --quick              # minutes: tiny sets, a few steps
-    python experiments/knowledge.py --seeds 0 1          # the fuller run (see BENCHMARKS.md)
-    python experiments/knowledge.py --seeds 0 --lrs 1e-3 3e-3 1e-2   # lr sweep (one seed)
-    python experiments/knowledge.py --seeds 1 --lr-for meft=1e-2 lora8=1e-3 ...  # more seeds at chosen lrs
-    python experiments/knowledge.py --report --out F     # tables from an existing results file
+    python -m experiments.knowledge --quick              # minutes: tiny sets, a few steps
+    python -m experiments.knowledge --seeds 0 1          # the fuller run (see BENCHMARKS.md)
+    python -m experiments.knowledge --seeds 0 --lrs 1e-3 3e-3 1e-2   # lr sweep (one seed)
+    python -m experiments.knowledge --seeds 1 --lr-for meft=1e-2 lora8=1e-3 ...  # more seeds at chosen lrs
+    python -m experiments.knowledge --report --out F     # tables from an existing results file
 """
 
 from __future__ import annotations
@@ -29,12 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from experiments.knowledge.report import ADAMW_FREE, format_report
+from experiments.knowledge.runner import RunSpec
 
-from experiments._knowledge_report import ADAMW_FREE, format_report  # noqa: E402
-from experiments._knowledge_run import RunSpec  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]  # the repository root: `-m experiments.knowledge` runs from there
 
 __all__ = ["main", "parse_args", "specs_for"]
 
@@ -44,7 +43,7 @@ QUICK = dict(n_fictional=20, n_countries=5, steps=4, batch_size=8, rows=512, max
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.knowledge", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny run (minutes): " + json.dumps(QUICK))
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--datasets", nargs="+", default=["fictional", "world"], choices=["fictional", "world"])
@@ -59,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (meft rows/router, LoRA, dense)")
     p.add_argument("--lrs", type=float, nargs="+", metavar="LR",
                    help="sweep: run every AdamW-trained method at each of these lrs (replaces --lr); the "
-                        "report compares each method at its lr with the best exact match on the trained split")
+                        "report compares each method at its lr with the best exact match on the trained split "
+                        "of the sweep seed (the rule is printed with the table)")
     p.add_argument("--lr-for", nargs="+", default=[], metavar="METHOD=LR",
                    help="AdamW lr of one method, e.g. --lr-for meft=1e-2 lora8=1e-3 (wins over --lr/--lrs)")
     p.add_argument("--router-lr", type=float, default=None,
@@ -132,7 +132,7 @@ def _key(spec: dict) -> tuple:
 
 
 def _run_in_subprocess(spec: RunSpec) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(dataclasses.asdict(spec))]
+    cmd = [sys.executable, "-m", "experiments.knowledge", "--one", json.dumps(dataclasses.asdict(spec))]
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
@@ -142,7 +142,7 @@ def _run_in_subprocess(spec: RunSpec) -> dict:
 
 
 def _one(text: str) -> None:
-    from experiments._knowledge_run import eval_base, run_one
+    from experiments.knowledge.runner import eval_base, run_one
 
     spec = RunSpec(**json.loads(text))
     print(json.dumps(eval_base(spec) if spec.method == "base" else run_one(spec)), flush=True)
@@ -152,6 +152,13 @@ def _load_results(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _command() -> str:
+    """The command line as typed (`python -m experiments.knowledge ...` when run as a module)."""
+    if sys.argv and sys.argv[0].endswith(("__main__.py", "cli.py")):
+        return " ".join(["python -m experiments.knowledge", *sys.argv[1:]])
+    return " ".join(sys.argv)
 
 
 def main(argv=None) -> int:
@@ -175,16 +182,12 @@ def main(argv=None) -> int:
                 print(f"  FAILED: {res['error']}", flush=True)
             with out.open("a") as fh:
                 fh.write(json.dumps(res) + "\n")
-    text, summary = format_report(_load_results(out), command=" ".join(sys.argv))
+    text, summary = format_report(_load_results(out), command=_command())
     print(text)
     if args.plot:
-        from experiments._knowledge_plot import plot_sweep
+        from experiments.knowledge.plot import plot_sweep
 
         print(f"wrote {plot_sweep(_load_results(out), args.plot)}")
     if args.json:
         print(json.dumps(summary))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,16 @@
-"""The trainers compared by experiments/knowledge.py and experiments/bench_step.py, and what each one
+"""The trainers compared by experiments/knowledge and experiments/bench_step.py, and what each one
 would keep resident on the GPU.
 
 Owns one small `Trainer` per method, all driving the same HF causal LM with one `step(batch)`:
 
 * "meft"          MEFT sparse adapter, rows on the host (`meft.wrap`, backbone frozen); the step is
-                  `meft.train.loop.train_step`, exactly what `meft train` runs.
+                  `meft.train.train_step`, exactly what `meft train` runs.
 * "meft_adalomo"  the same plus an AdaLomo backbone fused into backward (`MeftConfig.backbone`).
 * "lora8/16/64"   LoRA r=8/16/64 on every linear layer of the decoder through the real `peft`
                   (`target_modules="all-linear"`, alpha = 2r, no dropout), torch AdamW.
 * "dense"         MEFT's "PA" baseline: a dense parallel adapter of `rows` rows per layer, every row
-                  resident and trained (`meft.plan.fake_step.DenseParallelAdapter`, keys initialised like
-                  MEFT's rows by `meft.adapter.wrap.row_init`, values 0), torch AdamW.
+                  resident and trained (`meft.adapter.DenseParallelAdapter`, keys initialised like
+                  MEFT's rows by `meft.adapter.row_init`, values 0), torch AdamW.
 * "full_adalomo"  full fine-tuning with `meft.AdaLomo` (update fused into backward).
 
 `device_memory()` computes the device-resident *training state* of a method from the live objects
@@ -21,7 +21,7 @@ alive at a time, so the largest one), optimizer state (AdamW: two fp32 moments; 
 its actual state tensors), and for MEFT the active rows: per layer the device row buffer
 [max_active_rows, 2d] in the wire dtype, plus its compute-dtype copy when the dtypes differ (cached
 from forward until backward pushes its gradient), plus one row gradient [max_active_rows, 2d]; the
-same rule as `meft plan` (`meft.plan.planner._adapter_rows_bytes`).
+same rule as `meft plan`.
 """
 
 from __future__ import annotations
@@ -46,14 +46,12 @@ class Trainer:
         self.trained = list(trained)                      # device params updated by `adam`
 
     def step(self, batch: dict) -> tuple[float, int]:
-        """One optimizer step on `batch`; every method uses the same loss (`meft.train.loss.causal_lm_loss`:
+        """One optimizer step on `batch`; every method uses the same loss (`meft.train.causal_lm_loss`:
         LM head only at labelled positions, as `meft train` does). Returns (loss, labelled tokens)."""
-        from meft.train.loss import causal_lm_loss
+        from meft.train import causal_lm_loss, train_step
 
         labelled = int((batch["labels"] != -100).sum())
         if self.rt is not None:
-            from meft.train.loop import train_step
-
             return train_step(self.model, self.rt, [batch], 1)[0], labelled
         # peft's wrapper hides `logits_to_keep`; its base model carries the injected LoRA layers
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -93,10 +91,8 @@ def _lora(model, *, r, lr):
 
 
 def _dense(model, *, seed, rows, lr):
-    from meft.adapter.targets import hidden_size_of
-    from meft.adapter.wrap import row_init
+    from meft.adapter import DenseParallelAdapter, attach_dense, hidden_size_of, row_init
     from meft.config import MeftConfig
-    from meft.plan.fake_step import DenseParallelAdapter, attach_dense
 
     d = hidden_size_of(model)
     dtype = next(model.parameters()).dtype
@@ -114,7 +110,7 @@ def _dense(model, *, seed, rows, lr):
 
 
 def _full_adalomo(model, *, lr):
-    from meft.lomo.optimizers import AdaLomo
+    from meft.lomo import AdaLomo
 
     for p in model.parameters():
         p.requires_grad_(True)

@@ -1,11 +1,11 @@
-"""One (method, dataset, seed) run of experiments/knowledge.py, in its own process.
+"""One (method, dataset, seed) run of the knowledge experiment, in its own process.
 
 Owns: building the data (built-in world / fictional facts), the identical batch stream every method
 sees (same `BatchIterator` seed, same steps, so the same training tokens), training with one of the
-`_knowledge_methods` trainers, timing each step, scoring exact match on the trained phrasings and on
+`methods` trainers, timing each step, scoring exact match on the trained phrasings and on
 the held-out phrasings (`meft.evaluate.qa_accuracy`), and the memory numbers (device-resident training
 state computed by `device_memory`; host: peak RSS of this process, and for MEFT the row stores as
-`meft.plan.planner.host_ram_bytes` counts them). A run in its own process gives a clean peak RSS.
+`meft.plan.host_ram_bytes` counts them). A run in its own process gives a clean peak RSS.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class RunSpec:
 
 
 def load_facts(spec: RunSpec):
-    from meft.data.builtin import fictional_facts, world_facts
+    from meft.data import fictional_facts, world_facts
 
     if spec.dataset == "fictional":
         return fictional_facts(spec.n_facts, seed=0)
@@ -77,7 +77,7 @@ def _load(spec: RunSpec):
 
 
 def _batches(facts, tok, spec: RunSpec):
-    from meft.data.records import BatchIterator, build_examples
+    from meft.data import BatchIterator, build_examples
 
     examples = build_examples(facts.train, tok, chat=spec.chat)
     return BatchIterator(examples, spec.batch_size, tok.pad_token_id, seed=spec.seed)
@@ -92,7 +92,7 @@ def eval_base(spec: RunSpec) -> dict:
 
 def run_one(spec: RunSpec) -> dict:
     """Train `spec.method` for `spec.steps` steps on the same batches any method gets; score; measure."""
-    from experiments._knowledge_methods import build_trainer, device_memory
+    from experiments.knowledge.methods import build_trainer, device_memory
 
     model, tok = _load(spec)
     facts = load_facts(spec)
@@ -126,7 +126,7 @@ def run_one(spec: RunSpec) -> dict:
 def _meft_host_bytes(tr) -> int:
     if tr.rt is None:
         return 0
-    from meft.plan.planner import host_ram_bytes
+    from meft.plan import host_ram_bytes
 
     return host_ram_bytes(tr.rt.config, len(tr.rt.adapters), tr.rt.adapters[0].d)["total"]
 
