@@ -25,18 +25,20 @@ from typing import Any
 
 import torch
 
+from offload.dtypes import WIRE_DTYPE_NAMES
+from offload.updates import CLIP_MODES
+
 __all__ = ["MeftConfig", "DTYPES", "WIRE_DTYPES", "STATE_DTYPES", "COMPUTE_DTYPES", "BACKBONE_DTYPES", "parse_dtype",
            "dtype_name", "parse_backbone_dtype", "budget_experts", "opt"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The dtypes each field accepts: wire = what the copy engines move (offload.WIRE_DTYPES), state = what a
 # RowStore keeps its moments in; fp16 is left out of the wire on purpose (no loss scaling on row grads).
-WIRE_DTYPES = ("bfloat16", "float32")
+WIRE_DTYPES = tuple(WIRE_DTYPE_NAMES)
 STATE_DTYPES = ("float32", "bfloat16")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32", "float16")
 BACKBONE_DTYPES = ("float32", "bfloat16")
 _BACKBONES = ("frozen", "lomo", "adalomo")
-_CLIPS = ("none", "layer", "global")
 _PREFETCH = ("none", "lookahead")
 
 
@@ -184,7 +186,7 @@ class MeftConfig:
 
     def _choice_problems(self) -> list[tuple[str, Any, str]]:
         bad = []
-        for name, choices in (("backbone", _BACKBONES), ("clip", _CLIPS), ("prefetch", _PREFETCH),
+        for name, choices in (("backbone", _BACKBONES), ("clip", CLIP_MODES), ("prefetch", _PREFETCH),
                               ("staleness", (0, 1)), ("offload", (True, False))):
             v = getattr(self, name)
             if v not in choices or type(v) is not type(choices[0]):

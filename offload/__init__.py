@@ -7,14 +7,17 @@ This package knows nothing of models: it depends on torch, numpy and numba only,
 
 from importlib import import_module
 
-__all__ = ["RowStore", "SparseAdamW", "TransferScheduler", "ResidentScheduler", "TrafficMeter"]
+__all__ = ["RowStore", "SparseAdamW", "RowScheduler", "TransferScheduler", "ResidentScheduler", "TrafficMeter",
+           "WIRE_DTYPES"]
 
 _WHERE = {
     "RowStore": "offload.store",
     "SparseAdamW": "offload.optim",
+    "RowScheduler": "offload.protocol",
     "TransferScheduler": "offload.scheduler",
     "ResidentScheduler": "offload.resident",
     "TrafficMeter": "offload.meter",
+    "WIRE_DTYPES": "offload.dtypes",
 }
 
 

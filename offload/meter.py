@@ -16,6 +16,8 @@ import threading
 from collections import OrderedDict, defaultdict
 from dataclasses import asdict, dataclass
 
+from offload.meter_export import chrome_trace, plot_png, summary_table, to_json
+
 __all__ = ["TrafficMeter", "Transfer", "CpuOp", "Compute", "interval_overlap"]
 
 DIRECTIONS = ("h2d", "d2h", "ids")
@@ -228,23 +230,15 @@ class TrafficMeter:
 
     def summary(self) -> str:
         """A table for the terminal."""
-        from offload.meter_export import summary_table
-
         return summary_table(self.report())
 
     def to_json(self, path=None, *, events: bool = True) -> dict:
-        from offload.meter_export import to_json
-
         return to_json(self, path, events=events)
 
     def export_chrome_trace(self, path) -> dict:
-        from offload.meter_export import chrome_trace
-
         return chrome_trace(self, path)
 
     def export_png(self, path) -> None:
-        from offload.meter_export import plot_png
-
         plot_png(self, path)
 
     @staticmethod

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from offload import kernels
+from offload.dtypes import WIRE_DTYPES
 from offload.store import RowStore, check_ids
 
 __all__ = ["SparseAdamW", "reference_adamw_rows"]
@@ -100,7 +101,7 @@ class SparseAdamW:
         width = self.store.width
         if not isinstance(grads, torch.Tensor):
             raise TypeError(f"grads must be a torch.Tensor [R, {width}], got {type(grads).__name__}")
-        if grads.dtype not in (torch.float32, torch.bfloat16):
+        if grads.dtype not in WIRE_DTYPES:
             raise TypeError(f"grads must be float32 or bfloat16, got {grads.dtype}; pass grads.float()")
         if grads.dim() != 2 or tuple(grads.shape) != (n_ids, width):
             raise ValueError(f"grads has shape {tuple(grads.shape)}, expected ({n_ids}, {width}) = "

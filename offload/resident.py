@@ -1,11 +1,14 @@
 """ResidentScheduler: the synchronous, all-rows-resident twin of `offload.TransferScheduler`.
 
-Owns the reference for "every row resident on the compute device": same API as TransferScheduler
-(begin_step, begin_micro_batch, fetch -> handle.wait(), push_grads, finish_step, flush, close), same
-semantics (wire-dtype rows down and grads back, exact per-row accumulation over micro-batches, lazy
-AdamW on touched rows with per-row step counts, clip none/layer/global, staleness 0/1), but every
-layer's weights and moments live on `device` and the update is `offload.optim.reference_adamw_rows`
-(plain torch) on those device tensors. Nothing is asynchronous and nothing is metered.
+Owns the reference for "every row resident on the compute device". Same surface as TransferScheduler
+(`offload.protocol.RowScheduler`: begin_step, begin_micro_batch, fetch(extendable=) -> handle.wait(),
+fetch_more, push_grads of any subset of the live rows, finish_step, flush, read_rows,
+reserve_live_rows, sync_to_host, load_from_host, close), same constructor checks, same semantics
+(wire-dtype rows down and grads back, exact per-row accumulation over micro-batches, lazy AdamW on
+touched rows with per-row step counts, clip none/layer/global with `offload.updates.clip_scale`,
+staleness 0/1), but every layer's weights and moments live on `device` and the update is
+`offload.optim.reference_adamw_rows` (plain torch) on those device tensors. Nothing is asynchronous and
+nothing is metered.
 
 On a CPU device the device tensors *are* the RowStore tensors (updates land in the store directly);
 on a GPU they are copies and `sync_to_host()` writes them back (save/checkpoint call it).
@@ -13,40 +16,57 @@ on a GPU they are copies and `sync_to_host()` writes them back (save/checkpoint 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from offload.fetch import check_extend, check_grads, check_ids, check_live_rows, check_subset
 from offload.optim import SparseAdamW, reference_adamw_rows
+from offload.protocol import check_scheduler_args
+from offload.updates import clip_scale
 
-__all__ = ["ResidentScheduler", "ResidentHandle", "clip_coef"]
-
-
-def clip_coef(norm: float, max_norm: float) -> float:
-    """torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6))."""
-    return min(1.0, max_norm / (norm + 1e-6))
+__all__ = ["ResidentScheduler", "ResidentHandle"]
 
 
 class ResidentHandle:
-    """Completed fetch: `wait()` returns rows [R, W] in the wire dtype on the device."""
+    """Completed fetch (or fetch + fetch_more chain): `wait()` -> rows [R, W] in the wire dtype on the
+    device. `release()` on the layer's live handle ends the live fetch, as TransferScheduler's does."""
 
-    def __init__(self, rows_dev: Tensor, ids_dev: Tensor):
-        self._rows, self.ids_dev = rows_dev, ids_dev
-        self.ids_host = ids_dev.cpu()
+    def __init__(self, rows_dev: Tensor, ids_dev: Tensor, ids_host: Tensor, end: Callable[[], None]):
+        self._rows, self.ids_dev, self.ids_host, self._end = rows_dev, ids_dev, ids_host, end
 
     def wait(self) -> Tensor:
         return self._rows
 
     def release(self) -> None:
-        """Nothing to give back (the rows are a private copy)."""
+        """End the fetch without gradients (the rows stay readable: they are a private copy)."""
+        self._end(self)
+
+
+class _Live:
+    """The live fetch of one layer: rows and ids of every part, [fetched | fetch_more ...]."""
+
+    def __init__(self, key: tuple[int, int], ids_dev: Tensor, ids_host: Tensor, rows: Tensor):
+        self.step, self.micro_batch = key
+        self.ids_dev, self.ids_host, self.rows = ids_dev, ids_host, rows  # [n], [n], [n, W] wire
+        self.owes = False  # holds the layer's staleness-1 update until it ends (extendable fetch)
+        self.emitted = False  # that update was applied right after this fetch's gather
+        self.handle: ResidentHandle | None = None  # the newest handle of the chain
+
+    @property
+    def n_rows(self) -> int:
+        return self.ids_host.numel()
+
+    @property
+    def update_followed(self) -> bool:
+        return self.emitted and not self.owes
 
 
 class _Layer:
     """Device copies of one store + the step's dense fp32 gradient accumulator."""
 
-    def __init__(self, opt: SparseAdamW, device: torch.device):
+    def __init__(self, opt: SparseAdamW, device: torch.device, capacity: int):
         s = opt.store
         self.opt = opt
         self.weights = s.weights.to(device)        # [N, W] fp32 (the store tensor itself on CPU)
@@ -56,7 +76,9 @@ class _Layer:
         self.grad = torch.zeros_like(self.weights)  # [N, W] fp32 pending row grads of this step
         self.touched = torch.zeros(s.n_rows, dtype=torch.bool, device=device)  # [N]
         self.deferred: tuple[Tensor, Tensor] | None = None  # staleness 1: (ids, scaled grads) to apply
-        self.fetched_this_step = False
+        self.live: _Live | None = None
+        self.capacity = capacity  # rows the live fetch may hold (fetch_more included)
+        self.triggered_step = -1  # step whose last micro-batch pushed gradients
 
     def take(self, scale: float) -> tuple[Tensor, Tensor]:
         ids = torch.nonzero(self.touched).flatten()  # [R] ascending
@@ -75,111 +97,194 @@ class _Layer:
         reference_adamw_rows(self.weights, self.exp_avg, self.exp_avg_sq, self.steps, ids, grads,
                              lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
+    def apply_deferred(self) -> None:
+        if self.deferred is not None:
+            self.apply(*self.deferred)
+            self.deferred = None
+
+    def copy_state(self, to_host: bool) -> None:
+        """Device tensors -> RowStore (`to_host`) or back; nothing to copy where they are the same."""
+        s = self.opt.store
+        for name in ("weights", "exp_avg", "exp_avg_sq", "steps"):
+            dev, host = getattr(self, name), getattr(s, name)
+            if dev.data_ptr() != host.data_ptr():
+                (host if to_host else dev).copy_(dev if to_host else host)
+
 
 class ResidentScheduler:
     """Drop-in for TransferScheduler with all rows resident on `device` (see module docstring)."""
 
-    partial_push = True  # push_grads accepts any ids (not only those of the layer's live fetch)
-
-    def __init__(self, optimizers: Sequence[SparseAdamW], *, device="cpu", engine=None,
-                 wire_dtype=torch.bfloat16, max_rows: int, n_slots: int = 2, staleness: int = 0,
-                 clip: str = "none", max_norm: float = 1.0, meter=None):
-        if clip not in ("none", "layer", "global"):
-            raise ValueError(f"clip = {clip!r}: use 'none', 'layer' or 'global'")
-        if staleness not in (0, 1):
-            raise ValueError(f"staleness = {staleness!r}: use 0 or 1")
+    def __init__(self, optimizers: Sequence[SparseAdamW], *, device="cpu", wire_dtype=torch.bfloat16,
+                 max_rows: int, staleness: int = 0, clip: str = "none", max_norm: float = 1.0,
+                 max_live_rows: int | None = None):
+        optimizers = list(optimizers)
+        check_scheduler_args(optimizers, wire_dtype, max_rows, staleness, clip, max_norm)
+        capacity = check_live_rows(max_live_rows, max_rows)
         self.device = torch.device(device)
-        self.layers = [_Layer(o, self.device) for o in optimizers]
-        self.wire_dtype, self.max_rows = wire_dtype, int(max_rows)
+        self.layers = [_Layer(o, self.device, capacity) for o in optimizers]
+        self.width = optimizers[0].store.width
+        self.wire_dtype, self.max_rows = wire_dtype, max_rows
         self.staleness, self.clip, self.max_norm = staleness, clip, float(max_norm)
-        self.meter = meter
-        self.step = 0
-        self.micro_batch = 0
-        self.accum_steps = 1
-        self.fetches = 0        # fetch() calls (all steps)
-        self.rows_fetched = 0   # rows moved by fetch() (all steps)
+        self.step, self.micro_batch, self.accum_steps, self._in_step = 0, -1, 1, False
+
+    def _layer(self, layer) -> _Layer:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(self.layers):
+            raise ValueError(f"layer={layer!r} is out of range: this scheduler has {len(self.layers)} layers "
+                             f"(0..{len(self.layers) - 1}), one per optimizer")
+        return self.layers[layer]
 
     # ---- step structure -----------------------------------------------------------------------
     def begin_step(self, accum_steps: int = 1) -> None:
+        if not isinstance(accum_steps, int) or accum_steps < 1:
+            raise ValueError(f"accum_steps={accum_steps!r} must be an int >= 1 (micro-batches per step)")
+        if self._in_step:
+            raise ValueError(f"begin_step: step {self.step} was not finished; call finish_step() first")
         self.step += 1
-        self.micro_batch = 0
-        self.accum_steps = int(accum_steps)
-        for lay in self.layers:
-            lay.fetched_this_step = False
+        self.accum_steps, self.micro_batch, self._in_step = accum_steps, -1, True
 
     def begin_micro_batch(self) -> None:
+        if not self._in_step:
+            raise ValueError("begin_micro_batch: no step in progress; call begin_step() first")
+        if self.micro_batch + 1 >= self.accum_steps:
+            raise ValueError(f"begin_micro_batch: micro-batch {self.micro_batch + 1} would exceed "
+                             f"accum_steps={self.accum_steps} given to begin_step")
         self.micro_batch += 1
 
-    # ---- rows down / grads back ---------------------------------------------------------------
-    def fetch(self, layer: int, ids: Tensor) -> ResidentHandle:
-        lay = self.layers[layer]
-        if ids.numel() > self.max_rows:
-            raise ValueError(f"fetch of {ids.numel()} rows > max_rows={self.max_rows}")
+    def _need_step(self, what: str) -> tuple[int, int]:
+        if not self._in_step:
+            raise ValueError(f"{what}: no step in progress; call begin_step() first")
+        self.micro_batch = max(self.micro_batch, 0)
+        return self.step, self.micro_batch
+
+    # ---- rows down ----------------------------------------------------------------------------
+    def fetch(self, layer: int, ids: Tensor, *, extendable: bool = False) -> ResidentHandle:
+        """Rows `ids` of `layer`, gathered now. Staleness 1: the layer's delayed update is applied right
+        after this gather, or (`extendable`) when this fetch ends, so fetch_more reads the same state."""
+        lay = self._layer(layer)
+        check_ids(ids, "fetch", self.max_rows, self.device)
+        key = self._need_step("fetch")
+        if lay.live is not None and (lay.live.step, lay.live.micro_batch) == key:
+            raise ValueError(f"fetch: layer {layer} was already fetched in micro-batch {key[1]} of step "
+                             f"{key[0]}; reuse that handle (recomputation must not fetch again), add rows "
+                             "with fetch_more, or call handle.release() first")
+        if lay.triggered_step == self.step:
+            raise ValueError(f"fetch: layer {layer} already received its last-micro-batch gradients in step "
+                             f"{self.step} (its update is under way); fetch it in the next step")
+        if lay.live is not None:
+            self._end_live(lay)  # an earlier micro-batch's fetch without gradients
         ids_dev = ids.to(self.device)
         rows = lay.weights.index_select(0, ids_dev).to(self.wire_dtype)  # [R, W] gathered first
-        if not lay.fetched_this_step:
-            lay.fetched_this_step = True
-            if lay.deferred is not None:  # staleness 1: step t's update lands after step t+1's gather
-                lay.apply(*lay.deferred)
-                lay.deferred = None
-        self.fetches += 1
-        self.rows_fetched += int(ids.numel())
-        return ResidentHandle(rows, ids_dev)
+        lay.live = live = _Live(key, ids_dev, ids.cpu(), rows)
+        if lay.deferred is not None:  # staleness 1: step t's update lands after step t+1's gather
+            live.owes = bool(extendable)
+            if not extendable:
+                lay.apply_deferred()
+                live.emitted = True
+        return self._handle(lay)
 
-    def push_grads(self, layer: int, ids: Tensor, grads: Tensor) -> None:
-        lay = self.layers[layer]
+    def fetch_more(self, layer: int, ids: Tensor) -> ResidentHandle:
+        """Append rows `ids` ([M], none live) to the layer's live fetch: wait() -> [live | added] rows."""
+        lay = self._layer(layer)
+        m = check_ids(ids, "fetch_more", self.max_rows, self.device)
+        step, mb = self._need_step("fetch_more")
+        live = lay.live
+        check_extend(live, m, layer, step, mb, lay.capacity, self.max_rows)
         ids_dev = ids.to(self.device)
-        g = grads.to(self.device).to(self.wire_dtype).float()  # [R, W] as it would cross the wire
+        rows = lay.weights.index_select(0, ids_dev).to(self.wire_dtype)  # [M, W]
+        live.ids_dev, live.ids_host = torch.cat([live.ids_dev, ids_dev]), torch.cat([live.ids_host, ids.cpu()])
+        live.rows = torch.cat([live.rows, rows])  # [n0 + M, W]
+        return self._handle(lay)
+
+    def _handle(self, lay: _Layer) -> ResidentHandle:
+        live = lay.live
+        live.handle = ResidentHandle(live.rows, live.ids_dev, live.ids_host, lambda h: self._release(lay, h))
+        return live.handle
+
+    def _release(self, lay: _Layer, handle: ResidentHandle) -> None:
+        if lay.live is not None and lay.live.handle is handle:
+            self._end_live(lay)
+
+    def _end_live(self, lay: _Layer) -> None:
+        """End the layer's live fetch; apply the staleness-1 update it held back, if any."""
+        live, lay.live = lay.live, None
+        if live.owes:
+            lay.apply_deferred()
+
+    def reserve_live_rows(self, rows: int) -> None:
+        """Let each layer's live fetch hold `rows` (>= max_rows) rows; between steps only."""
+        rows = check_live_rows(rows, self.max_rows)
+        if self._in_step:
+            raise ValueError("reserve_live_rows: a step is in progress; call it before begin_step()")
+        for lay in self.layers:
+            lay.capacity = max(lay.capacity, rows)
+
+    # ---- grads back ---------------------------------------------------------------------------
+    def push_grads(self, layer: int, ids: Tensor, grads: Tensor) -> None:
+        """Gradients [K, W] for `ids` [K], the fetched ids or any subset of the live rows (each once);
+        ends the live fetch. Rows not pushed get no gradient and no update."""
+        lay = self._layer(layer)
+        live = lay.live
+        if live is None or (live.step, live.micro_batch) != (self.step, self.micro_batch):
+            raise ValueError(f"push_grads: layer {layer} has no live fetch in micro-batch {self.micro_batch} "
+                             f"of step {self.step}; call fetch({layer}, ids) first (once per micro-batch)")
+        k = check_ids(ids, "push_grads", self.max_rows, self.device)
+        check_grads(grads, k, self.width, layer, self.device)
+        check_subset(ids.cpu(), live.ids_host, layer)
+        self._end_live(lay)
+        ids_dev = ids.to(self.device)
+        g = grads.to(self.device).to(self.wire_dtype).float()  # [K, W] as it would cross the wire
         lay.grad.index_add_(0, ids_dev, g)
         lay.touched[ids_dev] = True
+        if self.micro_batch == self.accum_steps - 1:
+            lay.triggered_step = self.step
 
-    def read_rows(self, layer: int, ids: Tensor) -> Tensor:
-        """Rows [R, W] fp32 on the device for inference (no step bookkeeping, not counted)."""
-        return self.layers[layer].weights.index_select(0, ids.to(self.device))
-
+    # ---- step end -----------------------------------------------------------------------------
     def _scales(self) -> list[float]:
         if self.clip == "none":
             return [1.0] * len(self.layers)
         sq = [float(lay.grad.double().pow(2).sum()) for lay in self.layers]  # pending rows only are != 0
         if self.clip == "layer":
-            return [clip_coef(math.sqrt(s), self.max_norm) for s in sq]
-        return [clip_coef(math.sqrt(sum(sq)), self.max_norm)] * len(self.layers)
+            return [clip_scale(s, self.max_norm) for s in sq]
+        return [clip_scale(sum(sq), self.max_norm)] * len(self.layers)
 
     def finish_step(self) -> None:
+        if not self._in_step:
+            raise ValueError("finish_step: no step in progress; call begin_step() first")
+        for lay in self.layers:
+            if lay.live is not None:
+                self._end_live(lay)  # fetches without gradients; applies an update a prefetch held back
         for lay, scale in zip(self.layers, self._scales()):
             ids, grads = lay.take(scale)
             if self.staleness == 0:
                 lay.apply(ids, grads)
-            else:
-                if lay.deferred is not None:  # layer not fetched during this step: apply in order
-                    lay.apply(*lay.deferred)
+            elif ids.numel():  # staleness 1: lands after the layer's next fetch has gathered
+                lay.apply_deferred()  # (already applied: pushing grads needed a fetch this step)
                 lay.deferred = (ids, grads)
+        self._in_step = False
 
     def flush(self) -> None:
         """Apply every deferred (staleness 1) update now; the RowStores are then current."""
         for lay in self.layers:
-            if lay.deferred is not None:
-                lay.apply(*lay.deferred)
-                lay.deferred = None
+            if lay.live is not None and lay.live.owes:
+                lay.live.owes = False
+                lay.live.emitted = True
+            lay.apply_deferred()
         self.sync_to_host()
+
+    # ---- host copies and inference ------------------------------------------------------------
+    def read_rows(self, layer: int, ids: Tensor) -> Tensor:
+        """Rows [R, W] fp32 on the device for inference (no step bookkeeping, not counted)."""
+        return self._layer(layer).weights.index_select(0, ids.to(self.device))
 
     def sync_to_host(self) -> None:
         """Copy device weights/moments/steps into the RowStores (no-op on a CPU device)."""
         for lay in self.layers:
-            s = lay.opt.store
-            for name in ("weights", "exp_avg", "exp_avg_sq", "steps"):
-                src, dst = getattr(lay, name), getattr(s, name)
-                if src.data_ptr() != dst.data_ptr():
-                    dst.copy_(src)
+            lay.copy_state(to_host=True)
 
     def load_from_host(self) -> None:
         """Copy the RowStores into the device tensors (after a store was loaded)."""
         for lay in self.layers:
-            s = lay.opt.store
-            for name in ("weights", "exp_avg", "exp_avg_sq", "steps"):
-                dst, src = getattr(lay, name), getattr(s, name)
-                if src.data_ptr() != dst.data_ptr():
-                    dst.copy_(src)
+            lay.copy_state(to_host=False)
 
     def close(self) -> None:
         self.flush()

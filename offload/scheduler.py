@@ -23,6 +23,10 @@ the layer in between), so it stays off the critical path of the forward pass. Cl
 the step, summed in layer order on the host in finish_step; the updates then start there: a documented
 cost). Staging slots and device buffers come from fixed pools; a full pool blocks the caller. A worker
 exception is re-raised in the caller at the next call with its original traceback.
+
+Composed of: `fetch.LayerState` / `fetch.FetchHandle` (live rows and handles, linked back through a
+`FetchLink`), `staging.SlotPool` (staging slots), `worker.HostWorker` (the host thread) and
+`updates.UpdatePolicy` (staleness, clipping, parked updates). Implements `protocol.RowScheduler`.
 """
 
 from __future__ import annotations
@@ -34,35 +38,35 @@ from collections.abc import Sequence
 import torch
 
 from offload.engine import CopyEngine, make_engine
-from offload.handles import FetchHandle, LayerState
-from offload.meter import TrafficMeter
-from offload.sched_args import (
-    CLIP_MODES,
+from offload.fetch import (
+    FetchHandle,
+    FetchLink,
+    LayerState,
     check_extend,
     check_grads,
     check_ids,
     check_live_rows,
     check_subset,
-    clip_scale,
-    numba_threads_setter,
-    validate_args,
 )
-from offload.sched_updates import UpdatePhase
-from offload.slots import HostWorker, SlotPool, wait_for
+from offload.meter import TrafficMeter
+from offload.protocol import check_scheduler_args
+from offload.staging import SlotPool, check_n_slots
+from offload.updates import UpdatePolicy
+from offload.worker import HostWorker, numba_threads_setter, wait_for
 
-__all__ = ["TransferScheduler", "FetchHandle", "clip_scale", "CLIP_MODES"]
+__all__ = ["TransferScheduler", "FetchHandle"]
 
-class TransferScheduler(UpdatePhase):
-    """See module docstring; API in /work/contracts.md."""
 
+class TransferScheduler:
+    """See the module docstring; implements `offload.protocol.RowScheduler`."""
     def __init__(self, optimizers: Sequence, *, device="cpu", engine: CopyEngine | None = None,
                  wire_dtype=torch.bfloat16, max_rows: int, n_slots: int = 2, staleness: int = 0,
                  clip: str = "none", max_norm: float = 1.0, meter: TrafficMeter | None = None,
                  host_threads: int | None = None, max_live_rows: int | None = None):
-        self._broken = None
         self._closed = True  # until fully constructed
         self.optimizers = list(optimizers)
-        validate_args(self.optimizers, wire_dtype, max_rows, n_slots, staleness, clip, max_norm)
+        check_scheduler_args(self.optimizers, wire_dtype, max_rows, staleness, clip, max_norm)
+        check_n_slots(n_slots)
         init = None if host_threads is None else numba_threads_setter(host_threads)
         live_rows = check_live_rows(max_live_rows, max_rows)
         self.device = torch.device(device)
@@ -72,19 +76,22 @@ class TransferScheduler(UpdatePhase):
             raise ValueError(f"engine {self.engine!r} copies to {self.engine.device}, but device={device!r}; "
                              "pass a matching engine or leave engine=None")
         self.width = self.optimizers[0].store.width
-        self.wire_dtype, self.max_rows, self.n_slots = wire_dtype, max_rows, n_slots
-        self.staleness, self.clip, self.max_norm = staleness, clip, float(max_norm)
+        self.wire_dtype, self.max_rows = wire_dtype, max_rows
         self.meter = TrafficMeter() if meter is None else meter
         on_host = self.device.type == "cpu"
         self.layers = [LayerState(i, self.engine, live_rows, self.width, wire_dtype, on_host)
                        for i in range(len(self.optimizers))]
-        self.h2d_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype, "h2d")
-        self.d2h_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype, "d2h")
+        self.h2d_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype)  # rows down
+        self.d2h_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype)  # grads back
         self.worker = HostWorker(init=init)
+        self._link = FetchLink(self._check, self._end_chain)
+        self._test_skip_waits = self._link.skip_waits  # test hook: add "h2d" / "d2h" to disable that wait
         self._wire_bytes = torch.empty((), dtype=wire_dtype).element_size()
-        self._state_bytes = torch.empty((), dtype=self.optimizers[0].store.state_dtype).element_size()
+        state_bytes = torch.empty((), dtype=self.optimizers[0].store.state_dtype).element_size()
+        self.updates = UpdatePolicy(self.optimizers, self.worker, self.meter, self._check, staleness=staleness,
+                                    clip=clip, max_norm=max_norm, width=self.width, state_bytes=state_bytes)
         self.step, self.micro_batch, self.accum_steps, self._in_step = 0, -1, 1, False
-        self._test_skip_waits: set[str] = set()  # test hook: {"h2d", "d2h"} disables that wait
+        self._read_buf: torch.Tensor | None = None  # [>= R, width] fp32 host buffer of read_rows
         self._error_reported = False
         self._closed = False
 
@@ -155,7 +162,7 @@ class TransferScheduler(UpdatePhase):
             raise ValueError(f"fetch: layer {layer} was already fetched in micro-batch {self.micro_batch} of "
                              f"step {self.step}; reuse that handle (recomputation must not fetch again), add "
                              "rows with fetch_more, or call handle.release() first")
-        if st.triggered_step == self.step:
+        if self.updates.triggered(layer, self.step):
             raise ValueError(f"fetch: layer {layer} already received its last-micro-batch gradients in step "
                              f"{self.step} (its update is under way); fetch it in the next step")
         if st.handle is not None:
@@ -166,12 +173,10 @@ class TransferScheduler(UpdatePhase):
             wait_for(st.ids_reader, self._check)  # protects ids_host: a push's subset check reads it
             st.ids_reader = None
         h = self._start_part(st, ids, n, None)
-        h.extendable = bool(extendable)
-        if st.pending_update:  # staleness 1: the previous step's update, after this fetch's gathers
-            st.pending_update = False
-            h.owes_update = (self.step, st.update_hparams)
-            if not extendable:
-                self._release_update(st, h)  # right after this gather
+        # staleness 1: the previous step's update, after this fetch's gathers
+        h.owes_update = self.updates.take_pending(layer, self.step)
+        if h.owes_update is not None and not extendable:
+            self.updates.park(layer, *h.take_owed())  # right after this gather
         return h
 
     def fetch_more(self, layer: int, ids: torch.Tensor) -> FetchHandle:
@@ -190,7 +195,9 @@ class TransferScheduler(UpdatePhase):
     def _start_part(self, st: LayerState, ids, n: int, base: FetchHandle | None) -> FetchHandle:
         slot = self.h2d_pool.acquire(self._check)  # backpressure: blocks while every slot is busy
         marker = self.engine.mark_compute()  # H2D into rows_dev waits for compute issued so far
-        h = st.stage_ids(self, ids, n, base, marker)
+        meta = (self.step, self.micro_batch, st.index)
+        h = st.stage_ids(self._link, self.engine, ids, n, base, marker, (self.step, self.micro_batch),
+                         lambda ev: self._meter_copy(ev, "ids", meta))
         st.handle = st.last_gather = h
         self.worker.submit(lambda: self._gather_task(st, h, slot, marker), st.index)
         return h
@@ -273,23 +280,17 @@ class TransferScheduler(UpdatePhase):
         if src is not grads:
             st.last_d2h = ev
         self._end_chain(st)  # an owed staleness-1 update is queued before the accumulation (as at fetch)
-        st.grads_step = self.step
+        self.updates.grads_pushed(layer, self.step)
         step = self.step
         self.worker.submit(lambda: self._accumulate_task(st, slot, ev, k, step, ids_check), st.index)
-        if self.micro_batch == self.accum_steps - 1 and self.clip != "global":
-            self._trigger(st)
+        if self.micro_batch == self.accum_steps - 1:
+            self.updates.grads_complete(layer, step)
 
     def _end_chain(self, st: LayerState) -> None:
         """End the layer's live fetch (all parts); queue the staleness-1 update it held back, if any."""
         root = st.end_chain()
         if root is not None:
-            self._release_update(st, root)
-
-    def _release_update(self, st: LayerState, root: FetchHandle) -> None:
-        """Queue the staleness-1 update owed by `root`: parked until idle time or the layer's next task."""
-        step, hp = root.owes_update
-        root.owes_update, root.emitted_update = None, True
-        self.worker.defer(st.index, lambda: self._update_task(st, step, hp))
+            self.updates.park(st.index, *root.take_owed())
 
     def _grads_source(self, st: LayerState, grads, n: int) -> torch.Tensor:
         if grads.dtype == self.wire_dtype and grads.is_contiguous():
@@ -311,7 +312,7 @@ class TransferScheduler(UpdatePhase):
                     check_subset(slot.ids[:n], st.ids_host[:live], st.index)
                 finally:
                     reader.set()  # ids_host may be refilled by the layer's next fetch
-            if "d2h" not in self._test_skip_waits:
+            if "d2h" not in self._link.skip_waits:
                 ev.wait()  # protects the slot: the grads' D2H must have landed before we read it
             t0 = time.perf_counter()
             self.optimizers[st.index].accumulate(slot.ids[:n], slot.rows[:n])
@@ -321,6 +322,47 @@ class TransferScheduler(UpdatePhase):
         finally:
             self.d2h_pool.release(slot)
 
+    # ------------------------------------------------------------------------------ step end
+    def finish_step(self) -> None:
+        """End the step: trigger remaining updates; staleness 0 waits until all of them are done."""
+        self._entry("finish_step")
+        if not self._in_step:
+            raise ValueError("finish_step: no step in progress; call begin_step() first")
+        for st in self.layers:
+            if st.handle is not None:
+                st.handle.release()  # fetches without gradients; queues an update a prefetch held back
+        self.updates.end_step(self.step)
+        self._in_step = False
+        self.updates.settle()
+
+    def flush(self) -> None:
+        """Apply every pending (staleness 1) update now and wait for all host work to finish."""
+        self._entry("flush")
+        for st in self.layers:
+            root = None if st.handle is None else st.handle.parts()[0]
+            if root is not None and root.owes_update is not None:
+                self.updates.park(st.index, *root.take_owed())  # a live prefetch's held-back update
+            self.updates.submit_pending(st.index, self.step)
+        self.updates.drain()
+
+    # ------------------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def read_rows(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` ([R] int64, any device) of `layer` as they are in the store now: [R, width] fp32 on
+        the compute device, outside the step machinery (inference; nothing is metered). Pending
+        staleness-1 updates are not applied: call `flush()` first (between steps) for current rows.
+        On a CPU device the result is a view of a buffer that the next read_rows call overwrites."""
+        self._entry("read_rows")
+        store = self.optimizers[self._layer(layer).index].store
+        n = ids.numel()
+        if self._read_buf is None or self._read_buf.shape[0] < n:
+            self._read_buf = torch.empty(max(n, self.max_rows), store.width)  # [>= R, width] fp32
+        return store.gather(ids.cpu(), self._read_buf).to(self.device)
+
+    def sync_to_host(self) -> None:
+        """Nothing to do: the RowStores are the master copy (`flush()` applies pending updates)."""
+    def load_from_host(self) -> None:
+        """Nothing to do: rows are read from the RowStores at every fetch."""
     # ------------------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Apply pending updates (unless a worker failed), stop the threads. Idempotent, never hangs."""

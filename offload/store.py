@@ -16,8 +16,9 @@ import psutil
 import torch
 
 from offload import kernels
+from offload.dtypes import WIRE_DTYPES
 
-__all__ = ["RowStore", "check_ids"]
+__all__ = ["RowStore", "HostRamError", "check_ids", "check_host_ram"]
 
 _STATE_DTYPES = {torch.float32: 4, torch.bfloat16: 2}
 _RAM_HEADROOM = 0.9  # refuse above this fraction of the currently available host RAM
@@ -109,7 +110,7 @@ class RowStore:
         """
         ids_np = check_ids(ids, self.n_rows)
         n = ids_np.shape[0]
-        if not isinstance(out, torch.Tensor) or out.dtype not in (torch.float32, torch.bfloat16):
+        if not isinstance(out, torch.Tensor) or out.dtype not in WIRE_DTYPES:
             got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
             raise TypeError(f"out must be a float32 or bfloat16 tensor, got {got}")
         if out.dim() != 2 or out.shape[1] != self.width or out.shape[0] < n:
@@ -160,18 +161,30 @@ def _check_shape_args(n_rows, width, state_dtype) -> None:
                         f"bf16 halves the moments' host RAM")
 
 
-def _check_host_ram(needed: int, n_rows: int, width: int, state_dtype) -> None:
-    """Refuse (MemoryError) before allocating more than ~90% of available host RAM."""
+class HostRamError(MemoryError, ValueError):
+    """Host RAM refused before allocating: a MemoryError, and a ValueError because a setting must change."""
+
+
+def check_host_ram(needed: int, what: str, fixes) -> None:
+    """Refuse (HostRamError) before allocating `needed` bytes of host RAM when that is more than 90% of what
+    is available now. The one host-RAM rule: every store and `meft.wrap` (all layers at once) use it.
+    `fixes(budget_bytes) -> str` says what would fit in the budget; `what` names the allocation."""
     available = psutil.virtual_memory().available
     budget = int(available * _RAM_HEADROOM)
     if needed <= budget:
         return
-    fit = {dt: budget // RowStore.bytes_needed(1, width, dt) for dt in _STATE_DTYPES}
-    bf16_total = RowStore.bytes_needed(n_rows, width, torch.bfloat16)
-    raise MemoryError(
-        f"RowStore({n_rows} rows x {width}, {state_dtype} moments) needs {needed / _GiB:.2f} GiB "
-        f"({needed} bytes) of host RAM but only {available / _GiB:.2f} GiB ({available} bytes) is available "
-        f"(the limit is {_RAM_HEADROOM:.0%} of that). Options that fit: at most {fit[torch.float32]} rows "
-        f"at width {width} with fp32 moments, or {fit[torch.bfloat16]} rows with "
-        f"state_dtype=torch.bfloat16 (this size would need {bf16_total / _GiB:.2f} GiB with bf16 moments); "
-        f"or fewer adapter rows / layers, or free host memory.")
+    raise HostRamError(
+        f"{what} needs {needed / _GiB:.2f} GiB ({needed} bytes) of host RAM but only {available / _GiB:.2f} GiB "
+        f"({available} bytes) is available (the limit is {_RAM_HEADROOM:.0%} of that). {fixes(budget)}")
+
+
+def _check_host_ram(needed: int, n_rows: int, width: int, state_dtype) -> None:
+    def fixes(budget: int) -> str:
+        fit = {dt: budget // RowStore.bytes_needed(1, width, dt) for dt in _STATE_DTYPES}
+        bf16_total = RowStore.bytes_needed(n_rows, width, torch.bfloat16)
+        return (f"Options that fit: at most {fit[torch.float32]} rows at width {width} with fp32 moments, or "
+                f"{fit[torch.bfloat16]} rows with state_dtype=torch.bfloat16 (this size would need "
+                f"{bf16_total / _GiB:.2f} GiB with bf16 moments); or fewer adapter rows / layers, or free host "
+                "memory.")
+
+    check_host_ram(needed, f"RowStore({n_rows} rows x {width}, {state_dtype} moments)", fixes)

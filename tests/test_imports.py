@@ -114,7 +114,7 @@ def test_arrows_point_down():
                 problems.append(f"{where}: {name} imports the CLI ({target})")
             if name.startswith("offload") and target.startswith("meft"):
                 problems.append(f"{where}: offload imports meft ({target})")
-            if in_func and not (name in ("meft", "offload", "meft.cli.main")):
+            if in_func and name not in ("meft", "offload", "meft.cli.main"):
                 problems.append(f"{where}: function-local import of library module {target}")
             graph[name].add(target)
     # cycles: depth-first search over the module graph (package __init__ faces are lazy, so excluded)

@@ -109,6 +109,4 @@ class MeftOptimizer(torch.optim.Optimizer):
                                  f"load a state_dict saved from the same MeftConfig.layers")
             for opt, s in zip(opts, rows):
                 opt.load_state_dict(s)
-            load = getattr(self.runtime.scheduler, "load_from_host", None)
-            if load is not None:
-                load()
+            self.runtime.scheduler.load_from_host()

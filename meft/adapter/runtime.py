@@ -75,11 +75,10 @@ class MeftRuntime:
             model.register_forward_pre_hook(self._on_forward_pre),
             model.register_forward_hook(self._on_forward_post, always_call=True),
         ]
-        self._wire = scheduler.wire_dtype if hasattr(scheduler, "wire_dtype") else torch.bfloat16
-        if config.prefetch == "lookahead" and hasattr(scheduler, "reserve_live_rows"):
+        self._wire = scheduler.wire_dtype
+        if config.prefetch == "lookahead":
             # a prefetch (<= max_rows) plus the rows it missed (<= max_rows) live in one layer buffer
             scheduler.reserve_live_rows(2 * scheduler.max_rows)
-        self._read_buf: Tensor | None = None
 
     # ---- micro-batch detection ----------------------------------------------------------------
     def _on_forward_pre(self, module, args) -> None:
@@ -182,10 +181,10 @@ class MeftRuntime:
         return a callable giving rows [R, 2d] in the wire dtype, in the order of `ids`.
 
         Exact either way: the rows come from the same store state as a plain fetch. With a prefetch,
-        TransferScheduler (`fetch_more`) appends only the missing rows to the prefetch and the needed
-        rows are gathered from [prefetched | missing] by position on the device; push_grads then
-        sends the needed rows' gradients only (a subset of the chain: prefetched rows not needed get
-        no gradient and no update). The resident twin (`partial_push`) fetches the missing rows apart."""
+        `fetch_more` appends only the missing rows to the prefetch and the needed rows are gathered
+        from [prefetched | missing] by position on the device; push_grads then sends the needed rows'
+        gradients only (a subset of the chain: prefetched rows not needed get no gradient and no
+        update). Both schedulers keep this contract (offload.RowScheduler)."""
         pf = self._prefetch.pop(idx, None)
         if pf is None or pf.key != key:
             return self._fetch(idx, ids).wait
@@ -194,28 +193,10 @@ class MeftRuntime:
         self._record_lookahead(idx, ids.numel(), n_hit)
         if torch.equal(ids, pf.ids):
             return pf.handle.wait
-        if hasattr(self.scheduler, "fetch_more"):
-            return self._complete_prefetch(idx, ids, pf, hit, n_hit)
-        if not getattr(self.scheduler, "partial_push", False):
-            pf.handle.release()
-            return self._fetch(idx, ids).wait
-        pos = torch.searchsorted(pf.ids, ids[hit])  # rows of the prefetch we need
-        part = pf.handle.wait().index_select(0, pos)  # copied out before the next fetch of idx
-        if n_hit == ids.numel():
-            return lambda: part
-        h = self._fetch(idx, ids[~hit])  # exact: only the rows that were not in flight
-
-        def assemble() -> Tensor:
-            miss = h.wait()
-            rows = torch.empty(ids.numel(), miss.shape[1], dtype=miss.dtype, device=miss.device)
-            rows[hit] = part
-            rows[~hit] = miss
-            return rows
-
-        return assemble
+        return self._complete_prefetch(idx, ids, pf, hit, n_hit)
 
     def _complete_prefetch(self, idx: int, ids: Tensor, pf: _Prefetch, hit: Tensor, n_hit: int):
-        """TransferScheduler: `fetch_more` the misses onto the prefetch; rows for `ids` [R] are gathered
+        """`fetch_more` the misses onto the prefetch; rows for `ids` [R] are gathered
         by position from the chain's rows [P + M, 2d] = [prefetched (sorted) | missing (sorted)]."""
         pos = torch.empty_like(ids)  # [R] position of each needed row in the chain
         pos[hit] = torch.searchsorted(pf.ids, ids[hit])
@@ -228,16 +209,13 @@ class MeftRuntime:
 
     def _fetch(self, idx: int, ids: Tensor, *, prefetch: bool = False):
         self.fetches += 1
-        if prefetch and hasattr(self.scheduler, "fetch_more"):
-            return self.scheduler.fetch(idx, ids, extendable=True)  # may be completed by fetch_more
-        return self.scheduler.fetch(idx, ids)
+        return self.scheduler.fetch(idx, ids, extendable=prefetch)  # a prefetch may be completed by fetch_more
 
     def _record_lookahead(self, idx: int, needed: int, hit: int) -> None:
         self.lookahead["needed"] += needed
         self.lookahead["hit"] += hit
-        rec = getattr(self.meter, "record_lookahead", None)
-        if rec is not None:
-            rec(self._step, idx, needed, hit)
+        if self.meter is not None:
+            self.meter.record_lookahead(self._step, idx, needed, hit)
 
     def _infer_rows(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
         routing = self._route(adapter, x2)
@@ -247,24 +225,15 @@ class MeftRuntime:
     @torch.no_grad()
     def read_rows(self, idx: int, ids: Tensor) -> Tensor:
         """Current rows [R, 2d] fp32 on the device, outside the step machinery (inference)."""
-        flush = getattr(self.scheduler, "flush", None)
-        if self.config.staleness and flush is not None and not self._step_open:
-            flush()
-        if hasattr(self.scheduler, "read_rows"):
-            return self.scheduler.read_rows(idx, ids)
-        store = self.stores[idx]
-        n = ids.numel()
-        if self._read_buf is None or self._read_buf.shape[0] < n:
-            self._read_buf = torch.empty(max(n, self.config.max_active_rows), store.width)
-        return store.gather(ids.cpu(), self._read_buf).to(self.device)
+        if self.config.staleness and not self._step_open:
+            self.scheduler.flush()  # delayed (staleness 1) updates land before inference reads the rows
+        return self.scheduler.read_rows(idx, ids)
 
     def sync_to_host(self) -> None:
         """Make the RowStores current (resident twin on a GPU keeps device copies)."""
-        flush = getattr(self.scheduler, "flush", None)
-        if flush is not None and not self._step_open:
-            flush()
-        if hasattr(self.scheduler, "sync_to_host"):
-            self.scheduler.sync_to_host()
+        if not self._step_open:
+            self.scheduler.flush()
+        self.scheduler.sync_to_host()
 
     # ---- lifetime -----------------------------------------------------------------------------
     def remove_hooks(self) -> None:

@@ -118,9 +118,7 @@ def load_adapter(model, path: str, config: MeftConfig | None = None, *, verbose:
         for ad, store in zip(rt.adapters, rt.stores):
             store.weights.copy_(f.get_tensor(f"layers.{ad.layer}.rows"))
             ad.gate.copy_(f.get_tensor(f"layers.{ad.layer}.router"))
-    load = getattr(rt.scheduler, "load_from_host", None)
-    if load is not None:
-        load()
+    rt.scheduler.load_from_host()  # the resident twin on a GPU keeps device copies of the stores
     msg = (f"loaded meft adapter from {path}: {len(got)} layers, {meta['sizes']['params']:,} params, "
            f"{meta['sizes']['bytes'] / 2**20:.1f} MiB")
     log.info(msg)

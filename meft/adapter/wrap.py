@@ -10,7 +10,6 @@ values 0, so the wrapped model starts exactly equal to the base model.
 
 from __future__ import annotations
 
-import psutil
 import torch
 import torch.nn as nn
 
@@ -25,7 +24,7 @@ from offload.meter import TrafficMeter
 from offload.optim import SparseAdamW
 from offload.resident import ResidentScheduler
 from offload.scheduler import TransferScheduler
-from offload.store import RowStore
+from offload.store import RowStore, check_host_ram
 
 __all__ = ["wrap", "unwrap", "row_init"]
 
@@ -41,15 +40,14 @@ def row_init(d: int, seed: int, layer: int):
 
 
 def _check_host_ram(config: MeftConfig, n_layers: int, width: int) -> None:
-    need = n_layers * RowStore.bytes_needed(config.adapter_rows, width, config.state)
-    avail = psutil.virtual_memory().available
-    if need > 0.9 * avail:
+    """All layers' stores at once, before the first is allocated (offload's host-RAM rule)."""
+    def fixes(budget: int) -> str:
         per_row = n_layers * RowStore.bytes_needed(1, width, torch.bfloat16)
-        raise ValueError(
-            f"adapter_rows = {config.adapter_rows} x {n_layers} layers x width {width} needs "
-            f"{need / 2**30:.2f} GiB of host RAM, {avail / 2**30:.2f} GiB available; fix: lower adapter_rows "
-            f"(at most ~{int(0.9 * avail // per_row)} per layer with state_dtype='bfloat16'), set "
-            f"state_dtype='bfloat16', or adapt fewer layers (layers=2 or a list)")
+        return (f"Fix: lower MeftConfig.adapter_rows (at most ~{budget // per_row} per layer with "
+                "state_dtype='bfloat16'), set state_dtype='bfloat16', or adapt fewer layers (layers=2 or a list)")
+
+    need = n_layers * RowStore.bytes_needed(config.adapter_rows, width, config.state)
+    check_host_ram(need, f"adapter_rows = {config.adapter_rows} x {n_layers} layers x width {width}", fixes)
 
 
 def _build_scheduler(config: MeftConfig, opts, device):

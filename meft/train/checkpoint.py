@@ -72,8 +72,7 @@ def save_training_state(output_dir: str | Path, step: int, model, *, data_state:
                         keep: int = 2) -> Path:
     """Write checkpoint `step` atomically and point `latest` at it; keep the newest `keep`."""
     rt = model.meft
-    if hasattr(rt.scheduler, "flush"):
-        rt.scheduler.flush()  # delayed (staleness=1) updates land in the stores before we copy them
+    rt.scheduler.flush()  # delayed (staleness=1) updates land in the stores before we copy them
     root = Path(output_dir) / "checkpoints"
     name = f"step-{step:06d}"
     with atomic_folder(root / name) as tmp:

@@ -142,6 +142,9 @@ def test_wrap_errors():
         meft.unwrap(tiny_model("llama"))
     with pytest.raises(ValueError, match="adapter_rows"):
         meft.wrap(tiny_model("llama"), small_config(adapter_rows=1 << 40))
+    # refused for all layers at once, before any store is allocated; the message names the setting to change
+    with pytest.raises(MemoryError, match=r"adapter_rows = 67108864 x 2 layers .* lower MeftConfig.adapter_rows"):
+        meft.wrap(tiny_model("llama"), small_config(adapter_rows=1 << 26))
 
 
 def test_failed_wrap_leaves_model_untouched():

@@ -1,13 +1,12 @@
-"""Fixed pools of host staging slots (backpressure) and the FIFO host worker thread.
+"""The host worker: one FIFO thread that runs the schedulers' host tasks, and how callers wait on it.
 
-* `SlotPool`: `n_slots` staging slots, each a rows buffer [max_rows, width] in the wire dtype plus an
-  ids buffer [max_rows] int64, allocated (and touched) once through the copy engine (pinned on CUDA).
-  `acquire()` blocks while every slot is busy: a full pool is backpressure, never an unbounded queue.
 * `HostWorker`: one thread that runs host tasks (gathers, gradient accumulation, optimizer steps) in
   submission order (per-layer deferred tasks aside, see the class). FIFO order is what makes the
   scheduler's staleness semantics hold: a gather submitted after an update sees the updated rows. The
   first exception stops execution of later tasks and is kept (with its traceback) for the caller; waits
   poll it so nothing blocks forever.
+* `wait_for`: block on a threading.Event while polling for a worker error.
+* `numba_threads_setter`: the `host_threads` option (numba threads of the worker's kernels).
 """
 
 from __future__ import annotations
@@ -16,9 +15,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-import torch
-
-__all__ = ["StagingSlot", "SlotPool", "HostWorker", "wait_for", "POLL_S"]
+__all__ = ["HostWorker", "wait_for", "numba_threads_setter", "POLL_S"]
 
 POLL_S = 0.05  # how often blocked callers re-check for a worker error
 
@@ -29,49 +26,16 @@ def wait_for(event: threading.Event, check: Callable[[], None]) -> None:
         check()
 
 
-class StagingSlot:
-    __slots__ = ("index", "rows", "ids")
+def numba_threads_setter(n):
+    """`host_threads`: numba threads of the host worker's kernels (thread-local in numba). Tiny
+    parallel kernels on an oversubscribed machine wait for a time slice per parallel region; 1 avoids it.
+    Returns the worker's `init` task."""
+    import numba
 
-    def __init__(self, index: int, rows: torch.Tensor, ids: torch.Tensor):
-        self.index = index
-        self.rows = rows  # [max_rows, width] wire dtype, host (pinned on CUDA)
-        self.ids = ids  # [max_rows] int64, host
-
-
-class SlotPool:
-    """`n_slots` staging slots; `acquire()` blocks while all are in use."""
-
-    def __init__(self, engine, n_slots: int, max_rows: int, width: int, dtype: torch.dtype, name: str):
-        self.name = name
-        self.slots = [StagingSlot(i, engine.alloc_host((max_rows, width), dtype),
-                                  engine.alloc_host((max_rows,), torch.int64)) for i in range(n_slots)]
-        self.nbytes = sum(s.rows.nbytes + s.ids.nbytes for s in self.slots)
-        self._free = list(reversed(self.slots))
-        self._cond = threading.Condition()
-        self.in_use = 0
-        self.peak_in_use = 0
-        self.waits = 0  # how many acquires had to wait (backpressure events)
-
-    def acquire(self, check: Callable[[], None]) -> StagingSlot:
-        with self._cond:
-            if not self._free:
-                self.waits += 1
-            while not self._free:
-                self._cond.wait(POLL_S)
-                if not self._free:
-                    check()
-            slot = self._free.pop()
-            self.in_use += 1
-            self.peak_in_use = max(self.peak_in_use, self.in_use)
-            return slot
-
-    def release(self, slot: StagingSlot) -> None:
-        with self._cond:
-            if any(s is slot for s in self._free):
-                return  # already released (e.g. by an error path)
-            self._free.append(slot)
-            self.in_use -= 1
-            self._cond.notify()
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= limit:
+        raise ValueError(f"host_threads={n!r} must be an int in [1, {limit}] (NUMBA_NUM_THREADS) or None")
+    return lambda: numba.set_num_threads(n)
 
 
 _STOP = object()
@@ -92,7 +56,6 @@ class HostWorker:
         if init is not None:
             self._q.put((init, None, "run"))  # first, on the worker thread (thread-local numba settings)
         self.error: BaseException | None = None
-        self.on_error: Callable[[BaseException], None] | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -138,8 +101,6 @@ class HostWorker:
                     fn()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller by the scheduler
                 self.error = exc
-                if self.on_error is not None:
-                    self.on_error(exc)
 
     def barrier(self, check: Callable[[], None]) -> None:
         """Wait until every task submitted so far has run (or the worker failed: `check` raises).

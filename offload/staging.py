@@ -1,0 +1,65 @@
+"""Fixed pools of host staging slots: where rows wait between the host worker and a copy (backpressure).
+
+`SlotPool`: `n_slots` staging slots, each a rows buffer [max_rows, width] in the wire dtype plus an ids
+buffer [max_rows] int64, allocated (and touched) once through the copy engine (pinned on CUDA).
+`acquire()` blocks while every slot is busy: a full pool is backpressure, never an unbounded queue.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+from offload.worker import POLL_S
+
+__all__ = ["StagingSlot", "SlotPool", "check_n_slots"]
+
+
+def check_n_slots(n_slots) -> None:
+    if not isinstance(n_slots, int) or n_slots < 1:
+        raise ValueError(f"n_slots={n_slots!r} must be an int >= 1 (staging slots per direction)")
+
+
+class StagingSlot:
+    __slots__ = ("rows", "ids")
+
+    def __init__(self, rows: torch.Tensor, ids: torch.Tensor):
+        self.rows = rows  # [max_rows, width] wire dtype, host (pinned on CUDA)
+        self.ids = ids  # [max_rows] int64, host
+
+
+class SlotPool:
+    """`n_slots` staging slots; `acquire()` blocks while all are in use."""
+
+    def __init__(self, engine, n_slots: int, max_rows: int, width: int, dtype: torch.dtype):
+        self.slots = [StagingSlot(engine.alloc_host((max_rows, width), dtype),
+                                  engine.alloc_host((max_rows,), torch.int64)) for _ in range(n_slots)]
+        self.nbytes = sum(s.rows.nbytes + s.ids.nbytes for s in self.slots)
+        self._free = list(reversed(self.slots))
+        self._cond = threading.Condition()
+        self.in_use = 0
+        self.peak_in_use = 0
+        self.waits = 0  # how many acquires had to wait (backpressure events)
+
+    def acquire(self, check: Callable[[], None]) -> StagingSlot:
+        with self._cond:
+            if not self._free:
+                self.waits += 1
+            while not self._free:
+                self._cond.wait(POLL_S)  # protects the slots: wait for a copy or task to give one back
+                if not self._free:
+                    check()
+            slot = self._free.pop()
+            self.in_use += 1
+            self.peak_in_use = max(self.peak_in_use, self.in_use)
+            return slot
+
+    def release(self, slot: StagingSlot) -> None:
+        with self._cond:
+            if any(s is slot for s in self._free):
+                return  # already released (e.g. by an error path)
+            self._free.append(slot)
+            self.in_use -= 1
+            self._cond.notify()

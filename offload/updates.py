@@ -1,0 +1,162 @@
+"""Update policy of the schedulers: when a layer's row update runs, how it is clipped, what is parked.
+
+Owns the rules both schedulers share -- `clip_scale` (the clip factor, defined once), `CLIP_MODES` and
+`check_update_args` -- and `UpdatePolicy`, the object `TransferScheduler` owns for its host-side
+updates: deciding that a layer's gradients of the step are complete (`grads_complete`), fixing the
+update's hyper-parameters on the caller's thread, the update itself on the host worker (clip scale,
+fused SparseAdamW step, metering), global-norm clipping, staleness 1 (a computed update waits for the
+layer's next fetch: `take_pending` / `park`), and the step boundary (`end_step`, `settle`, `flush`).
+
+It talks to its scheduler only through what it is given: the optimizers, the host worker, the meter,
+and `check` (raises a worker error in the caller). Per-layer update state lives in `LayerUpdate`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+__all__ = ["CLIP_MODES", "LayerUpdate", "UpdatePolicy", "check_update_args", "clip_scale"]
+
+CLIP_MODES = ("none", "layer", "global")
+
+
+def clip_scale(sq_norm: float, max_norm: float) -> float:
+    """Gradient scale for clipping to `max_norm` given the squared norm: min(1, max_norm / (||g|| + 1e-6)),
+    torch.nn.utils.clip_grad_norm_'s factor."""
+    return min(1.0, max_norm / (math.sqrt(sq_norm) + 1e-6))
+
+
+def check_update_args(staleness, clip, max_norm) -> None:
+    if staleness not in (0, 1):
+        raise ValueError(f"staleness={staleness!r} must be 0 (exact) or 1 (delayed update)")
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip={clip!r} must be one of {CLIP_MODES}")
+    if not (isinstance(max_norm, (int, float)) and max_norm > 0):
+        raise ValueError(f"max_norm={max_norm!r} must be a number > 0")
+
+
+class LayerUpdate:
+    """Update bookkeeping of one layer."""
+
+    __slots__ = ("index", "grads_step", "triggered_step", "pending_update", "update_hparams", "global_scale")
+
+    def __init__(self, index: int):
+        self.index = index
+        self.grads_step = -1  # last step in which gradients were pushed
+        self.triggered_step = -1  # step whose update has been triggered (last micro-batch / finish)
+        self.pending_update = False  # staleness 1: a computed-but-unapplied update waits for a fetch
+        self.update_hparams = None  # SparseAdamW.hparams() fixed when the layer's update was decided
+        self.global_scale = 1.0  # clip="global": scale of the pending update (written by the worker)
+
+
+class UpdatePolicy:
+    """Staleness, clipping and parked updates of a TransferScheduler (see module docstring)."""
+
+    def __init__(self, optimizers: Sequence, worker, meter, check: Callable[[], None], *, staleness: int,
+                 clip: str, max_norm: float, width: int, state_bytes: int):
+        check_update_args(staleness, clip, max_norm)
+        self.optimizers, self.worker, self.meter, self.check = optimizers, worker, meter, check
+        self.staleness, self.clip, self.max_norm = staleness, clip, float(max_norm)
+        self.width, self.state_bytes = width, state_bytes
+        self.layers = [LayerUpdate(i) for i in range(len(optimizers))]
+
+    # ---- per layer, on the caller's thread ------------------------------------------------------
+    def triggered(self, layer: int, step: int) -> bool:
+        """The layer's last-micro-batch gradients of `step` have arrived (its update is decided)."""
+        return self.layers[layer].triggered_step == step
+
+    def grads_pushed(self, layer: int, step: int) -> None:
+        self.layers[layer].grads_step = step
+
+    def grads_complete(self, layer: int, step: int) -> None:
+        """The layer's last micro-batch pushed: update now (staleness 0) or later (1); clip "global"
+        waits for finish_step instead."""
+        if self.clip != "global":
+            self._trigger(self.layers[layer], step)
+
+    def take_pending(self, layer: int, step: int) -> tuple[int, tuple] | None:
+        """Staleness 1: the layer's computed update, which must follow the gather of the fetch now being
+        issued; returns (step, hparams) to hand to `park` then, or None."""
+        u = self.layers[layer]
+        if not u.pending_update:
+            return None
+        u.pending_update = False
+        return step, u.update_hparams
+
+    def park(self, layer: int, step: int, hparams: tuple) -> None:
+        """Queue an owed staleness-1 update: parked until idle time or the layer's next task."""
+        self.worker.defer(layer, lambda: self._update_task(self.layers[layer], step, hparams))
+
+    def _trigger(self, u: LayerUpdate, step: int) -> None:
+        u.triggered_step = step
+        # The update's lr etc. are fixed now, on the caller's thread: the caller may change them (an lr
+        # schedule) before the worker runs the update, and the result must not depend on that timing.
+        u.update_hparams = hp = self.optimizers[u.index].hparams()
+        if self.staleness == 0:
+            self.worker.submit(lambda: self._update_task(u, step, hp), u.index)
+        else:
+            u.pending_update = True
+
+    # ---- on the host worker ---------------------------------------------------------------------
+    def _update_task(self, u: LayerUpdate, step: int, hparams: tuple) -> None:
+        opt = self.optimizers[u.index]
+        t0 = time.perf_counter()
+        if self.clip == "layer":
+            scale = clip_scale(opt.grad_sq_norm(), self.max_norm)
+        elif self.clip == "global":
+            scale = u.global_scale
+        else:
+            scale = 1.0
+        rows = opt.pending_rows
+        opt.step(grad_scale=scale, hparams=hparams)
+        # bytes touched: weights fp32 + both moments, read and written, plus the fp32 pending grads
+        nbytes = rows * self.width * (2 * (4 + 2 * self.state_bytes) + 4)
+        self.meter.record_update(step=step, layer=u.index, rows=rows, nbytes=nbytes, start=t0,
+                                 end=time.perf_counter())
+
+    def _global_task(self, layers: list[LayerUpdate], step: int) -> None:
+        sq = 0.0
+        for u in layers:  # layer order, float64 on the host: deterministic
+            sq += self.optimizers[u.index].grad_sq_norm()
+        scale = clip_scale(sq, self.max_norm)
+        for u in layers:
+            u.global_scale = scale
+            if self.staleness == 0:
+                self._update_task(u, step, u.update_hparams)
+
+    # ---- step boundary --------------------------------------------------------------------------
+    def end_step(self, step: int) -> None:
+        """Trigger the updates of step `step` not triggered yet (clip "global": all, after the norm)."""
+        with_grads = [u for u in self.layers if u.grads_step == step]
+        if self.clip == "global":
+            for u in with_grads:
+                u.triggered_step = step
+                u.update_hparams = self.optimizers[u.index].hparams()  # fixed on this thread (see _trigger)
+                u.pending_update = self.staleness == 1
+            self.worker.submit(lambda: self._global_task(with_grads, step))
+        else:
+            for u in with_grads:
+                if u.triggered_step != step:
+                    self._trigger(u, step)
+
+    def settle(self) -> None:
+        """After end_step: staleness 0 waits until every update of the step is done."""
+        if self.staleness == 0:
+            self.worker.barrier(self.check)  # protects the caller: the step's updates have landed
+        self.check()
+
+    def submit_pending(self, layer: int, step: int) -> None:
+        """flush: queue the layer's computed-but-unapplied (staleness 1) update now."""
+        u = self.layers[layer]
+        if u.pending_update:
+            u.pending_update = False
+            hp = u.update_hparams
+            self.worker.submit(lambda: self._update_task(u, step, hp), layer)
+
+    def drain(self) -> None:
+        """flush: run every parked update and wait for all host work to finish."""
+        self.worker.run_deferred()
+        self.worker.barrier(self.check)  # protects the caller: every row update has landed
+        self.check()
