@@ -120,6 +120,7 @@ class LayerState:
         self.last_gather: FetchHandle | None = None  # the latest fetch (its gather may still run)
         self.last_d2h = None  # CopyEvent of the latest D2H out of grads_dev
         self.ids_reader: threading.Event | None = None  # set once the worker's subset check read ids_host
+        self.last_ids_h2d = None  # CopyEvent of the latest H2D out of ids_host (fetch with host ids)
 
     def alloc(self, engine, capacity: int, width: int, wire_dtype: torch.dtype, on_host: bool) -> None:
         """(Re)allocate the live buffers for `capacity` rows (no fetch may be live)."""
@@ -136,10 +137,16 @@ class LayerState:
         off = 0 if base is None else base.n_rows
         end = off + n
         if ids.device.type == "cpu":
+            if self.last_ids_h2d is not None:
+                # protects ids_host: the previous host-ids H2D out of it is queued behind compute on the
+                # copy stream and may not have read it yet; overwriting now would hand that fetch these ids
+                self.last_ids_h2d.wait()
+                self.last_ids_h2d = None
             self.ids_host[off:end].copy_(ids)
             h = FetchHandle(link, self, key, end, self.ids_dev[off:end], base)
             if self.ids_dev is not self.ids_host:
-                h.ids_event = engine.h2d(self.ids_host[off:end], self.ids_dev[off:end], rows=n, after=marker)
+                h.ids_event = self.last_ids_h2d = engine.h2d(self.ids_host[off:end], self.ids_dev[off:end], rows=n,
+                                                             after=marker)
             return h
         h = FetchHandle(link, self, key, end, ids, base)
         h.ids_event = engine.d2h(ids, self.ids_host[off:end], rows=n, after=marker, on_done=on_ids_d2h)
@@ -148,10 +155,15 @@ class LayerState:
     def push_is_full(self, h: FetchHandle, ids) -> bool:
         """push_grads: True if `ids` are live fetch `h`'s own ids (then copied from ids_host). Otherwise
         a partial push: host ids are checked here (unique, all live), device ids later by the worker.
-        Device ids as many as a plain fetch's are taken as its ids (comparing would wait for compute)."""
+        Device ids are the fetch's own only when they are the very tensor it holds (the tensor given to
+        fetch, or handle.ids_dev): any other device tensor -- the same rows in another order, say -- is a
+        partial push whose ids cross to the host (comparing values here would wait for compute)."""
         n = h.n_rows
         if ids.numel() == n and h.base is None:
-            if ids.device.type != "cpu" or ids.data_ptr() == self.ids_host.data_ptr():
+            if ids.device.type != "cpu":
+                own = h._ids_dev  # [n] the fetch's ids on the device (identity only: no wait needed)
+                return ids.data_ptr() == own.data_ptr() and ids.stride() == own.stride()
+            if ids.data_ptr() == self.ids_host.data_ptr():
                 return True
             h.wait_gathered()
             if torch.equal(ids, self.ids_host[:n]):
