@@ -24,6 +24,7 @@ from torch import Tensor
 from offload.fetch import check_extend, check_grads, check_ids, check_live_rows, check_subset
 from offload.optim import SparseAdamW, reference_adamw_rows
 from offload.protocol import check_scheduler_args
+from offload.steps import StepClock, check_layer
 from offload.updates import clip_scale
 
 __all__ = ["ResidentScheduler", "ResidentHandle"]
@@ -125,36 +126,22 @@ class ResidentScheduler:
         self.width = optimizers[0].store.width
         self.wire_dtype, self.max_rows = wire_dtype, max_rows
         self.staleness, self.clip, self.max_norm = staleness, clip, float(max_norm)
-        self.step, self.micro_batch, self.accum_steps, self._in_step = 0, -1, 1, False
+        self.clock = StepClock()
+
+    # the step structure lives in the clock (offload.steps); these read it
+    step = property(lambda self: self.clock.step)
+    micro_batch = property(lambda self: self.clock.micro_batch)
+    accum_steps = property(lambda self: self.clock.accum_steps)
 
     def _layer(self, layer) -> _Layer:
-        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(self.layers):
-            raise ValueError(f"layer={layer!r} is out of range: this scheduler has {len(self.layers)} layers "
-                             f"(0..{len(self.layers) - 1}), one per optimizer")
-        return self.layers[layer]
+        return self.layers[check_layer(layer, len(self.layers))]
 
     # ---- step structure -----------------------------------------------------------------------
     def begin_step(self, accum_steps: int = 1) -> None:
-        if not isinstance(accum_steps, int) or accum_steps < 1:
-            raise ValueError(f"accum_steps={accum_steps!r} must be an int >= 1 (micro-batches per step)")
-        if self._in_step:
-            raise ValueError(f"begin_step: step {self.step} was not finished; call finish_step() first")
-        self.step += 1
-        self.accum_steps, self.micro_batch, self._in_step = accum_steps, -1, True
+        self.clock.begin_step(accum_steps)
 
     def begin_micro_batch(self) -> None:
-        if not self._in_step:
-            raise ValueError("begin_micro_batch: no step in progress; call begin_step() first")
-        if self.micro_batch + 1 >= self.accum_steps:
-            raise ValueError(f"begin_micro_batch: micro-batch {self.micro_batch + 1} would exceed "
-                             f"accum_steps={self.accum_steps} given to begin_step")
-        self.micro_batch += 1
-
-    def _need_step(self, what: str) -> tuple[int, int]:
-        if not self._in_step:
-            raise ValueError(f"{what}: no step in progress; call begin_step() first")
-        self.micro_batch = max(self.micro_batch, 0)
-        return self.step, self.micro_batch
+        self.clock.begin_micro_batch()
 
     # ---- rows down ----------------------------------------------------------------------------
     def fetch(self, layer: int, ids: Tensor, *, extendable: bool = False) -> ResidentHandle:
@@ -162,7 +149,7 @@ class ResidentScheduler:
         after this gather, or (`extendable`) when this fetch ends, so fetch_more reads the same state."""
         lay = self._layer(layer)
         check_ids(ids, "fetch", self.max_rows, self.device)
-        key = self._need_step("fetch")
+        key = self.clock.need_step("fetch")
         if lay.live is not None and (lay.live.step, lay.live.micro_batch) == key:
             raise ValueError(f"fetch: layer {layer} was already fetched in micro-batch {key[1]} of step "
                              f"{key[0]}; reuse that handle (recomputation must not fetch again), add rows "
@@ -186,7 +173,7 @@ class ResidentScheduler:
         """Append rows `ids` ([M], none live) to the layer's live fetch: wait() -> [live | added] rows."""
         lay = self._layer(layer)
         m = check_ids(ids, "fetch_more", self.max_rows, self.device)
-        step, mb = self._need_step("fetch_more")
+        step, mb = self.clock.need_step("fetch_more")
         live = lay.live
         check_extend(live, m, layer, step, mb, lay.capacity, self.max_rows)
         ids_dev = ids.to(self.device)
@@ -213,8 +200,7 @@ class ResidentScheduler:
     def reserve_live_rows(self, rows: int) -> None:
         """Let each layer's live fetch hold `rows` (>= max_rows) rows; between steps only."""
         rows = check_live_rows(rows, self.max_rows)
-        if self._in_step:
-            raise ValueError("reserve_live_rows: a step is in progress; call it before begin_step()")
+        self.clock.check_between_steps("reserve_live_rows")
         for lay in self.layers:
             lay.capacity = max(lay.capacity, rows)
 
@@ -235,7 +221,7 @@ class ResidentScheduler:
         g = grads.to(self.device).to(self.wire_dtype).float()  # [K, W] as it would cross the wire
         lay.grad.index_add_(0, ids_dev, g)
         lay.touched[ids_dev] = True
-        if self.micro_batch == self.accum_steps - 1:
+        if self.clock.last_micro_batch:
             lay.triggered_step = self.step
 
     # ---- step end -----------------------------------------------------------------------------
@@ -248,8 +234,7 @@ class ResidentScheduler:
         return [clip_scale(sum(sq), self.max_norm)] * len(self.layers)
 
     def finish_step(self) -> None:
-        if not self._in_step:
-            raise ValueError("finish_step: no step in progress; call begin_step() first")
+        self.clock.check_in_step("finish_step")
         for lay in self.layers:
             if lay.live is not None:
                 self._end_live(lay)  # fetches without gradients; applies an update a prefetch held back
@@ -260,7 +245,7 @@ class ResidentScheduler:
             elif ids.numel():  # staleness 1: lands after the layer's next fetch has gathered
                 lay.apply_deferred()  # (already applied: pushing grads needed a fetch this step)
                 lay.deferred = (ids, grads)
-        self._in_step = False
+        self.clock.finish_step()
 
     def flush(self) -> None:
         """Apply every deferred (staleness 1) update now; the RowStores are then current."""

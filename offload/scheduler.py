@@ -51,6 +51,7 @@ from offload.fetch import (
 from offload.meter import TrafficMeter
 from offload.protocol import check_scheduler_args
 from offload.staging import SlotPool, check_n_slots
+from offload.steps import StepClock, check_layer
 from offload.updates import UpdatePolicy
 from offload.worker import HostWorker, numba_threads_setter, wait_for
 
@@ -90,7 +91,7 @@ class TransferScheduler:
         state_bytes = torch.empty((), dtype=self.optimizers[0].store.state_dtype).element_size()
         self.updates = UpdatePolicy(self.optimizers, self.worker, self.meter, self._check, staleness=staleness,
                                     clip=clip, max_norm=max_norm, width=self.width, state_bytes=state_bytes)
-        self.step, self.micro_batch, self.accum_steps, self._in_step = 0, -1, 1, False
+        self.clock = StepClock()
         self._read_buf: torch.Tensor | None = None  # [>= R, width] fp32 host buffer of read_rows
         self._error_reported = False
         self._closed = False
@@ -112,39 +113,25 @@ class TransferScheduler:
             raise RuntimeError(f"TransferScheduler.{what}: the scheduler is closed")
         self._check()
 
+    # the step structure lives in the clock (offload.steps); these read it
+    step = property(lambda self: self.clock.step)
+    micro_batch = property(lambda self: self.clock.micro_batch)
+    accum_steps = property(lambda self: self.clock.accum_steps)
+
     def _layer(self, layer) -> LayerState:
-        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(self.layers):
-            raise ValueError(f"layer={layer!r} is out of range: this scheduler has {len(self.layers)} layers "
-                             f"(0..{len(self.layers) - 1}), one per optimizer")
-        return self.layers[layer]
+        return self.layers[check_layer(layer, len(self.layers))]
 
     # ------------------------------------------------------------------------------ steps
     def begin_step(self, accum_steps: int = 1) -> None:
         """Step counter += 1; the micro-batch counter restarts (micro-batch 0 begins implicitly)."""
         self._entry("begin_step")
-        if not isinstance(accum_steps, int) or accum_steps < 1:
-            raise ValueError(f"accum_steps={accum_steps!r} must be an int >= 1 (micro-batches per step)")
-        if self._in_step:
-            raise ValueError(f"begin_step: step {self.step} was not finished; call finish_step() first")
-        self.step += 1
-        self.accum_steps, self.micro_batch, self._in_step = accum_steps, -1, True
+        self.clock.begin_step(accum_steps)
         self.meter.set_step(self.step)
 
     def begin_micro_batch(self) -> None:
         """Start the next micro-batch (calling it before the first one is optional)."""
         self._entry("begin_micro_batch")
-        if not self._in_step:
-            raise ValueError("begin_micro_batch: no step in progress; call begin_step() first")
-        if self.micro_batch + 1 >= self.accum_steps:
-            raise ValueError(f"begin_micro_batch: micro-batch {self.micro_batch + 1} would exceed "
-                             f"accum_steps={self.accum_steps} given to begin_step")
-        self.micro_batch += 1
-
-    def _need_step(self, what: str) -> None:
-        if not self._in_step:
-            raise ValueError(f"{what}: no step in progress; call begin_step() first")
-        if self.micro_batch < 0:
-            self.micro_batch = 0
+        self.clock.begin_micro_batch()
 
     # ------------------------------------------------------------------------------ fetch
     def fetch(self, layer: int, ids: torch.Tensor, *, extendable: bool = False) -> FetchHandle:
@@ -156,7 +143,7 @@ class TransferScheduler:
         self._entry("fetch")
         st = self._layer(layer)
         n = check_ids(ids, "fetch", self.max_rows, self.device)
-        self._need_step("fetch")
+        self.clock.need_step("fetch")
         h0 = st.handle
         if h0 is not None and h0.step == self.step and h0.micro_batch == self.micro_batch:
             raise ValueError(f"fetch: layer {layer} was already fetched in micro-batch {self.micro_batch} of "
@@ -187,7 +174,7 @@ class TransferScheduler:
         self._entry("fetch_more")
         st = self._layer(layer)
         m = check_ids(ids, "fetch_more", self.max_rows, self.device)
-        self._need_step("fetch_more")
+        self.clock.need_step("fetch_more")
         base = st.handle
         check_extend(base, m, layer, self.step, self.micro_batch, st.capacity, self.max_rows)
         return self._start_part(st, ids, m, base)
@@ -208,8 +195,7 @@ class TransferScheduler:
         row buffers then take twice the memory). Between steps only; it waits for the host worker."""
         rows = check_live_rows(rows, self.max_rows)
         self._entry("reserve_live_rows")
-        if self._in_step:
-            raise ValueError("reserve_live_rows: a step is in progress; call it before begin_step()")
+        self.clock.check_between_steps("reserve_live_rows")
         self.worker.barrier(self._check)  # gathers read st.ids_host: none may still run
         for st in self.layers:
             if st.capacity < rows:
@@ -283,7 +269,7 @@ class TransferScheduler:
         self.updates.grads_pushed(layer, self.step)
         step = self.step
         self.worker.submit(lambda: self._accumulate_task(st, slot, ev, k, step, ids_check), st.index)
-        if self.micro_batch == self.accum_steps - 1:
+        if self.clock.last_micro_batch:
             self.updates.grads_complete(layer, step)
 
     def _end_chain(self, st: LayerState) -> None:
@@ -326,13 +312,12 @@ class TransferScheduler:
     def finish_step(self) -> None:
         """End the step: trigger remaining updates; staleness 0 waits until all of them are done."""
         self._entry("finish_step")
-        if not self._in_step:
-            raise ValueError("finish_step: no step in progress; call begin_step() first")
+        self.clock.check_in_step("finish_step")
         for st in self.layers:
             if st.handle is not None:
                 st.handle.release()  # fetches without gradients; queues an update a prefetch held back
         self.updates.end_step(self.step)
-        self._in_step = False
+        self.clock.finish_step()
         self.updates.settle()
 
     def flush(self) -> None:
