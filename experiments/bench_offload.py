@@ -129,7 +129,7 @@ def measure(shapes, actives, threads, repeats: int, copy_mib: int, seed: int = 0
     dst = torch.zeros_like(src)
     copy_times, rows = {t: [] for t in threads}, []
     for n_rows, width in shapes:
-        store = RowStore(n_rows, width, pin_memory=False)
+        store = RowStore(n_rows, width)
         cases = [Case(store, r, gen) for r in actives]
         times = {(t, i): {op: [] for op in BYTES if op != "copy"} for t in threads for i in range(len(cases))}
         for t in threads:  # warm-up: compile, first touch

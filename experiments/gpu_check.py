@@ -47,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import offload  # noqa: E402
+
 # b: the twins round rows and grads to the wire dtype alike and differ only in the AdamW arithmetic (numba
 # on the host vs torch on the device) and summation order: ~1 ulp of the fp32 rows per step. Adam turns an
 # ulp of a near-zero gradient (or a flipped bf16 rounding of a row) into a visibly different step of that
@@ -342,6 +344,15 @@ def _host_stats(dev) -> dict:
     return {k: v for k, v in torch.cuda.host_memory_stats().items() if "bytes" in k and k.endswith("current")}
 
 
+def _staging_counted(rt):
+    c = rt.config
+    if not c.offload:
+        return None
+    live = 2 * c.budget_rows if c.prefetch == "lookahead" else c.budget_rows
+    return offload.TransferScheduler.staging_bytes(len(rt.stores), c.budget_rows, rt.stores[0].width, c.wire,
+                                                   max_live_rows=live)
+
+
 def sec_pinned(a, dev, deadline):
     import psutil
 
@@ -370,6 +381,9 @@ def sec_pinned(a, dev, deadline):
     out.update(host_tensor_bytes=host, store_bytes=sum(s.nbytes for s in rt.stores), pinned_tensors=n,
                pinned_exact_bytes=exact, pinned_if_pow2_rounded=pow2, pinned_by_owner=dict(owners.most_common(12)),
                pinned_held_by_allocator=held, rounding=round(held / exact, 3) if held and exact else None)
+    eng = getattr(rt.scheduler, "engine", None)
+    out["engine_pinned_bytes"] = getattr(eng, "pinned_bytes", None)  # what the engine registered, exactly
+    out["staging_bytes_counted"] = _staging_counted(rt)  # what wrap's RAM check and `meft plan` count
     release(model)
     stores_pinned = any(k.startswith("rt.stores") for k in owners)
     # DESIGN: pinned only what the device reads (staging, zero-copy mirror), at its exact size

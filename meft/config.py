@@ -127,6 +127,9 @@ class MeftConfig:
     offload: bool = opt(
         True, "Rows on the host, moved by the TransferScheduler; False keeps all rows resident on the "
         "compute device (same update rule; the reference twin).")
+    copy_timing: bool = opt(
+        False, "Time every row copy with CUDA events (exact copy durations for the traffic meter; "
+        "`meft profile` turns it on). Off: copies carry host-side time stamps only.")
     seed: int = opt(0, "Seed of the key and router-gate initialisation.")
 
     # ---- validation -------------------------------------------------------------------------------
@@ -187,7 +190,8 @@ class MeftConfig:
     def _choice_problems(self) -> list[tuple[str, Any, str]]:
         bad = []
         for name, choices in (("backbone", _BACKBONES), ("clip", CLIP_MODES), ("prefetch", _PREFETCH),
-                              ("staleness", (0, 1)), ("offload", (True, False))):
+                              ("staleness", (0, 1)), ("offload", (True, False)),
+                              ("copy_timing", (True, False))):
             v = getattr(self, name)
             if v not in choices or type(v) is not type(choices[0]):
                 bad.append((name, v, "one of " + ", ".join(repr(c) for c in choices)))

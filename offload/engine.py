@@ -2,9 +2,12 @@
 
 This file owns every `torch.cuda` call of the `offload` package (DESIGN.md, "Devices").
 
-* `CudaCopyEngine`: dedicated H2D and D2H copy streams, CUDA events (with timing), pinned staging
-  memory, `non_blocking` copies, `record_stream` where a tensor crosses streams. Never constructed
-  without CUDA (it raises).
+* `CudaCopyEngine`: dedicated H2D and D2H copy streams, blocking CUDA events (the host sleeps on them,
+  never spins a core), pinned staging memory allocated at its exact size and registered with
+  `cudaHostRegister` (PyTorch's caching host allocator would round each buffer up to a power of two),
+  `non_blocking` copies, `record_stream` where a tensor crosses streams. Copies are timed with CUDA
+  events only when `timing=True` (profiling); otherwise their times are host-side stamps (issue, and
+  the watcher seeing completion). Never constructed without CUDA (it raises).
 * `ThreadCopyEngine`: the CPU engine. Each direction has a real worker thread (PCIe is full duplex,
   like the two CUDA copy streams), events are `threading.Event`s, so ordering bugs and missing waits
   show up on a machine without a GPU. An optional simulated link (`link_gbps`, `latency_us`) makes
@@ -61,6 +64,7 @@ class CopyEngine:
     name = "abstract"
     device: torch.device
     pinned = False
+    pinned_bytes = 0  # exact bytes of page-locked host memory this engine allocated
 
     def alloc_host(self, shape, dtype) -> torch.Tensor:
         """Staging memory on the host, zero-filled now (first touch at setup, never per step)."""
@@ -209,8 +213,11 @@ class _CudaEvent(CopyEvent):
     def __init__(self, engine: CudaCopyEngine, direction, nbytes, rows, pageable):
         super().__init__(direction, nbytes, rows, pageable)
         self._engine = engine
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._end = torch.cuda.Event(enable_timing=True)
+        timing = engine.timing
+        # blocking: a host thread waiting on the event sleeps instead of spinning in cudaEventSynchronize
+        self._start = torch.cuda.Event(enable_timing=True, blocking=True) if timing else None
+        self._end = torch.cuda.Event(enable_timing=timing, blocking=True)
+        self.start_s = time.perf_counter()  # host stamp of the issue; replaced by CUDA timing if on
 
     def wait(self) -> None:
         # protects host reads of the destination (D2H) / host rewrites of the source slot (H2D)
@@ -232,7 +239,7 @@ class CudaCopyEngine(CopyEngine):
     name = "cuda"
     pinned = True
 
-    def __init__(self, device="cuda"):
+    def __init__(self, device="cuda", *, timing: bool = False):
         if not torch.cuda.is_available():
             raise RuntimeError("CudaCopyEngine needs CUDA, and torch.cuda.is_available() is False; "
                                "use ThreadCopyEngine (device='cpu') on this machine")
@@ -241,11 +248,15 @@ class CudaCopyEngine(CopyEngine):
             raise ValueError(f"device={device!r} is not a CUDA device; pass 'cuda' or 'cuda:N'")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        self.timing = bool(timing)
         self._streams = {H2D: torch.cuda.Stream(self.device), D2H: torch.cuda.Stream(self.device)}
-        self._ref = torch.cuda.Event(enable_timing=True)
-        self._ref.record(torch.cuda.current_stream(self.device))
-        self._ref.synchronize()
-        self._ref_s = time.perf_counter()
+        self._registered: list[torch.Tensor] = []  # host tensors registered with cudaHostRegister
+        self.pinned_bytes = 0  # exact bytes pinned by this engine (what the RAM check and plan count)
+        if self.timing:
+            self._ref = torch.cuda.Event(enable_timing=True, blocking=True)
+            self._ref.record(torch.cuda.current_stream(self.device))
+            self._ref.synchronize()
+            self._ref_s = time.perf_counter()
         # one watcher thread per direction runs on_done callbacks once the event has completed
         self._watch = {d: queue.Queue() for d in (H2D, D2H)}
         self._threads = [threading.Thread(target=self._watcher, args=(d,), daemon=True,
@@ -255,7 +266,17 @@ class CudaCopyEngine(CopyEngine):
             t.start()
 
     def alloc_host(self, shape, dtype) -> torch.Tensor:
-        return torch.zeros(shape, dtype=dtype, pin_memory=True)
+        """Zero-filled host memory of exactly numel * itemsize bytes, page-locked with cudaHostRegister
+        (not the caching host allocator, which rounds every block up to a power of two)."""
+        t = torch.zeros(shape, dtype=dtype)  # first touch now, at setup
+        if t.nbytes:
+            err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister of {t.nbytes} bytes failed with CUDA error {int(err)}; "
+                                   "the staging buffers cannot be pinned (check the locked-memory limit, ulimit -l)")
+            self._registered.append(t)
+            self.pinned_bytes += t.nbytes
+        return t
 
     def mark_compute(self):
         ev = torch.cuda.Event()
@@ -273,7 +294,7 @@ class CudaCopyEngine(CopyEngine):
             raise RuntimeError("CudaCopyEngine is closed; create a new one")
         _check_copy(src, dst)
         stream = self._streams[direction]
-        ev = _CudaEvent(self, direction, src.numel() * src.element_size(), rows, not host.is_pinned())
+        ev = _CudaEvent(self, direction, src.numel() * src.element_size(), rows, not self._is_pinned(host))
         with torch.cuda.stream(stream):
             if after is not None:
                 # protects the device tensor: for H2D, compute kernels still reading the previous
@@ -283,16 +304,28 @@ class CudaCopyEngine(CopyEngine):
                 # src was allocated on the compute stream and is read here on the copy stream: keep the
                 # caching allocator from reusing its memory until this copy has run
                 src.record_stream(stream)
-            ev._start.record(stream)
+            if ev._start is not None:
+                ev._start.record(stream)
             dst.copy_(src, non_blocking=True)
             ev._end.record(stream)
         self._watch[direction].put((ev, on_done))
         return ev
 
+    def _is_pinned(self, host: torch.Tensor) -> bool:
+        ptr, end = host.data_ptr(), host.data_ptr() + host.nbytes
+        for t in self._registered:
+            if t.data_ptr() <= ptr and end <= t.data_ptr() + t.nbytes:
+                return True
+        return host.is_pinned()
+
     def _stamp(self, ev: _CudaEvent) -> None:
-        if ev.end_s == 0.0:
+        if ev.end_s != 0.0:
+            return
+        if self.timing:  # device time of the copy itself
             ev.start_s = self._ref_s + self._ref.elapsed_time(ev._start) / 1e3
             ev.end_s = self._ref_s + self._ref.elapsed_time(ev._end) / 1e3
+        else:  # host stamps: issue -> completion seen (an upper bound of the copy's duration)
+            ev.end_s = time.perf_counter()
 
     def _watcher(self, direction: str) -> None:
         q = self._watch[direction]
@@ -309,16 +342,22 @@ class CudaCopyEngine(CopyEngine):
 
     def close(self) -> None:
         self._stop_threads(self._watch)
+        if self._registered:
+            torch.cuda.synchronize(self.device)  # no copy may still read or write a buffer we unpin
+            for t in self._registered:
+                torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+            self._registered.clear()
 
     def __repr__(self) -> str:
-        return f"CudaCopyEngine(device={self.device})"
+        return f"CudaCopyEngine(device={self.device}, timing={self.timing})"
 
 
-def make_engine(device) -> CopyEngine:
-    """The default engine for `device`: CUDA engine for a CUDA device, thread engine for the CPU."""
+def make_engine(device, *, timing: bool = False) -> CopyEngine:
+    """The default engine for `device`: CUDA engine for a CUDA device, thread engine for the CPU.
+    `timing`: time every copy with CUDA events (profiling); the thread engine always stamps times."""
     dev = torch.device(device)
     if dev.type == "cuda":
-        return CudaCopyEngine(dev)
+        return CudaCopyEngine(dev, timing=timing)
     if dev.type == "cpu":
         return ThreadCopyEngine()
     raise ValueError(f"device={device!r}: only 'cpu' and 'cuda[:N]' are supported")

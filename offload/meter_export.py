@@ -9,6 +9,8 @@ import json
 import os
 from dataclasses import asdict
 
+from offload.text import format_bytes, format_table
+
 __all__ = ["to_json", "chrome_trace", "plot_png", "summary_table", "TRACKS"]
 
 # Chrome trace tracks (one thread id each): copies, CPU work and compute on separate rows
@@ -98,41 +100,31 @@ def plot_png(meter, path) -> None:
     plt.close(fig)
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)  # pragma: no cover
-
-
 def _table(header, rows) -> list[str]:
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
+    """Left-aligned first column, the rest right-aligned (pre-formatted numbers)."""
+    return format_table(rows, header, right=range(1, len(header))).split("\n")
 
 
 def summary_table(rep: dict) -> str:
     """Plain-text summary of a `TrafficMeter.report()`."""
     out = ["transfers (all steps)"]
     out += _table(["direction", "count", "rows", "bytes", "ms", "GB/s"],
-                  [[d, a["count"], a["rows"], _fmt_bytes(a["bytes"]), f"{a['ms']:.2f}", f"{a['gbps']:.2f}"]
+                  [[d, a["count"], a["rows"], format_bytes(a["bytes"]), f"{a['ms']:.2f}", f"{a['gbps']:.2f}"]
                    for d, a in rep["totals"].items()])
     out += ["", "CPU row work (all steps)"]
     out += _table(["op", "count", "rows", "bytes touched", "ms", "GB/s"],
-                  [[op, a["count"], a["rows"], _fmt_bytes(a["bytes"]), f"{a['ms']:.2f}", f"{a['gbps']:.2f}"]
+                  [[op, a["count"], a["rows"], format_bytes(a["bytes"]), f"{a['ms']:.2f}", f"{a['gbps']:.2f}"]
                    for op, a in rep["cpu"].items()])
     out += ["", "per layer (all steps)"]
     zero = {"bytes": 0, "rows": 0, "gbps": 0.0}
     out += _table(["layer", "h2d bytes", "d2h bytes", "h2d rows", "h2d GB/s", "d2h GB/s"],
-                  [[la, _fmt_bytes(v.get("h2d", zero)["bytes"]), _fmt_bytes(v.get("d2h", zero)["bytes"]),
+                  [[la, format_bytes(v.get("h2d", zero)["bytes"]), format_bytes(v.get("d2h", zero)["bytes"]),
                     v.get("h2d", zero)["rows"], f"{v.get('h2d', zero)['gbps']:.2f}",
                     f"{v.get('d2h', zero)['gbps']:.2f}"] for la, v in rep["per_layer"].items()])
     out += ["", f"per step (last {rep['keep_steps']} kept)"]
     out += _table(["step", "h2d bytes", "d2h bytes", "rows down", "xfer ms", "overlap", "cpu ms",
                    "compute ms"],
-                  [[s, _fmt_bytes(v["h2d"]["bytes"]), _fmt_bytes(v["d2h"]["bytes"]), v["h2d"]["rows"],
+                  [[s, format_bytes(v["h2d"]["bytes"]), format_bytes(v["d2h"]["bytes"]), v["h2d"]["rows"],
                     f"{v['transfer_ms']:.2f}", f"{v['overlap_share']:.2f}", f"{v['cpu_ms']:.2f}",
                     f"{v['compute_ms']:.2f}"] for s, v in rep["per_step"].items()])
     ov, la = rep["overlap"], rep["lookahead"]

@@ -53,7 +53,7 @@ from offload.protocol import check_scheduler_args
 from offload.staging import SlotPool, check_n_slots
 from offload.steps import StepClock, check_layer
 from offload.updates import UpdatePolicy
-from offload.worker import HostWorker, numba_threads_setter, wait_for
+from offload.worker import HostWorker, numba_threads_setter, threads_left_for_kernels, wait_for
 
 __all__ = ["TransferScheduler", "FetchHandle"]
 
@@ -63,16 +63,18 @@ class TransferScheduler:
     def __init__(self, optimizers: Sequence, *, device="cpu", engine: CopyEngine | None = None,
                  wire_dtype=torch.bfloat16, max_rows: int, n_slots: int = 2, staleness: int = 0,
                  clip: str = "none", max_norm: float = 1.0, meter: TrafficMeter | None = None,
-                 host_threads: int | None = None, max_live_rows: int | None = None):
+                 host_threads: int | None = None, max_live_rows: int | None = None, timing: bool = False):
         self._closed = True  # until fully constructed
         self.optimizers = list(optimizers)
         check_scheduler_args(self.optimizers, wire_dtype, max_rows, staleness, clip, max_norm)
         check_n_slots(n_slots)
+        if host_threads is None and torch.device(device).type == "cuda":
+            host_threads = threads_left_for_kernels(engine_threads=2)  # the CUDA engine's two watchers
         init = None if host_threads is None else numba_threads_setter(host_threads)
         live_rows = check_live_rows(max_live_rows, max_rows)
         self.device = torch.device(device)
         self._own_engine = engine is None
-        self.engine = make_engine(self.device) if engine is None else engine
+        self.engine = make_engine(self.device, timing=timing) if engine is None else engine
         if self.engine.device.type != self.device.type:
             raise ValueError(f"engine {self.engine!r} copies to {self.engine.device}, but device={device!r}; "
                              "pass a matching engine or leave engine=None")
@@ -95,6 +97,16 @@ class TransferScheduler:
         self._read_buf: torch.Tensor | None = None  # [>= R, width] fp32 host buffer of read_rows
         self._error_reported = False
         self._closed = False
+
+    @staticmethod
+    def staging_bytes(n_layers: int, max_rows: int, width: int, wire_dtype: torch.dtype, n_slots: int = 2,
+                      max_live_rows: int | None = None) -> int:
+        """Host bytes of the staging this scheduler allocates (pinned, at exact size, on CUDA): two pools
+        (H2D, D2H) of `n_slots` slots of rows [max_rows, width] + ids [max_rows], and each layer's ids
+        buffer [max_live_rows]. The RAM check of `meft.wrap` and `meft plan` count exactly this."""
+        wire = torch.empty((), dtype=wire_dtype).element_size()
+        live = max_rows if max_live_rows is None else max_live_rows
+        return 2 * n_slots * max_rows * (width * wire + 8) + n_layers * live * 8
 
     # ------------------------------------------------------------------------------ errors
     def _check(self) -> None:

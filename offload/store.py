@@ -2,9 +2,11 @@
 
 Owns the host memory of one adapter layer: fp32 master weights, AdamW first/second moments (fp32,
 or bf16 to halve host RAM) and a per-row int64 step count (lazy AdamW bias correction). Host RAM is
-checked with psutil *before* anything is allocated. Memory is pinned only when CUDA is available
-(pinning needs a CUDA context-capable build). `gather` copies rows by id into a caller-provided
-buffer, casting to bf16 in the same pass (numba kernel in `offload.kernels`).
+checked with psutil *before* anything is allocated. Nothing here is pinned: no copy reads the fp32
+master rows or the moments (the device receives rows through pinned staging slots of the copy engine),
+and pinning them would only lock RAM (rounded up to a power of two by PyTorch's caching host
+allocator). `gather` copies rows by id into a caller-provided buffer, casting to bf16 in the same pass
+(numba kernel in `offload.kernels`).
 
 The optimizer (`offload.optim.SparseAdamW`) is the only writer of `weights`/`exp_avg`/`exp_avg_sq`.
 """
@@ -17,12 +19,13 @@ import torch
 
 from offload import kernels
 from offload.dtypes import WIRE_DTYPES
+from offload.text import GiB
 
 __all__ = ["RowStore", "HostRamError", "check_ids", "check_host_ram"]
 
 _STATE_DTYPES = {torch.float32: 4, torch.bfloat16: 2}
 _RAM_HEADROOM = 0.9  # refuse above this fraction of the currently available host RAM
-_GiB = float(1 << 30)
+_GiB = float(GiB)
 
 
 def check_ids(ids, n_rows: int, name: str = "ids") -> np.ndarray:
@@ -45,21 +48,18 @@ def check_ids(ids, n_rows: int, name: str = "ids") -> np.ndarray:
 
 
 class RowStore:
-    """fp32 master rows + AdamW moments + per-row step counts, in (pinned when possible) host RAM.
+    """fp32 master rows + AdamW moments + per-row step counts, in ordinary (pageable) host RAM.
 
     init: "zeros", a tensor `[n_rows, width]` to copy, or a callable filling `weights` in place.
     state_dtype: dtype of exp_avg / exp_avg_sq (torch.float32 or torch.bfloat16).
-    pin_memory: None -> pin iff torch.cuda.is_available(); False -> never; True -> pin if CUDA is
-    available (silently unpinned otherwise, there is nothing to pin for).
     """
 
     def __init__(self, n_rows: int, width: int, *, init: str | torch.Tensor | Callable = "zeros",
-                 state_dtype: torch.dtype = torch.float32, pin_memory: bool | None = None):
+                 state_dtype: torch.dtype = torch.float32):
         _check_shape_args(n_rows, width, state_dtype)
         self.n_rows, self.width, self.state_dtype = int(n_rows), int(width), state_dtype
         self.nbytes = self.bytes_needed(n_rows, width, state_dtype)
         _check_host_ram(self.nbytes, n_rows, width, state_dtype)
-        self.pinned = bool(pin_memory is not False and torch.cuda.is_available())
         self.weights = self._alloc(torch.float32)     # [N, W] fp32 master rows
         self.exp_avg = self._alloc(state_dtype)       # [N, W] first moment
         self.exp_avg_sq = self._alloc(state_dtype)    # [N, W] second moment
@@ -78,7 +78,7 @@ class RowStore:
 
     def _alloc(self, dtype, shape=None) -> torch.Tensor:
         shape = (self.n_rows, self.width) if shape is None else shape
-        return torch.empty(shape, dtype=dtype, pin_memory=self.pinned)
+        return torch.empty(shape, dtype=dtype)
 
     def _init_weights(self, init) -> None:
         if isinstance(init, str):
@@ -149,7 +149,7 @@ class RowStore:
 
     def __repr__(self) -> str:
         return (f"RowStore(n_rows={self.n_rows}, width={self.width}, state_dtype={self.state_dtype}, "
-                f"{self.nbytes / _GiB:.3f} GiB, pinned={self.pinned})")
+                f"{self.nbytes / _GiB:.3f} GiB)")
 
 
 def _check_shape_args(n_rows, width, state_dtype) -> None:

@@ -11,11 +11,12 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
 
-__all__ = ["HostWorker", "wait_for", "numba_threads_setter", "POLL_S"]
+__all__ = ["HostWorker", "wait_for", "numba_threads_setter", "threads_left_for_kernels", "POLL_S"]
 
 POLL_S = 0.05  # how often blocked callers re-check for a worker error
 
@@ -36,6 +37,15 @@ def numba_threads_setter(n):
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= limit:
         raise ValueError(f"host_threads={n!r} must be an int in [1, {limit}] (NUMBA_NUM_THREADS) or None")
     return lambda: numba.set_num_threads(n)
+
+
+def threads_left_for_kernels(engine_threads: int) -> int:
+    """numba threads for the host worker's kernels: the cores this process may use, less the copy
+    engine's threads and the one thread that drives the model (they would otherwise fight for cores)."""
+    import numba
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(numba.config.NUMBA_NUM_THREADS, cores - engine_threads - 1))
 
 
 _STOP = object()

@@ -5,6 +5,8 @@ Owns `summary(rt)` (a dict) and `summary_table(rt)` (the table `model.meft.summa
 
 from __future__ import annotations
 
+from offload.text import format_bytes
+
 __all__ = ["summary", "summary_table"]
 
 
@@ -37,13 +39,6 @@ def summary(rt) -> dict:
     }
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= k:
-            return f"{n / k:.2f} {unit}"
-    return f"{n} B"
-
-
 def summary_table(rt) -> str:
     s = summary(rt)
     dev, host = s["device_resident"], s["host_resident"]["adapter_rows"]
@@ -55,8 +50,8 @@ def summary_table(rt) -> str:
          host["params"], host["bytes"]),
     ]
     lines = [f"{'where':<7}{'what':<44}{'params':>14}{'bytes':>12}"]
-    lines += [f"{w:<7}{n:<44}{p:>14,}{_fmt_bytes(b):>12}" for w, n, p, b in rows]
+    lines += [f"{w:<7}{n:<44}{p:>14,}{format_bytes(b):>12}" for w, n, p, b in rows]
     a = dev["active_rows_per_layer"]
     lines.append(f"trainable: {s['trainable_params']:,} params; on device per layer per micro-batch: "
-                 f"<= {a['rows']} rows ({_fmt_bytes(a['bytes'])} on the wire); scheduler: {s['scheduler']}")
+                 f"<= {a['rows']} rows ({format_bytes(a['bytes'])} on the wire); scheduler: {s['scheduler']}")
     return "\n".join(lines)

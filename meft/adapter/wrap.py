@@ -47,6 +47,9 @@ def _check_host_ram(config: MeftConfig, n_layers: int, width: int) -> None:
                 "state_dtype='bfloat16'), set state_dtype='bfloat16', or adapt fewer layers (layers=2 or a list)")
 
     need = n_layers * RowStore.bytes_needed(config.adapter_rows, width, config.state)
+    if config.offload:  # + the scheduler's staging (pinned at its exact size on CUDA)
+        live = 2 * config.budget_rows if config.prefetch == "lookahead" else config.budget_rows
+        need += TransferScheduler.staging_bytes(n_layers, config.budget_rows, width, config.wire, max_live_rows=live)
     check_host_ram(need, f"adapter_rows = {config.adapter_rows} x {n_layers} layers x width {width}", fixes)
 
 
@@ -56,7 +59,7 @@ def _build_scheduler(config: MeftConfig, opts, device):
               clip=config.clip, max_norm=config.max_norm)
     if config.offload:
         meter = TrafficMeter()
-        return TransferScheduler(opts, meter=meter, **kw), meter
+        return TransferScheduler(opts, meter=meter, timing=config.copy_timing, **kw), meter
     return ResidentScheduler(opts, **kw), None
 
 

@@ -16,7 +16,7 @@ from meft.data.records import load_jsonl, records_kind
 from meft.data.sources import parse_data_spec
 from meft.evaluate import perplexity, qa_accuracy
 from meft.pretrained import load_model
-from meft.train.run_log import format_table
+from offload.text import format_table
 
 __all__ = ["add_parser", "run", "EvalArgs"]
 

@@ -33,12 +33,13 @@ from meft.plan.fake_step import adamw_states, adamw_step, attach_meft, build_mod
 from meft.plan.search import format_plan as fmt
 from meft.plan.search import search_fits
 from meft.plan.track import measure_step
+from offload.scheduler import TransferScheduler
 from offload.store import RowStore
 
 __all__ = ["PlanOptions", "estimate", "plan", "parse_size", "format_plan", "host_ram_bytes", "METHODS"]
 
 METHODS = ("meft", "dense", "full")
-GiB = 2**30
+
 
 
 
@@ -96,9 +97,9 @@ def _check(opts: PlanOptions, cfg: MeftConfig) -> None:
 def host_ram_bytes(cfg: MeftConfig, n_layers: int, d: int) -> dict:
     """Host bytes of the offloaded adapter: stores, pinned staging slots, pending gradients."""
     width, max_rows = 2 * d, cfg.budget_rows
-    wire = cfg.wire.itemsize
     stores = n_layers * RowStore.bytes_needed(cfg.adapter_rows, width, cfg.state)
-    staging = 2 * 2 * max_rows * (width * wire + 8) + n_layers * max_rows * 8  # 2 pools x 2 slots + ids
+    live = 2 * max_rows if cfg.prefetch == "lookahead" else max_rows  # a prefetch plus its misses
+    staging = TransferScheduler.staging_bytes(n_layers, max_rows, width, cfg.wire, max_live_rows=live)
     pending = n_layers * max_rows * cfg.grad_accum_steps * (width * 4 + 8)  # fp32 pending row grads
     return {"stores": stores, "staging": staging, "pending_grads": pending,
             "total": stores + staging + pending}
@@ -120,7 +121,7 @@ def _run_fake_step(hf_config, opts: PlanOptions, cfg: MeftConfig) -> dict:
         if opts.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ids = torch.zeros(opts.batch, opts.seq, dtype=torch.int64)  # [B, T]
-        trained = _trained_params(model, rt, dense, opts, cfg)
+        trained = _trained_params(model, rt, dense, opts)
         backbone_opt = _backbone_optimizer(model, opts, cfg)
 
         def step(tracker):
@@ -138,7 +139,7 @@ def _run_fake_step(hf_config, opts: PlanOptions, cfg: MeftConfig) -> dict:
     return out
 
 
-def _trained_params(model, rt, dense, opts, cfg) -> list:
+def _trained_params(model, rt, dense, opts) -> list:
     """Parameters the AdamW step of the plan updates (router gates / dense adapter / everything)."""
     if opts.method == "full":
         return [p for p in model.parameters() if p.requires_grad]

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from offload.text import GiB, format_bytes
+
 __all__ = ["search_fits", "format_plan", "largest_true"]
 
-GiB = 2**30
 
 
 def largest_true(lo: int, hi: int, ok) -> int | None:
@@ -55,8 +56,8 @@ def search_fits(opts, cfg, res: dict, estimate) -> dict:
     return out
 
 
-def _gib(n) -> str:
-    return f"{n / GiB:7.2f} GiB"
+def _gib_col(n) -> str:
+    return format_bytes(n, "GiB", width=7)
 
 
 def format_plan(res: dict) -> str:
@@ -73,12 +74,12 @@ def format_plan(res: dict) -> str:
                        ("optimizer_state", "optimizer state"), ("activations", "activations + temporaries"),
                        ("adapter_rows", "active adapter rows + row grad"),
                        ("row_buffers", "device row buffers [max_rows, 2d]")):
-        lines.append(f"  {label:<38}{_gib(b[key])}")
-    lines.append(f"  {'= tracked peak':<38}{_gib(res['tracked_peak'])}")
-    lines.append(f"  {'+ CUDA context margin (stated)':<38}{_gib(mg['cuda_context'])}")
-    lines.append(f"  {'+ allocator margin (stated)':<38}{_gib(mg['allocator'])}")
+        lines.append(f"  {label:<38}{_gib_col(b[key])}")
+    lines.append(f"  {'= tracked peak':<38}{_gib_col(res['tracked_peak'])}")
+    lines.append(f"  {'+ CUDA context margin (stated)':<38}{_gib_col(mg['cuda_context'])}")
+    lines.append(f"  {'+ allocator margin (stated)':<38}{_gib_col(mg['allocator'])}")
     verdict = "FITS" if res["fits_gpu"] else "DOES NOT FIT"
-    lines.append(f"  {'= GPU total':<38}{_gib(res['gpu_total'])}   vs {res['gpu_mem'] / GiB:.2f} GiB: {verdict}")
+    lines.append(f"  {'= GPU total':<38}{_gib_col(res['gpu_total'])}   vs {res['gpu_mem'] / GiB:.2f} GiB: {verdict}")
     h = res["host_ram"]
     if res["method"] == "meft":
         lines.append(f"host RAM: stores {h['stores'] / GiB:.2f} GiB + staging {h['staging'] / GiB:.3f} GiB + "

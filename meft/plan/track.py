@@ -54,7 +54,7 @@ class StepTracker(MemTracker):
             buffer_memory += sum(w.mem_consumed for w in winfos)
         return param_memory, buffer_memory
 
-    def _update_peak_stats(self, peak_state) -> None:
+    def _update_peak_stats(self, peak_state) -> None:  # noqa: ARG002 - the parent's signature
         """Global peak only: the parent also scans every module's stats on every op (O(ops x modules),
         minutes for a 7B model); the plan never reads per-module peaks."""
         for dev, dev_snap in self._curr_mem_snap.items():

@@ -12,6 +12,7 @@ profile.json, trace.json (Chrome trace) and profile.png. Setup and the step itse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -122,7 +123,7 @@ def _run_steps(model, rt, data, args, cfg) -> dict:
 def profile(args: TrainArgs, cfg: MeftConfig, *, link: str | None = None,
             compute_ms_per_layer: float | None = None) -> dict:
     """Profile `args.steps` steps (default 5 when 0); write profile.json, trace.json, profile.png."""
-    cfg.validate()
+    cfg = dataclasses.replace(cfg, copy_timing=True).validate()  # exact copy durations from CUDA events
     if args.steps <= 0:
         args.steps = 5
     out = Path(args.output_dir)

@@ -28,7 +28,8 @@ from meft.pretrained import load_model
 from meft.train.args import LR_SCHEDULES, TrainArgs
 from meft.train.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from meft.train.loss import causal_lm_loss
-from meft.train.run_log import MetricsLog, format_table, plot_loss_curve
+from meft.train.run_log import MetricsLog, plot_loss_curve
+from offload.text import format_table
 
 __all__ = ["train", "train_step", "setup_run", "lr_lambda"]
 

@@ -2,7 +2,7 @@
 
 `MetricsLog` appends one JSON object per step (flushed each time, so a killed run keeps its history
 up to the last step). On resume it truncates records past the resumed step, so the file always
-describes one consistent run. `format_table` renders rows as an aligned terminal table.
+describes one consistent run. Tables are `offload.text.format_table`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["MetricsLog", "format_table", "plot_loss_curve"]
+__all__ = ["MetricsLog", "plot_loss_curve"]
 
 
 class MetricsLog:
@@ -43,31 +43,6 @@ class MetricsLog:
 
     def close(self) -> None:
         self._fh.close()
-
-
-def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
-    """An aligned plain-text table (numbers right-aligned, text left-aligned)."""
-    cells = [[str(h) for h in header]] + [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    numeric = [all(_is_num(row[i]) for row in rows) if rows else False for i in range(len(header))]
-
-    def line(r):
-        return "  ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
-
-
-def _is_num(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _fmt(x: object) -> str:
-    if isinstance(x, float):
-        return f"{x:.4g}" if abs(x) < 1e4 else f"{x:,.0f}"
-    if isinstance(x, int) and not isinstance(x, bool):
-        return f"{x:,}"
-    return str(x)
 
 
 def plot_loss_curve(records: Sequence[dict], path: str | Path, title: str = "training loss") -> Path | None:

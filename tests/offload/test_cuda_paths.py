@@ -209,3 +209,23 @@ def test_ids_dev_of_a_host_id_fetch_holds_its_ids_while_the_gpu_lags():
         s.push_grads(0, h.ids_dev, zeros)
         s.finish_step()
     assert seen.cpu().tolist() == a.tolist()
+
+
+@pytest.mark.parametrize("timing", [False, True])
+def test_pinned_bytes_are_exactly_the_staging_and_stores_are_not_pinned(timing):
+    """Staging is page-locked at its exact size (cudaHostRegister, no power-of-two rounding) and equals
+    what wrap's RAM check and `meft plan` count; the fp32 stores, which no copy reads, are not pinned."""
+    opts = make_opts()
+    with offload.TransferScheduler(opts, device="cuda", max_rows=MAX_ROWS, timing=timing) as s:
+        assert s.engine.pinned_bytes == offload.TransferScheduler.staging_bytes(
+            N_LAYERS, MAX_ROWS, WIDTH, torch.bfloat16)
+        for pool in (s.h2d_pool, s.d2h_pool):
+            assert all(slot.rows.is_pinned() and slot.ids.is_pinned() for slot in pool.slots)
+        assert not any(o.store.weights.is_pinned() or o.store.exp_avg.is_pinned() for o in opts)
+        s.begin_step()
+        h = s.fetch(0, torch.arange(MAX_ROWS))
+        h.wait()
+        s.push_grads(0, h.ids_dev, torch.zeros(MAX_ROWS, WIDTH, device="cuda"))
+        s.finish_step()
+        rec = s.meter.report()["totals"]
+        assert rec["h2d"]["bytes"] == MAX_ROWS * WIDTH * 2 and s.meter.report()["pageable_copies"] == 0

@@ -372,3 +372,13 @@ def test_update_uses_the_lr_set_when_its_step_ran_not_later():
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert results[0][0][:8].abs().max() < 1.0  # lr 1e-2 was used, not 123
+
+
+@pytest.mark.parametrize("live", [None, 64])
+def test_staging_bytes_is_what_the_scheduler_allocates(live):
+    """`TransferScheduler.staging_bytes` (what wrap's RAM check and `meft plan` count) equals the host
+    staging really allocated: both pools' slots and every layer's ids buffer."""
+    opts = [SparseAdamW(RowStore(128, 16), lr=1e-2) for _ in range(3)]
+    with TransferScheduler(opts, max_rows=32, n_slots=3, wire_dtype=torch.bfloat16, max_live_rows=live) as s:
+        real = s.h2d_pool.nbytes + s.d2h_pool.nbytes + sum(st.ids_host.nbytes for st in s.layers)
+        assert real == TransferScheduler.staging_bytes(3, 32, 16, torch.bfloat16, n_slots=3, max_live_rows=live)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from meft.cli.options import OptionsError, add_dataclass_options, resolve_options
-from meft.train.run_log import MetricsLog, format_table
+from meft.train.run_log import MetricsLog
+from offload.text import format_table
 
 
 @dataclasses.dataclass
