@@ -71,6 +71,7 @@ class MeftRuntime:
         self.lookahead = {"needed": 0, "hit": 0, "prefetched": 0}  # rows: needed, of them prefetched, prefetched
         self._cache: dict[int, list[_Entry]] = {}  # entries live until their grads are pushed
         self._prefetch: dict[int, _Prefetch] = {}
+        self._route_stats: dict[int, tuple[int, Tensor]] = {}  # layer -> (kept experts, dropped share [])
         self._hooks = [
             model.register_forward_pre_hook(self._on_forward_pre),
             model.register_forward_hook(self._on_forward_post, always_call=True),
@@ -156,6 +157,8 @@ class MeftRuntime:
     def _train_rows(self, adapter, x2: Tensor, key) -> tuple[Routing, Tensor]:
         idx = adapter.index
         routing = self._route(adapter, x2)
+        # statistics of this layer's latest training routing, read by routing_stats() (no sync here)
+        self._route_stats[idx] = (routing.kept.numel(), (routing.pos < 0).float().mean())
         start = self._start_fetch(idx, routing.ids, key)
         if self.config.prefetch == "lookahead" and idx + 1 < len(self.adapters):
             nxt = self._route(self.adapters[idx + 1], x2)  # layer l+1's gate on layer l's input
@@ -244,6 +247,16 @@ class MeftRuntime:
     def close(self) -> None:
         self.remove_hooks()
         self.scheduler.close()
+
+    def routing_stats(self) -> dict:
+        """Routing of the latest training micro-batch, averaged over adapted layers: `distinct_experts`
+        (experts kept per layer), `dropped_share` (share of token->expert assignments the row budget
+        dropped). Reading it synchronises with the device once; call it when logging, not per layer."""
+        if not self._route_stats:
+            return {"distinct_experts": 0.0, "dropped_share": 0.0}
+        kept = [k for k, _ in self._route_stats.values()]
+        dropped = torch.stack([d for _, d in self._route_stats.values()]).mean()
+        return {"distinct_experts": sum(kept) / len(kept), "dropped_share": float(dropped)}
 
     def traffic_totals(self) -> tuple[int, int, int, float]:
         """(bytes down, bytes up, rows down, CPU update ms) so far, from the meter (zeros without one)."""

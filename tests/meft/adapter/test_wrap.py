@@ -227,3 +227,16 @@ def test_backbone_lomo_builds_backbone_optimizer():
     rt.backbone_optimizer.step()
     rt.optimizer.step()
     assert not torch.equal(model.get_input_embeddings().weight, emb)  # updated in backward
+
+
+def test_routing_stats_after_a_training_forward():
+    model = meft.wrap(tiny_model("llama"), small_config(max_active_rows=16))  # 2 experts of 8 rows fit
+    assert model.meft.routing_stats() == {"distinct_experts": 0.0, "dropped_share": 0.0}
+    ids = batch(4, 12)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    st = model.meft.routing_stats()
+    assert st["distinct_experts"] == 2.0  # the budget keeps 2 experts per layer
+    assert 0.0 < st["dropped_share"] < 1.0  # 48 tokens x 2 experts over 32 experts: most are dropped
+    model.meft.optimizer.step()
+    model.meft.close()
