@@ -6,17 +6,31 @@ torch's fused / foreach AdamW on them, index_copy_ back).
     python experiments/bench_offload.py --quick    # < 1 minute, prints only (add --write to record)
     python experiments/bench_offload.py --json     # last stdout line: one JSON object
 
-Bandwidth = bytes touched / median time, reads + writes counted once each:
-copy 8 B/elem (read 4 + write 4), gather fp32 8, gather bf16 6 (read 4 + write 2), accumulate 8
+Two tables. (1) SparseAdamW: bandwidth = bytes touched / time, reads + writes counted once each:
+copy 8 B/elem (torch `copy_` of a large preallocated buffer: read 4 + write 4), accumulate 8
 (read grad 4 + write pending 4; a fresh slot), SparseAdamW step 28 (read w, m, v, g + write w, m, v,
 all fp32), step_rows 32 (the same plus one finiteness pass over g; it replaces accumulate + step for
 a single micro-batch). The torch path is charged the same 28 B/elem so its GB/s is "useful" bandwidth. All
 operations run interleaved, round by round (order rotating), so a noisy shared machine affects them alike.
+
+(2) Gather (+ cast): R random rows of the store (cold: the store is 10-20x the 32 MiB L3, fresh random
+sorted unique ids for every call) into a preallocated [R, W] buffer. One sample = K calls (K set so the
+copy takes >= 50 ms per sample; ids generated before the clock starts); methods interleaved sample by
+sample (order rotating). Ops: copy = torch `copy_` of R *consecutive* fp32 rows (random start row, cold)
+into a preallocated fp32 [R, W] buffer, i.e. a plain contiguous copy of the same source bytes; numba bf16 /
+fp32 = `RowStore.gather` (id check + kernel); numba bf16 sequential = the same call with ids
+start..start+R-1 (access pattern without randomness); torch = `index_select(out=fp32 buffer)` +
+`copy_` into the bf16 buffer (`.to(bfloat16)` without allocating). Bytes credited, identical for every op of
+the bf16 comparison: 6 B per gathered element (4 B fp32 read + 2 B bf16 written; the copy really writes
+4 B, so it is credited 2 B less than it moves); gather fp32 and the copy are both credited 8 B. So
+"of copy" = copy time / op time on the same R x W rows, and gather_bandwidth_fraction = numba bf16 GB/s /
+copy GB/s at 6 B/elem (medians; the best-sample value is reported beside it).
 """
 
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -37,7 +51,7 @@ from offload.store import RowStore  # noqa: E402
 __all__ = ["main"]
 
 HEADING = "## Offload core (experiments/bench_offload.py)"
-BYTES = {"copy": 8, "gather fp32": 8, "gather bf16": 6, "accumulate": 8, "SparseAdamW step": 28,
+BYTES = {"copy": 8, "accumulate": 8, "SparseAdamW step": 28,
          "SparseAdamW acc+step": 28, "SparseAdamW step_rows": 32, "torch fused": 28, "torch foreach": 28}
 
 
@@ -60,8 +74,6 @@ class Case:
     def __init__(self, store: RowStore, n_active: int, gen: torch.Generator):
         self.store, self.r, self.gen, w = store, n_active, gen, store.width
         self.grads = torch.randn(n_active, w, generator=gen) * 1e-3                     # [R, W] fp32
-        self.out_bf16 = torch.zeros(n_active, w, dtype=torch.bfloat16)                   # [R, W] wire buffer
-        self.out_f32 = torch.zeros(n_active, w)                                          # [R, W]
         self.opt = SparseAdamW(store, lr=1e-3, weight_decay=0.01)
         self.bufs = [torch.zeros(n_active, w) for _ in range(3)]                         # w, m, v rows
         self.torch_opts = {}
@@ -86,10 +98,6 @@ class Case:
         s.exp_avg.index_copy_(0, ids, mb)
         s.exp_avg_sq.index_copy_(0, ids, vb)
 
-    def _gather(self, times: dict, op: str, out: torch.Tensor) -> None:
-        ids = self.fresh_ids()
-        times[op].append(_timed(lambda: self.store.gather(ids, out)))
-
     def _acc_step(self, times: dict) -> None:
         ids = self.fresh_ids()
         t_acc = _timed(lambda: self.opt.accumulate(ids, self.grads))
@@ -109,12 +117,117 @@ class Case:
     def round(self, times: dict, turn: int = 0) -> None:
         """One timing of every operation (appended to times[op]). The order rotates with `turn` so no
         operation always runs first after the big copy (cold caches and page-table walks)."""
-        ops = [lambda: self._gather(times, "gather bf16", self.out_bf16),
-               lambda: self._gather(times, "gather fp32", self.out_f32),
-               lambda: self._acc_step(times), lambda: self._step_rows(times),
+        ops = [lambda: self._acc_step(times), lambda: self._step_rows(times),
                lambda: self._torch(times, "fused"), lambda: self._torch(times, "foreach")]
         for k in range(len(ops)):
             ops[(k + turn) % len(ops)]()
+
+
+GATHER_OPS = ("copy", "numba bf16", "numba bf16 sequential ids", "torch index_select + to(bf16)", "numba fp32")
+GATHER_BYTES = {"numba fp32": 8}  # credited bytes per element; every other gather op: 6 (see the docstring)
+MIN_SAMPLE_S = 0.05  # each sample runs K calls, K sized so the copy alone takes at least this long
+
+
+class GatherCase:
+    """One store and one active-row count: every gather method with its buffers preallocated."""
+
+    def __init__(self, store: RowStore, n_active: int, gen: torch.Generator):
+        self.store, self.r, self.gen, w = store, n_active, gen, store.width
+        self.out_bf16 = torch.zeros(n_active, w, dtype=torch.bfloat16)  # [R, W] wire buffer
+        self.out_f32 = torch.zeros(n_active, w)                          # [R, W] fp32 (numba fp32, torch)
+        self.copy_dst = torch.zeros(n_active, w)                         # [R, W] copy destination
+        self.k = 1
+
+    def ids(self, op: str) -> torch.Tensor:
+        """Fresh ids for one call: random unique sorted rows, or (copy / sequential) a random start row."""
+        n, r = self.store.n_rows, self.r
+        if op in ("copy", "numba bf16 sequential ids"):
+            start = int(torch.randint(0, n - r + 1, (1,), generator=self.gen))
+            return torch.arange(start, start + r)
+        return torch.randperm(n, generator=self.gen)[:r].sort().values
+
+    def call(self, op: str, ids: torch.Tensor) -> None:
+        s = self.store
+        if op == "copy":
+            self.copy_dst.copy_(s.weights[int(ids[0]): int(ids[0]) + self.r])
+        elif op == "numba fp32":
+            s.gather(ids, self.out_f32)
+        elif op.startswith("numba bf16"):
+            s.gather(ids, self.out_bf16)
+        else:
+            torch.index_select(s.weights, 0, ids, out=self.out_f32)
+            self.out_bf16.copy_(self.out_f32)
+
+    def sample(self, op: str) -> tuple[float, float]:
+        """(wall, process CPU) seconds per call, over K calls with ids made before the clock starts."""
+        idss = [self.ids(op) for _ in range(self.k)]
+        c0, t0 = time.process_time(), time.perf_counter()
+        for ids in idss:
+            self.call(op, ids)
+        t1, c1 = time.perf_counter(), time.process_time()
+        return (t1 - t0) / self.k, (c1 - c0) / self.k
+
+    def calibrate(self) -> None:
+        for op in GATHER_OPS:  # compile, first touch of the buffers
+            self.call(op, self.ids(op))
+        self.k = 1
+        self.k = max(1, math.ceil(MIN_SAMPLE_S / min(self.sample("copy")[0] for _ in range(3))))
+
+
+def measure_gather(store: RowStore, actives, t: int, samples: int, gen: torch.Generator) -> list:
+    """Rows of the gather table for one store and thread count: all ops interleaved sample by sample."""
+    cases = [GatherCase(store, r, gen) for r in actives]
+    for case in cases:
+        case.calibrate()
+    times = {(i, op): [] for i in range(len(cases)) for op in GATHER_OPS}
+    for rep in range(samples):
+        for i, case in enumerate(cases):
+            for k in range(len(GATHER_OPS)):
+                op = GATHER_OPS[(k + rep) % len(GATHER_OPS)]
+                times[(i, op)].append(case.sample(op))
+    rows = []
+    for (i, op), ts in times.items():
+        wall, cpu = [w for w, _ in ts], [c for _, c in ts]
+        rows.append({"threads": t, "shape": f"{store.n_rows}x{store.width}", "rows": cases[i].r, "op": op,
+                     "calls": cases[i].k, "ms": 1e3 * statistics.median(wall), "best_ms": 1e3 * min(wall),
+                     "cpu_ms": 1e3 * statistics.median(cpu), "elems": cases[i].r * store.width})
+    by = {(r["rows"], r["op"]): r for r in rows}
+    for row in rows:
+        credit = GATHER_BYTES.get(row["op"], 6)
+        copy = by[(row["rows"], "copy")]
+        for key in ("ms", "best_ms", "cpu_ms"):
+            row[f"gbs_{key}"] = credit * row["elems"] / (row[key] / 1e3) / 1e9
+            row[f"frac_{key}"] = copy[key] / row[key]  # = GB/s / copy GB/s at the same credited bytes
+    return rows
+
+
+def summarize_gather(rows: list) -> dict:
+    """Worst case over shapes and active-row counts (one thread count), medians and best samples."""
+    by = {(r["shape"], r["rows"], r["op"]): r for r in rows}
+    keys = sorted({(r["shape"], r["rows"]) for r in rows})
+    torch_op = "torch index_select + to(bf16)"
+    out = {}
+    for key, tag in (("ms", "median"), ("best_ms", "best"), ("cpu_ms", "cpu_median")):
+        frac = {op: round(min(by[(*k, op)][f"frac_{key}"] for k in keys), 3)
+                for op in ("numba bf16", "numba fp32", "numba bf16 sequential ids")}
+        out[f"gather_bandwidth_fraction_{tag}"] = frac["numba bf16"]
+        out[f"gather_fp32_bandwidth_fraction_{tag}"] = frac["numba fp32"]
+        out[f"gather_sequential_ids_fraction_{tag}"] = frac["numba bf16 sequential ids"]
+        out[f"gather_speedup_vs_torch_{tag}"] = round(min(by[(*k, torch_op)][key] / by[(*k, "numba bf16")][key]
+                                                          for k in keys), 3)
+    out["gather_copy_gbs_median"] = round(min(by[(*k, "copy")]["gbs_ms"] for k in keys), 3)
+    return out
+
+
+def gather_table(rows: list) -> str:
+    lines = ["| threads | store (rows x width) | active rows | op | calls/sample | median ms | best ms | "
+             "CPU ms (median) | B/elem credited | GB/s median | GB/s best | of copy (median) | of copy (best) |",
+             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['threads']} | {r['shape']} | {r['rows']} | {r['op']} | {r['calls']} | {r['ms']:.2f} | "
+                     f"{r['best_ms']:.2f} | {r['cpu_ms']:.2f} | {GATHER_BYTES.get(r['op'], 6)} | "
+                     f"{r['gbs_ms']:.2f} | {r['gbs_best_ms']:.2f} | {r['frac_ms']:.0%} | {r['frac_best_ms']:.0%} |")
+    return "\n".join(lines)
 
 
 def _set_threads(n: int) -> None:
@@ -122,12 +235,14 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def measure(shapes, actives, threads, repeats: int, copy_mib: int, seed: int = 0) -> tuple[list, dict]:
-    """Rows of the table (one per thread count, shape, active rows, op) and copy GB/s per thread count."""
+def measure(shapes, actives, threads, repeats: int, copy_mib: int, gather_samples: int,
+            seed: int = 0) -> tuple[list, dict, list]:
+    """Rows of the SparseAdamW table (one per thread count, shape, active rows, op), copy GB/s per thread
+    count, and the rows of the gather table."""
     gen = torch.Generator().manual_seed(seed)
     src = torch.randn(copy_mib << 18, generator=gen)  # fp32, copy_mib MiB
     dst = torch.zeros_like(src)
-    copy_times, rows = {t: [] for t in threads}, []
+    copy_times, rows, gather_rows = {t: [] for t in threads}, [], []
     for n_rows, width in shapes:
         store = RowStore(n_rows, width)
         cases = [Case(store, r, gen) for r in actives]
@@ -147,10 +262,14 @@ def measure(shapes, actives, threads, repeats: int, copy_mib: int, seed: int = 0
                 rows.append({"threads": t, "shape": f"{n_rows}x{width}", "rows": cases[i].r, "op": op,
                              "ms": 1e3 * statistics.median(ts), "best_ms": 1e3 * min(ts),
                              "elems": cases[i].r * width})
-        del cases, store
+        del cases
+        for t in threads:
+            _set_threads(t)
+            gather_rows += measure_gather(store, actives, t, gather_samples, gen)
+        del store
     gbs = lambda sec: BYTES["copy"] * src.numel() / sec / 1e9  # noqa: E731
     copy_gbs = {t: {"ms": gbs(statistics.median(ts)), "best_ms": gbs(min(ts))} for t, ts in copy_times.items()}
-    return rows, copy_gbs
+    return rows, copy_gbs, gather_rows
 
 
 def summarize(rows: list, copy_gbs: float, key: str = "ms") -> dict:
@@ -171,8 +290,6 @@ def summarize(rows: list, copy_gbs: float, key: str = "ms") -> dict:
         "adamw_e2e_speedup_vs_torch": worst("SparseAdamW acc+step", speedup),
         "adamw_step_rows_speedup_vs_torch": worst("SparseAdamW step_rows", speedup),
         "adamw_bandwidth_fraction": worst("SparseAdamW step", frac),
-        "gather_bandwidth_fraction": worst("gather bf16", frac),
-        "gather_fp32_bandwidth_fraction": worst("gather fp32", frac),
     }
 
 
@@ -196,9 +313,27 @@ def targets_line(t: int, sm: dict, best: dict) -> str:
     return (f"{t} thread(s), worst case over shapes, medians: SparseAdamW step "
             f"{v('adamw_speedup_vs_torch', '.2f')}x the best torch path (target 3x), "
             f"{v('adamw_bandwidth_fraction', '.0%')} of copy bandwidth (target 70%); gather+bf16 cast "
-            f"{v('gather_bandwidth_fraction', '.0%')} of copy bandwidth (target 70%); accumulate+step "
+            f"{v('gather_bandwidth_fraction', '.0%')} of the same rows' contiguous copy (target 70%; CPU-time "
+            f"medians: {sm['gather_bandwidth_fraction_cpu_median']:.0%}), "
+            f"{v('gather_speedup_vs_torch', '.2f')}x torch index_select + to(bf16); accumulate+step "
             f"{v('adamw_e2e_speedup_vs_torch', '.2f')}x and step_rows {v('adamw_step_rows_speedup_vs_torch', '.2f')}x "
             f"the torch path.")
+
+
+def roofline_lines(rows: list) -> list:
+    """Per store and active-row count: where the gather's time goes (random rows vs the same call on
+    consecutive ids vs the contiguous copy), from the median times."""
+    by = {(r["threads"], r["shape"], r["rows"], r["op"]): r for r in rows}
+    out = []
+    for t, shape, n, _ in sorted({k for k in by if k[3] == "copy"}):
+        rnd, seq, cp = (by[(t, shape, n, op)]["ms"] for op in ("numba bf16", "numba bf16 sequential ids", "copy"))
+        width = int(shape.split("x")[1])
+        out.append(f"{t} thread(s), {shape}, {n} rows ({4 * width} B per fp32 row, "
+                   f"{math.ceil(4 * width / 4096) + 1} 4-KiB pages touched per random row at most): copy {cp:.2f} ms, "
+                   f"bf16 gather on consecutive ids {seq:.2f} ms ({cp / seq:.0%} of copy: the cast pass itself), "
+                   f"on random ids {rnd:.2f} ms ({cp / rnd:.0%}); random-row cost {1e6 * (rnd - seq) / 1e3 / n:.3f} us "
+                   f"per row above sequential")
+    return out
 
 
 def machine() -> str:
@@ -237,26 +372,38 @@ def main(argv=None) -> dict:
         threads = [default] if args.quick else sorted({default, numba.config.NUMBA_NUM_THREADS})
     main_t = default if default in threads else threads[0]
     shapes = [(65536, 2 * 576), (8192 if args.quick else 16384, 2 * 4096)]
-    repeats, copy_mib = (5, 256) if args.quick else (11, 512)
+    repeats, copy_mib, gather_samples = (5, 256, 5) if args.quick else (11, 512, 11)
     load0, t0 = os.getloadavg()[0], time.perf_counter()
-    rows, copy_gbs = measure(shapes, (1024, 4096), threads, repeats, copy_mib)
-    wall = time.perf_counter() - t0
-    summaries = {t: summarize([r for r in rows if r["threads"] == t], copy_gbs[t]["ms"]) for t in threads}
-    bests = {t: summarize([r for r in rows if r["threads"] == t], copy_gbs[t]["best_ms"], "best_ms")
-             for t in threads}
-    out = table(rows, copy_gbs) + "\n\n" + "\n".join(f"- {targets_line(t, summaries[t], bests[t])}" for t in threads)
+    rows, copy_gbs, grows = measure(shapes, (1024, 4096), threads, repeats, copy_mib, gather_samples)
+    wall, load1 = time.perf_counter() - t0, os.getloadavg()[0]
+    summaries, bests = {}, {}
+    for t in threads:
+        g = summarize_gather([r for r in grows if r["threads"] == t])
+        summaries[t] = dict(summarize([r for r in rows if r["threads"] == t], copy_gbs[t]["ms"]), **g,
+                            gather_bandwidth_fraction=g["gather_bandwidth_fraction_median"],
+                            gather_fp32_bandwidth_fraction=g["gather_fp32_bandwidth_fraction_median"],
+                            gather_speedup_vs_torch=g["gather_speedup_vs_torch_median"])
+        bests[t] = dict(summarize([r for r in rows if r["threads"] == t], copy_gbs[t]["best_ms"], "best_ms"),
+                        gather_bandwidth_fraction=g["gather_bandwidth_fraction_best"],
+                        gather_fp32_bandwidth_fraction=g["gather_fp32_bandwidth_fraction_best"],
+                        gather_speedup_vs_torch=g["gather_speedup_vs_torch_best"])
+    out = (table(rows, copy_gbs) + "\n\nGather + cast (cold rows, " + f"{gather_samples} samples of >= "
+           f"{MIN_SAMPLE_S * 1e3:.0f} ms per op, interleaved; load average {load0:.1f} at start, {load1:.1f} at end):"
+           "\n\n" + gather_table(grows) + "\n\n" + "\n".join(f"- {line}" for line in roofline_lines(grows))
+           + "\n\n" + "\n".join(f"- {targets_line(t, summaries[t], bests[t])}" for t in threads))
     print(out)
     if (not args.quick or args.write) and not args.no_write:
         cmd = "python experiments/bench_offload.py" + (" --quick" if args.quick else "")
         meta = (f"Command: `{cmd}` ({'quick' if args.quick else 'full'}: {repeats} interleaved repeats, "
                 f"medians; {wall:.0f} s)  \nDate: {datetime.datetime.now().isoformat(timespec='minutes')}  \n"
                 f"Machine: {machine()}; offload's default thread count {default}; load average at start "
-                f"{load0:.1f}, at end {os.getloadavg()[0]:.1f} (shared machine, other jobs running)  \n"
+                f"{load0:.1f}, at end {load1:.1f} (shared machine, other jobs running)  \n"
                 f"Versions: python {platform.python_version()}, torch {torch.__version__}, "
                 f"numba {numba.__version__} ({numba.threading_layer()} threading layer), numpy {np.__version__}")
         write_section(Path(__file__).resolve().parents[1] / "BENCHMARKS.md",
-                      meta + "\n\n" + __doc__.split("\n\n")[2] + "\n\n" + out + "\n\n" + NOTES)
-    summary = dict(summaries[main_t], threads=main_t, best_repeats=bests[main_t],
+                      meta + "\n\n" + "\n\n".join(__doc__.split("\n\n")[2:4]) + "\n\n" + out + "\n\n" + NOTES)
+    summary = dict(summaries[main_t], threads=main_t, load_avg=[round(load0, 2), round(load1, 2)],
+                   best_repeats=bests[main_t],
                    by_threads={str(t): sm for t, sm in summaries.items()})
     if args.json:
         print(json.dumps(summary))

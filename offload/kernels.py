@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "get_num_threads",
     "as_numpy",
     "gather_rows",
+    "reference_gather_rows",
     "accumulate_rows",
     "adamw_rows",
     "sum_sq_rows",
@@ -163,50 +165,103 @@ def _st_impl(a, i, j, x):
 # ---------------------------------------------------------------- gather
 
 
-# Two rows per iteration: twice the independent miss streams per core, ~20% faster on narrow
-# (4.6 KB) rows than one row at a time. With R odd the last pair is (R-1, R-1): same value written twice.
+@intrinsic
+def _prefetch(typingctx, addr):
+    """Software prefetch (read, keep in all cache levels) of the cache line at integer address `addr`."""
+    if addr not in (types.int64, types.uint64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [builder.inttoptr(args[0], i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.none(addr), codegen
+
+
+def _put(o, j, b):  # o[j] = b (uint32 bits of an fp32), rounded to bf16 bits when o is uint16
+    pass
+
+
+@overload(_put)
+def _put_impl(o, j, b):
+    if o.dtype == types.uint16:
+
+        def put_bf16(o, j, b):
+            o[j] = _bits_to_bf16(b)
+
+        return put_bf16
+    if o.dtype == types.uint32:
+
+        def put_u32(o, j, b):
+            o[j] = b
+
+        return put_u32
+    return None
+
+
+# Row gather, measured on cold rows (experiments/bench_offload.py): the cost is memory-level parallelism,
+# not the cast. Rows go two at a time (two independent miss streams), each pair in blocks of
+# _GATHER_BLOCK elements (two short loops that LLVM vectorizes, the cast fused in the store), and while
+# copying block b of a pair the kernel prefetches block b of the pair ~_PREFETCH_AHEAD_BYTES of rows on
+# (at least the next pair; rows < _PREFETCH_MAX_ROW_BYTES only): rows are random, so the hardware prefetcher
+# (which stops at 4 KiB page boundaries and needs a few misses to start) cannot know the next row.
+# With R odd the last pair is (R-1, R-1): the same value written twice. Row pairs are split into tasks
+# of _GATHER_TASK pairs for prange (static schedule: each thread a contiguous range of rows).
+_GATHER_BLOCK = 128  # elements per block: 512 B of fp32 = 8 cache lines per row and block
+_GATHER_TASK = 16  # row pairs per prange task
+_PREFETCH_MAX_ROW_BYTES = 16384  # wider rows: the hardware prefetcher follows them well enough
+_PREFETCH_AHEAD_BYTES = 32768  # prefetch distance, in bytes of source rows (>= the next pair)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _gather_f32(src, ids, out):
-    width, n = src.shape[1], ids.shape[0]
-    for h in prange((n + 1) // 2):
-        r0 = 2 * h
-        r1 = min(r0 + 1, n - 1)
-        i0, i1 = ids[r0], ids[r1]
-        for j in range(width):
-            a = src[i0, j]
-            b = src[i1, j]
-            out[r0, j] = a
-            out[r1, j] = b
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def _gather_bf16(src_bits, ids, out_bits):
-    width, n = src_bits.shape[1], ids.shape[0]
-    for h in prange((n + 1) // 2):
-        r0 = 2 * h
-        r1 = min(r0 + 1, n - 1)
-        i0, i1 = ids[r0], ids[r1]
-        for j in range(width):
-            a = src_bits[i0, j]
-            b = src_bits[i1, j]
-            out_bits[r0, j] = _bits_to_bf16(a)
-            out_bits[r1, j] = _bits_to_bf16(b)
+def _gather(src_bits, ids, out):
+    n, width = ids.shape[0], src_bits.shape[1]
+    base = np.int64(src_bits.ctypes.data)
+    row_bytes = np.int64(width) * 4
+    n_pairs = (n + 1) // 2
+    prefetch = row_bytes < _PREFETCH_MAX_ROW_BYTES
+    ahead = 2 * max(1, _PREFETCH_AHEAD_BYTES // (2 * row_bytes))  # rows, even
+    for task in prange((n_pairs + _GATHER_TASK - 1) // _GATHER_TASK):
+        for h in range(task * _GATHER_TASK, min((task + 1) * _GATHER_TASK, n_pairs)):
+            r0 = 2 * h
+            r1 = min(r0 + 1, n - 1)
+            s0, s1 = src_bits[ids[r0]], src_bits[ids[r1]]
+            o0, o1 = out[r0], out[r1]
+            a0 = base + ids[min(r0 + ahead, n - 1)] * row_bytes  # a pair `ahead` rows on, block by block
+            a1 = base + ids[min(r0 + ahead + 1, n - 1)] * row_bytes
+            for j0 in range(0, width, _GATHER_BLOCK):
+                j1 = min(j0 + _GATHER_BLOCK, width)
+                if prefetch:
+                    for p in range(4 * j0, 4 * j1, 64):
+                        _prefetch(a0 + p)
+                        _prefetch(a1 + p)
+                b0, b1, c0, c1 = s0[j0:j1], s1[j0:j1], o0[j0:j1], o1[j0:j1]  # views: loops from 0 vectorize
+                for j in range(b0.shape[0]):
+                    _put(c0, j, b0[j])
+                for j in range(b1.shape[0]):
+                    _put(c1, j, b1[j])
 
 
 def gather_rows(src: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
-    """out[:R] = src[ids] (cast to bf16 bits when out is uint16).
+    """out[:R] = src[ids] (cast to bf16 bits, round-to-nearest-even, when out is uint16).
 
-    Plain PyTorch: `torch.index_select(src, 0, ids, out=out[:R])` for fp32 out, or
-    `out[:R].copy_(src.index_select(0, ids).to(torch.bfloat16))` for bf16 out.
-    src: [N, W] float32; ids: [R] int64 (checked by the caller); out: [>=R, W] float32 or uint16.
+    Plain PyTorch (the tested twin is `reference_gather_rows`): `torch.index_select(src, 0, ids, out=out[:R])`
+    for fp32 out, or `out[:R].copy_(src.index_select(0, ids).to(torch.bfloat16))` for bf16 out.
+    src: [N, W] float32 C-contiguous; ids: [R] int64 in range (checked by the caller);
+    out: [>=R, W] float32 or uint16 (bf16 bits), C-contiguous. Allocates nothing.
     """
     work = ids.shape[0] * src.shape[1] * (4 + out.itemsize)
-    if out.dtype == np.uint16:
-        _run(_gather_bf16, work, src.view(np.uint32), ids, out)
-    else:
-        _run(_gather_f32, work, src, ids, out)
+    _run(_gather, work, src.view(np.uint32), ids, out if out.dtype == np.uint16 else out.view(np.uint32))
+
+
+def reference_gather_rows(src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch twin of `gather_rows` on tensors: out[:R] = src[ids].to(out.dtype); returns out[:R]."""
+    n = ids.shape[0]
+    out[:n].copy_(torch.index_select(src, 0, ids).to(out.dtype))
+    return out[:n]
 
 
 # ---------------------------------------------------------------- gradient accumulation

@@ -34,6 +34,43 @@ def test_gather_fp32():
     assert torch.equal(out[:4], torch.index_select(src, 0, ids))
 
 
+@pytest.mark.parametrize("width", [1, 127, 128, 129, 1152, 4100])  # around the block size; narrow + wide rows
+@pytest.mark.parametrize("n_ids", [0, 1, 2, 7, 33, 100])  # odd / even / more than one prange task
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_rows_equals_plain_twin(width, n_ids, dtype):
+    """Blocked, prefetching, paired-row kernel == the plain-PyTorch twin, bitwise (rows beyond R untouched)."""
+    gen = torch.Generator().manual_seed(width * 1000 + n_ids)
+    src = torch.randn(150, width, generator=gen) * 1e3
+    ids = torch.randint(0, 150, (n_ids,), generator=gen)  # repeats allowed
+    out = torch.full((n_ids + 3, width), 7.0, dtype=dtype)
+    want = out.clone()
+    kernels.gather_rows(src.numpy(), ids.numpy(), kernels.as_numpy(out))
+    kernels.reference_gather_rows(src, ids, want)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert torch.equal(out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+def test_gather_rows_threads_agree_with_twin():
+    """All cores vs one thread on work above PARALLEL_MIN_BYTES: same bits, == twin."""
+    gen = torch.Generator().manual_seed(11)
+    src = torch.randn(3000, 1152, generator=gen)
+    ids = torch.randperm(3000, generator=gen)[:1001].sort().values
+    assert 1001 * 1152 * 6 > kernels.PARALLEL_MIN_BYTES
+    outs = []
+    for threads in (numba.config.NUMBA_NUM_THREADS, 1):
+        kernels.set_num_threads(threads)
+        try:
+            out = torch.empty(1001, 1152, dtype=torch.bfloat16)
+            kernels.gather_rows(src.numpy(), ids.numpy(), kernels.as_numpy(out))
+            outs.append(out)
+        finally:
+            kernels.set_num_threads(None)
+    want = kernels.reference_gather_rows(src, ids, torch.empty(1001, 1152, dtype=torch.bfloat16))
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    torch.testing.assert_close(outs[0], want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 def test_accumulate_rows_fresh_and_add_and_maxbits(grad_dtype):
     pending = torch.full((10, 20), 7.0)
