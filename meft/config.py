@@ -39,6 +39,7 @@ STATE_DTYPES = ("float32", "bfloat16")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32", "float16")
 BACKBONE_DTYPES = ("float32", "bfloat16")
 _BACKBONES = ("frozen", "lomo", "adalomo")
+INFERENCE_ROWS = ("auto", "resident", "fetch")  # the modes of meft.adapter.inference.InferenceRows
 _PREFETCH = ("none", "lookahead")
 
 
@@ -127,6 +128,10 @@ class MeftConfig:
     offload: bool = opt(
         True, "Rows on the host, moved by the TransferScheduler; False keeps all rows resident on the "
         "compute device (same update rule; the reference twin).")
+    inference_rows: str = opt(
+        "auto", "Rows for eval / generate() with offload: 'resident' (every row on the compute device in "
+        "the wire dtype, refreshed after training: no host sync per token), 'fetch' (read through the host "
+        "per forward), or 'auto' (resident when they take at most a quarter of the free device memory).")
     copy_timing: bool = opt(
         False, "Time every row copy with CUDA events (exact copy durations for the traffic meter; "
         "`meft profile` turns it on). Off: copies carry host-side time stamps only.")
@@ -189,7 +194,8 @@ class MeftConfig:
 
     def _choice_problems(self) -> list[tuple[str, Any, str]]:
         bad = []
-        for name, choices in (("backbone", _BACKBONES), ("clip", CLIP_MODES), ("prefetch", _PREFETCH),
+        for name, choices in (("backbone", _BACKBONES), ("inference_rows", INFERENCE_ROWS), ("clip", CLIP_MODES),
+                              ("prefetch", _PREFETCH),
                               ("staleness", (0, 1)), ("offload", (True, False)),
                               ("copy_timing", (True, False))):
             v = getattr(self, name)

@@ -22,11 +22,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from offload.worker import wait_for
 
-__all__ = ["FetchHandle", "FetchLink", "LayerState", "check_extend", "check_grads", "check_ids",
+__all__ = ["FetchHandle", "FetchLink", "LayerState", "valid_prefix", "check_extend", "check_grads", "check_ids",
            "check_live_rows", "check_subset"]
 
 
@@ -40,6 +41,13 @@ def check_live_rows(max_live_rows, max_rows: int) -> int:
                          f"layer's live fetch holds; a lookahead prefetch plus its misses needs 2 * max_rows "
                          f"= {2 * max_rows}) or None")
     return max_live_rows
+
+
+def valid_prefix(ids_host: torch.Tensor) -> int:
+    """How many of a fetch part's host ids [n] come before its -1 padding (fixed-shape routing puts the
+    used slots first). Host-side numpy: the host worker calls it once the ids have landed."""
+    a = ids_host.numpy()
+    return int(a.shape[0]) if a.shape[0] == 0 or a[-1] >= 0 else int(np.count_nonzero(a >= 0))
 
 
 def check_ids(ids, what: str, max_rows: int, device: torch.device) -> int:
@@ -144,6 +152,7 @@ class LayerState:
                 self.last_ids_h2d = None
             self.ids_host[off:end].copy_(ids)
             h = FetchHandle(link, self, key, end, self.ids_dev[off:end], base)
+            h.given_ids = ids  # push_grads recognises the caller's own tensor without comparing values
             if self.ids_dev is not self.ids_host:
                 h.ids_event = self.last_ids_h2d = engine.h2d(self.ids_host[off:end], self.ids_dev[off:end], rows=n,
                                                              after=marker)
@@ -160,6 +169,8 @@ class LayerState:
         partial push whose ids cross to the host (comparing values here would wait for compute)."""
         n = h.n_rows
         if ids.numel() == n and h.base is None:
+            if ids is h.given_ids:
+                return True
             if ids.device.type != "cpu":
                 own = h._ids_dev  # [n] the fetch's ids on the device (identity only: no wait needed)
                 return ids.data_ptr() == own.data_ptr() and ids.stride() == own.stride()
@@ -199,6 +210,8 @@ class FetchHandle:
         self.owes_update = None  # (step, hparams) of a staleness-1 update held until the chain ends
         self.emitted_update = False  # the update this fetch held is queued (fetch_more would read after it)
         self.gathered = threading.Event()  # set by the host worker once rows are in the slot
+        self.n_valid = 0  # this part's rows before any -1 padding, set by the host worker's gather
+        self.given_ids = ids_dev  # the ids tensor the caller passed to fetch
         self.copy_event = None  # the H2D CopyEvent, set by the host worker
         self.ids_event = None  # the ids copy (device <-> host), set in fetch
         self.valid = True

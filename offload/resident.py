@@ -160,7 +160,7 @@ class ResidentScheduler:
         if lay.live is not None:
             self._end_live(lay)  # an earlier micro-batch's fetch without gradients
         ids_dev = ids.to(self.device)
-        rows = lay.weights.index_select(0, ids_dev).to(self.wire_dtype)  # [R, W] gathered first
+        rows = self._gather(lay, ids_dev)  # [R, W] gathered first
         lay.live = live = _Live(key, ids_dev, ids.cpu(), rows)
         if lay.deferred is not None:  # staleness 1: step t's update lands after step t+1's gather
             live.owes = bool(extendable)
@@ -181,6 +181,14 @@ class ResidentScheduler:
         live.ids_dev, live.ids_host = torch.cat([live.ids_dev, ids_dev]), torch.cat([live.ids_host, ids.cpu()])
         live.rows = torch.cat([live.rows, rows])  # [n0 + M, W]
         return self._handle(lay)
+
+    def _gather(self, lay: _Layer, ids_dev: Tensor) -> Tensor:
+        """Rows [R, W] wire dtype for ids [R]; -1 padding (unused routing slots) gives zero rows. The twin
+        may synchronise: it compacts the ids on the host side of the comparison."""
+        valid = ids_dev >= 0  # [R]
+        rows = torch.zeros(ids_dev.numel(), self.width, dtype=self.wire_dtype, device=self.device)
+        rows[valid] = lay.weights.index_select(0, ids_dev[valid]).to(self.wire_dtype)
+        return rows
 
     def _handle(self, lay: _Layer) -> ResidentHandle:
         live = lay.live
@@ -215,6 +223,8 @@ class ResidentScheduler:
                              f"of step {self.step}; call fetch({layer}, ids) first (once per micro-batch)")
         k = check_ids(ids, "push_grads", self.max_rows, self.device)
         check_grads(grads, k, self.width, layer, self.device)
+        valid = ids >= 0  # [K] -1: padding of a fixed-shape fetch, no gradient crosses for it
+        ids, grads = ids[valid], grads[valid.to(grads.device)]
         check_subset(ids.cpu(), live.ids_host, layer)
         self._end_live(lay)
         ids_dev = ids.to(self.device)
@@ -258,8 +268,9 @@ class ResidentScheduler:
 
     # ---- host copies and inference ------------------------------------------------------------
     def read_rows(self, layer: int, ids: Tensor) -> Tensor:
-        """Rows [R, W] fp32 on the device for inference (no step bookkeeping, not counted)."""
-        return self._layer(layer).weights.index_select(0, ids.to(self.device))
+        """Rows [R, W] fp32 on the device for inference (no step bookkeeping, not counted); -1 ids (unused
+        routing slots) read row 0, which the caller masks. No host synchronisation."""
+        return self._layer(layer).weights.index_select(0, ids.to(self.device).clamp(min=0))
 
     def sync_to_host(self) -> None:
         """Copy device weights/moments/steps into the RowStores (no-op on a CPU device)."""

@@ -47,6 +47,7 @@ from offload.fetch import (
     check_ids,
     check_live_rows,
     check_subset,
+    valid_prefix,
 )
 from offload.meter import TrafficMeter
 from offload.protocol import check_scheduler_args
@@ -149,6 +150,11 @@ class TransferScheduler:
     def fetch(self, layer: int, ids: torch.Tensor, *, extendable: bool = False) -> FetchHandle:
         """Start moving rows `ids` ([R] int64 unique sorted, any device) of `layer` to the device.
 
+        `ids` may end with -1 padding (the unused slots of a fixed-shape routing): only the valid prefix
+        is gathered and crosses to the device (the host counts it once the ids have reached it, so the
+        caller never synchronises); `wait()` still returns [R, width], whose padding rows hold stale
+        finite values the caller masks. Such a fetch is pushed back whole (its own ids tensor).
+
         `extendable=True` (a prefetch that `fetch_more` may complete): with staleness 1 the layer's
         delayed update then waits until this fetch ends (push_grads / release / finish_step) instead of
         following its gather, so rows added later are read from the same state as these."""
@@ -216,12 +222,12 @@ class TransferScheduler:
 
     def _gather_task(self, st: LayerState, h: FetchHandle, slot, marker) -> None:
         off, end = h.offset, h.n_rows
-        n = end - off
         try:
             if h.ids_event is not None and h.ids_event.direction == "d2h":
                 h.ids_event.wait()  # protects the gather from reading ids_host before the ids D2H landed
+            n = h.n_valid = valid_prefix(st.ids_host[off:end])  # rows before the -1 padding
             t0 = time.perf_counter()
-            self.optimizers[st.index].store.gather(st.ids_host[off:end], slot.rows)
+            self.optimizers[st.index].store.gather(st.ids_host[off:off + n], slot.rows)
             self.meter.record_cpu(step=h.step, layer=st.index, op="gather", rows=n,
                                   nbytes=n * self.width * (4 + self._wire_bytes), start=t0,
                                   end=time.perf_counter())
@@ -229,7 +235,7 @@ class TransferScheduler:
             self.h2d_pool.release(slot)
             raise
         meta = (h.step, h.micro_batch, st.index)
-        h.copy_event = self.engine.h2d(slot.rows[:n], st.rows_dev[off:end], rows=n, after=marker,
+        h.copy_event = self.engine.h2d(slot.rows[:n], st.rows_dev[off:off + n], rows=n, after=marker,
                                        on_done=lambda ev: self._h2d_done(ev, slot, meta))
         h.gathered.set()
 
@@ -260,6 +266,8 @@ class TransferScheduler:
         check_grads(grads, k, self.width, layer, self.device)
         full = st.push_is_full(h, ids)  # else a checked subset (host ids)
         h.wait_gathered()  # protects the ids copy below: ids_host must hold this fetch's ids
+        if full and h.base is None:
+            k = h.n_valid  # a padded fetch: only its valid rows' gradients cross back
         slot = self.d2h_pool.acquire(self._check)  # backpressure
         meta = (self.step, self.micro_batch, st.index)
         ids_check = None
@@ -272,7 +280,7 @@ class TransferScheduler:
                                      on_done=lambda e: self._meter_copy(e, "ids", meta))
             st.ids_reader = threading.Event()
             ids_check = (ids_ev, h.n_rows, st.ids_reader)
-        src = self._grads_source(st, grads, k)
+        src = self._grads_source(st, grads[:k], k)
         ev = self.engine.d2h(src, slot.rows[:k], rows=k, after=self.engine.mark_compute(),
                              on_done=lambda e: self._meter_copy(e, "d2h", meta))
         if src is not grads:
@@ -348,13 +356,15 @@ class TransferScheduler:
         """Rows `ids` ([R] int64, any device) of `layer` as they are in the store now: [R, width] fp32 on
         the compute device, outside the step machinery (inference; nothing is metered). Pending
         staleness-1 updates are not applied: call `flush()` first (between steps) for current rows.
-        On a CPU device the result is a view of a buffer that the next read_rows call overwrites."""
+        On a CPU device the result is a view of a buffer that the next read_rows call overwrites.
+        -1 ids (unused routing slots) read row 0: the caller masks them. This path synchronises (the ids
+        go to the host first); inference with the rows resident on the device does not use it."""
         self._entry("read_rows")
         store = self.optimizers[self._layer(layer).index].store
         n = ids.numel()
         if self._read_buf is None or self._read_buf.shape[0] < n:
             self._read_buf = torch.empty(max(n, self.max_rows), store.width)  # [>= R, width] fp32
-        return store.gather(ids.cpu(), self._read_buf).to(self.device)
+        return store.gather(ids.cpu().clamp(min=0), self._read_buf).to(self.device)
 
     def sync_to_host(self) -> None:
         """Nothing to do: the RowStores are the master copy (`flush()` applies pending updates)."""

@@ -90,8 +90,9 @@ def dense_adapter(x: Tensor, keys: Tensor, values: Tensor, gate: Tensor, routing
     """Reference: keys/values [N, d] (all rows), gate [E, d]; masked to routing's active set."""
     n_exp, S = gate.shape[0], routing.expert_size
     coef = gate_weights(x, gate, routing)  # [T, n_kept]
-    coef_full = torch.zeros(x.shape[0], n_exp, dtype=coef.dtype, device=x.device)
-    coef_full = coef_full.index_copy(1, routing.kept, coef)  # [T, E]
+    coef_full = torch.zeros(x.shape[0], n_exp + 1, dtype=coef.dtype, device=x.device)  # column E: unused slots
+    slots = torch.where(routing.kept >= 0, routing.kept, n_exp)  # [B]
+    coef_full = coef_full.index_copy(1, slots, coef)[:, :n_exp]  # [T, E]
     a = torch.relu(x @ keys.t()) * _expand(coef_full.to(x.dtype), S)  # [T, N]
     mask = topk_mask(a, active_per_token)
     if mask is not None:

@@ -35,6 +35,7 @@ class SparseFFNAdapter(nn.Module):
         self.compute_dtype = compute_dtype
         self.runtime = None     # MeftRuntime, set by wrap (plain attribute, not a submodule)
         self._tapped: Tensor | None = None  # split targets: FFN input captured at the input module
+        self._request = None  # split targets: the rows requested when the input was captured
         self.enabled = True
 
     def extra_repr(self) -> str:
@@ -42,26 +43,43 @@ class SparseFFNAdapter(nn.Module):
                 f"expert_size={self.expert_size}, scale={self.scale}")
 
     def tap(self, module, args) -> None:
-        """Forward pre-hook for split targets: remember the FFN input seen by the input module."""
+        """Forward pre-hook for split targets: the FFN input, seen by the input module. The rows are
+        requested here, before the FFN runs, so they travel while it computes."""
         self._tapped = args[0]
+        self._request = self._request_rows(args[0])
 
     def forward(self, *args, **kwargs):
-        x = self._tapped if self._tapped is not None else args[0]
-        self._tapped = None
-        out = self.base(*args, **kwargs)
-        if not self.enabled or self.runtime is None:
+        if self._tapped is not None:
+            x, request = self._tapped, self._request
+        else:
+            x = args[0]
+            request = self._request_rows(x)  # routing and fetch issued before the base FFN (DESIGN.md)
+        self._tapped = self._request = None
+        out = self.base(*args, **kwargs)  # the FFN computes while the rows travel
+        if request is None:
             return out
+        y = self._delta(x, *request)
         if isinstance(out, tuple):
-            return (out[0] + self.delta(x).to(out[0].dtype),) + out[1:]
-        return out + self.delta(x).to(out.dtype)
+            return (out[0] + y.to(out[0].dtype),) + out[1:]
+        return out + y.to(out.dtype)
+
+    def _request_rows(self, x: Tensor):
+        """(x2 [T, d], routing, wait) with the fetch issued, or None when there is nothing to add."""
+        if not self.enabled or self.runtime is None:
+            return None
+        x2 = x.reshape(-1, self.d)  # [T, d]
+        if x2.shape[0] == 0:
+            return None
+        return (x2, *self.runtime.request_rows(self, x2))
 
     def delta(self, x: Tensor) -> Tensor:
         """scale * sum_i coef_i relu(k_i . x) v_i over this micro-batch's active rows. x [..., d]."""
+        request = self._request_rows(x)
+        return torch.zeros_like(x) if request is None else self._delta(x, *request)
+
+    def _delta(self, x: Tensor, x2: Tensor, routing, wait) -> Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.d)  # [T, d]
-        if x2.shape[0] == 0:
-            return torch.zeros_like(x)
-        routing, rows = self.runtime.rows_for(self, x2)  # rows [R, 2d] compute dtype, device
+        rows = wait()  # [R, 2d] compute dtype, device: the only point that waits for the fetch
         xc = x2.to(rows.dtype)
         coef = gate_weights(x2, self.gate, routing)  # [T, n_kept] fp32, grads to x and G
         y = sparse_adapter(xc, rows, coef, expert_size=self.expert_size, scale=self.scale,

@@ -109,4 +109,4 @@ class MeftOptimizer(torch.optim.Optimizer):
                                  f"load a state_dict saved from the same MeftConfig.layers")
             for opt, s in zip(opts, rows):
                 opt.load_state_dict(s)
-            self.runtime.scheduler.load_from_host()
+            self.runtime.stores_changed()  # device copies (resident twin, inference rows) follow

@@ -9,12 +9,18 @@ checkpointing can recompute the differentiable half without re-routing:
   gate weight for that expert), ties broken by lower expert index -- never by truncating sorted ids
   (MEFT's `idx[:S]` bias towards low ids). Tokens keep their weights for kept experts only (dropped
   experts contribute zero; weights are not renormalised).
+* **Fixed shapes, no host synchronisation** (DESIGN.md "One training step"): the kept set always has
+  `B = budget_experts` slots. The used slots come first, ascending by expert id; unused slots (fewer
+  experts chosen than the budget) hold -1, and so do their rows' ids. Nothing is removed, so no
+  `.item()`, `nonzero` or boolean-mask index is needed; the host learns how many slots are used from
+  the ids themselves when they reach it (asynchronously), and only those rows cross PCIe.
 * `gate_weights(x, gate, routing)` (differentiable in x and G): the per-token softmax weights scattered
   into the kept-expert columns, `[T, n_kept]`.
 
 Plain-torch equivalent of the active set, for reference:
     w = zeros(E).index_add_(0, top_idx.flatten(), softmax(top_scores).flatten())
     kept = argsort(-w, stable=True)[:budget] if union > budget else union;  ids = rows of sorted(kept)
+    (then padded with -1 to `budget` experts / `budget * expert_size` rows)
 """
 
 from __future__ import annotations
@@ -34,14 +40,23 @@ class Routing:
     """Discrete result of routing one micro-batch through one layer (all on x's device)."""
 
     top_idx: Tensor   # [T, k] int64 expert chosen by each token (by score, descending)
-    pos: Tensor       # [T, k] int64 column of that expert in `kept`, -1 when dropped by the budget
-    kept: Tensor      # [n] int64 kept experts, ascending
-    ids: Tensor       # [n * expert_size] int64 active row ids, ascending, unique
+    pos: Tensor       # [T, k] int64 slot of that expert in `kept`, -1 when dropped by the budget
+    kept: Tensor      # [B] int64 kept experts: used slots ascending, then -1 (unused slots)
+    ids: Tensor       # [B * expert_size] int64 row ids of the slots: active rows ascending, then -1
     expert_size: int
 
     @property
     def n_rows(self) -> int:
-        return int(self.ids.numel())
+        """Active rows (used slots x expert_size). Reading it synchronises: for reports and tests only."""
+        return int((self.ids >= 0).sum())
+
+    def active_kept(self) -> Tensor:
+        """[n] the used slots' experts, ascending (synchronises: for reports, tests and reference twins)."""
+        return self.kept[self.kept >= 0]
+
+    def active_ids(self) -> Tensor:
+        """[n * expert_size] the active row ids, ascending (synchronises, as active_kept)."""
+        return self.ids[self.ids >= 0]
 
 
 def init_gate(n_experts: int, d: int, seed: int, std: float = 0.02) -> Tensor:
@@ -70,21 +85,19 @@ def route(x: Tensor, gate: Tensor, *, experts_per_token: int, expert_size: int,
     k = min(experts_per_token, n_experts)
     top_s, top_idx = _top(x, gate, k)  # [T, k]
     g = torch.softmax(top_s, dim=1)  # [T, k]
-    w = expert_weights(top_idx, g, n_experts)  # [E]
-    chosen = torch.zeros(n_experts, dtype=torch.bool, device=x.device)
-    chosen[top_idx.reshape(-1)] = True
+    w = expert_weights(top_idx, g, n_experts)  # [E]; > 0 exactly for the experts some token chose
     budget = budget_experts(max_active_rows, expert_size, n_experts)
-    if int(chosen.sum()) > budget:
-        # stable descending sort: equal weights keep ascending index order -> ties to the lower index
-        order = torch.sort(w, descending=True, stable=True).indices
-        keep_mask = torch.zeros_like(chosen)
-        keep_mask[order[:budget]] = True
-        chosen &= keep_mask
-    kept = torch.nonzero(chosen).flatten()  # [n] ascending
-    col = torch.full((n_experts,), -1, dtype=torch.int64, device=x.device)
-    col[kept] = torch.arange(kept.numel(), device=x.device)
-    pos = col[top_idx]  # [T, k]
-    ids = (kept[:, None] * expert_size + torch.arange(expert_size, device=x.device)).reshape(-1)
+    # stable descending sort: equal weights keep ascending index order -> ties to the lower index
+    order = torch.sort(w, descending=True, stable=True).indices[:budget]  # [B] the budget's best experts
+    used = w.index_select(0, order) > 0  # [B] chosen by some token (an unused slot otherwise)
+    slots = torch.sort(torch.where(used, order, n_experts)).values  # [B] used ascending, then E
+    kept = torch.where(slots < n_experts, slots, -1)  # [B]
+    col = torch.full((n_experts + 1,), -1, dtype=torch.int64, device=x.device)  # [E + 1], E: the unused
+    col.scatter_(0, slots, torch.arange(budget, device=x.device))
+    col[n_experts] = -1
+    pos = col[:n_experts][top_idx]  # [T, k]
+    rows = kept[:, None] * expert_size + torch.arange(expert_size, device=x.device)  # [B, S]
+    ids = torch.where(kept[:, None] >= 0, rows, -1).reshape(-1)  # [B * S]
     return Routing(top_idx=top_idx, pos=pos, kept=kept, ids=ids, expert_size=expert_size)
 
 

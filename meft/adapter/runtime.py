@@ -6,25 +6,32 @@ that makes a plain PyTorch loop correct:
 
 * a forward pre-hook on the top model opens a micro-batch (training mode and grad enabled only):
   `begin_step` on the first one after `optimizer.step()`, then `begin_micro_batch`;
-* `rows_for(adapter, x)` routes and fetches once per (step, micro-batch, layer) during that forward and
-  caches (routing, rows leaf); gradient-checkpoint recomputation (which runs outside the top-level
-  forward) reuses the cache -- no second fetch, no re-routing. A post-accumulate-grad hook on the rows
-  leaf pushes the row gradient `[R, 2d]` to the scheduler and drops the cache entry;
+* `request_rows(adapter, x)` routes and issues the fetch once per (step, micro-batch, layer) during that
+  forward and returns a `wait` the adapter calls after its base FFN (the rows travel meanwhile); the
+  (routing, rows leaf) pair is cached, and gradient-checkpoint recomputation (which runs outside the
+  top-level forward) reuses it -- no second fetch, no re-routing. A post-accumulate-grad hook on the
+  rows leaf pushes the row gradient `[R, 2d]` to the scheduler and drops the cache entry. Routing has
+  fixed shapes (row ids [R] with -1 padding for unused slots): nothing here makes the host wait for
+  the device; the ids reach the host through the scheduler's asynchronous copy;
 * `prefetch="lookahead"`: layer l also routes its input through gate l+1 and starts that fetch; layer
   l+1 uses the rows in flight and fetches only what is missing (`fetch_more`, exact), pushes gradients
   for the rows it used only, and the hit rate is recorded (see `_start_fetch`). The scheduler's layer
   row buffers are then sized for 2 * max_rows (`reserve_live_rows`): a prefetch plus its misses;
-* outside training (eval, `generate()`, no_grad) rows are read per forward, nothing is cached or pushed.
+  (This path compares ids on the host, so it synchronises once per layer.)
+* outside training (eval, `generate()`, no_grad) nothing is cached or pushed; with offloaded rows they
+  come from `InferenceRows` (a resident wire-dtype copy on the device, rebuilt after the rows change).
 Summary tables live in `meft.adapter.summary`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from meft.adapter.inference import InferenceRows
 from meft.adapter.router import Routing, route
 from meft.adapter.summary import summary, summary_table
 
@@ -71,7 +78,9 @@ class MeftRuntime:
         self.lookahead = {"needed": 0, "hit": 0, "prefetched": 0}  # rows: needed, of them prefetched, prefetched
         self._cache: dict[int, list[_Entry]] = {}  # entries live until their grads are pushed
         self._prefetch: dict[int, _Prefetch] = {}
-        self._route_stats: dict[int, tuple[int, Tensor]] = {}  # layer -> (kept experts, dropped share [])
+        self._route_stats: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (kept experts, dropped share)
+        self._inference = (InferenceRows(config.inference_rows, scheduler, self.stores, self.device,
+                                         scheduler.wire_dtype) if config.offload else None)
         self._hooks = [
             model.register_forward_pre_hook(self._on_forward_pre),
             model.register_forward_hook(self._on_forward_post, always_call=True),
@@ -110,6 +119,8 @@ class MeftRuntime:
         """Called by the optimizer's step(): the scheduler finishes the step's row updates."""
         if self._step_open:
             self.scheduler.finish_step()
+            if self._inference is not None:
+                self._inference.invalidate()  # this step's row updates make the inference copy stale
         self._step_open = False
         for entries in self._cache.values():  # forwards without backward: free their rows now
             for e in entries:
@@ -124,10 +135,17 @@ class MeftRuntime:
                      expert_size=c.expert_size, max_active_rows=c.max_active_rows)
 
     def rows_for(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
-        """(routing, rows [R, 2d] in compute dtype) for this call; see the module docstring."""
+        """(routing, rows [R, 2d] in compute dtype) for this call: `request_rows`, then its wait."""
+        routing, wait = self.request_rows(adapter, x2)
+        return routing, wait()
+
+    def request_rows(self, adapter, x2: Tensor) -> tuple[Routing, Callable[[], Tensor]]:
+        """Route x2 [T, d] and issue the fetch of its rows now; returns (routing, wait) where wait() gives
+        rows [R, 2d] in compute dtype, blocking only then. The adapter calls it before its base FFN so the
+        rows travel while the FFN computes; see the module docstring for caching and recomputation."""
         idx = adapter.index
         if adapter.training and self._step_open and in_backward():
-            return self._recompute_rows(idx, x2)  # inside backward: checkpoint recomputation
+            return self._ready(*self._recompute_rows(idx, x2))  # inside backward: checkpoint recomputation
         if adapter.training and torch.is_grad_enabled() and not self._in_forward:
             raise RuntimeError(
                 f"adapter {idx}: a training forward with gradients that did not go through the wrapped "
@@ -137,9 +155,13 @@ class MeftRuntime:
             key = (self._step, self._micro)
             for e in self._cache.get(idx, ()):
                 if e.key == key and e.n_tokens == x2.shape[0]:
-                    return e.routing, e.rows  # same layer called again within this micro-batch
+                    return self._ready(e.routing, e.rows)  # same layer called again within this micro-batch
             return self._train_rows(adapter, x2, key)
-        return self._infer_rows(adapter, x2)
+        return self._ready(*self._infer_rows(adapter, x2))
+
+    @staticmethod
+    def _ready(routing: Routing, rows: Tensor) -> tuple[Routing, Callable[[], Tensor]]:
+        return routing, lambda: rows
 
     def _recompute_rows(self, idx: int, x2: Tensor) -> tuple[Routing, Tensor]:
         entries = self._cache.get(idx, [])
@@ -154,30 +176,40 @@ class MeftRuntime:
     def _compute_dtype(self, adapter, x2: Tensor) -> torch.dtype:
         return adapter.compute_dtype or x2.dtype
 
-    def _train_rows(self, adapter, x2: Tensor, key) -> tuple[Routing, Tensor]:
+    def _train_rows(self, adapter, x2: Tensor, key) -> tuple[Routing, Callable[[], Tensor]]:
         idx = adapter.index
         routing = self._route(adapter, x2)
         # statistics of this layer's latest training routing, read by routing_stats() (no sync here)
-        self._route_stats[idx] = (routing.kept.numel(), (routing.pos < 0).float().mean())
-        start = self._start_fetch(idx, routing.ids, key)
-        if self.config.prefetch == "lookahead" and idx + 1 < len(self.adapters):
-            nxt = self._route(self.adapters[idx + 1], x2)  # layer l+1's gate on layer l's input
-            self.lookahead["prefetched"] += nxt.ids.numel()
-            self._prefetch[idx + 1] = _Prefetch(key, nxt.ids, self._fetch(idx + 1, nxt.ids, prefetch=True))
-        rows_wire = start()  # [R, 2d] wire dtype
-        rows = rows_wire.to(self._compute_dtype(adapter, x2)).detach().requires_grad_(True)
-        ids = routing.ids
+        self._route_stats[idx] = ((routing.kept >= 0).sum(), (routing.pos < 0).float().mean())
+        lookahead = self.config.prefetch == "lookahead"
+        # the fixed-shape ids [R] (-1 padding) cross to the host asynchronously; lookahead compares ids
+        # on the host (its hit test), so it compacts them: the one training path that synchronises
+        ids = routing.active_ids() if lookahead else routing.ids
+        start = self._start_fetch(idx, ids, key)
+        if lookahead and idx + 1 < len(self.adapters):
+            nxt = self._route(self.adapters[idx + 1], x2).active_ids()  # layer l+1's gate on layer l's input
+            self.lookahead["prefetched"] += nxt.numel()
+            self._prefetch[idx + 1] = _Prefetch(key, nxt, self._fetch(idx + 1, nxt, prefetch=True))
+        compute = self._compute_dtype(adapter, x2)
 
-        def push(leaf: Tensor) -> None:
-            self.scheduler.push_grads(idx, ids, leaf.grad)
-            leaf.grad = None
-            self._cache[idx] = [e for e in self._cache.get(idx, []) if e is not entry]
-            entry.rows = None  # break leaf -> hook -> entry -> leaf so the rows are freed at once
+        def wait() -> Tensor:
+            rows_wire = start()  # [R, 2d] wire dtype ([n, 2d] when compacted); waits for the rows here
+            if rows_wire.shape[0] < routing.ids.numel():  # compacted: zero rows for the unused slots
+                rows_wire = torch.nn.functional.pad(rows_wire, (0, 0, 0, routing.ids.numel() - rows_wire.shape[0]))
+            rows = rows_wire.to(compute).detach().requires_grad_(True)
+            entry = _Entry(key, routing, rows, x2.shape[0])
 
-        entry = _Entry(key, routing, rows, x2.shape[0])
-        rows.register_post_accumulate_grad_hook(push)
-        self._cache.setdefault(idx, []).append(entry)
-        return routing, rows
+            def push(leaf: Tensor) -> None:
+                self.scheduler.push_grads(idx, ids, leaf.grad[: ids.numel()])
+                leaf.grad = None
+                self._cache[idx] = [e for e in self._cache.get(idx, []) if e is not entry]
+                entry.rows = None  # break leaf -> hook -> entry -> leaf so the rows are freed at once
+
+            rows.register_post_accumulate_grad_hook(push)
+            self._cache.setdefault(idx, []).append(entry)
+            return rows
+
+        return routing, wait
 
     def _start_fetch(self, idx: int, ids: Tensor, key):
         """Issue the fetch of `ids` for layer idx, using a lookahead prefetch in flight if there is one;
@@ -222,15 +254,20 @@ class MeftRuntime:
 
     def _infer_rows(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
         routing = self._route(adapter, x2)
-        rows = self.read_rows(adapter.index, routing.ids)  # [R, 2d] fp32
-        return routing, rows.to(self._wire).to(self._compute_dtype(adapter, x2))
+        if self._inference is not None:  # offloaded rows: resident copy on the device (or read per forward)
+            if self.config.staleness and not self._step_open:
+                self.scheduler.flush()  # delayed (staleness 1) updates land before inference reads rows
+            rows = self._inference.rows(adapter.index, routing.ids)  # [R, 2d] wire dtype
+        else:  # the resident twin: every row is on the device already
+            rows = self.scheduler.read_rows(adapter.index, routing.ids).to(self._wire)  # [R, 2d]
+        return routing, rows.to(self._compute_dtype(adapter, x2))
 
-    @torch.no_grad()
-    def read_rows(self, idx: int, ids: Tensor) -> Tensor:
-        """Current rows [R, 2d] fp32 on the device, outside the step machinery (inference)."""
-        if self.config.staleness and not self._step_open:
-            self.scheduler.flush()  # delayed (staleness 1) updates land before inference reads the rows
-        return self.scheduler.read_rows(idx, ids)
+    def stores_changed(self) -> None:
+        """The RowStores were written outside training (an adapter or checkpoint was loaded): device
+        copies (the resident twin's, the inference rows) are refreshed from them."""
+        self.scheduler.load_from_host()
+        if self._inference is not None:
+            self._inference.invalidate()
 
     def sync_to_host(self) -> None:
         """Make the RowStores current (resident twin on a GPU keeps device copies)."""
@@ -254,9 +291,9 @@ class MeftRuntime:
         dropped). Reading it synchronises with the device once; call it when logging, not per layer."""
         if not self._route_stats:
             return {"distinct_experts": 0.0, "dropped_share": 0.0}
-        kept = [k for k, _ in self._route_stats.values()]
+        kept = torch.stack([k for k, _ in self._route_stats.values()]).float().mean()
         dropped = torch.stack([d for _, d in self._route_stats.values()]).mean()
-        return {"distinct_experts": sum(kept) / len(kept), "dropped_share": float(dropped)}
+        return {"distinct_experts": float(kept), "dropped_share": float(dropped)}
 
     def traffic_totals(self) -> tuple[int, int, int, float]:
         """(bytes down, bytes up, rows down, CPU update ms) so far, from the meter (zeros without one)."""

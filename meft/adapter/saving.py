@@ -118,7 +118,7 @@ def load_adapter(model, path: str, config: MeftConfig | None = None, *, verbose:
         for ad, store in zip(rt.adapters, rt.stores):
             store.weights.copy_(f.get_tensor(f"layers.{ad.layer}.rows"))
             ad.gate.copy_(f.get_tensor(f"layers.{ad.layer}.router"))
-    rt.scheduler.load_from_host()  # the resident twin on a GPU keeps device copies of the stores
+    rt.stores_changed()  # device copies of the stores (resident twin, inference rows) follow
     msg = (f"loaded meft adapter from {path}: {len(got)} layers, {meta['sizes']['params']:,} params, "
            f"{meta['sizes']['bytes'] / 2**20:.1f} MiB")
     log.info(msg)

@@ -74,6 +74,11 @@ class PlanRuntime:
         return Routing(top_idx=top_idx, pos=top_idx.remainder(n_kept), kept=kept,
                        ids=torch.arange(n_kept * c.expert_size), expert_size=c.expert_size)
 
+    def request_rows(self, adapter, x2: Tensor):
+        """As MeftRuntime.request_rows: (routing, wait); nothing travels here, so wait returns at once."""
+        routing, rows = self.rows_for(adapter, x2)
+        return routing, lambda: rows
+
     def rows_for(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
         idx = adapter.index
         if in_backward() and idx in self._cache:

@@ -44,6 +44,8 @@ BAD = [  # (field, bad value, words the fix must contain)
     ("prefetch", "always", "'none', 'lookahead'"),
     ("grad_accum_steps", 0, "positive int"),
     ("offload", "yes", "True, False"),
+    ("copy_timing", 1, "True, False"),
+    ("inference_rows", "gpu", "'auto', 'resident', 'fetch'"),
     ("seed", -1, ">= 0"),
 ]
 

@@ -204,7 +204,7 @@ def test_full_push_of_plain_fetch_unchanged_and_subset_of_plain_fetch():
     opts = make_opts(5)
     with sched(opts) as s:
         s.begin_step()
-        s.fetch(2, torch.arange(6))
+        s.fetch(2, torch.arange(6)).wait()  # the rows landed (and their copy was metered) before use
         s.push_grads(2, torch.tensor([1, 4]), torch.ones(2, WIDTH))
         s.finish_step()
         tot = s.meter.report()["totals"]
