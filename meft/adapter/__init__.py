@@ -1,6 +1,7 @@
 """What `meft.wrap` puts into a model: targets, router, the adapter math (fast path + dense twin), the
 adapter layer module, wrap/unwrap, the runtime behind `model.meft`, the adapter-side optimizer, the
-summary of what is trained where, adapter save/load, and the dense device-resident baseline.
+summary of what is trained where, adapter save/load, the dense device-resident baseline, and
+inspection of a saved adapter (`inspect`).
 
 `wrap` / `unwrap` are public as `meft.wrap` / `meft.unwrap` (here `meft.adapter.wrap` is their module).
 """
@@ -19,6 +20,8 @@ _WHERE = {
     "DenseParallelAdapter": "meft.adapter.dense",
     "attach_dense": "meft.adapter.dense",
     "freeze": "meft.adapter.dense",
+    "adapter_stats": "meft.adapter.inspect",
+    "route_examples": "meft.adapter.inspect",
 }
 __all__ = list(_WHERE)
 

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "generate": "meft.cli.generate",
     "profile": "meft.cli.profile",
     "plan": "meft.cli.plan",
+    "inspect": "meft.cli.inspect",
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, MemoryError, KeyError)

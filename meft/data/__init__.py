@@ -1,6 +1,7 @@
-"""Training and evaluation data: record formats with file:line errors, tokenization and batching
-(`records`), the built-in datasets (`builtin`), and turning `--data` / `--eval-data` into batches and
-evaluation splits (`sources`).
+"""Training and evaluation data: record formats (`formats`: Alpaca, ShareGPT, OpenAI messages,
+prompt/completion, text), record files with file:line errors (`files`: .jsonl, .json, .parquet),
+tokenization and batching (`records`), the built-in datasets (`builtin`), and turning `--data` /
+`--eval-data` into batches and evaluation splits (`sources`).
 """
 
 from meft._faces import lazy_face
@@ -13,6 +14,10 @@ _WHERE = {
     "fictional_facts": "meft.data.builtin",
     "world_facts": "meft.data.builtin",
     "load_run_data": "meft.data.sources",
+    "load_records": "meft.data.files",
+    "DataError": "meft.data.formats",
+    "detect_format": "meft.data.formats",
+    "to_canonical": "meft.data.formats",
 }
 __all__ = list(_WHERE)
 

@@ -1,15 +1,14 @@
-"""Training data: JSONL loading + validation, tokenization with completion-only labels, packing,
-collation, and a resumable shuffled batch iterator.
-
-Owns the record formats (one JSON object per line):
+"""Training data: tokenization with completion-only labels, packing, collation, and a resumable
+shuffled batch iterator, over canonical records:
 
 * ``{"prompt": str, "completion": str}``   QA / instruction pairs; loss on the completion only by default.
 * ``{"messages": [{"role", "content"}, ...]}``   chat; loss on the assistant messages only by default.
 * ``{"text": str}``   plain text; packed into fixed-length blocks, loss on every token.
 
 Optional ``"answers": [str, ...]`` on a QA record lists the accepted answers for evaluation
-(`meft.evaluate`); other extra keys are kept and ignored. Every malformed line is collected and the
-load refuses with one `DataError` listing ``file:line: reason`` for each (blank lines are allowed).
+(`meft.evaluate`). Reading files and turning Alpaca / ShareGPT / OpenAI records into these is
+`meft.data.files` and `meft.data.formats` (`load_jsonl`, `DataError`, `validate_record` and
+`records_kind` are re-exported here for older callers).
 
 Tokenization renders the chat template (instruct tokenizers, i.e. ``tokenizer.chat_template`` set) to a
 string and tokenizes the prompt part and each supervised part separately, so the label boundary is
@@ -21,18 +20,19 @@ Built-in datasets live in `meft.data.builtin`.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from meft.data.files import load_jsonl, load_records
+from meft.data.formats import DataError, records_kind, validate_record
 
 __all__ = [
     "IGNORE_INDEX",
     "DataError",
     "load_jsonl",
+    "load_records",
     "validate_record",
     "records_kind",
     "uses_chat_template",
@@ -47,116 +47,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-_ROLES = ("system", "user", "assistant")
-_MAX_SHOWN = 50
-
-
-class DataError(ValueError):
-    """Malformed training data. `errors` holds one ``"file:line: reason"`` string per problem."""
-    def __init__(self, errors: Sequence[str], what: str = "data"):
-        self.errors = list(errors)
-        shown = "\n  ".join(self.errors[:_MAX_SHOWN])
-        more = f"\n  ... and {len(self.errors) - _MAX_SHOWN} more" if len(self.errors) > _MAX_SHOWN else ""
-        super().__init__(
-            f"{len(self.errors)} problem(s) in {what}; nothing was skipped, fix them and rerun:"
-            f"\n  {shown}{more}"
-        )
-
-
-# ----------------------------------------------------------------------------- validation
-
-def _check_message(i: int, msg) -> str | None:
-    if not isinstance(msg, dict):
-        return f"messages[{i}] is {type(msg).__name__}, expected an object with 'role' and 'content'"
-    if msg.get("role") not in _ROLES:
-        return f"messages[{i}].role is {msg.get('role')!r}, expected one of {list(_ROLES)}"
-    if not isinstance(msg.get("content"), str):
-        return f"messages[{i}].content is {type(msg.get('content')).__name__}, expected a string"
-    return None
-
-
-def _check_messages(messages) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list of {'role', 'content'} objects"
-    for i, msg in enumerate(messages):
-        problem = _check_message(i, msg)
-        if problem:
-            return problem
-    if not any(m["role"] == "assistant" for m in messages):
-        return "'messages' has no assistant message, so there is nothing to learn"
-    return None
-
-
-def validate_record(rec) -> tuple[str | None, str | None]:
-    """Return ``(kind, None)`` with kind in {"qa", "chat", "text"}, or ``(None, reason)``."""
-    if not isinstance(rec, dict):
-        return None, f"expected a JSON object, got {type(rec).__name__}"
-    present = [k for k in ("prompt", "messages", "text") if k in rec]
-    if len(present) != 1:
-        what = "none of" if not present else f"several of ({', '.join(present)})"
-        return None, (f"record has {what} the keys 'prompt'+'completion', 'messages', 'text' "
-                      f"(keys: {sorted(rec)[:8]}); use exactly one format per record")
-    kind = {"prompt": "qa", "messages": "chat", "text": "text"}[present[0]]
-    if kind == "qa":
-        for key in ("prompt", "completion"):
-            if not isinstance(rec.get(key), str):
-                return None, f"'{key}' is {type(rec.get(key)).__name__}, expected a string"
-        if not rec["completion"].strip():
-            return None, "'completion' is empty, so there is nothing to learn"
-    elif kind == "chat":
-        problem = _check_messages(rec["messages"])
-        if problem:
-            return None, problem
-    elif not isinstance(rec["text"], str) or not rec["text"].strip():
-        return None, "'text' must be a non-empty string"
-    answers = rec.get("answers")
-    if answers is not None and (not isinstance(answers, list) or not answers
-                                or not all(isinstance(a, str) for a in answers)):
-        return None, "'answers' must be a non-empty list of strings"
-    return kind, None
-
-
-def load_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read and validate a JSONL file; raise `DataError` listing every bad line, never skip one.
-
-    Each returned record gets ``"_source": "file:line"`` so later errors can point back at it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError([f"{path}: no such file"], what=str(path))
-    records, errors, kinds = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            kind, reason = validate_record(rec)
-            if reason:
-                errors.append(f"{where}: {reason}")
-                continue
-            kinds.setdefault("text" if kind == "text" else "supervised", where)
-            records.append({**rec, "_source": where})
-    if len(kinds) > 1:
-        errors.append(f"{path}: mixes 'text' records (first at {kinds['text']}) with prompt/messages "
-                      f"records (first at {kinds['supervised']}); put them in separate files")
-    if not records and not errors:
-        errors.append(f"{path}: no records (the file is empty)")
-    if errors:
-        raise DataError(errors, what=str(path))
-    return records
-
-
-def records_kind(records: Sequence[dict]) -> str:
-    """"text" if every record is a text record, "qa" if every record is prompt/completion or chat."""
-    kinds = {"text" if "text" in r else "qa" for r in records}
-    if len(kinds) != 1:
-        raise DataError([f"records mix {sorted(kinds)}; use one kind per dataset"])
-    return kinds.pop()
 
 
 # ----------------------------------------------------------------------------- tokenization

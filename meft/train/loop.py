@@ -1,8 +1,9 @@
 """The training loop behind `meft train`: a plain PyTorch loop around a wrapped model.
 
 Owns: loading model + data for a run, evaluation before/after, the step loop (micro-batches,
-optimizer steps, learning-rate schedule), per-step metrics (loss, tokens/s, active rows, bytes moved
-each way, CPU update time) into a progress bar and `metrics.jsonl`, resumable checkpoints
+optimizer steps, learning-rate schedule), per-step metrics (loss, lr, tokens/s, rows and bytes moved
+each way, CPU update time, routing: distinct experts and budget-dropped share) into a progress bar,
+`metrics.jsonl` and the `--report-to` trackers (`meft.train.tracking`), resumable checkpoints
 (`meft.train.checkpoint`), Ctrl-C (finish the step, save, exit cleanly), and the end-of-run summary table
 and loss plot. Everything model-specific lives in `meft.adapter.wrap` / `meft.adapter.runtime`.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import asdict
@@ -29,6 +31,7 @@ from meft.train.args import LR_SCHEDULES, TrainArgs
 from meft.train.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from meft.train.loss import causal_lm_loss
 from meft.train.run_log import MetricsLog, plot_loss_curve
+from meft.train.tracking import open_tracker, parse_report_to, step_traffic
 from offload.text import format_table
 
 __all__ = ["train", "train_step", "setup_run", "lr_lambda"]
@@ -118,14 +121,25 @@ def setup_run(args: TrainArgs, cfg: MeftConfig):
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     data = load_run_data(args, tokenizer, seed=cfg.seed)
+    print(data.description, flush=True)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # no KV cache in training (transformers says so otherwise)
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return meft, model, tokenizer, data
 
 
 def train(args: TrainArgs, cfg: MeftConfig) -> dict:
     """Run one fine-tune as described by `args` and `cfg`; returns the summary dict (also saved)."""
     cfg.validate()
+    parse_report_to(args.report_to)  # a bad value fails before the model loads
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("meft train runs as one process: data-parallel meft training (torchrun) is not built yet "
+                         "(issue 16), and every rank would train its own copy into the same output_dir; fix: run "
+                         "`meft train` without torchrun")
     out = Path(args.output_dir)
     meft, model, tokenizer, data = setup_run(args, cfg)
     total = args.steps or max(1, math.ceil(args.epochs * data.batches.batches_per_epoch / cfg.grad_accum_steps))
@@ -150,12 +164,14 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
             s.step()
         print(f"meft: resumed from {resume_from} at step {start}", flush=True)
     log = MetricsLog(out, resume_step=start)
-    (out / "config.json").write_text(json.dumps({"train": asdict(args), "meft": cfg.to_dict()}, indent=2))
+    run_config = {"train": asdict(args), "meft": cfg.to_dict()}
+    (out / "config.json").write_text(json.dumps(run_config, indent=2))
+    tracker = open_tracker(args.report_to, out, run_config)
     interrupted, t_train = False, time.perf_counter()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=start, desc="train", disable=not args.progress, dynamic_ncols=True)
-    prev = rt.traffic_totals()
+    prev = step_traffic(rt)
     with _StopFlag() as stop:
         for step in range(start + 1, total + 1):
             t0 = time.perf_counter()
@@ -165,13 +181,9 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
             for s in scheds:
                 s.step()
             dt = time.perf_counter() - t0
-            now = rt.traffic_totals()
-            rec = {"step": step, "loss": loss, "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt,
-                   "active_rows": now[2] - prev[2], "mb_down": (now[0] - prev[0]) / 1e6,
-                   "mb_up": (now[1] - prev[1]) / 1e6, "cpu_update_ms": now[3] - prev[3],
-                   "lr": rt.optimizer.param_groups[0]["lr"]}
-            prev = now
+            rec, prev = _step_record(rt, prev, step=step, loss=loss, tokens=tokens, dt=dt)
             log.write(rec)
+            tracker.log_record(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", rows=rec["active_rows"],
                             down=f"{rec['mb_down']:.1f}MB", up=f"{rec['mb_up']:.1f}MB",
@@ -184,6 +196,7 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
                 interrupted = True
                 break
     bar.close()
+    tracker.close()
     train_s = time.perf_counter() - t_train
     records = log.read()
     log.close()
@@ -197,6 +210,17 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
     print(f"meft: run folder {out} (metrics.jsonl, loss.png, adapter/, checkpoints/, summary.json)")
     rt.close()
     return summary
+
+
+def _step_record(rt, prev: dict, *, step: int, loss: float, tokens: int, dt: float) -> tuple[dict, dict]:
+    """(one metrics.jsonl record, traffic now): this step's traffic (differences of `step_traffic`),
+    learning rate and routing of its latest micro-batch."""
+    now, routing = step_traffic(rt), rt.routing_stats()
+    d = {k: now[k] - prev[k] for k in now}
+    return {"step": step, "loss": loss, "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt,
+            "active_rows": d["rows_down"], "rows_up": d["rows_up"], "mb_down": d["bytes_down"] / 1e6,
+            "mb_up": d["bytes_up"] / 1e6, "cpu_update_ms": d["cpu_ms"], "lr": rt.optimizer.param_groups[0]["lr"],
+            "distinct_experts": routing["distinct_experts"], "dropped_share": routing["dropped_share"]}, now
 
 
 def _summary(args, cfg, rt, records, before, after, train_s, interrupted) -> dict:

@@ -94,12 +94,15 @@ BAD = {
     "bad_answers": ('{"prompt": "a", "completion": "b", "answers": "b"}', "'answers' must be"),
 }
 GOOD_QA = '{"prompt": "What is the capital of France?", "completion": "Paris"}'
+GOOD_CHAT = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}'
+GOOD_TEXT = '{"text": "hello"}'
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))
 def test_each_malformed_kind_reports_file_and_line(tmp_path, kind):
     line, reason = BAD[kind]
-    path = _write(tmp_path, [GOOD_QA, "", line, GOOD_QA])  # bad record on line 3
+    good = GOOD_CHAT if '"messages"' in line else GOOD_TEXT if line.startswith('{"text"') else GOOD_QA
+    path = _write(tmp_path, [good, "", line, good])  # bad record on line 3, in the file's format
     with pytest.raises(DataError) as info:
         load_jsonl(path)
     assert len(info.value.errors) == 1
@@ -120,7 +123,8 @@ def test_all_errors_collected_in_one_refusal(tmp_path):
 
 def test_mixing_text_and_qa_refused(tmp_path):
     path = _write(tmp_path, [GOOD_QA, '{"text": "hello"}'])
-    with pytest.raises(DataError, match=r"mixes 'text' records \(first at .*:2\)"):
+    with pytest.raises(DataError, match=r":2: a text record, but this file holds prompt_completion records "
+                                        r"\(1 of them, first at .*:1\)"):
         load_jsonl(path)
 
 
@@ -133,10 +137,10 @@ def test_empty_and_missing_file(tmp_path):
 
 def test_valid_file_loads_with_sources(tmp_path):
     msgs = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-    path = _write(tmp_path, [GOOD_QA, json.dumps(msgs), ""])
+    path = _write(tmp_path, [json.dumps(msgs), "", json.dumps(msgs)])
     recs = load_jsonl(path)
-    assert [r["_source"] for r in recs] == [f"{path}:1", f"{path}:2"]
-    assert recs[0]["completion"] == "Paris" and recs[1]["messages"] == msgs["messages"]
+    assert [r["_source"] for r in recs] == [f"{path}:1", f"{path}:3"]
+    assert recs[0]["messages"] == msgs["messages"] and recs[0]["_format"] == "messages"
 
 
 # ----------------------------------------------------------------------------- tokenization
