@@ -93,9 +93,8 @@ def route(x: Tensor, gate: Tensor, *, experts_per_token: int, expert_size: int,
     slots = torch.sort(torch.where(used, order, n_experts)).values  # [B] used ascending, then E
     kept = torch.where(slots < n_experts, slots, -1)  # [B]
     col = torch.full((n_experts + 1,), -1, dtype=torch.int64, device=x.device)  # [E + 1], E: the unused
-    col.scatter_(0, slots, torch.arange(budget, device=x.device))
-    col[n_experts] = -1
-    pos = col[:n_experts][top_idx]  # [T, k]
+    col.scatter_(0, slots, torch.arange(budget, device=x.device))  # unused slots land in column E
+    pos = col[:n_experts][top_idx]  # [T, k] (a Python-scalar store into col would be a synced H2D copy)
     rows = kept[:, None] * expert_size + torch.arange(expert_size, device=x.device)  # [B, S]
     ids = torch.where(kept[:, None] >= 0, rows, -1).reshape(-1)  # [B * S]
     return Routing(top_idx=top_idx, pos=pos, kept=kept, ids=ids, expert_size=expert_size)
