@@ -140,3 +140,16 @@ def test_bench_step_json_ends_with_ratios(tiny_dir, capsys):
     assert list(res)[-2:] == ["meft_vs_lora_step_ratio", "traffic_vs_meft_original"]
     assert 0 < res["traffic_vs_meft_original"] < 1 and res["meft_vs_lora_step_ratio"] > 0
     assert res["traffic"]["measured_equals_analytic"]
+
+
+def test_bench_pipeline_quick_json_on_tiny_model(tiny, capsys):
+    from experiments import bench_pipeline
+
+    bench_pipeline.main(["--quick", "--json", "--model", str(tiny / "model"), "--new-tokens", "4"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(res)[-5:] == ["forward_syncs_per_layer", "step_syncs", "exposed_fetch_fraction",
+                              "bytes_vs_analytic", "generate_tokens_per_s"]
+    assert res["forward_syncs_per_layer"] == 0 and res["backward_syncs_adapter_path"] == 0
+    assert res["bytes_vs_analytic"]["accum_1"] == pytest.approx(1.0)
+    assert res["bytes_vs_analytic"]["accum_2"] >= 1.0 and res["exposed_fetch_fraction"] >= 0
+    assert all(v > 0 for v in res["generate_tokens_per_s"].values())
