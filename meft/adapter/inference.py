@@ -51,8 +51,7 @@ class InferenceRows:
         """Rows [R, W] in the wire dtype on the device for ids [R] (-1: an unused slot)."""
         if not self.resident():
             return self.scheduler.read_rows(idx, ids).to(self.wire)
-        if self._rows is None:
-            self.scheduler.flush()  # delayed (staleness 1) updates land first
+        if self._rows is None:  # the runtime has flushed delayed (staleness 1) updates before asking
             self._rows = [s.weights.to(self.wire).to(self.device) for s in self.stores]  # one bulk copy each
             self.builds += 1
         return self._rows[idx].index_select(0, ids.clamp(min=0))  # [R, W]
