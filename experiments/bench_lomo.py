@@ -1,0 +1,368 @@
+"""Lomo / AdaLomo: peak memory and step time against AdamW and SGD, and the cost of the fused hooks.
+
+Part 1 (issue 15): a model of SmolLM2-135M's size from its config (hidden 576, intermediate 1536, 30
+layers, 9 heads, 3 kv heads, vocab 49152, tied embeddings; random weights, seed 0, no hub), fp32 and bf16.
+For one step of torch.optim.AdamW, torch.optim.SGD, meft.Lomo and meft.AdaLomo: the peak of parameters +
+gradients + optimizer state + activations, measured on the real tensors by torch's MemTracker (model,
+optimizer and batch tracked; steady state: after the warm-up and timed steps), broken down by category;
+and the step time (zero_grad + forward + backward + step; Lomo/AdaLomo: forward + `opt.backward(loss)` +
+`opt.step()`), median (and best) of samples interleaved with the order rotating per round. bf16 uses a
+shorter batch: this CPU has no native bf16, its bf16 GEMMs run at 0.1-3 GFLOP/s (a 2 x 128-token step
+took over a minute); the bf16 peak falls at the end of backward, not on activations. Torch runs 1 thread
+(`--threads`): on a shared 2-core box, 2-thread OpenMP regions stall at their barriers whenever another
+process holds a core (the same backward measured 3-37 s, vs 0.5 s with 1 thread).
+
+Part 2: hook overhead on a deeper, narrower Llama (78 layers, hidden 192: 704 parameter tensors, fp32):
+plain `loss.backward()` vs Lomo's fused backward (hooks + SGD update) vs `OriginalLomo` below, the
+original LOMO hook scheme as a reference (each hook scans all parameters: O(n^2) per backward).
+
+    python experiments/bench_lomo.py [--quick] [--json] [--write-benchmarks]
+
+Targets: Lomo and AdaLomo peak <= 0.4x AdamW's (headline: the worse of fp32 and bf16); Lomo backward /
+plain backward <= 1.3x. `--json` prints a JSON object as the last stdout line, ending with
+`lomo_peak_ratio_vs_adamw`, `adalomo_peak_ratio_vs_adamw`, `hook_overhead_ratio`. `--write-benchmarks`
+replaces (or appends) this benchmark's section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import meft  # noqa: E402
+
+__all__ = ["main", "OriginalLomo"]
+
+SECTION = "## Lomo / AdaLomo: memory and hook overhead (experiments/bench_lomo.py)"
+METHODS = ("adamw", "sgd", "lomo", "adalomo")
+LR = {"adamw": 1e-5, "sgd": 1e-4, "lomo": 1e-4, "adalomo": 1e-5}
+CATEGORIES = ("Parameter", "Gradient", "Optstate", "Activation", "Temp")
+TARGET_PEAK, TARGET_HOOK = 0.4, 1.3
+MIB = 2**20
+# layers of the SmolLM2-size model; (batch, seq) per dtype; timed samples per method; hook model layers, ...
+FULL = {"layers": 30, "fp32": (2, 128), "bf16": (1, 8), "samples": 3, "bf16_samples": 3, "hook_layers": 78,
+        "hook_bt": (1, 128), "hook_samples": 10}
+QUICK = {"layers": 2, "fp32": (1, 64), "bf16": (1, 4), "samples": 2, "bf16_samples": 1, "hook_layers": 26,
+         "hook_bt": (1, 64), "hook_samples": 2}
+
+
+def smollm_config(layers: int) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                                    tie_word_embeddings=True)
+
+
+def hook_config(layers: int) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(hidden_size=192, intermediate_size=512, num_hidden_layers=layers,
+                                    num_attention_heads=3, num_key_value_heads=1, vocab_size=49152,
+                                    tie_word_embeddings=True)
+
+
+def build(cfg, dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    model.train()
+    return model
+
+
+def batch(cfg, bt) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, bt, generator=torch.Generator().manual_seed(1))  # [B, T]
+
+
+def make_opt(name: str, model):  # torch's defaults (CPU: for-loop implementations); SGD without momentum
+    if name in ("adamw", "sgd"):
+        return {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name](model.parameters(), lr=LR[name])
+    return {"lomo": meft.Lomo, "adalomo": meft.AdaLomo}[name](model, lr=LR[name])
+
+
+def train_step(model, opt, ids) -> None:
+    if isinstance(opt, (meft.Lomo, meft.AdaLomo)):
+        opt.backward(model(input_ids=ids, labels=ids).loss)  # the update happens in here
+        opt.step()
+    else:
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+
+class PeakTracker(MemTracker):
+    """MemTracker keeping only the global peak: upstream also keeps per-module peaks, O(modules) work per op
+    (a tracked step took 4-6x a plain one); the global peak is updated exactly as upstream does."""
+
+    def _update_peak_stats(self, peak_state) -> None:
+        for dev, snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < snap["Total"]:
+                self._peak_mem[dev], self._peak_mem_snap[dev] = snap["Total"], dict(snap)
+
+
+def peak_memory(model, opt, ids) -> dict:
+    """MiB per MemTracker category at the peak of one step, and "Total"."""
+    opt.zero_grad(set_to_none=True)  # the previous step's gradients are not part of this one
+    mt = PeakTracker() if hasattr(MemTracker, "_update_peak_stats") else MemTracker()
+    mt.track_external(model, opt, ids)
+    with warnings.catch_warnings():
+        # MemTracker's own post-accumulate hook runs after Lomo's, which already freed p.grad
+        warnings.filterwarnings("ignore", message="Expected a tensor")
+        with mt:
+            train_step(model, opt, ids)
+    (snap,) = mt.get_tracker_snapshot("peak").values()
+    return {str(getattr(k, "value", k)): v / MIB for k, v in snap.items()}
+
+
+def bench_dtype(base, dtype, bt, samples: int) -> dict:
+    ids, runs = batch(base.config, bt), {}
+    for name in METHODS:
+        model = copy.deepcopy(base).to(dtype)
+        runs[name] = (model, make_opt(name, model))
+    times = {name: [] for name in METHODS}
+    label = str(dtype).removeprefix("torch.")
+    with tqdm(total=(samples + 1) * len(METHODS), desc=f"{label} steps", file=sys.stderr) as bar:
+        for r in range(samples + 1):  # round 0 is the warm-up
+            order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
+            for name in order:
+                t0 = time.perf_counter()
+                train_step(*runs[name], ids)
+                dt = time.perf_counter() - t0
+                if r:
+                    times[name].append(dt)
+                bar.update()
+    out = {}
+    for name in tqdm(METHODS, desc=f"{label} peak memory", file=sys.stderr):
+        mem = peak_memory(*runs[name], ids)
+        out[name] = {"peak_mib": mem["Total"], "breakdown_mib": {c: mem.get(c, 0.0) for c in CATEGORIES},
+                     "step_s": statistics.median(times[name]), "step_s_best": min(times[name]),
+                     "step_s_samples": times[name]}
+    for name in METHODS:
+        out[name]["peak_vs_adamw"] = out[name]["peak_mib"] / out["adamw"]["peak_mib"]
+    return out
+
+
+class OriginalLomo:
+    """Reference only: the original LOMO's hook scheme (OpenLMLab/LOMO `LOMO.fuse_update`), SGD, no clipping.
+
+    A tensor hook on every trainable parameter; each hook call walks ALL named parameters and updates (and
+    frees) every one whose `.grad` has been accumulated, so n hooks x n parameters per backward. The hook of
+    a parameter fires before its own gradient is accumulated, hence the extra call after backward.
+    """
+
+    def __init__(self, model, lr: float):
+        self.model, self.lr = model, lr
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.register_hook(self.grad_func)
+
+    def grad_func(self, x):
+        with torch.no_grad():
+            for _, p in self.model.named_parameters():
+                if p.requires_grad and p.grad is not None:
+                    grad_fp32 = p.grad.to(torch.float32)
+                    p.grad = None
+                    p_fp32 = p.data.to(torch.float32)
+                    p_fp32.add_(grad_fp32, alpha=-self.lr)
+                    p.data.copy_(p_fp32)
+        return x
+
+    def fused_backward(self, loss) -> None:
+        loss.backward()
+        self.grad_func(0)  # the last parameter's gradient was accumulated after its hook
+
+
+def bench_hooks(cfg, bt, samples: int) -> dict:
+    base, ids = build(cfg, torch.float32), batch(cfg, bt)
+    n_tensors = sum(1 for _ in base.parameters())
+    models = {k: copy.deepcopy(base) for k in ("plain", "lomo", "original")}
+    lr = 1e-2  # large enough that one step moves the weights: the check below compares the three
+    sgd = torch.optim.SGD(models["plain"].parameters(), lr=lr)
+    lomo = meft.Lomo(models["lomo"], lr=lr)
+    orig = OriginalLomo(models["original"], lr=lr)
+    times, names, diffs = {k: [] for k in (*models, "sgd_step")}, tuple(models), {}
+    backward = {"plain": lambda loss: loss.backward(), "lomo": lambda loss: (lomo.backward(loss), lomo.step()),
+                "original": orig.fused_backward}
+    for r in tqdm(range(samples + 1), desc="hook overhead rounds", file=sys.stderr):
+        for name in names[r % 3:] + names[:r % 3]:
+            loss = models[name](input_ids=ids, labels=ids).loss
+            t0 = time.perf_counter()
+            backward[name](loss)
+            dt = time.perf_counter() - t0
+            if r:
+                times[name].append(dt)
+            if name == "plain":  # the update Lomo fuses into backward, timed apart for context
+                t1 = time.perf_counter()
+                sgd.step()
+                if r:
+                    times["sgd_step"].append(time.perf_counter() - t1)
+                sgd.zero_grad(set_to_none=True)
+        if r == 0:  # one SGD step each from the same weights and batch: a correctness check
+            with torch.no_grad():
+                ref = dict(models["lomo"].named_parameters())
+                for k in ("plain", "original"):
+                    diffs[k] = max(float((p - ref[n]).abs().max()) for n, p in models[k].named_parameters())
+                diffs["moved"] = max(float((p - ref[n]).abs().max()) for n, p in base.named_parameters())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "n_tensors": n_tensors,
+            "n_params": sum(p.numel() for p in base.parameters()), "batch": list(bt),
+            "plain_bwd_s": med["plain"], "sgd_step_s": med["sgd_step"], "lomo_bwd_s": med["lomo"],
+            "original_bwd_s": med["original"], "samples": {k: v for k, v in times.items()},
+            "max_abs_diff_after_one_step_vs_lomo": diffs,
+            "lomo_vs_plain_plus_sgd_step": med["lomo"] / (med["plain"] + med["sgd_step"]),
+            "original_vs_plain": med["original"] / med["plain"], "hook_overhead_ratio": med["lomo"] / med["plain"]}
+
+
+def verdict(value: float, target: float) -> str:
+    return f"**{value:.3f}** (target <= {target}): **{'HIT' if value <= target else 'MISS'}**"
+
+
+def report(res: dict) -> str:
+    cfg, h = res["config"], res["hook"]
+    cols = ("peak MiB", "/ AdamW", "params", "grads", "opt state", "activations", "temp", "step s", "best s")
+    lines = [f"Model: SmolLM2-135M config, {cfg['layers']} layers ({res['n_params'] / 1e6:.1f} M parameters, "
+             f"{res['n_tensors']} tensors), random weights, {cfg['attn']} attention, {cfg['threads']} torch "
+             f"thread(s). Tokens per step: fp32 batch {cfg['fp32'][0]} x seq {cfg['fp32'][1]}, bf16 batch "
+             f"{cfg['bf16'][0]} x seq {cfg['bf16'][1]}; 1 warm-up + {cfg['samples']} (bf16: {cfg['bf16_samples']}) "
+             "interleaved timed steps per method (median, best), then one MemTracker step. MiB at the peak:", "",
+             "| dtype | method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for dt in ("fp32", "bf16"):
+        for name in METHODS:
+            r, b = res[dt][name], res[dt][name]["breakdown_mib"]
+            cells = [f"{r['peak_mib']:.0f}", f"{r['peak_vs_adamw']:.3f}", *(f"{b[c]:.0f}" for c in CATEGORIES),
+                     f"{r['step_s']:.2f}", f"{r['step_s_best']:.2f}"]
+            lines.append(f"| {dt} | {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Hook overhead: Llama with {h['layers']} layers, hidden {h['hidden']} "
+              f"({h['n_params'] / 1e6:.1f} M parameters, {h['n_tensors']} tensors), fp32, batch {h['batch'][0]} x "
+              f"seq {h['batch'][1]}, 1 warm-up + {cfg['hook_samples']} interleaved rounds, medians:", "",
+              "| backward | s (median) | / plain | best s | best / plain best |", "|---|---|---|---|---|"]
+    plain, sm, best = h["plain_bwd_s"], h["samples"], {k: min(v) for k, v in h["samples"].items()}
+    plain_sgd = min(a + b for a, b in zip(sm["plain"], sm["sgd_step"]))
+    rows = (("plain `loss.backward()`", plain, best["plain"]),
+            ("plain + `SGD.step()` (context)", plain + h["sgd_step_s"], plain_sgd),
+            ("meft.Lomo fused (hooks + update)", h["lomo_bwd_s"], best["lomo"]),
+            ("original LOMO scheme (O(n^2) scan, reference)", h["original_bwd_s"], best["original"]))
+    for label, v, bst in rows:
+        lines.append(f"| {label} | {v:.3f} | {v / plain:.2f} | {bst:.3f} | {bst / best['plain']:.2f} |")
+    lines.append("")
+    for m, label in (("lomo", "Lomo"), ("adalomo", "AdaLomo")):
+        worse = verdict(res[f"{m}_peak_ratio_vs_adamw"], TARGET_PEAK)
+        lines.append(f"- {label} peak / AdamW peak: fp32 {res['fp32'][m]['peak_vs_adamw']:.3f}, bf16 "
+                     f"{res['bf16'][m]['peak_vs_adamw']:.3f}; worse {worse}")
+    d = h["max_abs_diff_after_one_step_vs_lomo"]
+    lines += [f"- Lomo backward / plain backward {verdict(res['hook_overhead_ratio'], TARGET_HOOK)}; Lomo / "
+              f"(plain + SGD.step()) = {h['lomo_vs_plain_plus_sgd_step']:.2f}; original scheme / plain = "
+              f"{h['original_vs_plain']:.2f}",
+              f"- check: after one step from the same weights, max |w - w_Lomo| = {d['plain']:.1e} (SGD), "
+              f"{d['original']:.1e} (original scheme); the step moved the weights by up to {d['moved']:.1e}"]
+    return "\n".join(lines + [f"- note: {n}" for n in res["notes"]])
+
+
+def notes(res: dict) -> list[str]:
+    out, big = [], res["largest_fp32_mib"]
+    for dt in ("fp32", "bf16"):
+        adamw = res[dt]["adamw"]["peak_mib"]
+        for name in ("lomo", "adalomo"):
+            r, b = res[dt][name], res[dt][name]["breakdown_mib"]
+            if r["peak_vs_adamw"] <= TARGET_PEAK:
+                continue
+            act, tmp, sgd_tmp = b["Activation"], b["Temp"], res[dt]["sgd"]["breakdown_mib"]["Temp"]
+            why = "activations dominate at this batch" if act > tmp else (
+                f"temporaries dominate: {tmp / big:.1f}x the fp32 size of the largest tensor (the tied embedding, "
+                f"{big:.0f} MiB)" + ("; fp32 temporaries in a bf16 model: the fused update's fp32 working copies"
+                                     if dt == "bf16" else "")
+                + f" (SGD's peak holds {sgd_tmp:.0f} MiB of temporaries: the embedding's gradient accumulation)")
+            out.append(f"{dt} {name}: peak {r['peak_mib']:.0f} MiB = parameters {b['Parameter']:.0f} + activations "
+                       f"{act:.0f} + temporaries {tmp:.0f} + gradients/state {b['Gradient'] + b['Optstate']:.0f}; "
+                       f"parameters alone are {b['Parameter'] / adamw:.2f}x AdamW's peak; {why}")
+    h = res["hook"]
+    if h["hook_overhead_ratio"] > TARGET_HOOK:
+        out.append(f"hook overhead {h['hook_overhead_ratio']:.2f}x: Lomo's backward also performs the update, "
+                   f"which the plain backward does not; against plain backward + SGD.step() it is "
+                   f"{h['lomo_vs_plain_plus_sgd_step']:.2f}x")
+    if res["config"]["loadavg"] > res["config"]["cores"]:
+        out.append(f"shared machine (load average {res['config']['loadavg']:.1f} on {res['config']['cores']} "
+                   "cores): absolute times are inflated, ratios of interleaved medians less so")
+    return out
+
+
+def machine() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+               platform.machine())
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at report time), "
+            f"{ram:.0f} GiB RAM, {platform.system()} {platform.release()}")
+
+
+def write_benchmarks(text: str, argv: list[str]) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    body = (f"{SECTION}\n\nCommand: `python experiments/bench_lomo.py {' '.join(argv)}`  \n"
+            f"Date: {datetime.datetime.now().strftime('%Y-%m-%dT%H:%M')}  \nMachine: {machine()}  \n"
+            f"Versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}\n\n{text}\n")
+    old = path.read_text() if path.exists() else ""
+    start = old.find(SECTION)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + body
+    else:
+        nxt = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + body + (old[nxt:] if nxt >= 0 else "")
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 layers, 26-layer hook model, fewer samples")
+    ap.add_argument("--json", action="store_true", help="print a JSON object as the last stdout line")
+    ap.add_argument("--write-benchmarks", action="store_true", help="write this section of BENCHMARKS.md")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see the docstring)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    preset = QUICK if args.quick else FULL
+    cfg = smollm_config(preset["layers"])
+    t_start = time.perf_counter()
+    base = build(cfg, torch.float32)  # every method and dtype starts from these weights
+    sizes = [p.numel() for p in base.parameters()]
+    res = {"config": {**preset, "attn": base.config._attn_implementation, "threads": torch.get_num_threads(),
+                      "cores": os.cpu_count()},
+           "n_params": sum(sizes), "n_tensors": len(sizes), "largest_fp32_mib": max(sizes) * 4 / MIB}
+    res["fp32"] = bench_dtype(base, torch.float32, preset["fp32"], preset["samples"])
+    res["bf16"] = bench_dtype(base, torch.bfloat16, preset["bf16"], preset["bf16_samples"])
+    del base
+    res["hook"] = bench_hooks(hook_config(preset["hook_layers"]), preset["hook_bt"], preset["hook_samples"])
+    res["config"]["loadavg"] = os.getloadavg()[0]
+    res["config"]["wall_s"] = time.perf_counter() - t_start
+    res["lomo_peak_ratio_vs_adamw"] = max(res[dt]["lomo"]["peak_vs_adamw"] for dt in ("fp32", "bf16"))
+    res["adalomo_peak_ratio_vs_adamw"] = max(res[dt]["adalomo"]["peak_vs_adamw"] for dt in ("fp32", "bf16"))
+    res["hook_overhead_ratio"] = res["hook"]["hook_overhead_ratio"]
+    res["notes"] = notes(res)
+    text = report(res)
+    print(text)
+    print(f"(wall time {res['config']['wall_s']:.0f} s)")
+    if args.write_benchmarks:
+        write_benchmarks(text, sys.argv[1:] if argv is None else argv)
+        print(f"wrote section to {ROOT / 'BENCHMARKS.md'}")
+    if args.json:
+        keys = ("lomo_peak_ratio_vs_adamw", "adalomo_peak_ratio_vs_adamw", "hook_overhead_ratio")
+        ordered = {k: v for k, v in res.items() if k not in keys} | {k: res[k] for k in keys}
+        print(json.dumps(ordered))
+    return res
+
+
+if __name__ == "__main__":
+    main()
