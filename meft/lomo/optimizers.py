@@ -143,8 +143,10 @@ class AdaLomo(FusedBackwardOptimizer):
         update = g32.square().add_(eps1)
         if "exp_avg_sq_row" in state:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+            row_mean, col_mean = update.mean(dim=-1), update.mean(dim=-2)
+            del update  # free g^2 before the update is built: one full fp32 temporary fewer at the peak
+            row.mul_(beta2t).add_(row_mean, alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(col_mean, alpha=1.0 - beta2t)
             r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)  # [.., R, 1]
             update = torch.mul(r_factor, col.unsqueeze(-2).rsqrt()).mul_(g32)  # [.., R, C]
         else:
