@@ -36,6 +36,7 @@ __all__ = [
     "check_architecture",
     "load_tokenizer",
     "load_model",
+    "enable_checkpointing",
 ]
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -251,6 +252,17 @@ def load_tokenizer(model: str | os.PathLike | None = None, *, cache: str | os.Pa
     tokenizer = AutoTokenizer.from_pretrained(where)
     _ensure_chat_and_pad(tokenizer)
     return tokenizer
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation (gradient) checkpointing, under whichever name this transformers version
+    has (`activation_checkpointing_enable` from 5.x; the older name warns there), and no KV cache."""
+    model.config.use_cache = False  # no KV cache in training (transformers says so otherwise)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_model(model: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,

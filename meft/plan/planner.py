@@ -33,6 +33,7 @@ from meft.plan.fake_step import adamw_states, adamw_step, attach_meft, build_mod
 from meft.plan.search import format_plan as fmt
 from meft.plan.search import search_fits
 from meft.plan.track import measure_step
+from meft.pretrained import enable_checkpointing
 from offload.scheduler import TransferScheduler
 from offload.store import RowStore
 
@@ -119,7 +120,7 @@ def _run_fake_step(hf_config, opts: PlanOptions, cfg: MeftConfig) -> dict:
         elif opts.method == "dense":
             dense = attach_dense(model, cfg, dtype)
         if opts.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         ids = torch.zeros(opts.batch, opts.seq, dtype=torch.int64)  # [B, T]
         trained = _trained_params(model, rt, dense, opts)
         backbone_opt = _backbone_optimizer(model, opts, cfg)

@@ -26,7 +26,7 @@ from meft.config import MeftConfig, parse_backbone_dtype
 from meft.data.records import IGNORE_INDEX
 from meft.data.sources import RunData, load_run_data
 from meft.evaluate import qa_accuracy
-from meft.pretrained import load_model
+from meft.pretrained import enable_checkpointing, load_model
 from meft.train.args import LR_SCHEDULES, TrainArgs
 from meft.train.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from meft.train.loss import causal_lm_loss
@@ -123,12 +123,7 @@ def setup_run(args: TrainArgs, cfg: MeftConfig):
     data = load_run_data(args, tokenizer, seed=cfg.seed)
     print(data.description, flush=True)
     if args.gradient_checkpointing:
-        model.config.use_cache = False  # no KV cache in training (transformers says so otherwise)
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return meft, model, tokenizer, data
 
 

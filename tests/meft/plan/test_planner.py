@@ -22,6 +22,7 @@ from meft.config import MeftConfig
 from meft.plan.planner import PlanOptions, estimate, parse_size, plan
 from meft.plan.search import largest_true
 from meft.plan.track import measure_step
+from meft.pretrained import enable_checkpointing
 from meft.train.loop import train_step
 
 SMALL = dict(adapter_rows=256, expert_size=16, experts_per_token=4, max_active_rows=64)
@@ -42,7 +43,7 @@ def _measured_peak(hf, cfg: MeftConfig, opts: PlanOptions) -> int:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa", dtype=dtype).train()
     if opts.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     meft.wrap(model, cfg)
     rt = model.meft
     ids = torch.randint(0, hf.vocab_size, (opts.batch, opts.seq))  # [B, T]
