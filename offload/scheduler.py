@@ -177,6 +177,9 @@ class TransferScheduler:
         if st.ids_reader is not None:
             wait_for(st.ids_reader, self._check)  # protects ids_host: a push's subset check reads it
             st.ids_reader = None
+        # a forward is issuing gathers: until its gradients come back, idle time runs no parked update
+        # (DESIGN: at staleness 1 no update runs while the forward may be waiting on a gather)
+        self.worker.hold_idle()
         h = self._start_part(st, ids, n, None)
         # staleness 1: the previous step's update, after this fetch's gathers
         h.owes_update = self.updates.take_pending(layer, self.step)
@@ -257,6 +260,7 @@ class TransferScheduler:
         rows fetched but not pushed get no gradient and no update. Host ids are checked here; device
         ids of a partial push (CUDA) are checked by the host worker (an error surfaces at the next call)."""
         self._entry("push_grads")
+        self.worker.release_idle()  # backward has begun: parked updates may use idle time again
         st = self._layer(layer)
         h = st.handle
         if h is None or h.step != self.step or h.micro_batch != self.micro_batch:
@@ -333,6 +337,7 @@ class TransferScheduler:
         """End the step: trigger remaining updates; staleness 0 waits until all of them are done."""
         self._entry("finish_step")
         self.clock.check_in_step("finish_step")
+        self.worker.release_idle()  # forwards without backward (evaluation inside a step) end here
         for st in self.layers:
             if st.handle is not None:
                 st.handle.release()  # fetches without gradients; queues an update a prefetch held back

@@ -55,14 +55,20 @@ class HostWorker:
     """FIFO thread for host tasks, plus deferred per-layer tasks (see module docstring).
 
     `submit(fn, layer)` runs in order. `defer(layer, fn)` (ordered like a submit) parks `fn`: it runs
-    when the queue is empty (idle time), or at the latest just before the next task of the same layer,
-    or at `run_deferred()`. Used for staleness-1 updates: the layer's state is then exactly what it
-    would be had `fn` run at its place in the queue, since nothing else touches that layer in between.
+    when the queue is empty (idle time) and idle time is not held, or at the latest just before the next
+    task of the same layer, or at `run_deferred()`. Used for staleness-1 updates: the layer's state is
+    then exactly what it would be had `fn` run at its place in the queue, since nothing else touches that
+    layer in between. `hold_idle()` / `release_idle()`: while held (the scheduler holds it during a
+    forward pass), idle time runs no parked task, so a gather the forward is about to wait on never
+    queues behind an update that started in a gap between two layers' fetches.
     """
 
     def __init__(self, name: str = "meft-host-worker", init: Callable[[], None] | None = None):
         self._q: queue.Queue = queue.Queue()
         self._deferred: dict = {}  # layer -> fn, insertion-ordered (oldest first)
+        self._idle_ok = threading.Event()  # set: idle time may run parked tasks (cleared during forwards)
+        self._idle_ok.set()
+        self.parked_runs_in_idle = 0  # parked tasks run in idle time (instrumentation for tests)
         if init is not None:
             self._q.put((init, None, "run"))  # first, on the worker thread (thread-local numba settings)
         self.error: BaseException | None = None
@@ -79,6 +85,15 @@ class HostWorker:
         """Queue a task that runs every parked task (flush)."""
         self._q.put((None, None, "all"))
 
+    def hold_idle(self) -> None:
+        """From now on idle time runs no parked task (a forward is issuing gathers)."""
+        self._idle_ok.clear()
+
+    def release_idle(self) -> None:
+        """Idle time may run parked tasks again (the forward is over)."""
+        self._idle_ok.set()
+        self._q.put((None, None, "wake"))  # a worker blocked on an empty queue looks at its parked tasks
+
     def pending(self) -> int:
         return self._q.qsize() + len(self._deferred)
 
@@ -86,8 +101,9 @@ class HostWorker:
         try:
             return self._q.get_nowait()
         except queue.Empty:
-            if self._deferred and self.error is None:  # idle: run the oldest parked task
+            if self._deferred and self.error is None and self._idle_ok.is_set():  # idle: the oldest parked
                 layer = next(iter(self._deferred))
+                self.parked_runs_in_idle += 1
                 return (self._deferred.pop(layer), layer, "run")
             return self._q.get()
 
@@ -100,6 +116,8 @@ class HostWorker:
             if self.error is not None:
                 continue  # broken: drain without running (callers are told through check())
             try:
+                if kind == "wake":
+                    continue
                 if kind == "defer":
                     self._deferred[layer] = fn
                 elif kind == "all":

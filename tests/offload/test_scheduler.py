@@ -382,3 +382,32 @@ def test_staging_bytes_is_what_the_scheduler_allocates(live):
     with TransferScheduler(opts, max_rows=32, n_slots=3, wire_dtype=torch.bfloat16, max_live_rows=live) as s:
         real = s.h2d_pool.nbytes + s.d2h_pool.nbytes + sum(st.ids_host.nbytes for st in s.layers)
         assert real == TransferScheduler.staging_bytes(3, 32, 16, torch.bfloat16, n_slots=3, max_live_rows=live)
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_staleness1_parked_updates_never_run_during_a_forward(hold):
+    """Staleness 1 parks layer l's update right after layer l's gather of the next step. During that
+    forward the worker must not spend idle gaps between two layers' fetches on parked updates (a gather
+    arriving then would queue behind one): they wait for backward (the first push). Negative control
+    (hold=False: the hold removed) shows the gaps are real: parked updates then run inside the forward."""
+    opts = [SparseAdamW(RowStore(4096, 64), lr=1e-2) for _ in range(4)]
+    ids = torch.arange(256)
+    with TransferScheduler(opts, max_rows=256, staleness=1) as s:
+        if not hold:
+            s.worker.hold_idle = lambda: None  # what the scheduler relies on, switched off
+        for step in range(2):
+            s.begin_step()
+            hs = []
+            for la in range(4):  # the forward: fetch every layer, with compute-sized gaps between them
+                hs.append(s.fetch(la, ids))
+                hs[-1].wait()
+                time.sleep(0.05)
+            during_forward = s.worker.parked_runs_in_idle
+            for la in reversed(range(4)):  # backward
+                s.push_grads(la, ids, torch.ones(256, 64))
+            s.finish_step()
+        s.flush()
+    if hold:
+        assert during_forward == 0  # step 2's forward: four parked updates, none run in its gaps
+    else:
+        assert during_forward > 0
