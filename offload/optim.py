@@ -150,9 +150,11 @@ class SparseAdamW:
         self.zero_grad()
         return ok
 
-    def step_rows(self, ids: torch.Tensor, grads: torch.Tensor, grad_scale: float = 1.0) -> bool:
-        """`accumulate(ids, grads)` then `step(grad_scale)` in one pass, without the copy into the pending
-        buffer (one micro-batch per step). Needs no pending gradients; same checks, same result."""
+    def step_rows(self, ids: torch.Tensor, grads: torch.Tensor, grad_scale: float = 1.0, *,
+                  hparams: tuple | None = None) -> bool:
+        """`accumulate(ids, grads)` then `step(grad_scale, hparams=hparams)` in one pass, without the copy
+        into the pending buffer (one micro-batch per step). Needs no pending gradients; same checks, same
+        result."""
         if self._n:
             raise RuntimeError(f"step_rows() needs an empty pending buffer, but {self._n} rows hold gradients "
                                f"from accumulate(); call step() or zero_grad() first")
@@ -170,7 +172,7 @@ class SparseAdamW:
                              f"pass unique ids")
         kernels.release_slots(self._pending_ids, n_new, self._slot_of)
         top = kernels.max_abs_bits(grads_np, r, self._maxbits)
-        ok = self._finite(float(grad_scale), top) and self._update(ids_np, grads_np, grad_scale)
+        ok = self._finite(float(grad_scale), top) and self._update(ids_np, grads_np, grad_scale, hparams)
         if not ok:
             self._skip(grad_scale)
         return ok

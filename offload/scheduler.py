@@ -290,8 +290,12 @@ class TransferScheduler:
         if src is not grads:
             st.last_d2h = ev
         self._end_chain(st)  # an owed staleness-1 update is queued before the accumulation (as at fetch)
-        self.updates.grads_pushed(layer, self.step)
         step = self.step
+        if self.clock.last_micro_batch and self.updates.fuses(self.clock.accum_steps):
+            hp = self.updates.fuse(layer, step)  # one pass from the staging slot: no accumulate, no 2nd pass
+            self.worker.submit(lambda: self._accumulate_task(st, slot, ev, k, step, ids_check, hp), st.index)
+            return
+        self.updates.grads_pushed(layer, self.step)
         self.worker.submit(lambda: self._accumulate_task(st, slot, ev, k, step, ids_check), st.index)
         if self.clock.last_micro_batch:
             self.updates.grads_complete(layer, step)
@@ -313,7 +317,9 @@ class TransferScheduler:
         st.grads_dev[:n].copy_(grads)  # cast to the wire dtype on the compute stream
         return st.grads_dev[:n]
 
-    def _accumulate_task(self, st: LayerState, slot, ev, n: int, step: int, ids_check=None) -> None:
+    def _accumulate_task(self, st: LayerState, slot, ev, n: int, step: int, ids_check=None, fused=None) -> None:
+        """Gradients of one push, from the staging slot into the layer's optimizer: accumulated, or (`fused`
+        = the update's hyper-parameters) applied at once by the layer's whole row update."""
         try:
             if ids_check is not None:
                 ids_ev, live, reader = ids_check
@@ -324,6 +330,9 @@ class TransferScheduler:
                     reader.set()  # ids_host may be refilled by the layer's next fetch
             if "d2h" not in self._link.skip_waits:
                 ev.wait()  # protects the slot: the grads' D2H must have landed before we read it
+            if fused is not None:
+                self.updates.fused_update(st.index, step, fused, slot.ids[:n], slot.rows[:n])
+                return
             t0 = time.perf_counter()
             self.optimizers[st.index].accumulate(slot.ids[:n], slot.rows[:n])
             self.meter.record_cpu(step=step, layer=st.index, op="accumulate", rows=n,

@@ -76,6 +76,28 @@ class UpdatePolicy:
         if self.clip != "global":
             self._trigger(self.layers[layer], step)
 
+    def fuses(self, accum_steps: int) -> bool:
+        """One micro-batch per step, the update due at once and scaled by nothing computed elsewhere: the
+        layer's row update then runs in one pass straight from the staging slot (`fused_update`,
+        SparseAdamW.step_rows) instead of accumulate + step (two passes over the gradients)."""
+        return accum_steps == 1 and self.staleness == 0 and self.clip == "none"
+
+    def fuse(self, layer: int, step: int) -> tuple:
+        """The caller will run `fused_update` for this layer's single push of `step`: it is triggered now
+        (finish_step will not update it again); returns the hyper-parameters, fixed on this thread."""
+        u = self.layers[layer]
+        u.grads_step = u.triggered_step = step
+        u.update_hparams = hp = self.optimizers[layer].hparams()
+        return hp
+
+    def fused_update(self, layer: int, step: int, hparams: tuple, ids, grads) -> None:
+        """On the host worker: the whole row update of a fused layer from its gradients [R, W] (wire)."""
+        opt, t0, rows = self.optimizers[layer], time.perf_counter(), ids.shape[0]
+        opt.step_rows(ids, grads, hparams=hparams)
+        # bytes touched: weights fp32 + both moments, read and written, plus the wire-dtype grads once
+        nbytes = rows * self.width * (2 * (4 + 2 * self.state_bytes) + grads.element_size())
+        self.meter.record_update(step=step, layer=layer, rows=rows, nbytes=nbytes, start=t0, end=time.perf_counter())
+
     def take_pending(self, layer: int, step: int) -> tuple[int, tuple] | None:
         """Staleness 1: the layer's computed update, which must follow the gather of the fetch now being
         issued; returns (step, hparams) to hand to `park` then, or None."""

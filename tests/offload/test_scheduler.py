@@ -272,6 +272,9 @@ class _FailingAdamW(SparseAdamW):
     def step(self, grad_scale: float = 1.0, *, hparams=None) -> bool:
         raise OSError("injected failure in the optimizer step")
 
+    def step_rows(self, ids, grads, grad_scale: float = 1.0, *, hparams=None) -> bool:
+        raise OSError("injected failure in the optimizer step (one pass from the staging slot)")
+
 
 @pytest.mark.timeout(30)
 def test_shutdown_after_error_does_not_hang():
@@ -395,7 +398,7 @@ def test_staleness1_parked_updates_never_run_during_a_forward(hold):
     with TransferScheduler(opts, max_rows=256, staleness=1) as s:
         if not hold:
             s.worker.hold_idle = lambda: None  # what the scheduler relies on, switched off
-        for step in range(2):
+        for _step in range(2):
             s.begin_step()
             hs = []
             for la in range(4):  # the forward: fetch every layer, with compute-sized gaps between them
@@ -411,3 +414,30 @@ def test_staleness1_parked_updates_never_run_during_a_forward(hold):
         assert during_forward == 0  # step 2's forward: four parked updates, none run in its gaps
     else:
         assert during_forward > 0
+
+
+@pytest.mark.parametrize("accum, fused", [(1, True), (2, False)])
+def test_one_micro_batch_updates_in_one_pass_from_the_staging_slot(accum, fused):
+    """At one micro-batch per step (staleness 0, no clipping) a layer's gradients are not accumulated
+    first: the update reads them once, straight from the staging slot (SparseAdamW.step_rows). The rows
+    equal the two-pass path's bitwise (the 1,000-step tests above compare with synchronous training)."""
+    opts = [SparseAdamW(RowStore(64, 8, init=torch.randn(64, 8, generator=torch.Generator().manual_seed(0))),
+                        lr=1e-2) for _ in range(2)]
+    ref = [SparseAdamW(RowStore(64, 8, init=o.store.weights.clone()), lr=1e-2) for o in opts]
+    ids = torch.arange(16)
+    with TransferScheduler(opts, max_rows=16) as s:
+        s.begin_step(accum)
+        for mb in range(accum):
+            if mb:
+                s.begin_micro_batch()
+            for la in range(2):
+                s.fetch(la, ids).wait()
+                s.push_grads(la, ids, torch.full((16, 8), 0.5 + la))
+        s.finish_step()
+        ops = s.meter.report()["cpu"]
+    for la, o in enumerate(ref):
+        for _ in range(accum):
+            o.accumulate(ids, torch.full((16, 8), 0.5 + la).to(torch.bfloat16))
+        o.step()
+        torch.testing.assert_close(opts[la].store.weights, o.store.weights, rtol=0, atol=0)
+    assert ("accumulate" not in ops) == fused and ops["update"]["count"] == 2
