@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from offload.dtypes import WIRE_DTYPE_NAMES
+from offload.dtypes import STATE_DTYPE_NAMES, WIRE_DTYPE_NAMES
 from offload.updates import CLIP_MODES
 
 __all__ = ["MeftConfig", "DTYPES", "WIRE_DTYPES", "STATE_DTYPES", "COMPUTE_DTYPES", "BACKBONE_DTYPES", "parse_dtype",
@@ -35,7 +35,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # The dtypes each field accepts: wire = what the copy engines move (offload.WIRE_DTYPES), state = what a
 # RowStore keeps its moments in; fp16 is left out of the wire on purpose (no loss scaling on row grads).
 WIRE_DTYPES = tuple(WIRE_DTYPE_NAMES)
-STATE_DTYPES = ("float32", "bfloat16")
+STATE_DTYPES = tuple(STATE_DTYPE_NAMES)
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32", "float16")
 BACKBONE_DTYPES = ("float32", "bfloat16")
 _BACKBONES = ("frozen", "lomo", "adalomo")

@@ -20,12 +20,11 @@ import psutil
 import torch
 
 from offload import kernels
-from offload.dtypes import WIRE_DTYPES
+from offload.dtypes import STATE_DTYPES, WIRE_DTYPES
 from offload.text import GiB
 
 __all__ = ["RowStore", "HostRamError", "check_ids", "check_host_ram"]
 
-_STATE_DTYPES = {torch.float32: 4, torch.bfloat16: 2}
 _RAM_HEADROOM = 0.9  # refuse above this fraction of the currently available host RAM
 _GiB = float(GiB)
 
@@ -74,9 +73,9 @@ class RowStore:
     @staticmethod
     def bytes_needed(n_rows: int, width: int, state_dtype: torch.dtype = torch.float32) -> int:
         """Host bytes of a store: fp32 weights + two moments + int64 step per row."""
-        if state_dtype not in _STATE_DTYPES:
+        if state_dtype not in STATE_DTYPES:
             raise TypeError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
-        return int(n_rows) * (int(width) * (4 + 2 * _STATE_DTYPES[state_dtype]) + 8)
+        return int(n_rows) * (int(width) * (4 + 2 * STATE_DTYPES[state_dtype]) + 8)
 
     def _alloc(self, dtype, shape=None) -> torch.Tensor:
         shape = (self.n_rows, self.width) if shape is None else shape
@@ -177,7 +176,7 @@ def _check_shape_args(n_rows, width, state_dtype) -> None:
     for name, val in (("n_rows", n_rows), ("width", width)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val <= 0:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
-    if state_dtype not in _STATE_DTYPES:
+    if state_dtype not in STATE_DTYPES:
         raise TypeError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}; "
                         f"bf16 halves the moments' host RAM")
 
@@ -201,7 +200,7 @@ def check_host_ram(needed: int, what: str, fixes) -> None:
 
 def _check_host_ram(needed: int, n_rows: int, width: int, state_dtype) -> None:
     def fixes(budget: int) -> str:
-        fit = {dt: budget // RowStore.bytes_needed(1, width, dt) for dt in _STATE_DTYPES}
+        fit = {dt: budget // RowStore.bytes_needed(1, width, dt) for dt in STATE_DTYPES}
         bf16_total = RowStore.bytes_needed(n_rows, width, torch.bfloat16)
         return (f"Options that fit: at most {fit[torch.float32]} rows at width {width} with fp32 moments, or "
                 f"{fit[torch.bfloat16]} rows with state_dtype=torch.bfloat16 (this size would need "

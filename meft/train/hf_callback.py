@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 
+from accelerate.optimizer import AcceleratedOptimizer
 from transformers import TrainerCallback
 
 from meft.adapter.saving import save_adapter
@@ -50,10 +51,10 @@ ADAPTER_DIR = "meft_adapter"  # inside each Trainer checkpoint-N folder
 
 
 def _base_optimizer(opt):
-    """The optimizer under accelerate's / Trainer's wrappers (they keep it as `.optimizer`)."""
-    seen = 0
-    while hasattr(opt, "optimizer") and seen < 8:
-        opt, seen = opt.optimizer, seen + 1
+    """The optimizer under accelerate's wrapper (Trainer wraps the one it was given in an
+    `accelerate.optimizer.AcceleratedOptimizer`, which keeps it as `.optimizer`)."""
+    while isinstance(opt, AcceleratedOptimizer):
+        opt = opt.optimizer
     return opt
 
 
