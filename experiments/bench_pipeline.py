@@ -36,8 +36,6 @@ import json
 import statistics
 import sys
 import time
-import traceback
-from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -46,50 +44,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import meft  # noqa: E402
 from experiments.knowledge.report import machine_header  # noqa: E402
+from meft.profile import SyncCounter  # noqa: E402
 from offload import TransferScheduler  # noqa: E402
 from offload.engine import ThreadCopyEngine  # noqa: E402
 
 __all__ = ["main", "measure"]
 
 SECTION = "## GPU step pipeline on the CPU (experiments/bench_pipeline.py)"
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "item", "masked_select"}
 TARGETS = {"forward_syncs_per_layer": "0", "step_syncs": "<= 3", "exposed_fetch_fraction": "<= 0.25",
            "bytes_vs_analytic": "1.0"}
-OURS = (ROOT / "meft", ROOT / "offload")
-
-
-class SyncCounter(TorchDispatchMode):
-    """Sync-class ops on this thread, by 'origin|file:line (op)' of the innermost meft/offload frame,
-    else the innermost transformers frame, else 'other'."""
-
-    def __init__(self):
-        super().__init__()
-        self.sites: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        bool_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool
-            for a in args if isinstance(a, (list, tuple)) for i in a)
-        if name in SYNC_OPS or bool_index:
-            site, tf = "other", None
-            for fr in reversed(traceback.extract_stack()[:-1]):
-                p = Path(fr.filename).resolve()
-                if any(p.is_relative_to(o) for o in OURS):
-                    site = f"meft/offload|{p.relative_to(ROOT)}:{fr.lineno} ({name})"
-                    break
-                if tf is None and "transformers" in p.parts:
-                    parts = p.parts[p.parts.index("transformers"):]
-                    tf = f"transformers|{'/'.join(parts)}:{fr.lineno} ({name})"
-            self.sites[site if site != "other" or tf is None else tf] += 1
-        return func(*args, **(kwargs or {}))
-
-    def count(self, origin: str | None = None) -> int:
-        return sum(v for k, v in self.sites.items() if origin is None or k.startswith(origin))
 
 
 class FetchLog:

@@ -8,6 +8,7 @@ _WHERE = {
     "profile": "meft.profile.run",
     "ActiveSetCounter": "meft.profile.run",
     "build_report": "meft.profile.report",
+    "SyncCounter": "meft.profile.syncs",
 }
 __all__ = list(_WHERE)
 

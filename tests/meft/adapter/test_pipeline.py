@@ -7,46 +7,16 @@ training step and attributed to the code that issued them. On CPU nothing actual
 such op in meft/ or offload/ would be a stall on a GPU, so the adapter path must issue none.
 """
 
-import traceback
-from collections import Counter
-from pathlib import Path
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import meft
+from meft.profile import SyncCounter
 from tests.meft.adapter.test_wrap import batch, small_config, tiny_model
 
-ROOT = Path(__file__).resolve().parents[3]
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "item", "masked_select"}
 
-
-class SyncCounter(TorchDispatchMode):
-    """Counts sync-class ops by the innermost meft/ or offload/ frame that issued them ('other' else)."""
-
-    def __init__(self):
-        super().__init__()
-        self.sites: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        bool_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool
-            for a in args if isinstance(a, (list, tuple)) for i in a)
-        if name in SYNC_OPS or bool_index:
-            site = "other"
-            for fr in reversed(traceback.extract_stack()[:-1]):
-                p = Path(fr.filename).resolve()
-                if p.is_relative_to(ROOT / "meft") or p.is_relative_to(ROOT / "offload"):
-                    site = f"{p.relative_to(ROOT)}:{fr.lineno} ({name})"
-                    break
-            self.sites[site] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _ours(sites: Counter) -> dict:
-    return {k: v for k, v in sites.items() if k != "other"}
+def _ours(counter: SyncCounter) -> dict:
+    return {k: v for k, v in counter.sites.items() if k.startswith("meft/offload")}
 
 
 @pytest.mark.parametrize("accum", [1, 2])
@@ -68,9 +38,8 @@ def test_training_step_issues_no_sync_in_the_adapter_path(accum):
                 (model(input_ids=part, labels=part).loss / accum).backward()
         model.meft.optimizer.step()
         model.meft.optimizer.zero_grad()
-    total = sum(counter.sites.values())
-    assert _ours(counter.sites) == {}, f"sync-class ops in the adapter path: {_ours(counter.sites)}"
-    assert total == counter.sites["other"], counter.sites  # stated: the step's only ones are transformers'
+    assert _ours(counter) == {}, f"sync-class ops in the adapter path: {_ours(counter)}"
+    assert counter.count() <= 3, counter.sites  # the whole step (issue target; today 2, transformers' mask check)
     model.meft.close()
 
 
@@ -92,7 +61,7 @@ def test_eval_forward_with_resident_rows_issues_no_sync_and_matches_fetch():
     with torch.no_grad(), counter:
         a = res(input_ids=ids).logits
         b = res(input_ids=ids[:1]).logits
-    assert _ours(counter.sites) == {}, _ours(counter.sites)
+    assert _ours(counter) == {}, _ours(counter)
     assert inf.builds == 1  # one resident copy for both forwards
     inf.mode = "fetch"
     with torch.no_grad():
