@@ -48,6 +48,7 @@ from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import meft  # noqa: E402
+from experiments.benchmarks_md import replace_section  # noqa: E402
 
 __all__ = ["main", "OriginalLomo"]
 
@@ -315,14 +316,7 @@ def write_benchmarks(text: str, argv: list[str]) -> None:
             f"Date: {datetime.datetime.now().strftime('%Y-%m-%dT%H:%M')}  \nMachine: {machine()}  \n"
             f"Versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
             f"{transformers.__version__}\n\n{text}\n")
-    old = path.read_text() if path.exists() else ""
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + body
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + body + (old[nxt:] if nxt >= 0 else "")
-    path.write_text(new)
+    replace_section(SECTION, body, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import meft  # noqa: E402
+from experiments.benchmarks_md import replace_section  # noqa: E402
 from experiments.knowledge.report import machine_header  # noqa: E402
 from meft.profile import SyncCounter  # noqa: E402
 from offload import TransferScheduler  # noqa: E402
@@ -271,16 +272,7 @@ generation mode through the runtime's private `_inference.mode` (no public switc
 
 
 def write_benchmarks(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    old = path.read_text()
-    body = f"{SECTION}\n\n{text}\n{NOTES}\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + body
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + body + (old[nxt:] if nxt >= 0 else "")
-    path.write_text(new)
+    replace_section(SECTION, f"{SECTION}\n\n{text}\n{NOTES}\n", ROOT / "BENCHMARKS.md")
 
 
 def main(argv=None) -> dict:

@@ -162,8 +162,8 @@ _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 def _advise_huge_pages(t: torch.Tensor) -> None:
     """Ask Linux for transparent huge pages (2 MiB) under a store tensor. Gathers and updates touch
     random rows: with 4 KiB pages each row costs TLB misses (a 300 MB store spans ~150x what the TLB
-    covers); measured here, the random-row bf16 gather of 1024 x 4.6 KB rows ran 22% faster (best of 40:
-    1.31 -> 1.02 ms). Advice only: where THP is off or the call fails, nothing changes."""
+    covers). `experiments/bench_offload.py` measures the gather on such stores (BENCHMARKS, "Offload
+    core"). Advice only: where THP is off or the call fails, nothing changes."""
     if _libc is None or t.nbytes < 2 * _HUGE:
         return
     start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
