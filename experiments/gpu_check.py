@@ -4,14 +4,17 @@
   b twin        tiny Llama (LlamaConfig, seeded random fp32 weights) trained a few steps with
                 MeftConfig(offload=True) (TransferScheduler) and offload=False (offload.ResidentScheduler):
                 losses and adapter rows compared (max abs diff vs TOL), plain, grad_accum_steps=2 + clip
-                'layer', staleness=1 + clip 'global', each with a bf16 and an fp32 wire
+                'layer', staleness=1 + clip 'global', zero-copy (fetch_mode='zero_copy', alone and with
+                staleness 1 + accumulation 2), each with a bf16 and an fp32 wire
   c syncs       forward, backward and optimizer step of the wrapped model under
                 torch.cuda.set_sync_debug_mode("warn") (warnings counted, top call sites) and a
                 TorchDispatchMode counting sync-class aten ops with their call sites (DESIGN: none in the
-                adapter path)
+                adapter path); staged and zero-copy fetch
   d pinned      pinned host tensors reachable from model.meft (stores, staging slots, ids buffers): exact
-                bytes vs what the pinned allocator holds (power-of-two rounding), host RSS of wrap
-  e step_time   MEFT (frozen backbone) vs LoRA r=16 (peft) on the SmolLM2-135M and TinyLlama-1.1B shapes
+                bytes vs what the pinned allocator holds (power-of-two rounding), host RSS of wrap; staged
+                and zero-copy (the mirrors pinned at their exact size)
+  e step_time   MEFT (frozen backbone; staged, and zero-copy as meft_zc) vs LoRA r=16 (peft) on the
+                SmolLM2-135M and TinyLlama-1.1B shapes
                 (from configs, random weights, bf16, batch 8 x 256): median of timed steps after warm-ups
 
     PYTHONPATH=. python3 experiments/gpu_check.py --out $OUT/gpu.json [--quick] [--only a,b,...]
@@ -197,7 +200,9 @@ def _train_twin(dev, kw, steps, offload):
 def sec_twin(a, dev, deadline):
     steps = 3 if a.quick else 6
     cases = {"plain": {}, "accum2_clip_layer": dict(grad_accum_steps=2, clip="layer", max_norm=0.5),
-             "stale1_clip_global": dict(staleness=1, clip="global", max_norm=0.5)}
+             "stale1_clip_global": dict(staleness=1, clip="global", max_norm=0.5),
+             "zero_copy": dict(fetch_mode="zero_copy"),
+             "zero_copy_stale1_accum2": dict(fetch_mode="zero_copy", staleness=1, grad_accum_steps=2)}
     out, ok, parts = {"tolerance": TOL, "steps": steps}, True, []
     for name, wire in ((n, w) for w in ("bfloat16", "float32") for n in cases):
         name, kw = f"{name}_{wire}", dict(cases[name], wire_dtype=wire)
@@ -287,10 +292,11 @@ def _phase(dev, fn):
     return value, res
 
 
-def sec_syncs(a, dev, deadline):
+def _syncs_of_a_step(dev, fetch_mode) -> dict:
     shape = dict(TINY, hidden=128, inter=256)
     model = llama(dev, torch.bfloat16 if dev == "cuda" else torch.float32, **shape)
-    rt, _ = wrap(model, adapter_rows=1024, expert_size=16, experts_per_token=4, max_active_rows=256)
+    rt, _ = wrap(model, adapter_rows=1024, expert_size=16, experts_per_token=4, max_active_rows=256,
+                 fetch_mode=fetch_mode)
     data = batch(dev, shape["vocab"], 4, 64)
     model.train()
 
@@ -302,11 +308,20 @@ def sec_syncs(a, dev, deadline):
     _, out["backward"] = _phase(dev, loss.backward)
     _, out["optimizer_step"] = _phase(dev, opt_step)
     release(model)
-    adapter = out["forward"]["dispatch_in_meft_offload"] + out["backward"]["dispatch_in_meft_offload"]
-    w = {k: v.get("sync_debug_warnings") for k, v in out.items()}
-    out.update(adapter_path_sync_ops=adapter, passed=adapter == 0)  # DESIGN: no host sync in the adapter path
-    out["summary"] = (f"sync-class ops fwd {out['forward']['dispatch_total']} bwd {out['backward']['dispatch_total']}"
-                      f" (in meft/offload: {adapter}); sync-debug warnings {w}")
+    out["adapter_path_sync_ops"] = out["forward"]["dispatch_in_meft_offload"] + out["backward"]["dispatch_in_meft_offload"]
+    return out
+
+
+def sec_syncs(a, dev, deadline):
+    out, parts = {}, []
+    for mode in ("staged", "zero_copy"):
+        r = out[mode] = _syncs_of_a_step(dev, mode)
+        w = {k: r[k].get("sync_debug_warnings") for k in ("forward", "backward", "optimizer_step")}
+        parts.append(f"{mode}: sync-class ops fwd {r['forward']['dispatch_total']} bwd {r['backward']['dispatch_total']}"
+                     f" (in meft/offload: {r['adapter_path_sync_ops']}); sync-debug warnings {w}")
+    # DESIGN: no host sync in the adapter path
+    out.update(passed=all(out[m]["adapter_path_sync_ops"] == 0 for m in ("staged", "zero_copy")),
+               summary="; ".join(parts))
     return out
 
 
@@ -349,11 +364,19 @@ def _staging_counted(rt):
     if not c.offload:
         return None
     live = 2 * c.budget_rows if c.prefetch == "lookahead" else c.budget_rows
+    mirror_rows = c.adapter_rows if getattr(c, "fetch_mode", "staged") == "zero_copy" else 0
     return offload.TransferScheduler.staging_bytes(len(rt.stores), c.budget_rows, rt.stores[0].width, c.wire,
-                                                   max_live_rows=live)
+                                                   max_live_rows=live, zero_copy_rows=mirror_rows)
 
 
 def sec_pinned(a, dev, deadline):
+    out = {m: _pinned_of_wrap(a, dev, m) for m in ("staged", "zero_copy")}
+    out.update(passed=None if dev != "cuda" else all(out[m]["passed"] for m in ("staged", "zero_copy")),
+               summary="; ".join(f"{m}: {out[m]['summary']}" for m in ("staged", "zero_copy")))
+    return out
+
+
+def _pinned_of_wrap(a, dev, fetch_mode):
     import psutil
 
     shape = dict(TINY, hidden=576, inter=1536, heads=9, kv=3, layers=2 if a.quick else 4)
@@ -361,7 +384,8 @@ def sec_pinned(a, dev, deadline):
     proc = psutil.Process()
     gc.collect()
     rss0, hs0, t0 = proc.memory_info().rss, _host_stats(dev), time.perf_counter()
-    rt, _ = wrap(model, adapter_rows=6144 if a.quick else 12288, expert_size=16, max_active_rows=1024)
+    rt, _ = wrap(model, adapter_rows=6144 if a.quick else 12288, expert_size=16, max_active_rows=1024,
+                 fetch_mode=fetch_mode)
     out = {"adapter_rows": rt.config.adapter_rows, "layers": shape["layers"],
            "wrap_s": round(time.perf_counter() - t0, 2), "rss_delta_of_wrap": proc.memory_info().rss - rss0,
            "host_allocator_before": hs0, "host_allocator_after_wrap": _host_stats(dev)}
@@ -385,9 +409,10 @@ def sec_pinned(a, dev, deadline):
     out["engine_pinned_bytes"] = getattr(eng, "pinned_bytes", None)  # what the engine registered, exactly
     out["staging_bytes_counted"] = _staging_counted(rt)  # what wrap's RAM check and `meft plan` count
     release(model)
-    stores_pinned = any(k.startswith("rt.stores") for k in owners)
-    # DESIGN: pinned only what the device reads (staging, zero-copy mirror), at its exact size
-    out["passed"] = None if dev != "cuda" else not stores_pinned and (out["rounding"] or 1.0) < 1.05
+    stores_pinned = any(k.startswith("rt.stores") and not k.endswith(".mirror") for k in owners)
+    # DESIGN: pinned only what the device reads (staging, zero-copy mirror), at its exact size, as counted
+    out["passed"] = None if dev != "cuda" else (not stores_pinned and (out["rounding"] or 1.0) < 1.05
+                                                and out["engine_pinned_bytes"] == out["staging_bytes_counted"])
     mib = 2**20
     out["summary"] = (f"pinned {exact / mib:.1f} MiB exact in {n} tensors (as pow2 blocks {pow2 / mib:.1f} MiB; "
                       f"allocator holds {None if held is None else round(held / mib, 1)} MiB); stores pinned: "
@@ -399,16 +424,16 @@ def sec_pinned(a, dev, deadline):
 def _run_method(method, dev, shape, data, rows, warm, timed, deadline) -> dict:
     model = llama(dev, torch.bfloat16 if dev == "cuda" else torch.float32, **shape)
     t0 = time.perf_counter()
-    if method == "meft":
+    if method in ("meft", "meft_zc"):
         rt, _ = wrap(model, adapter_rows=rows, expert_size=16, experts_per_token=4, max_active_rows=1024,
-                     backbone="frozen")
+                     backbone="frozen", fetch_mode="zero_copy" if method == "meft_zc" else "staged")
         opt = rt.optimizer
     else:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    res = {"setup_s": round(time.perf_counter() - t0, 2), "adapter_rows": rows if method == "meft" else None}
+    res = {"setup_s": round(time.perf_counter() - t0, 2), "adapter_rows": rows if method != "lora16" else None}
     model.train()
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -438,7 +463,7 @@ def sec_step_time(a, dev, deadline):
     b, t = (2, 32) if cpu else ((8, 128) if a.quick else (8, 256))
     warm, timed = (1, 2) if cpu else ((2, 5) if a.quick else (3, 10))
     lora_skip = None if importlib.util.find_spec("peft") else "peft is not importable"
-    runs = [(s, m) for s in shapes for m in ("meft", "lora16")]
+    runs = [(s, m) for s in shapes for m in ("meft", "meft_zc", "lora16")]
     out = {"batch": [b, t], "warmup": warm, "timed": timed, "dtype": "float32" if cpu else "bfloat16"}
     for i, (s, m) in enumerate(runs):
         left = deadline - time.monotonic()
@@ -455,9 +480,11 @@ def sec_step_time(a, dev, deadline):
         out.setdefault(s, {})[m] = res
     parts = []
     for s in shapes:
-        mm, lm = (out[s][m].get("median_ms") for m in ("meft", "lora16"))
+        mm, zm, lm = (out[s][m].get("median_ms") for m in ("meft", "meft_zc", "lora16"))
         out[s]["meft_vs_lora16"] = round(mm / lm, 2) if mm and lm else None
-        parts.append(f"{s}: meft {mm} ms, lora16 {lm} ms, ratio {out[s]['meft_vs_lora16']}")
+        out[s]["meft_zc_vs_lora16"] = round(zm / lm, 2) if zm and lm else None
+        parts.append(f"{s}: meft {mm} ms, meft_zc {zm} ms, lora16 {lm} ms, ratios {out[s]['meft_vs_lora16']} / "
+                     f"{out[s]['meft_zc_vs_lora16']}")
     out["passed"] = all("error" not in out[s][m] for s, m in runs)
     out["summary"] = "; ".join(parts)
     return out

@@ -41,6 +41,7 @@ BACKBONE_DTYPES = ("float32", "bfloat16")
 _BACKBONES = ("frozen", "lomo", "adalomo")
 INFERENCE_ROWS = ("auto", "resident", "fetch")  # the modes of meft.adapter.inference.InferenceRows
 _PREFETCH = ("none", "lookahead")
+FETCH_MODES = ("staged", "zero_copy")  # how offloaded rows reach the device (offload.TransferScheduler)
 
 
 def parse_dtype(value: Any) -> torch.dtype | None:
@@ -132,6 +133,11 @@ class MeftConfig:
         "auto", "Rows for eval / generate() with offload: 'resident' (every row on the compute device in "
         "the wire dtype, refreshed after training: no host sync per token), 'fetch' (read through the host "
         "per forward), or 'auto' (resident when they take at most a quarter of the free device memory).")
+    fetch_mode: str = opt(
+        "staged", "How offloaded rows reach the device: 'staged' (the host gathers the rows into pinned "
+        "staging, one H2D copy per layer) or 'zero_copy' (the device reads them straight from a pinned, "
+        "device-mapped wire-dtype mirror of every store: no ids round trip or CPU gather before the "
+        "adapter, at the cost of the mirror's pinned host RAM: adapter_rows x 2d x wire bytes per layer).")
     copy_timing: bool = opt(
         False, "Time every row copy with CUDA events (exact copy durations for the traffic meter; "
         "`meft profile` turns it on). Off: copies carry host-side time stamps only.")
@@ -195,7 +201,7 @@ class MeftConfig:
     def _choice_problems(self) -> list[tuple[str, Any, str]]:
         bad = []
         for name, choices in (("backbone", _BACKBONES), ("inference_rows", INFERENCE_ROWS), ("clip", CLIP_MODES),
-                              ("prefetch", _PREFETCH),
+                              ("prefetch", _PREFETCH), ("fetch_mode", FETCH_MODES),
                               ("staleness", (0, 1)), ("offload", (True, False)),
                               ("copy_timing", (True, False))):
             v = getattr(self, name)

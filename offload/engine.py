@@ -17,6 +17,13 @@ This file owns every `torch.cuda` call of the `offload` package (DESIGN.md, "Dev
 Both engines take `after=` (a marker from `mark_compute()`: the copy starts only after the compute
 work issued so far) and `on_done=` (called with the event, from an engine thread, once the copy is
 complete). Times on events are `time.perf_counter()` seconds, for the TrafficMeter.
+
+Zero-copy: `alloc_mapped` gives host memory the device reads directly -- on CUDA pinned at its exact
+size with `cudaHostRegister(..., cudaHostRegisterMapped)` and seen from the device at the same address
+(unified virtual addressing) through `__cuda_array_interface__`, torch's own way to wrap foreign device
+memory -- and `gather_mapped` reads rows of it by device ids into a device buffer, on the H2D stream:
+the PCIe read is the gather, no host thread takes part. The thread engine's twin is an `index_select`
+from the same host tensor on its H2D thread (simulated link included).
 """
 
 from __future__ import annotations
@@ -73,6 +80,18 @@ class CopyEngine:
     def alloc_device(self, shape, dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=self.device)
 
+    def alloc_mapped(self, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-filled host memory the device reads directly: (host tensor, device view of the same bytes).
+        Without a device both are the same tensor."""
+        t = torch.zeros(shape, dtype=dtype)
+        return t, t
+
+    def gather_mapped(self, src_mapped, ids_dev, out_dev, *, rows: int = 0, after=None) -> CopyEvent:
+        """out_dev[r] = src_mapped[max(ids_dev[r], 0)] read across the link (-1 ids, unused routing slots,
+        read row 0: the caller masks them). src_mapped: [N, W] device view from `alloc_mapped`; ids_dev [R]
+        int64 on the device; out_dev [R, W] on the device. Returns the event of the read."""
+        raise NotImplementedError  # pragma: no cover
+
     def mark_compute(self):
         """A marker after the compute work issued so far (None where the caller's order suffices)."""
         return None
@@ -101,6 +120,13 @@ def _check_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
     if src.shape != dst.shape:
         raise ValueError(f"copy: src shape {tuple(src.shape)} != dst shape {tuple(dst.shape)}; "
                          "pass views of equal shape")
+
+
+def _check_gather(src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
+    if ids.dim() != 1 or out.dim() != 2 or src.dim() != 2 or out.shape != (ids.shape[0], src.shape[1]) \
+            or out.dtype != src.dtype:
+        raise ValueError(f"gather_mapped: src {tuple(src.shape)} {src.dtype}, ids {tuple(ids.shape)}, out "
+                         f"{tuple(out.shape)} {out.dtype}; out must be [len(ids), src width] of src's dtype")
 
 
 # ----------------------------------------------------------------------------------- thread engine
@@ -161,12 +187,23 @@ class ThreadCopyEngine(CopyEngine):
     def d2h(self, src_dev, dst_host, *, rows: int = 0, after=None, on_done=None) -> CopyEvent:
         return self._submit(D2H, src_dev, dst_host, rows, on_done)
 
-    def _submit(self, direction, src, dst, rows, on_done) -> CopyEvent:
+    def gather_mapped(self, src_mapped, ids_dev, out_dev, *, rows: int = 0, after=None) -> CopyEvent:
+        _check_gather(src_mapped, ids_dev, out_dev)
+
+        def read():
+            torch.index_select(src_mapped, 0, ids_dev.clamp(min=0), out=out_dev)
+
+        return self._submit(H2D, None, out_dev, rows, None, op=read)
+
+    def _submit(self, direction, src, dst, rows, on_done, op=None) -> CopyEvent:
         if self._closed:
             raise RuntimeError("ThreadCopyEngine is closed; create a new one")
-        _check_copy(src, dst)
-        ev = _ThreadEvent(direction, src.numel() * src.element_size(), rows)
-        self._queues[direction].put((ev, src, dst, on_done))
+        if op is None:
+            _check_copy(src, dst)
+            op = lambda: dst.copy_(src)  # noqa: E731
+        moved = dst if src is None else src  # bytes read: the source's (a gather: what lands)
+        ev = _ThreadEvent(direction, moved.numel() * moved.element_size(), rows)
+        self._queues[direction].put((ev, op, on_done))
         return ev
 
     def _run(self, direction: str, link: _Link) -> None:
@@ -175,12 +212,12 @@ class ThreadCopyEngine(CopyEngine):
             item = q.get()
             if item is _STOP:
                 return
-            ev, src, dst, on_done = item
+            ev, op, on_done = item
             try:
                 if self.delay is not None:
                     time.sleep(max(0.0, float(self.delay(direction, ev.nbytes))))
                 ev.start_s = time.perf_counter()
-                dst.copy_(src)
+                op()
                 # the simulated link: the copy is not complete before bytes/bandwidth have elapsed
                 remaining = ev.start_s + link.duration(ev.nbytes) - time.perf_counter()
                 if remaining > 0:
@@ -209,6 +246,18 @@ def _call_done(on_done, ev: CopyEvent) -> None:
 
 
 # ------------------------------------------------------------------------------------- CUDA engine
+_HOST_REGISTER_MAPPED = 2  # cudaHostRegisterMapped: the registered range is mapped into the device's space
+
+
+class _MappedBytes:
+    """A registered host tensor's bytes as a CUDA array (torch.as_tensor wraps it without copying)."""
+
+    def __init__(self, host: torch.Tensor):
+        self.host = host  # keeps the memory alive as long as the device view
+        self.__cuda_array_interface__ = {"shape": (host.nbytes,), "typestr": "|u1", "version": 3,
+                                         "data": (host.data_ptr(), False), "strides": None}
+
+
 class _CudaEvent(CopyEvent):
     def __init__(self, engine: CudaCopyEngine, direction, nbytes, rows, pageable):
         super().__init__(direction, nbytes, rows, pageable)
@@ -268,15 +317,46 @@ class CudaCopyEngine(CopyEngine):
     def alloc_host(self, shape, dtype) -> torch.Tensor:
         """Zero-filled host memory of exactly numel * itemsize bytes, page-locked with cudaHostRegister
         (not the caching host allocator, which rounds every block up to a power of two)."""
-        t = torch.zeros(shape, dtype=dtype)  # first touch now, at setup
+        return self._register(torch.zeros(shape, dtype=dtype), 0)  # zeros: first touch now, at setup
+
+    def _register(self, t: torch.Tensor, flags: int) -> torch.Tensor:
         if t.nbytes:
-            err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, 0)
+            err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, flags)
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of {t.nbytes} bytes failed with CUDA error {int(err)}; "
-                                   "the staging buffers cannot be pinned (check the locked-memory limit, ulimit -l)")
+                                   "host memory for copies cannot be pinned (check the locked-memory limit, "
+                                   "ulimit -l)")
             self._registered.append(t)
             self.pinned_bytes += t.nbytes
         return t
+
+    def alloc_mapped(self, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host memory pinned at its exact size and mapped into the device's address space; the device view
+        wraps the same address (unified virtual addressing: a registered host pointer is valid on the device)."""
+        t = self._register(torch.zeros(shape, dtype=dtype), _HOST_REGISTER_MAPPED)
+        if not t.nbytes:
+            return t, torch.empty(shape, dtype=dtype, device=self.device)
+        raw = torch.as_tensor(_MappedBytes(t), device=self.device)  # [nbytes] uint8 on the device
+        return t, raw.view(dtype).view(t.shape)
+
+    def gather_mapped(self, src_mapped, ids_dev, out_dev, *, rows: int = 0, after=None) -> CopyEvent:
+        _check_gather(src_mapped, ids_dev, out_dev)
+        if self._closed:
+            raise RuntimeError("CudaCopyEngine is closed; create a new one")
+        stream = self._streams[H2D]
+        ev = _CudaEvent(self, H2D, out_dev.numel() * out_dev.element_size(), rows, False)
+        with torch.cuda.stream(stream):
+            if after is not None:
+                # protects the read: ids_dev is produced by compute kernels issued before `after`, and
+                # compute kernels issued before it may still read the previous contents of out_dev
+                stream.wait_event(after)
+            ids_dev.record_stream(stream)  # allocated on the compute stream, read here
+            if ev._start is not None:
+                ev._start.record(stream)
+            torch.index_select(src_mapped, 0, ids_dev.clamp(min=0), out=out_dev)  # the PCIe read
+            ev._end.record(stream)
+        self._watch[H2D].put((ev, None))
+        return ev
 
     def mark_compute(self):
         ev = torch.cuda.Event()

@@ -252,10 +252,11 @@ class FetchHandle:
         self._link.check()
         self._live("wait()")
         if "h2d" not in self._link.skip_waits:
-            self.wait_gathered()
             for h in self.parts():
-                # protects compute from reading rows_dev before the H2D of these rows has landed
-                # (CUDA: the compute stream waits; thread engine: the host waits)
+                if h.copy_event is None:  # staged: the host worker issues the H2D once it has gathered
+                    wait_for(h.gathered, self._link.check)
+                # protects compute from reading rows_dev before the H2D (zero-copy: the device's read from
+                # the mirror) of these rows has landed (CUDA: the compute stream waits; thread engine: the host)
                 h.copy_event.wait_device()
         self._link.check()
         return self._layer.rows_dev[: self.n_rows]

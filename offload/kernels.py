@@ -345,7 +345,7 @@ def _sum_sq_rows(pending, n):
 # ---------------------------------------------------------------- fused lazy AdamW
 
 
-def adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay) -> None:
+def adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay, mirror=None) -> None:
     """Lazy AdamW on rows ids[r] with gradient grads[r] * grad_scale, each row with its own step.
 
     Plain PyTorch (per touched row i = ids[r], g = grads[r].float() * grad_scale, t = ++steps[i]):
@@ -357,13 +357,21 @@ def adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, we
     Math is fp32; bias corrections are computed in float64 and rounded once, like torch's scalars.
     w: [N, W] f32; m, v: [N, W] f32 or uint16 (bf16, written back round-to-nearest-even);
     steps: [N] int64; ids: [R] int64 unique; grads: [>=R, W] f32 or uint16 (bf16).
+    mirror: None, or the store's wire-dtype copy [N, W] f32 or uint16 (bf16) that a device reads directly
+    (zero-copy): each updated row is written there too, `mirror[i] = w[i].to(mirror.dtype)`, while the
+    row is still in L1 (DeepSpeed's CPU Adam writes its half-precision copy the same way).
     """
-    work = ids.shape[0] * w.shape[1] * (8 + 4 * m.itemsize + grads.itemsize)
-    _run(_adamw_rows, work, w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay)
+    if mirror is None:
+        mirror = _NO_MIRROR
+    work = ids.shape[0] * w.shape[1] * (8 + 4 * m.itemsize + grads.itemsize + mirror.itemsize)
+    _run(_adamw_rows, work, w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay, mirror)
+
+
+_NO_MIRROR = np.zeros((0, 0), dtype=np.uint16)  # "no mirror": the kernel skips the mirror loop
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay):
+def _adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay, mirror):
     width = w.shape[1]
     decay = np.float32(1.0 - lr * weight_decay)
     one_minus_b1 = np.float32(1.0 - beta1)
@@ -386,6 +394,9 @@ def _adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, w
             w[i, j] = w[i, j] * decay + neg_step * (mj / denom)
             _st(m, i, j, mj)
             _st(v, i, j, vj)
+        if mirror.shape[0] > 0:  # a second short loop over the row just written (in L1): vectorizes
+            for j in range(width):
+                _st(mirror, i, j, w[i, j])
 
 
 # ---------------------------------------------------------------- id bookkeeping (serial, O(R))

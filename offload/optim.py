@@ -183,7 +183,7 @@ class SparseAdamW:
         _check_hparams(lr, betas, eps, wd)
         s = self.store
         kernels.adamw_rows(s._w_np, s._m_np, s._v_np, s._steps_np, ids_np, grads_np, float(grad_scale),
-                           lr, betas[0], betas[1], eps, wd)
+                           lr, betas[0], betas[1], eps, wd, s._mirror_np)  # the zero-copy mirror in the same pass
         return True
 
     def _skip(self, grad_scale) -> None:

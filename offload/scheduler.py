@@ -24,6 +24,15 @@ the step, summed in layer order on the host in finish_step; the updates then sta
 cost). Staging slots and device buffers come from fixed pools; a full pool blocks the caller. A worker
 exception is re-raised in the caller at the next call with its original traceback.
 
+Zero-copy (`zero_copy=True`, MeftConfig.fetch_mode="zero_copy"): each store gets a wire-dtype mirror in
+pinned, device-mapped host memory (`engine.alloc_mapped`), kept by the row update in the same pass as
+the fp32 master. `fetch` then reads the rows straight from the mirror by the caller's ids on the copy
+stream (`engine.gather_mapped`): no ids round trip and no CPU gather before the adapter can run. The
+ids still cross to the host asynchronously (push_grads needs them); the host worker only counts the
+valid rows and waits for the read before a staleness-1 update may rewrite them. A fetch waits until every
+update already queued for its layer has written the mirror (`UpdatePolicy.wait_applied`: staleness 0
+never waits there, finish_step already did). No H2D staging pool is allocated.
+
 Composed of: `fetch.LayerState` / `fetch.FetchHandle` (live rows and handles, linked back through a
 `FetchLink`), `staging.SlotPool` (staging slots), `worker.HostWorker` (the host thread) and
 `updates.UpdatePolicy` (staleness, clipping, parked updates). Implements `protocol.RowScheduler`.
@@ -64,11 +73,14 @@ class TransferScheduler:
     def __init__(self, optimizers: Sequence, *, device="cpu", engine: CopyEngine | None = None,
                  wire_dtype=torch.bfloat16, max_rows: int, n_slots: int = 2, staleness: int = 0,
                  clip: str = "none", max_norm: float = 1.0, meter: TrafficMeter | None = None,
-                 host_threads: int | None = None, max_live_rows: int | None = None, timing: bool = False):
+                 host_threads: int | None = None, max_live_rows: int | None = None, timing: bool = False,
+                 zero_copy: bool = False):
         self._closed = True  # until fully constructed
         self.optimizers = list(optimizers)
         check_scheduler_args(self.optimizers, wire_dtype, max_rows, staleness, clip, max_norm)
         check_n_slots(n_slots)
+        if zero_copy not in (True, False):
+            raise ValueError(f"zero_copy={zero_copy!r} must be True or False")
         if host_threads is None and torch.device(device).type == "cuda":
             host_threads = threads_left_for_kernels(engine_threads=2)  # the CUDA engine's two watchers
         init = None if host_threads is None else numba_threads_setter(host_threads)
@@ -85,7 +97,10 @@ class TransferScheduler:
         on_host = self.device.type == "cpu"
         self.layers = [LayerState(i, self.engine, live_rows, self.width, wire_dtype, on_host)
                        for i in range(len(self.optimizers))]
-        self.h2d_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype)  # rows down
+        self.zero_copy = zero_copy
+        # rows down: staging slots, or (zero-copy) each store's mirror [N, W] wire, as the device sees it
+        self.h2d_pool = None if zero_copy else SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype)
+        self._mirrors_dev = [self._attach_mirror(opt.store) for opt in self.optimizers] if zero_copy else []
         self.d2h_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype)  # grads back
         self.worker = HostWorker(init=init)
         self._link = FetchLink(self._check, self._end_chain)
@@ -99,15 +114,24 @@ class TransferScheduler:
         self._error_reported = False
         self._closed = False
 
+    def _attach_mirror(self, store) -> torch.Tensor:
+        mirror_host, mirror_dev = self.engine.alloc_mapped((store.n_rows, store.width), self.wire_dtype)
+        store.attach_mirror(mirror_host)  # [N, W] wire, filled from the master rows now
+        return mirror_dev
+
     @staticmethod
     def staging_bytes(n_layers: int, max_rows: int, width: int, wire_dtype: torch.dtype, n_slots: int = 2,
-                      max_live_rows: int | None = None) -> int:
-        """Host bytes of the staging this scheduler allocates (pinned, at exact size, on CUDA): two pools
-        (H2D, D2H) of `n_slots` slots of rows [max_rows, width] + ids [max_rows], and each layer's ids
-        buffer [max_live_rows]. The RAM check of `meft.wrap` and `meft plan` count exactly this."""
+                      max_live_rows: int | None = None, zero_copy_rows: int = 0) -> int:
+        """Host bytes the device reads or writes that this scheduler allocates (pinned, at exact size, on
+        CUDA): two pools (H2D, D2H) of `n_slots` slots of rows [max_rows, width] + ids [max_rows], and each
+        layer's ids buffer [max_live_rows]; zero-copy (`zero_copy_rows` = rows per store > 0): no H2D pool,
+        and each layer's mirror [zero_copy_rows, width] wire. The RAM check of `meft.wrap` and `meft plan`
+        count exactly this."""
         wire = torch.empty((), dtype=wire_dtype).element_size()
         live = max_rows if max_live_rows is None else max_live_rows
-        return 2 * n_slots * max_rows * (width * wire + 8) + n_layers * live * 8
+        pools = 1 if zero_copy_rows else 2
+        mirrors = n_layers * zero_copy_rows * width * wire
+        return pools * n_slots * max_rows * (width * wire + 8) + n_layers * live * 8 + mirrors
 
     # ------------------------------------------------------------------------------ errors
     def _check(self) -> None:
@@ -201,6 +225,8 @@ class TransferScheduler:
         return self._start_part(st, ids, m, base)
 
     def _start_part(self, st: LayerState, ids, n: int, base: FetchHandle | None) -> FetchHandle:
+        if self.zero_copy:
+            return self._start_mapped_part(st, ids, n, base)
         slot = self.h2d_pool.acquire(self._check)  # backpressure: blocks while every slot is busy
         marker = self.engine.mark_compute()  # H2D into rows_dev waits for compute issued so far
         meta = (self.step, self.micro_batch, st.index)
@@ -209,6 +235,38 @@ class TransferScheduler:
         st.handle = st.last_gather = h
         self.worker.submit(lambda: self._gather_task(st, h, slot, marker), st.index)
         return h
+
+    def _start_mapped_part(self, st: LayerState, ids, n: int, base: FetchHandle | None) -> FetchHandle:
+        """Zero-copy fetch part: the device reads the rows from the layer's mirror by the caller's ids."""
+        if "mirror" not in self._link.skip_waits:
+            # protects the read: an update of this layer already queued (staleness 1, or an earlier
+            # micro-batch's) must have written the mirror rows first, as the FIFO worker orders staged gathers
+            self.updates.wait_applied(st.index)
+        marker = self.engine.mark_compute()  # the ids, and compute still reading rows_dev, come first
+        meta = (self.step, self.micro_batch, st.index)
+        h = st.stage_ids(self._link, self.engine, ids, n, base, marker, (self.step, self.micro_batch),
+                         lambda ev: self._meter_copy(ev, "ids", meta))
+        off = h.offset
+        # host ids: their H2D into ids_dev was queued on the same copy stream, so it lands first
+        h.copy_event = self.engine.gather_mapped(self._mirrors_dev[st.index], h._ids_dev,
+                                                 st.rows_dev[off:off + n], rows=n, after=marker)
+        st.handle = st.last_gather = h
+        self.worker.submit(lambda: self._mapped_task(st, h), st.index)
+        return h
+
+    def _mapped_task(self, st: LayerState, h: FetchHandle) -> None:
+        """Host side of a zero-copy fetch part: count its valid rows, wait for the device's read (a staleness-1
+        update queued behind this task rewrites mirror rows), meter the rows that crossed."""
+        off, end = h.offset, h.n_rows
+        if h.ids_event is not None and h.ids_event.direction == "d2h":
+            h.ids_event.wait()  # protects the count: the ids D2H into ids_host must have landed
+        n = h.n_valid = valid_prefix(st.ids_host[off:end])
+        ev = h.copy_event
+        ev.wait()  # protects the mirror: the device has read these rows before anything queued later runs
+        self.meter.record_transfer(step=h.step, micro_batch=h.micro_batch, layer=st.index, direction="h2d",
+                                   nbytes=n * self.width * self._wire_bytes, rows=n, start=ev.start_s,
+                                   end=ev.end_s, engine=self.engine.name, pageable=False)
+        h.gathered.set()
 
     def reserve_live_rows(self, rows: int) -> None:
         """Size each layer's live buffers (rows_dev [rows, width], ids) for `rows` >= max_rows rows, so a
@@ -414,7 +472,8 @@ class TransferScheduler:
 
     def stats(self) -> dict:
         """Pool usage (backpressure) and host queue length."""
-        return {"h2d_peak_slots": self.h2d_pool.peak_in_use, "d2h_peak_slots": self.d2h_pool.peak_in_use,
-                "h2d_waits": self.h2d_pool.waits, "d2h_waits": self.d2h_pool.waits,
-                "staging_bytes": self.h2d_pool.nbytes + self.d2h_pool.nbytes,
+        h2d = self.h2d_pool  # None with zero-copy (rows come from the mirrors)
+        return {"h2d_peak_slots": h2d.peak_in_use if h2d else 0, "d2h_peak_slots": self.d2h_pool.peak_in_use,
+                "h2d_waits": h2d.waits if h2d else 0, "d2h_waits": self.d2h_pool.waits,
+                "staging_bytes": (h2d.nbytes if h2d else 0) + self.d2h_pool.nbytes,
                 "host_queue": self.worker.pending()}

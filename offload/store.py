@@ -9,6 +9,11 @@ allocator). `gather` copies rows by id into a caller-provided buffer, casting to
 (numba kernel in `offload.kernels`).
 
 The optimizer (`offload.optim.SparseAdamW`) is the only writer of `weights`/`exp_avg`/`exp_avg_sq`.
+
+Zero-copy (`TransferScheduler(zero_copy=True)`): the scheduler attaches a `mirror` [N, W] in the wire
+dtype (pinned and device-mapped by the copy engine), which the device reads rows from directly. The
+store keeps it equal to `weights.to(mirror.dtype)`: the optimizer's update writes both in one pass, and
+every other writer of `weights` here (`load_state_dict`, `set_weights`) refreshes it.
 """
 
 import ctypes
@@ -68,6 +73,8 @@ class RowStore:
         for t in (self.exp_avg, self.exp_avg_sq, self.steps):
             t.zero_()
         self._init_weights(init)
+        self.mirror: torch.Tensor | None = None  # [N, W] wire dtype, zero-copy only (attach_mirror)
+        self._mirror_np = None
         self._bind_numpy()
 
     @staticmethod
@@ -104,6 +111,31 @@ class RowStore:
         self._m_np = kernels.as_numpy(self.exp_avg)
         self._v_np = kernels.as_numpy(self.exp_avg_sq)
         self._steps_np = self.steps.numpy()
+
+    def attach_mirror(self, mirror: torch.Tensor) -> None:
+        """Keep `mirror` ([N, W] float32 or bfloat16, contiguous host tensor, e.g. pinned and mapped for a
+        device) equal to `weights.to(mirror.dtype)` from now on; it is filled now."""
+        if not isinstance(mirror, torch.Tensor) or mirror.dtype not in WIRE_DTYPES:
+            got = mirror.dtype if isinstance(mirror, torch.Tensor) else type(mirror).__name__
+            raise TypeError(f"mirror must be a float32 or bfloat16 tensor, got {got}")
+        if tuple(mirror.shape) != (self.n_rows, self.width) or mirror.device.type != "cpu" \
+                or not mirror.is_contiguous():
+            raise ValueError(f"mirror must be a contiguous CPU tensor [{self.n_rows}, {self.width}], got "
+                             f"{tuple(mirror.shape)} on {mirror.device}")
+        self.mirror, self._mirror_np = mirror, kernels.as_numpy(mirror)
+        self.refresh_mirror()
+
+    def refresh_mirror(self) -> None:
+        """Rewrite the whole mirror from `weights` (after a bulk write; the optimizer keeps it per row)."""
+        if self.mirror is not None:
+            self.mirror.copy_(self.weights)
+
+    def set_weights(self, rows: torch.Tensor) -> None:
+        """weights[:] = rows ([N, W], any float dtype), mirror included (loading a saved adapter)."""
+        if tuple(rows.shape) != (self.n_rows, self.width):
+            raise ValueError(f"rows have shape {tuple(rows.shape)}, expected ({self.n_rows}, {self.width})")
+        self.weights.copy_(rows)
+        self.refresh_mirror()
 
     def gather(self, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out[:R] = weights[ids] (cast to out's dtype, fp32 or bf16 round-to-nearest-even); returns out[:R].
@@ -149,6 +181,7 @@ class RowStore:
                                  f"got {sd[key].dtype} {tuple(sd[key].shape)}")
         for key in ("weights", "exp_avg", "exp_avg_sq", "steps"):
             getattr(self, key).copy_(sd[key])
+        self.refresh_mirror()
 
     def __repr__(self) -> str:
         return (f"RowStore(n_rows={self.n_rows}, width={self.width}, state_dtype={self.state_dtype}, "

@@ -5,7 +5,8 @@ Owns the rules both schedulers share -- `clip_scale` (the clip factor, defined o
 updates: deciding that a layer's gradients of the step are complete (`grads_complete`), fixing the
 update's hyper-parameters on the caller's thread, the update itself on the host worker (clip scale,
 fused SparseAdamW step, metering), global-norm clipping, staleness 1 (a computed update waits for the
-layer's next fetch: `take_pending` / `park`), and the step boundary (`end_step`, `settle`, `flush`).
+layer's next fetch: `take_pending` / `park`), and the step boundary (`end_step`, `settle`, `flush`). It also counts, per layer, the updates queued and
+applied, so a zero-copy fetch can wait until its layer's mirror holds every queued update (`wait_applied`).
 
 It talks to its scheduler only through what it is given: the optimizers, the host worker, the meter,
 and `check` (raises a worker error in the caller). Per-layer update state lives in `LayerUpdate`.
@@ -14,8 +15,11 @@ and `check` (raises a worker error in the caller). Per-layer update state lives 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
+
+from offload.worker import POLL_S
 
 __all__ = ["CLIP_MODES", "LayerUpdate", "UpdatePolicy", "check_update_args", "clip_scale"]
 
@@ -61,6 +65,32 @@ class UpdatePolicy:
         self.staleness, self.clip, self.max_norm = staleness, clip, float(max_norm)
         self.width, self.state_bytes = width, state_bytes
         self.layers = [LayerUpdate(i) for i in range(len(optimizers))]
+        self._applied = threading.Condition()  # guards the two counts below
+        self._n_queued = [0] * len(optimizers)  # updates handed to the worker (run or parked), per layer
+        self._n_applied = [0] * len(optimizers)  # updates the worker has finished, per layer
+
+    # ---- applied-update counts (zero-copy fetches wait on them) -----------------------------------
+    def _queued(self, layer: int) -> None:
+        with self._applied:
+            self._n_queued[layer] += 1
+
+    def _done(self, layer: int) -> None:
+        with self._applied:
+            self._n_applied[layer] += 1
+            self._applied.notify_all()
+
+    def wait_applied(self, layer: int) -> None:
+        """Block until every update queued for `layer` has been applied (a parked one is run now)."""
+        with self._applied:
+            if self._n_applied[layer] >= self._n_queued[layer]:
+                return
+        self.worker.submit(lambda: None, layer)  # a parked task of the layer runs before the layer's next task
+        while True:
+            with self._applied:
+                if self._n_applied[layer] >= self._n_queued[layer]:
+                    return
+                self._applied.wait(POLL_S)
+            self.check()
 
     # ---- per layer, on the caller's thread ------------------------------------------------------
     def triggered(self, layer: int, step: int) -> bool:
@@ -88,12 +118,16 @@ class UpdatePolicy:
         u = self.layers[layer]
         u.grads_step = u.triggered_step = step
         u.update_hparams = hp = self.optimizers[layer].hparams()
+        self._queued(layer)
         return hp
 
     def fused_update(self, layer: int, step: int, hparams: tuple, ids, grads) -> None:
         """On the host worker: the whole row update of a fused layer from its gradients [R, W] (wire)."""
         opt, t0, rows = self.optimizers[layer], time.perf_counter(), ids.shape[0]
-        opt.step_rows(ids, grads, hparams=hparams)
+        try:
+            opt.step_rows(ids, grads, hparams=hparams)
+        finally:
+            self._done(layer)
         # bytes touched: weights fp32 + both moments, read and written, plus the wire-dtype grads once
         nbytes = rows * self.width * (2 * (4 + 2 * self.state_bytes) + grads.element_size())
         self.meter.record_update(step=step, layer=layer, rows=rows, nbytes=nbytes, start=t0, end=time.perf_counter())
@@ -109,6 +143,7 @@ class UpdatePolicy:
 
     def park(self, layer: int, step: int, hparams: tuple) -> None:
         """Queue an owed staleness-1 update: parked until idle time or the layer's next task."""
+        self._queued(layer)
         self.worker.defer(layer, lambda: self._update_task(self.layers[layer], step, hparams))
 
     def _trigger(self, u: LayerUpdate, step: int) -> None:
@@ -117,6 +152,7 @@ class UpdatePolicy:
         # schedule) before the worker runs the update, and the result must not depend on that timing.
         u.update_hparams = hp = self.optimizers[u.index].hparams()
         if self.staleness == 0:
+            self._queued(u.index)
             self.worker.submit(lambda: self._update_task(u, step, hp), u.index)
         else:
             u.pending_update = True
@@ -132,7 +168,10 @@ class UpdatePolicy:
         else:
             scale = 1.0
         rows = opt.pending_rows
-        opt.step(grad_scale=scale, hparams=hparams)
+        try:
+            opt.step(grad_scale=scale, hparams=hparams)
+        finally:
+            self._done(u.index)
         # bytes touched: weights fp32 + both moments, read and written, plus the fp32 pending grads
         nbytes = rows * self.width * (2 * (4 + 2 * self.state_bytes) + 4)
         self.meter.record_update(step=step, layer=u.index, rows=rows, nbytes=nbytes, start=t0,
@@ -157,6 +196,8 @@ class UpdatePolicy:
                 u.triggered_step = step
                 u.update_hparams = self.optimizers[u.index].hparams()  # fixed on this thread (see _trigger)
                 u.pending_update = self.staleness == 1
+                if self.staleness == 0:
+                    self._queued(u.index)  # updated by the global task below
             self.worker.submit(lambda: self._global_task(with_grads, step))
         else:
             for u in with_grads:
@@ -175,6 +216,7 @@ class UpdatePolicy:
         if u.pending_update:
             u.pending_update = False
             hp = u.update_hparams
+            self._queued(layer)
             self.worker.submit(lambda: self._update_task(u, step, hp), layer)
 
     def drain(self) -> None:

@@ -116,7 +116,7 @@ def load_adapter(model, path: str, config: MeftConfig | None = None, *, verbose:
                          f"load it into the base model it was trained on")
     with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f, torch.no_grad():
         for ad, store in zip(rt.adapters, rt.stores):
-            store.weights.copy_(f.get_tensor(f"layers.{ad.layer}.rows"))
+            store.set_weights(f.get_tensor(f"layers.{ad.layer}.rows"))  # the zero-copy mirror too
             ad.gate.copy_(f.get_tensor(f"layers.{ad.layer}.router"))
     rt.stores_changed()  # device copies of the stores (resident twin, inference rows) follow
     msg = (f"loaded meft adapter from {path}: {len(got)} layers, {meta['sizes']['params']:,} params, "

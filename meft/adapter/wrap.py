@@ -49,7 +49,9 @@ def _check_host_ram(config: MeftConfig, n_layers: int, width: int) -> None:
     need = n_layers * RowStore.bytes_needed(config.adapter_rows, width, config.state)
     if config.offload:  # + the scheduler's staging (pinned at its exact size on CUDA)
         live = 2 * config.budget_rows if config.prefetch == "lookahead" else config.budget_rows
-        need += TransferScheduler.staging_bytes(n_layers, config.budget_rows, width, config.wire, max_live_rows=live)
+        mirror_rows = config.adapter_rows if config.fetch_mode == "zero_copy" else 0
+        need += TransferScheduler.staging_bytes(n_layers, config.budget_rows, width, config.wire, max_live_rows=live,
+                                                zero_copy_rows=mirror_rows)
     check_host_ram(need, f"adapter_rows = {config.adapter_rows} x {n_layers} layers x width {width}", fixes)
 
 
@@ -59,7 +61,8 @@ def _build_scheduler(config: MeftConfig, opts, device):
               clip=config.clip, max_norm=config.max_norm)
     if config.offload:
         meter = TrafficMeter()
-        return TransferScheduler(opts, meter=meter, timing=config.copy_timing, **kw), meter
+        return TransferScheduler(opts, meter=meter, timing=config.copy_timing,
+                                 zero_copy=config.fetch_mode == "zero_copy", **kw), meter
     return ResidentScheduler(opts, **kw), None
 
 

@@ -100,7 +100,9 @@ def host_ram_bytes(cfg: MeftConfig, n_layers: int, d: int) -> dict:
     width, max_rows = 2 * d, cfg.budget_rows
     stores = n_layers * RowStore.bytes_needed(cfg.adapter_rows, width, cfg.state)
     live = 2 * max_rows if cfg.prefetch == "lookahead" else max_rows  # a prefetch plus its misses
-    staging = TransferScheduler.staging_bytes(n_layers, max_rows, width, cfg.wire, max_live_rows=live)
+    mirror_rows = cfg.adapter_rows if cfg.fetch_mode == "zero_copy" else 0  # pinned wire-dtype mirrors
+    staging = TransferScheduler.staging_bytes(n_layers, max_rows, width, cfg.wire, max_live_rows=live,
+                                              zero_copy_rows=mirror_rows)
     pending = n_layers * max_rows * cfg.grad_accum_steps * (width * 4 + 8)  # fp32 pending row grads
     return {"stores": stores, "staging": staging, "pending_grads": pending,
             "total": stores + staging + pending}

@@ -229,3 +229,55 @@ def test_pinned_bytes_are_exactly_the_staging_and_stores_are_not_pinned(timing):
         s.finish_step()
         rec = s.meter.report()["totals"]
         assert rec["h2d"]["bytes"] == MAX_ROWS * WIDTH * 2 and s.meter.report()["pageable_copies"] == 0
+
+
+# ------------------------------------------------------------------------------------------ zero-copy
+ZERO_COPY_CASES = [  # staleness, clip, device ids, lagging GPU, script mode
+    (0, "none", True, True, "full"), (0, "layer", False, True, "full"), (1, "none", True, True, "full"),
+    (1, "global", True, False, "full"), (0, "global", True, True, "partial"), (1, "none", True, True, "chain")]
+
+
+@pytest.mark.parametrize("staleness,clip,device_ids,lag,mode", ZERO_COPY_CASES)
+def test_zero_copy_equals_staged_cpu_engine_bitwise(staleness, clip, device_ids, lag, mode):
+    """The device reads rows straight from the pinned, mapped bf16 mirror (no ids round trip, no CPU gather):
+    the same values as the staged path, so the same training bitwise, also when the GPU lags behind."""
+    script = make_script(40, seed=41 + staleness, mode=mode)
+    kw = dict(staleness=staleness, clip=clip, max_norm=0.5)
+    got = train("cuda", script, device_ids=device_ids, lag=lag, zero_copy=True, **kw)
+    assert_same(got, train("cpu", script, **kw))
+    for o in got:
+        assert torch.equal(o.store.mirror, o.store.weights.to(torch.bfloat16))  # the update wrote both
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_zero_copy_accumulation_equals_cpu_engine(staleness):
+    """Two micro-batches, every layer in both: at staleness 1 the second fetch of a layer must read the
+    mirror after the previous step's update has written it (the fetch waits for it)."""
+    script = make_script(30, seed=6, accum=2, all_layers=True)
+    kw = dict(staleness=staleness, clip="layer", max_norm=0.5)
+    assert_same(train("cuda", script, lag=True, zero_copy=True, **kw), train("cpu", script, **kw))
+
+
+def test_zero_copy_mirror_is_pinned_mapped_and_seen_by_the_device():
+    """The mirror is page-locked at its exact size (counted by staging_bytes) and the device view reads
+    the host bytes themselves: a host write is visible to the next kernel without any copy."""
+    opts = make_opts()
+    with offload.TransferScheduler(opts, device="cuda", max_rows=MAX_ROWS, zero_copy=True) as s:
+        assert s.h2d_pool is None
+        assert s.engine.pinned_bytes == offload.TransferScheduler.staging_bytes(
+            N_LAYERS, MAX_ROWS, WIDTH, torch.bfloat16, zero_copy_rows=N_ROWS)
+        assert all(o.store.mirror.is_pinned() for o in opts)
+        assert not any(o.store.weights.is_pinned() for o in opts)
+        view = s._mirrors_dev[1]
+        assert view.device.type == "cuda" and view.data_ptr() == opts[1].store.mirror.data_ptr()
+        opts[1].store.mirror[5].fill_(3.0)
+        assert float(view[5].float().sum().cpu()) == 3.0 * WIDTH
+        opts[1].store.refresh_mirror()
+        s.begin_step()
+        ids = torch.tensor([5, 9, 2, -1, -1], device="cuda")  # fixed-shape routing: 3 used slots
+        h = s.fetch(1, ids)
+        rows = h.wait()[:3].cpu()
+        s.push_grads(1, h.ids_dev, torch.zeros(5, WIDTH, device="cuda"))
+        s.finish_step()
+        assert torch.equal(rows, opts[1].store.weights[[5, 9, 2]].to(torch.bfloat16))
+        assert s.meter.report()["totals"]["h2d"]["rows"] == 3
