@@ -20,6 +20,7 @@ the test hook that disables waits). The argument checks (`check_ids`, `check_gra
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -109,11 +110,13 @@ def check_extend(base, m: int, layer: int, step: int, micro_batch: int, capacity
 class FetchLink:
     """What handles need from their scheduler, and nothing else."""
 
-    __slots__ = ("check", "end_chain", "skip_waits")
+    __slots__ = ("check", "end_chain", "blocked", "skip_waits")
 
-    def __init__(self, check: Callable[[], None], end_chain: Callable[[LayerState], None]):
+    def __init__(self, check: Callable[[], None], end_chain: Callable[[LayerState], None],
+                 blocked: Callable[[int, float, float], None]):
         self.check = check  # raises a host-worker error in the caller
         self.end_chain = end_chain  # ends a layer's live fetch (queues the update it held back)
+        self.blocked = blocked  # (step, start, end): the caller's thread waited on rows (for the meter)
         self.skip_waits: set[str] = set()  # test hook: {"h2d", "d2h"} disables that wait
 
 
@@ -252,12 +255,14 @@ class FetchHandle:
         self._link.check()
         self._live("wait()")
         if "h2d" not in self._link.skip_waits:
+            t0 = time.perf_counter()
             for h in self.parts():
                 if h.copy_event is None:  # staged: the host worker issues the H2D once it has gathered
                     wait_for(h.gathered, self._link.check)
                 # protects compute from reading rows_dev before the H2D (zero-copy: the device's read from
                 # the mirror) of these rows has landed (CUDA: the compute stream waits; thread engine: the host)
                 h.copy_event.wait_device()
+            self._link.blocked(self.step, t0, time.perf_counter())
         self._link.check()
         return self._layer.rows_dev[: self.n_rows]
 

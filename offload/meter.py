@@ -2,7 +2,12 @@
 
 Owns the accounting of DESIGN.md "Traffic": per transfer (step, micro-batch, layer, direction, bytes,
 rows, start/end, engine, pageable), per CPU operation (gather / accumulate / update: rows, bytes
-touched, duration), compute intervals (`record_compute`) and lookahead hit counters.
+touched, duration), compute intervals (`record_compute`), host-blocked intervals (`record_blocked`: the
+thread that drives compute waiting for rows or a staging slot) and lookahead hit counters.
+
+Overlap: the share of transfer time that runs while the host does CPU row work or compute. Compute
+intervals are host-timed, so the time the driving thread spends blocked inside them (waiting for the
+very transfer being measured) is cut out first: a blocked wait never counts as overlap.
 
 Memory is bounded: raw events are kept for the `keep_steps` most recent steps (for traces, plots and
 overlap); totals, per-layer totals and the overlap of evicted steps are aggregated for all steps.
@@ -18,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 from offload.meter_export import chrome_trace, plot_png, summary_table, to_json
 
-__all__ = ["TrafficMeter", "Transfer", "CpuOp", "Compute", "interval_overlap"]
+__all__ = ["TrafficMeter", "Transfer", "CpuOp", "Compute", "interval_overlap", "interval_subtract"]
 
 DIRECTIONS = ("h2d", "d2h", "ids")
 
@@ -68,6 +73,23 @@ def _union(intervals):
     return out
 
 
+def interval_subtract(a, b) -> list[list[float]]:
+    """union(a) minus union(b), as a sorted list of [start, end]."""
+    out, ub, j = [], _union(b), 0
+    for s, e in _union(a):
+        while j < len(ub) and ub[j][1] <= s:
+            j += 1
+        k, cur = j, s
+        while k < len(ub) and ub[k][0] < e:
+            if ub[k][0] > cur:
+                out.append([cur, ub[k][0]])
+            cur = max(cur, ub[k][1])
+            k += 1
+        if cur < e:
+            out.append([cur, e])
+    return out
+
+
 def interval_overlap(a, b) -> tuple[float, float]:
     """(length of union(a), length of union(a) ∩ union(b)) for lists of (start, end) intervals."""
     ua, ub = _union(a), _union(b)
@@ -104,12 +126,13 @@ class _Agg:
 
 
 class _StepRaw:
-    __slots__ = ("transfers", "cpu", "compute")
+    __slots__ = ("transfers", "cpu", "compute", "blocked")
 
     def __init__(self):
         self.transfers: list[Transfer] = []
         self.cpu: list[CpuOp] = []
         self.compute: list[Compute] = []
+        self.blocked: list[tuple[float, float]] = []  # the driving thread waiting on the scheduler
 
 
 class TrafficMeter:
@@ -131,6 +154,7 @@ class TrafficMeter:
             self._layer_dir = defaultdict(_Agg)  # (layer, direction) -> totals
             self._cpu = defaultdict(_Agg)  # op -> totals
             self._compute_s = 0.0
+            self._blocked_s = 0.0
             self._pageable = 0
             self._evicted_upto = -(2**62)  # raw events of steps <= this were dropped
             self._evicted_xfer_s = 0.0  # union transfer time of evicted steps
@@ -189,6 +213,15 @@ class TrafficMeter:
             self._raw_for(s).compute.append(Compute(s, name, start, end))
             self._compute_s += end - start
 
+    def record_blocked(self, step: int, start: float, end: float) -> None:
+        """The thread that drives compute was blocked waiting on the scheduler (rows, a slot) over
+        [start, end]: cut out of the compute intervals before overlap is counted."""
+        if end <= start:
+            return
+        with self._lock:
+            self._raw_for(step).blocked.append((start, end))
+            self._blocked_s += end - start
+
     def record_lookahead(self, step: int, layer: int, needed: int, hit: int) -> None:
         """Lookahead counters: of `needed` rows of a fetch, `hit` had been prefetched."""
         if hit > needed or needed < 0 or hit < 0:
@@ -221,7 +254,7 @@ class TrafficMeter:
                 "cpu": {op: a.as_dict() for op, a in sorted(self._cpu.items())},
                 "compute_ms": self._compute_s * 1e3,
                 "overlap": {"transfer_ms": xfer_s * 1e3, "overlapped_ms": over_s * 1e3,
-                            "share": over_s / xfer_s if xfer_s > 0 else 0.0},
+                            "share": over_s / xfer_s if xfer_s > 0 else 0.0, "blocked_ms": self._blocked_s * 1e3},
                 "pageable_copies": self._pageable,
                 "lookahead": _lookahead(self._lookahead),
                 "keep_steps": self.keep_steps,
@@ -248,7 +281,8 @@ class TrafficMeter:
 
 def _overlap_of(raw: _StepRaw) -> tuple[float, float]:
     xfer = [(t.start, t.end) for t in raw.transfers]
-    other = [(c.start, c.end) for c in raw.cpu] + [(c.start, c.end) for c in raw.compute]
+    compute = interval_subtract([(c.start, c.end) for c in raw.compute], raw.blocked)  # blocked waits are no work
+    other = [(c.start, c.end) for c in raw.cpu] + [tuple(c) for c in compute]
     return interval_overlap(xfer, other)
 
 

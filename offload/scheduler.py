@@ -103,7 +103,7 @@ class TransferScheduler:
         self._mirrors_dev = [self._attach_mirror(opt.store) for opt in self.optimizers] if zero_copy else []
         self.d2h_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype)  # grads back
         self.worker = HostWorker(init=init)
-        self._link = FetchLink(self._check, self._end_chain)
+        self._link = FetchLink(self._check, self._end_chain, self.meter.record_blocked)
         self._test_skip_waits = self._link.skip_waits  # test hook: add "h2d" / "d2h" to disable that wait
         self._wire_bytes = torch.empty((), dtype=wire_dtype).element_size()
         state_bytes = torch.empty((), dtype=self.optimizers[0].store.state_dtype).element_size()
@@ -326,11 +326,13 @@ class TransferScheduler:
                              f"of step {self.step}; call fetch({layer}, ids) first (once per micro-batch)")
         k = check_ids(ids, "push_grads", self.max_rows, self.device)
         check_grads(grads, k, self.width, layer, self.device)
+        t0 = time.perf_counter()
         full = st.push_is_full(h, ids)  # else a checked subset (host ids)
         h.wait_gathered()  # protects the ids copy below: ids_host must hold this fetch's ids
         if full and h.base is None:
             k = h.n_valid  # a padded fetch: only its valid rows' gradients cross back
         slot = self.d2h_pool.acquire(self._check)  # backpressure
+        self.meter.record_blocked(self.step, t0, time.perf_counter())  # the caller's thread waited so long
         meta = (self.step, self.micro_batch, st.index)
         ids_check = None
         if full:

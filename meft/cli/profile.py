@@ -29,6 +29,9 @@ class ProfileOptions:
                              "labelled as such."})
     compute_ms_per_layer: float | None = field(default=None, metadata={
         "help": "Compute ms per layer per step (forward + backward) for --link; default: measured here."})
+    link_latency_us: float = field(default=10.0, metadata={
+        "help": "Fixed cost of each copy for --link (launch, DMA setup, completion), in microseconds: every "
+                "layer pays it per copy on top of bytes / bandwidth."})
 
 
 def add_parser(sub) -> None:
@@ -43,5 +46,6 @@ def run(args: argparse.Namespace) -> int:
     args.debug = targs.debug
     if args.output_dir is None:
         targs.output_dir = "runs/profile"
-    profile(targs, cfg, link=popts.link, compute_ms_per_layer=popts.compute_ms_per_layer)
+    profile(targs, cfg, link=popts.link, compute_ms_per_layer=popts.compute_ms_per_layer,
+            link_latency_us=popts.link_latency_us)
     return 0

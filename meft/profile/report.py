@@ -6,8 +6,9 @@ the link prediction, the terminal table and the PNG.
   D2H adds R x 8 bytes, reported as "ids").
 * MEFT's original scheme (arXiv 2406.04984 released code) for the same active sets: fp32 hidden states
   [T, d] to the CPU, fp32 key and value rows [R, 2d] back, fp32 gradients of those rows [R, 2d] up.
-* link prediction (labelled as such): transfer time = measured bytes / link GB/s (effective pinned
-  bandwidths below); per step, forward fetches are exposed (the rows are needed right after routing;
+* link prediction (labelled as such): each copy takes the link's fixed latency (issue, DMA setup and
+  completion: `--link-latency-us`, 10 us assumed) plus its bytes / link GB/s (effective pinned bandwidths
+  below), with the measured number of copies per layer and direction; per step, forward fetches are exposed (the rows are needed right after routing;
   with prefetch="lookahead" a fetch can hide behind the previous layer's forward), backward gradient
   copies queue on one copy stream behind the backward compute and only what runs past its end is
   exposed. Compute per layer: measured here (forward/backward hooks) or given.
@@ -22,6 +23,7 @@ from offload.meter_export import TRACKS, summary_table
 __all__ = ["build_report", "format_report", "plot_profile", "predict_link", "LINKS"]
 
 LINKS = {"pcie3": 12.0, "pcie4": 25.0, "pcie5": 50.0}  # effective GB/s of pinned x16 copies (assumed)
+LINK_LATENCY_US = 10.0  # fixed cost of one async copy (launch + DMA setup + completion), assumed
 
 
 def _link_gbps(link: str) -> tuple[str, float]:
@@ -45,24 +47,34 @@ def _compute_per_layer(meter, steps_kept: int) -> dict[int, dict[str, float]]:
     return dict(acc)
 
 
-def predict_link(link: str, bytes_per_layer: dict, compute: dict, *, lookahead: bool) -> dict:
-    """Predicted exposed transfer ms per step on `link`; see the module docstring for the model."""
+def predict_link(link: str, bytes_per_layer: dict, compute: dict, *, lookahead: bool,
+                 copies_per_layer: dict | None = None, latency_us: float = LINK_LATENCY_US) -> dict:
+    """Predicted exposed transfer ms per step on `link`; see the module docstring for the model.
+    bytes_per_layer / copies_per_layer: {layer: {"h2d", "d2h", "ids": bytes / copies per step}} (copies
+    default to one per direction that moves bytes); latency_us: the fixed cost of each copy."""
     name, gbps = _link_gbps(link)
+    if not latency_us >= 0:
+        raise ValueError(f"--link-latency-us {latency_us!r}: a number of microseconds >= 0, e.g. 10")
     layers = sorted(bytes_per_layer)
-    ms = lambda b: b / (gbps * 1e9) * 1e3
+    copies = copies_per_layer or {la: {d: float(b > 0) for d, b in v.items()} for la, v in bytes_per_layer.items()}
+
+    def ms(la, *dirs) -> float:  # copy time of one layer's `dirs` per step: latency per copy + bytes / bw
+        b = sum(bytes_per_layer[la].get(d, 0) for d in dirs)
+        n = sum(copies.get(la, {}).get(d, 0.0) for d in dirs)
+        return n * latency_us * 1e-3 + b / (gbps * 1e9) * 1e3
+
     fwd_exposed = 0.0
     for k, la in enumerate(layers):
-        h2d = ms(bytes_per_layer[la]["h2d"])
         hide = compute.get(layers[k - 1], {}).get("fwd_ms", 0.0) if lookahead and k else 0.0
-        fwd_exposed += max(0.0, h2d - hide)
+        fwd_exposed += max(0.0, ms(la, "h2d") - hide)
     t = stream = 0.0
     for la in reversed(layers):  # backward: copies queue behind the compute that produced them
         t += compute.get(la, {}).get("bwd_ms", 0.0)
-        stream = max(stream, t) + ms(bytes_per_layer[la]["d2h"] + bytes_per_layer[la].get("ids", 0))
+        stream = max(stream, t) + ms(la, "d2h", "ids")
     bwd_exposed = max(0.0, stream - t)
     comp = sum(v["fwd_ms"] + v["bwd_ms"] for v in compute.values())
-    return {"label": "PREDICTION (not measured)", "link": name, "gbps": gbps,
-            "transfer_ms_per_step": sum(ms(sum(v.values())) for v in bytes_per_layer.values()),
+    return {"label": "PREDICTION (not measured)", "link": name, "gbps": gbps, "latency_us": latency_us,
+            "transfer_ms_per_step": sum(ms(la, *bytes_per_layer[la]) for la in layers),
             "compute_ms_per_step": comp, "forward_exposed_ms": fwd_exposed, "backward_exposed_ms": bwd_exposed,
             "exposed_ms_per_step": fwd_exposed + bwd_exposed}
 
@@ -74,7 +86,8 @@ def _meft_original(active: dict) -> dict:
             "total": tokens * d * 4 + 2 * rows * w * 4}
 
 
-def build_report(meter, run: dict, active: dict, *, link=None, compute_ms_per_layer=None, config=None) -> dict:
+def build_report(meter, run: dict, active: dict, *, link=None, compute_ms_per_layer=None, config=None,
+                 link_latency_us: float = LINK_LATENCY_US) -> dict:
     rep = meter.report()
     tot = rep["totals"]
     measured = {k: tot.get(k, {}).get("bytes", 0) for k in ("h2d", "d2h", "ids")}
@@ -101,14 +114,18 @@ def build_report(meter, run: dict, active: dict, *, link=None, compute_ms_per_la
            "meft_original_bytes": original,
            "meft_original_over_measured": original["total"] / measured["total"] if measured["total"] else None,
            "transfer": {"total_ms": ov["transfer_ms"], "overlapped_ms": ov["overlapped_ms"],
-                        "exposed_ms": ov["transfer_ms"] - ov["overlapped_ms"], "overlap_share": ov["share"]},
+                        "exposed_ms": ov["transfer_ms"] - ov["overlapped_ms"], "overlap_share": ov["share"],
+                        "host_blocked_ms": ov["blocked_ms"]},
            "cpu": rep["cpu"], "pageable_copies": rep["pageable_copies"], "per_layer": per_layer,
            "per_step": rep["per_step"], "totals": tot, "lookahead": rep["lookahead"], "config": config or {}}
     if link:
         bpl = {la: {d: v.get(d, {}).get("bytes", 0) / steps for d in ("h2d", "d2h", "ids")}
                for la, v in per_layer.items()}
+        cpl = {la: {d: rep["per_layer"][la].get(d, {}).get("count", 0) / steps for d in ("h2d", "d2h", "ids")}
+               for la in per_layer}
         lookahead = (config or {}).get("meft", {}).get("prefetch") == "lookahead"
-        out["link_prediction"] = predict_link(link, bpl, compute, lookahead=lookahead)
+        out["link_prediction"] = predict_link(link, bpl, compute, lookahead=lookahead, copies_per_layer=cpl,
+                                              latency_us=link_latency_us)
     return out
 
 
@@ -133,7 +150,7 @@ def format_report(rep: dict) -> str:
              f"fp32 row grads up): {o['total']:,} bytes = {rep['meft_original_over_measured']:.2f}x measured"]
     p = rep.get("link_prediction")
     if p:
-        lines.append(f"{p['label']}: on {p['link']} ({p['gbps']:g} GB/s) transfers take "
+        lines.append(f"{p['label']}: on {p['link']} ({p['gbps']:g} GB/s, {p['latency_us']:g} us per copy) transfers take "
                      f"{p['transfer_ms_per_step']:.2f} ms/step, exposed {p['exposed_ms_per_step']:.2f} ms/step "
                      f"(forward {p['forward_exposed_ms']:.2f}, backward {p['backward_exposed_ms']:.2f}) against "
                      f"{p['compute_ms_per_step']:.2f} ms/step of compute per layer sum")

@@ -121,7 +121,7 @@ def _run_steps(model, rt, data, args, cfg) -> dict:
 
 
 def profile(args: TrainArgs, cfg: MeftConfig, *, link: str | None = None,
-            compute_ms_per_layer: float | None = None) -> dict:
+            compute_ms_per_layer: float | None = None, link_latency_us: float = 10.0) -> dict:
     """Profile `args.steps` steps (default 5 when 0); write profile.json, trace.json, profile.png."""
     cfg = dataclasses.replace(cfg, copy_timing=True).validate()  # exact copy durations from CUDA events
     if args.steps <= 0:
@@ -146,6 +146,7 @@ def profile(args: TrainArgs, cfg: MeftConfig, *, link: str | None = None,
     active = {"rows": dict(counter.rows), "tokens": dict(counter.tokens), "width": 2 * d,
               "wire_bytes": cfg.wire.itemsize}
     rep = build_report(rt.meter, run, active, link=link, compute_ms_per_layer=compute_ms_per_layer,
+                       link_latency_us=link_latency_us,
                        config={"train": asdict(args), "meft": cfg.to_dict()})
     (out / "profile.json").write_text(json.dumps(rep, indent=2, default=str))
     rt.meter.export_chrome_trace(out / "trace.json")

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from offload.meter import TrafficMeter, interval_overlap
+from offload.meter import TrafficMeter, interval_overlap, interval_subtract
 
 
 def _xfer(m, step, layer, d="h2d", nbytes=1000, rows=10, start=0.0, end=1.0, mb=0, pageable=False):
@@ -33,6 +33,35 @@ def test_interval_overlap_matches_plain_twin():
         fast, plain = interval_overlap(a, b), plain_overlap(a, b)
         torch.testing.assert_close(torch.tensor(fast, dtype=torch.float64),
                                    torch.tensor(plain, dtype=torch.float64), atol=2e-2, rtol=0)
+
+
+def test_interval_subtract_matches_plain_twin():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        mk = lambda n: [(float(s), float(s) + float(d)) for s, d in
+                        zip(torch.randint(0, 900, (n,), generator=g) / 100,
+                            torch.randint(1, 200, (n,), generator=g) / 100)]
+        a, b = mk(6), mk(5)
+        left = interval_subtract(a, b)
+        assert all(s < e for s, e in left) and all(left[i][1] <= left[i + 1][0] for i in range(len(left) - 1))
+        covered_a, _ = plain_overlap(a, a)
+        _, a_and_b = plain_overlap(a, b)
+        total, inter = interval_overlap(left, b)  # nothing of a - b lies in b, and a - b = a less a & b
+        assert inter == pytest.approx(0.0, abs=1e-12)
+        assert total == pytest.approx(covered_a - a_and_b, abs=2e-2)
+
+
+def test_host_blocked_time_inside_compute_is_not_overlap():
+    """A compute interval is host-timed: while the driving thread waits for the copy itself, that copy is
+    exposed, not overlapped. Blocked intervals are cut out of compute before overlap is counted."""
+    m = TrafficMeter()
+    m.set_step(1)
+    _xfer(m, 1, 0, start=0.0, end=1.0)
+    m.record_compute("fwd L0", 0.0, 2.0)  # the layer's forward spans the whole copy...
+    m.record_blocked(1, 0.25, 1.0)  # ...but waited for it from 0.25 on
+    r = m.report()
+    assert r["overlap"]["share"] == pytest.approx(0.25)
+    assert r["overlap"]["blocked_ms"] == pytest.approx(750.0)
 
 
 def test_totals_per_layer_per_step_and_gbps():

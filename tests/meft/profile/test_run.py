@@ -46,11 +46,19 @@ def test_profile_cli_writes_json_trace_png_with_exact_bytes(tiny, tmp_path):
 def test_link_prediction_model():
     b = {0: {"h2d": 25e6, "d2h": 25e6}, 1: {"h2d": 25e6, "d2h": 25e6}}  # 1 ms each way per layer at 25 GB/s
     slow = {0: {"fwd_ms": 0.5, "bwd_ms": 5.0}, 1: {"fwd_ms": 0.5, "bwd_ms": 5.0}}
-    p = predict_link("pcie4", b, slow, lookahead=False)
+    p = predict_link("pcie4", b, slow, lookahead=False, latency_us=0.0)
     assert p["forward_exposed_ms"] == pytest.approx(2.0)  # fetches wait right after routing
     assert p["backward_exposed_ms"] == pytest.approx(1.0)  # the last grad copy runs past backward
-    la = predict_link("pcie4", b, slow, lookahead=True)
+    la = predict_link("pcie4", b, slow, lookahead=True, latency_us=0.0)
     assert la["forward_exposed_ms"] == pytest.approx(1.5)  # layer 1's fetch hides behind layer 0
+    # each copy pays the link's fixed latency: 3 fetch copies per layer per step at 100 us = +0.3 ms a layer
+    copies = {la: {"h2d": 3.0, "d2h": 1.0} for la in b}
+    lat = predict_link("pcie4", b, slow, lookahead=False, copies_per_layer=copies, latency_us=100.0)
+    assert lat["forward_exposed_ms"] == pytest.approx(2.0 + 2 * 0.3)
+    assert lat["transfer_ms_per_step"] == pytest.approx(4.0 + 2 * 0.4)
+    tiny = {la: {"h2d": 0.0, "d2h": 0.0} for la in b}  # latency-bound: no bytes, still one copy each way
+    assert predict_link("pcie4", tiny, slow, lookahead=False, copies_per_layer={la: {"h2d": 1, "d2h": 1} for la in b},
+                        latency_us=10.0)["forward_exposed_ms"] == pytest.approx(0.02)
     assert predict_link("50", b, slow, lookahead=False)["gbps"] == 50.0
     with pytest.raises(ValueError, match="--link"):
         predict_link("pcie9", b, slow, lookahead=False)
