@@ -6,6 +6,8 @@ int64 on the device (only when the device is not the CPU), and `grads_dev` [max_
 on the device, created on first use, for gradients that arrive in another dtype (cast there before the
 D2H). C is the layer's live capacity, `max_live_rows` (default max_rows): the rows one live fetch may
 hold including `fetch_more` extensions (a lookahead prefetch plus its misses needs up to 2 * max_rows).
+With gradient accumulation each layer also has `slots_host` / `slots_dev` [C] int64 (the live rows' slots
+in the step union, `offload.union.StepUnion`, staged like the ids) and the union itself (`union`).
 
 A live fetch is a chain of parts: the first `fetch` fills rows [0, n0) of the buffers, each `fetch_more`
 appends its rows after the previous part. The handle of the newest part stands for the whole chain
@@ -26,6 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from offload.union import StepUnion
 from offload.worker import wait_for
 
 __all__ = ["FetchHandle", "FetchLink", "LayerState", "valid_prefix", "check_extend", "check_grads", "check_ids",
@@ -123,9 +126,12 @@ class FetchLink:
 class LayerState:
     """Buffers and live fetch of one adapter layer (see module docstring)."""
 
-    def __init__(self, index: int, engine, max_rows: int, width: int, wire_dtype: torch.dtype, on_host: bool):
+    def __init__(self, index: int, engine, max_rows: int, width: int, wire_dtype: torch.dtype, on_host: bool,
+                 n_rows: int):
         self.index = index
         self.alloc(engine, max_rows, width, wire_dtype, on_host)
+        self.union = StepUnion(n_rows, width)  # the step's rows and summed gradients under accumulation
+        self.last_slots_h2d = None  # CopyEvent of the latest H2D out of slots_host
         self.grads_dev: torch.Tensor | None = None  # [max_rows, W] wire, lazily
         self.handle: FetchHandle | None = None  # the live fetch of this layer
         self.last_gather: FetchHandle | None = None  # the latest fetch (its gather may still run)
@@ -139,6 +145,8 @@ class LayerState:
         self.rows_dev = engine.alloc_device((capacity, width), wire_dtype)  # [C, W] wire
         self.ids_host = engine.alloc_host((capacity,), torch.int64)  # [C]
         self.ids_dev = self.ids_host if on_host else engine.alloc_device((capacity,), torch.int64)  # [C]
+        self.slots_host = engine.alloc_host((capacity,), torch.int64)  # [C] slots in the step union
+        self.slots_dev = self.slots_host if on_host else engine.alloc_device((capacity,), torch.int64)  # [C]
 
     def stage_ids(self, link: FetchLink, engine, ids, n: int, base: FetchHandle | None, marker,
                   key: tuple[int, int], on_ids_d2h: Callable) -> FetchHandle:
@@ -217,6 +225,9 @@ class FetchHandle:
         self.given_ids = ids_dev  # the ids tensor the caller passed to fetch
         self.copy_event = None  # the H2D CopyEvent, set by the host worker
         self.ids_event = None  # the ids copy (device <-> host), set in fetch
+        self.slots_event = None  # the H2D of this part's union slots (accumulation; None where host = device)
+        self.in_union = False  # fetched in a step with accumulation: slots in the step union
+        self.union_rows = None  # [U + 1, W] the step union's rows this part is taken from (row caching)
         self.valid = True
 
     def _live(self, what: str) -> None:
@@ -264,7 +275,12 @@ class FetchHandle:
                 h.copy_event.wait_device()
             self._link.blocked(self.step, t0, time.perf_counter())
         self._link.check()
-        return self._layer.rows_dev[: self.n_rows]
+        st = self._layer
+        for h in self.parts():
+            if h.union_rows is not None:  # rows cached in the step union: take this part's by slot, once
+                torch.index_select(h.union_rows, 0, st.slots_dev[h.offset:h.n_rows], out=st.rows_dev[h.offset:h.n_rows])
+                h.union_rows = None
+        return st.rows_dev[: self.n_rows]
 
     @property
     def ids_host(self) -> torch.Tensor:

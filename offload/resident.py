@@ -6,7 +6,8 @@ fetch_more, push_grads of any subset of the live rows, finish_step, flush, read_
 reserve_live_rows, sync_to_host, load_from_host, close), same constructor checks, same semantics
 (wire-dtype rows down and grads back, exact per-row accumulation over micro-batches, lazy AdamW on
 touched rows with per-row step counts, clip none/layer/global with `offload.updates.clip_scale`,
-staleness 0/1), but every layer's weights and moments live on `device` and the update is
+staleness 0/1; a step's gradients are summed in fp32 and rounded to the wire dtype once, as the step
+union of TransferScheduler sends them), but every layer's weights and moments live on `device` and the update is
 `offload.optim.reference_adamw_rows` (plain torch) on those device tensors. Nothing is asynchronous and
 nothing is metered.
 
@@ -67,23 +68,27 @@ class _Live:
 class _Layer:
     """Device copies of one store + the step's dense fp32 gradient accumulator."""
 
-    def __init__(self, opt: SparseAdamW, device: torch.device, capacity: int):
+    def __init__(self, opt: SparseAdamW, device: torch.device, capacity: int, wire_dtype: torch.dtype):
         s = opt.store
-        self.opt = opt
+        self.opt, self.wire_dtype = opt, wire_dtype
         self.weights = s.weights.to(device)        # [N, W] fp32 (the store tensor itself on CPU)
         self.exp_avg = s.exp_avg.to(device)        # [N, W] state dtype
         self.exp_avg_sq = s.exp_avg_sq.to(device)  # [N, W] state dtype
         self.steps = s.steps.to(device)            # [N] int64
-        self.grad = torch.zeros_like(self.weights)  # [N, W] fp32 pending row grads of this step
+        self.grad = torch.zeros_like(self.weights)  # [N, W] fp32 sum of this step's row grads (not rounded)
         self.touched = torch.zeros(s.n_rows, dtype=torch.bool, device=device)  # [N]
         self.deferred: tuple[Tensor, Tensor] | None = None  # staleness 1: (ids, scaled grads) to apply
         self.live: _Live | None = None
         self.capacity = capacity  # rows the live fetch may hold (fetch_more included)
         self.triggered_step = -1  # step whose last micro-batch pushed gradients
 
+    def wire_grad(self) -> Tensor:
+        """[N, W] fp32: the step's gradient sum as it crosses the wire (rounded once)."""
+        return self.grad.to(self.wire_dtype).float()
+
     def take(self, scale: float) -> tuple[Tensor, Tensor]:
         ids = torch.nonzero(self.touched).flatten()  # [R] ascending
-        grads = self.grad.index_select(0, ids) * scale  # [R, W] fp32
+        grads = self.grad.index_select(0, ids).to(self.wire_dtype).float() * scale  # [R, W] the sum, rounded once
         self.grad.index_fill_(0, ids, 0.0)
         self.touched.zero_()
         return ids, grads
@@ -122,7 +127,7 @@ class ResidentScheduler:
         check_scheduler_args(optimizers, wire_dtype, max_rows, staleness, clip, max_norm)
         capacity = check_live_rows(max_live_rows, max_rows)
         self.device = torch.device(device)
-        self.layers = [_Layer(o, self.device, capacity) for o in optimizers]
+        self.layers = [_Layer(o, self.device, capacity, wire_dtype) for o in optimizers]
         self.width = optimizers[0].store.width
         self.wire_dtype, self.max_rows = wire_dtype, max_rows
         self.staleness, self.clip, self.max_norm = staleness, clip, float(max_norm)
@@ -228,8 +233,7 @@ class ResidentScheduler:
         check_subset(ids.cpu(), live.ids_host, layer)
         self._end_live(lay)
         ids_dev = ids.to(self.device)
-        g = grads.to(self.device).to(self.wire_dtype).float()  # [K, W] as it would cross the wire
-        lay.grad.index_add_(0, ids_dev, g)
+        lay.grad.index_add_(0, ids_dev, grads.to(self.device).float())  # [K, W] summed in fp32; rounded at the step end
         lay.touched[ids_dev] = True
         if self.clock.last_micro_batch:
             lay.triggered_step = self.step
@@ -238,7 +242,7 @@ class ResidentScheduler:
     def _scales(self) -> list[float]:
         if self.clip == "none":
             return [1.0] * len(self.layers)
-        sq = [float(lay.grad.double().pow(2).sum()) for lay in self.layers]  # pending rows only are != 0
+        sq = [float(lay.wire_grad().double().pow(2).sum()) for lay in self.layers]  # pending rows only are != 0
         if self.clip == "layer":
             return [clip_scale(s, self.max_norm) for s in sq]
         return [clip_scale(sum(sq), self.max_norm)] * len(self.layers)

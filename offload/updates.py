@@ -106,11 +106,12 @@ class UpdatePolicy:
         if self.clip != "global":
             self._trigger(self.layers[layer], step)
 
-    def fuses(self, accum_steps: int) -> bool:
-        """One micro-batch per step, the update due at once and scaled by nothing computed elsewhere: the
-        layer's row update then runs in one pass straight from the staging slot (`fused_update`,
+    def fuses(self) -> bool:
+        """The update is due at once and scaled by nothing computed elsewhere: a layer whose gradients of the
+        step cross in one push (one micro-batch per step, or the step union's single send under
+        accumulation) is then updated in one pass straight from the staging slot (`fused_update`,
         SparseAdamW.step_rows) instead of accumulate + step (two passes over the gradients)."""
-        return accum_steps == 1 and self.staleness == 0 and self.clip == "none"
+        return self.staleness == 0 and self.clip == "none"
 
     def fuse(self, layer: int, step: int) -> tuple:
         """The caller will run `fused_update` for this layer's single push of `step`: it is triggered now
@@ -121,13 +122,16 @@ class UpdatePolicy:
         self._queued(layer)
         return hp
 
-    def fused_update(self, layer: int, step: int, hparams: tuple, ids, grads) -> None:
-        """On the host worker: the whole row update of a fused layer from its gradients [R, W] (wire)."""
+    def fused_update(self, layer: int, step: int, hparams: tuple, ids, grads, *, final: bool = True) -> None:
+        """On the host worker: the row update of a fused layer from its gradients [R, W] (wire). A step
+        union crosses in chunks of distinct rows: each chunk is updated as it lands (rows are independent),
+        and `final` marks the last one (the layer's update counts as applied then)."""
         opt, t0, rows = self.optimizers[layer], time.perf_counter(), ids.shape[0]
         try:
             opt.step_rows(ids, grads, hparams=hparams)
         finally:
-            self._done(layer)
+            if final:
+                self._done(layer)
         # bytes touched: weights fp32 + both moments, read and written, plus the wire-dtype grads once
         nbytes = rows * self.width * (2 * (4 + 2 * self.state_bytes) + grads.element_size())
         self.meter.record_update(step=step, layer=layer, rows=rows, nbytes=nbytes, start=t0, end=time.perf_counter())

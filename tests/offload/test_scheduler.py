@@ -73,12 +73,15 @@ def _scale(opt, clip, max_norm, gscale):
     return gscale if clip == "global" else 1.0
 
 
-def run_sync(opts, script, *, staleness, clip, max_norm=1.0):
-    """The plain definition: gather, gradient, accumulate; updates at the boundary or delayed by one."""
+def run_sync(opts, script, *, staleness, clip, max_norm=1.0, wire=WIRE):
+    """The plain definition: gather, gradient, sum the step's gradients in fp32 and round the sum to the wire
+    dtype once; updates at the boundary or delayed by one."""
     pending, gscale = [False] * N_LAYERS, [1.0] * N_LAYERS
-    buf = torch.empty(MAX_ROWS, WIDTH, dtype=WIRE)
+    buf = torch.empty(MAX_ROWS, WIDTH, dtype=wire)
     for t, (_accum, mbs) in enumerate(script):
         with_grads = set()
+        sums = [torch.zeros(N_ROWS, WIDTH) for _ in range(N_LAYERS)]  # [N, W] fp32 per layer
+        order = [[] for _ in range(N_LAYERS)]  # row ids in order of first appearance in the step
         for m, mb in enumerate(mbs):
             for layer, ids, dt in mb:
                 opt = opts[layer]
@@ -87,8 +90,12 @@ def run_sync(opts, script, *, staleness, clip, max_norm=1.0):
                     opt.step(_scale(opt, clip, max_norm, gscale[layer]))
                     pending[layer] = False
                 g = grads_of(rows, hash((t, m, layer)), dt)
-                opt.accumulate(ids, g.to(WIRE))
+                sums[layer].index_add_(0, ids, g.float())
+                order[layer] += [i for i in ids.tolist() if i not in order[layer]]
                 with_grads.add(layer)
+        for layer in with_grads:  # one push per layer and step, in the order rows first appeared (norm sums)
+            ids = torch.tensor(order[layer], dtype=torch.int64)
+            opts[layer].accumulate(ids, sums[layer][ids].to(wire))
         if clip == "global":
             sq = sum(opts[la].grad_sq_norm() for la in sorted(with_grads))
             for la in with_grads:
@@ -210,8 +217,12 @@ def test_metered_bytes_equal_analytic(wire):
         rep = s.meter.report()
     esize = torch.empty((), dtype=wire).element_size()
     total = 0
+    assert any(len(mbs) > 1 for _, mbs in script)  # accumulation is exercised
     for t, (_, mbs) in enumerate(script, start=1):
-        rows = sum(len(ids) for mb in mbs for _, ids, _ in mb)
+        # the analytic minimum: each layer's rows cross once per step (the union of its micro-batches' rows),
+        # and so do their gradients
+        rows = sum(len(set().union(*[set(ids.tolist()) for mb in mbs for la, ids, _ in mb if la == layer]))
+                   for layer in range(N_LAYERS))
         total += rows
         for d in ("h2d", "d2h"):
             assert rep["per_step"][t][d]["bytes"] == rows * WIDTH * esize
@@ -383,7 +394,7 @@ def test_staging_bytes_is_what_the_scheduler_allocates(live):
     staging really allocated: both pools' slots and every layer's ids buffer."""
     opts = [SparseAdamW(RowStore(128, 16), lr=1e-2) for _ in range(3)]
     with TransferScheduler(opts, max_rows=32, n_slots=3, wire_dtype=torch.bfloat16, max_live_rows=live) as s:
-        real = s.h2d_pool.nbytes + s.d2h_pool.nbytes + sum(st.ids_host.nbytes for st in s.layers)
+        real = s.h2d_pool.nbytes + s.d2h_pool.nbytes + sum(st.ids_host.nbytes + st.slots_host.nbytes for st in s.layers)
         assert real == TransferScheduler.staging_bytes(3, 32, 16, torch.bfloat16, n_slots=3, max_live_rows=live)
 
 
@@ -416,11 +427,12 @@ def test_staleness1_parked_updates_never_run_during_a_forward(hold):
         assert during_forward > 0
 
 
-@pytest.mark.parametrize("accum, fused", [(1, True), (2, False)])
-def test_one_micro_batch_updates_in_one_pass_from_the_staging_slot(accum, fused):
-    """At one micro-batch per step (staleness 0, no clipping) a layer's gradients are not accumulated
-    first: the update reads them once, straight from the staging slot (SparseAdamW.step_rows). The rows
-    equal the two-pass path's bitwise (the 1,000-step tests above compare with synchronous training)."""
+@pytest.mark.parametrize("accum, fused", [(1, True), (2, True)])
+def test_one_push_per_step_updates_in_one_pass_from_the_staging_slot(accum, fused):
+    """A layer's gradients of a step cross once (one micro-batch, or the step union under accumulation); at
+    staleness 0 without clipping they are not accumulated on the host first: the update reads them once,
+    straight from the staging slot (SparseAdamW.step_rows). The rows equal the two-pass path's bitwise (the
+    1,000-step tests above compare with synchronous training)."""
     opts = [SparseAdamW(RowStore(64, 8, init=torch.randn(64, 8, generator=torch.Generator().manual_seed(0))),
                         lr=1e-2) for _ in range(2)]
     ref = [SparseAdamW(RowStore(64, 8, init=o.store.weights.clone()), lr=1e-2) for o in opts]
@@ -436,8 +448,7 @@ def test_one_micro_batch_updates_in_one_pass_from_the_staging_slot(accum, fused)
         s.finish_step()
         ops = s.meter.report()["cpu"]
     for la, o in enumerate(ref):
-        for _ in range(accum):
-            o.accumulate(ids, torch.full((16, 8), 0.5 + la).to(torch.bfloat16))
+        o.accumulate(ids, torch.full((16, 8), accum * (0.5 + la)).to(torch.bfloat16))  # the step's sum, rounded once
         o.step()
         torch.testing.assert_close(opts[la].store.weights, o.store.weights, rtol=0, atol=0)
     assert ("accumulate" not in ops) == fused and ops["update"]["count"] == 2

@@ -109,10 +109,32 @@ def test_prefetch_completed_by_fetch_more_equals_sync_bitwise(staleness, clip):
     assert_stores_equal(ref, got)  # weights, both moments, per-row step counts
     assert int(ref[0].store.steps.sum()) > 0
     wire = 2  # bf16
-    assert tot["h2d"]["rows"] == down and tot["h2d"]["bytes"] == down * WIDTH * wire  # P + misses
-    assert tot["d2h"]["rows"] == up and tot["d2h"]["bytes"] == up * WIDTH * wire  # needed rows only
+    want_down, want_up = expected_rows(script, preds, staleness)
+    assert tot["h2d"]["rows"] == want_down and tot["h2d"]["bytes"] == want_down * WIDTH * wire
+    assert tot["d2h"]["rows"] == want_up and tot["d2h"]["bytes"] == want_up * WIDTH * wire
     needed = sum(ids.numel() for _, mbs in script for mb in mbs for _, ids, _ in mb)
     assert up == needed and down > needed  # the script really has misses and unneeded prefetches
+
+
+def expected_rows(script, preds, staleness):
+    """Rows that must cross: one micro-batch per step, P + misses down and the needed rows up; with
+    accumulation, per layer and step the union of the chains' rows down once (at staleness 1 rows go
+    down for every micro-batch: the delayed update lands between them) and the union of the needed rows up
+    once (host ids: the scheduler knows which rows were pushed)."""
+    down = up = 0
+    for t, (accum, mbs) in enumerate(script):
+        chains = {}
+        for m, mb in enumerate(mbs):
+            for (layer, ids, _), p in zip(mb, preds[t][m]):
+                chains.setdefault(layer, []).append((set(p.tolist()) | set(ids.tolist()), set(ids.tolist())))
+        for parts in chains.values():
+            fetched = set().union(*[r for r, _ in parts])
+            if accum == 1:
+                down += len(fetched)
+            else:
+                down += sum(len(r) for r, _ in parts) if staleness else len(fetched)
+            up += len(set().union(*[need for _, need in parts]))  # needed rows only, once per step
+    return down, up
 
 
 def test_staleness1_without_extendable_refuses_fetch_more():

@@ -111,7 +111,7 @@ def test_zero_copy_meters_the_valid_rows_and_allocates_what_staging_bytes_counts
     opts = [SparseAdamW(RowStore(128, 16), lr=1e-2) for _ in range(3)]
     with TransferScheduler(opts, max_rows=32, n_slots=3, zero_copy=True) as s:
         mirrors = sum(o.store.mirror.nbytes for o in opts)
-        real = s.d2h_pool.nbytes + sum(st.ids_host.nbytes for st in s.layers) + mirrors
+        real = s.d2h_pool.nbytes + sum(st.ids_host.nbytes + st.slots_host.nbytes for st in s.layers) + mirrors
         assert real == TransferScheduler.staging_bytes(3, 32, 16, torch.bfloat16, n_slots=3, zero_copy_rows=128)
         s.begin_step()
         ids = torch.cat([torch.arange(10, 30), torch.full((12,), -1)])  # fixed-shape routing: 20 used of 32
