@@ -120,7 +120,7 @@ class FetchLink:
         self.check = check  # raises a host-worker error in the caller
         self.end_chain = end_chain  # ends a layer's live fetch (queues the update it held back)
         self.blocked = blocked  # (step, start, end): the caller's thread waited on rows (for the meter)
-        self.skip_waits: set[str] = set()  # test hook: {"h2d", "d2h"} disables that wait
+        self.skip_waits: set[str] = set()  # test hook: {"h2d", "d2h", "mirror", "slots"} disables that wait
 
 
 class LayerState:

@@ -332,7 +332,7 @@ class TransferScheduler:
         (padding -> the union's dummy slot) and sent to slots_dev; returns (ids new to the union, first slot)."""
         off, end, un = h.offset, h.n_rows, st.union
         slots, new_ids, first = un.assign(h.step, st.ids_host[off:off + n].numpy())
-        if st.last_slots_h2d is not None:
+        if st.last_slots_h2d is not None and "slots" not in self._link.skip_waits:
             # protects slots_host: the previous slots H2D, queued behind compute, may not have read it yet
             st.last_slots_h2d.wait()
         st.slots_host[off:off + n].copy_(torch.from_numpy(slots))
@@ -413,7 +413,7 @@ class TransferScheduler:
         they cross once, at the layer's last push of the step (`_send_union`) or at finish_step."""
         un, layer, step = st.union, st.index, self.step
         for p in h.parts():
-            if p.slots_event is not None:
+            if p.slots_event is not None and "slots" not in self._link.skip_waits:
                 p.slots_event.wait_device()  # protects the slot lookups: the part's slots H2D must have landed
         if full and h.base is None:  # the fetch's own ids: its slots, padding -> the dummy slot
             slots_dev = st.slots_dev[: h.n_rows]

@@ -281,3 +281,21 @@ def test_zero_copy_mirror_is_pinned_mapped_and_seen_by_the_device():
         s.finish_step()
         assert torch.equal(rows, opts[1].store.weights[[5, 9, 2]].to(torch.bfloat16))
         assert s.meter.report()["totals"]["h2d"]["rows"] == 3
+
+
+# ------------------------------------------------------------------------------- step union (accumulation)
+def test_union_slots_waits_guard_a_lagging_gpu():
+    """Accumulation: the host worker stages each fetch's union slots in slots_host and queues their H2D behind
+    compute; the push's slot lookups wait for that copy and the layer's next fetch does not rewrite
+    slots_host before it ran. With a GPU that lags and both waits removed (test hook "slots"), the gradients
+    of a micro-batch land on another's slots: the negative control shows the comparison is sensitive."""
+    script = make_script(20, seed=7, accum=3, all_layers=True)
+    ref = train("cpu", script)
+    assert_same(train("cuda", script, lag=True, device_ids=False), ref)
+    opts = make_opts()
+    with offload.TransferScheduler(opts, device="cuda", max_rows=MAX_ROWS, max_live_rows=2 * MAX_ROWS,
+                                   host_threads=1) as s:
+        s._test_skip_waits.add("slots")
+        run(s, script, "cuda", device_ids=False, lag=True)
+    with pytest.raises(AssertionError):
+        assert_same(opts, ref)
