@@ -11,11 +11,16 @@ previous complete checkpoint.
 
 With staleness=1 the pending (delayed) row updates are applied before saving, so a resumed run
 matches an uninterrupted one only with staleness=0 (the default).
+
+Loading never runs pickled code: state.pt holds only tensors and plain Python data (numpy's RNG state is
+stored as a tensor) and is read with `torch.load(..., weights_only=True)`; a state.pt carrying any other
+object (a shared checkpoint folder someone tampered with) is refused with an error naming the file.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 import time
@@ -33,13 +38,17 @@ _SLOW_SAVE_ENV = "MEFT_TEST_SLOW_SAVE_S"  # test hook: sleep inside the save, to
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}  # plain data: loadable weights_only
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -101,6 +110,16 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return read_pointer(Path(output_dir) / "checkpoints")
 
 
+def _load_plain(path: Path) -> dict:
+    """state.pt with tensors and plain data only (weights_only): no pickled code runs, whatever the file holds."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"checkpoint file {str(path)!r} holds objects other than tensors and plain data, which "
+                         "meft never writes; refusing to load it (it could run code). Fix: resume from a checkpoint "
+                         f"written by meft, or start without --resume. Detail: {str(exc).splitlines()[0]}") from None
+
+
 def load_training_state(folder: str | Path, model) -> dict:
     """Restore stores, optimizers, backbone and RNG from `folder`; returns {step, data, extra}."""
     rt = model.meft
@@ -110,7 +129,7 @@ def load_training_state(folder: str | Path, model) -> dict:
         prefix = f"{i}."
         sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         store.load_state_dict({**store.state_dict(), **sd})
-    state = torch.load(folder / "state.pt", weights_only=False)
+    state = _load_plain(folder / "state.pt")
     rt.optimizer.load_state_dict(state["optimizer"])
     if state["backbone_optimizer"] is not None:
         if rt.backbone_optimizer is None:

@@ -56,6 +56,33 @@ def test_resume_continues_exactly(tiny, tmp_path):
     assert _losses(split) == _losses(straight)
 
 
+class _RunsCodeWhenUnpickled:
+    """What a tampered checkpoint could carry: unpickling it calls open(marker, "w")."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_refuses_a_checkpoint_that_carries_pickled_code(tiny, tmp_path):
+    import torch
+
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    common = ["--eval-before", "false", "--eval-after", "false", "--save-every", "2"]
+    assert _run(_cmd(tiny, out, "--steps", "2", *common)).returncode == 0
+    state_pt = latest_checkpoint(out) / "state.pt"
+    state = torch.load(state_pt, weights_only=True)  # what meft writes loads without pickled code
+    state["extra"]["note"] = _RunsCodeWhenUnpickled(marker)
+    torch.save(state, state_pt)
+    res = _run(_cmd(tiny, out, "--steps", "4", "--resume", *common))
+    assert res.returncode != 0
+    assert not marker.exists()  # nothing in the file ran
+    assert "state.pt" in res.stderr and "refusing to load" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def _wait_for(pred, timeout=240):
     t0 = time.time()
     while time.time() - t0 < timeout:
