@@ -2,9 +2,12 @@
 
 Owns `FusedBackwardOptimizer`: one `register_post_accumulate_grad_hook` per owned parameter (O(1) work
 per hook: the hook knows its parameter's index), gradient clipping (none / value / per tensor / global
-norm with two backward passes), the cross-rank gradient average, bf16 write-back (optionally with
-stochastic rounding), step bookkeeping, misuse checks and a dtype-preserving `load_state_dict`.
-Subclasses implement `_update(p, g32, group, state, index)`: the in-place update of one parameter.
+norm with two backward passes), the cross-rank gradient average, step bookkeeping (`state["step"]`),
+misuse checks, a dtype-preserving `load_state_dict`, and `Chunks`: one parameter's update walked in row
+chunks of at most `chunk_bytes` of fp32, which reads the clipped gradient as fp32 and writes bf16 results
+back (optionally with stochastic rounding). Subclasses implement `_update(p, chunks, group, state)`: the
+in-place update of one parameter, chunk by chunk, so that no fp32 temporary of a whole tensor exists (a
+bf16 model's 49152 x 576 tied embedding would need 108 MiB per temporary, at the end of backward).
 
 Step contract (see meft.lomo.optimizers for the user-facing description):
   backward     the hook of each owned parameter fires once its gradient is complete: average across
@@ -28,9 +31,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from meft.lomo.rounding import bf16_noise, rounding_generator, stochastic_round_bf16
 
-__all__ = ["FusedBackwardOptimizer", "CLIP_MODES"]
+__all__ = ["FusedBackwardOptimizer", "Chunks", "CLIP_MODES", "CHUNK_BYTES"]
 
 CLIP_MODES = ("none", "value", "tensor", "global")
+CHUNK_BYTES = 4 * 2**20  # default fp32 size of one update chunk: small next to a layer, large enough per kernel
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> weakref(optimizer whose hook it carries)
 
 _ACCUM_MSG = (
@@ -74,17 +78,96 @@ def _is_sharded(p: Tensor) -> bool:
     return type(p).__name__ in ("DTensor", "FlatParameter") or hasattr(p, "_local_tensor")
 
 
+def _math_dtype(t: Tensor) -> torch.dtype:
+    """The dtype updates are computed in: fp32, or fp64 for fp64 tensors."""
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class Chunks:
+    """One parameter's update walked in row chunks, so that no fp32 temporary of the whole tensor exists.
+
+    Rows are slices of dim -2 (dim 0 of a vector; a 0-d tensor is one chunk); a chunk holds as many rows
+    as fit in `chunk_bytes` of the math dtype (fp32, or fp64 for fp64 parameters), at least one. Iterating
+    yields each chunk's rows as (start, length) for `view` / `Tensor.narrow`. Elementwise math on chunks
+    is bitwise the whole-tensor math, chunk by chunk; reductions across rows are the caller's to combine.
+
+      norm(t)           L2 norm of a parameter-shaped tensor in the math dtype, without a whole cast copy
+      grad(rows)        the gradient rows in the math dtype, clipped (`clip`: "value" clamps to
+                        +-max_norm, "tensor" scales the gradient to norm <= max_norm, "global" scales by
+                        `coef`); read-only (for an fp32 gradient without clipping they are the gradient
+                        itself), so they can be read several times
+      param(rows)       the parameter rows in the math dtype: a copy for bf16, else the rows themselves
+      store(rows, p32)  writes `param(rows)`'s result back into a bf16 parameter, rounded to nearest, or
+                        stochastically with 16-bit noise drawn chunk by chunk from `rounding`, in row
+                        order (on CPU the same draws as one whole-tensor draw); a no-op for fp32 / fp64
+    """
+
+    def __init__(self, p: Tensor, grad: Tensor, chunk_bytes: int, *, clip: str = "none", max_norm: float = 1.0,
+                 coef: Tensor | None = None, rounding: torch.Generator | None = None):
+        self.p, self.dtype = p, _math_dtype(p)
+        self.dim = -2 if p.dim() >= 2 else 0
+        n_rows = p.shape[self.dim] if p.dim() else 1
+        row_bytes = (p.numel() // n_rows if n_rows else 0) * self.dtype.itemsize
+        per_chunk = max(1, chunk_bytes // max(row_bytes, 1))
+        self._spans = [(r, min(per_chunk, n_rows - r)) for r in range(0, n_rows, per_chunk)]
+        self._grad, self._rounding = grad, rounding
+        self._clamp = max_norm if clip == "value" else None
+        if clip == "tensor":  # clip_grad_norm_ on this one tensor
+            coef = torch.clamp(max_norm / (self.norm(grad) + 1e-6), max=1.0)
+        self._coef = coef
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self._spans)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def view(self, t: Tensor, rows: tuple[int, int]) -> Tensor:
+        """The rows of `t`, a tensor shaped like the parameter (a view)."""
+        return t.narrow(self.dim, *rows) if t.dim() else t
+
+    def norm(self, t: Tensor) -> Tensor:
+        if t.dtype == self.dtype or len(self._spans) <= 1:  # reads in place, or a copy of one chunk at most
+            return torch.linalg.vector_norm(t, dtype=self.dtype)
+        # vector_norm(t, dtype=fp32) casts a whole copy first on CPU: norm of the chunks' norms instead
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(self.view(t, rows), dtype=self.dtype)
+                                                     for rows in self]))
+
+    def grad(self, rows: tuple[int, int]) -> Tensor:
+        g = self.view(self._grad, rows).to(self.dtype)
+        if self._clamp is not None:  # out of place: an fp32 gradient is read again by later passes
+            return g.clamp(-self._clamp, self._clamp)
+        if self._coef is not None:
+            return g.mul(self._coef)
+        return g
+
+    def param(self, rows: tuple[int, int]) -> Tensor:
+        return self.view(self.p, rows).to(self.dtype)
+
+    def store(self, rows: tuple[int, int], p32: Tensor) -> None:
+        if self.p.dtype == self.dtype:  # param() handed out the parameter itself, updated in place
+            return
+        dst = self.view(self.p, rows)
+        if self._rounding is not None:
+            dst.copy_(stochastic_round_bf16(p32, bf16_noise(p32.shape, self._rounding, p32.device)))
+        else:
+            dst.copy_(p32)
+
+
 class FusedBackwardOptimizer(Optimizer):
     """Base class: see the module docstring. Not used directly; use meft.Lomo / meft.AdaLomo."""
     _step_supports_amp_scaling = True  # makes GradScaler.step hand itself over, so it can be refused
 
     def __init__(self, params, defaults: dict, *, clip: str = "none", max_norm: float = 1.0,
-                 stochastic_rounding: bool = False, seed: int = 0, process_group=None):
+                 stochastic_rounding: bool = False, seed: int = 0, chunk_bytes: int = CHUNK_BYTES,
+                 process_group=None):
         if clip not in CLIP_MODES:
             raise ValueError(f"clip={clip!r} is not one of {CLIP_MODES}")
         if clip != "none" and not max_norm > 0:
             raise ValueError(f"max_norm={max_norm!r} must be > 0 with clip={clip!r}")
-        self.clip, self.max_norm = clip, float(max_norm)
+        if not (isinstance(chunk_bytes, int) and chunk_bytes > 0):
+            raise ValueError(f"chunk_bytes={chunk_bytes!r} must be a positive int (bytes of fp32 per update chunk)")
+        self.clip, self.max_norm, self.chunk_bytes = clip, float(max_norm), chunk_bytes
         self.stochastic_rounding, self.seed = bool(stochastic_rounding), int(seed)
         self._params: list[Tensor] = []
         self._group_of: list[int] = []  # [n_params] index into self.param_groups
@@ -174,19 +257,21 @@ class FusedBackwardOptimizer(Optimizer):
         p.grad = None  # freed once this hook returns
         if grad.is_sparse:
             raise RuntimeError(f"parameter #{idx} has a sparse gradient; fused updates need dense ones")
-        g32 = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
-        del grad
-        if self._world > 1:  # gloo has no AVG: sum in fp32, divide
-            dist.all_reduce(g32, op=dist.ReduceOp.SUM, group=self._group)
-            g32.div_(self._world)
+        if self._world > 1:  # gloo has no AVG: sum in fp32 (a whole fp32 copy of a bf16 gradient), divide
+            grad = grad.to(_math_dtype(grad))
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self._group)
+            grad.div_(self._world)
         if self._in_norm_pass:
-            self._norms[idx] = torch.linalg.vector_norm(g32)
+            self._norms[idx] = Chunks(p, grad, self.chunk_bytes).norm(grad)
             return
         self._begin_update(idx)
         if self._skip:
             return
-        g32 = self._clip_grad(g32)
-        self._update(p, g32, self.param_groups[self._group_of[idx]], self.state[p], idx)
+        state = self.state[p]
+        if not state:
+            self._init_state(p, state)
+        state["step"] += 1
+        self._update(p, self._chunks(p, grad, idx, state["step"]), self.param_groups[self._group_of[idx]], state)
 
     def _begin_update(self, idx: int) -> None:
         if self._updated[idx]:
@@ -202,34 +287,29 @@ class FusedBackwardOptimizer(Optimizer):
         self._updated[idx] = 1
         self._n_updated += 1
 
-    def _clip_grad(self, g32: Tensor) -> Tensor:
-        if self.clip == "value":
-            return g32.clamp_(-self.max_norm, self.max_norm)
-        if self.clip == "tensor":  # clip_grad_norm_ on this one tensor
-            coef = self.max_norm / (torch.linalg.vector_norm(g32) + 1e-6)
-            return g32.mul_(torch.clamp(coef, max=1.0))
+    def _chunks(self, p: Tensor, grad: Tensor, idx: int, step: int) -> Chunks:
+        """The chunked view of this update: this step's global clip coefficient, the rounding generator
+        seeded from (seed, parameter index, parameter step)."""
+        coef = None
         if self.clip == "global":
-            coef = self._coef_on.get(g32.device)
+            coef = self._coef_on.get(grad.device)
             if coef is None:
-                coef = self._coef_on[g32.device] = self._clip_coef.to(g32.device)
-            return g32.mul_(coef)
-        return g32
-
-    def _update(self, p: Tensor, g32: Tensor, group: dict, state: dict, idx: int) -> None:
-        raise NotImplementedError
-
-    def _write_back(self, p: Tensor, p32: Tensor, state: dict, idx: int) -> None:
-        """Store the fp32 result `p32` into `p` (a no-op when `p` already is the fp32 tensor)."""
-        if p32 is p:
-            return
+                coef = self._coef_on[grad.device] = self._clip_coef.to(grad.device)
+        gen = None
         if self.stochastic_rounding and p.dtype == torch.bfloat16:
             gen = self._generators.get(p.device)
             if gen is None:
                 gen = self._generators[p.device] = torch.Generator(device=p.device)
-            rounding_generator(gen, self.seed, idx, state["step"])
-            p.copy_(stochastic_round_bf16(p32, bf16_noise(p32.shape, gen, p32.device)))
-        else:
-            p.copy_(p32)
+            rounding_generator(gen, self.seed, idx, step)
+        return Chunks(p, grad, self.chunk_bytes, clip=self.clip, max_norm=self.max_norm, coef=coef, rounding=gen)
+
+    @staticmethod
+    def _init_state(p: Tensor, state: dict) -> None:
+        """Create the state of a parameter's first update (subclasses add their tensors)."""
+        state["step"] = 0
+
+    def _update(self, p: Tensor, chunks: Chunks, group: dict, state: dict) -> None:
+        raise NotImplementedError
 
     # ---- global-norm clipping: two passes ----------------------------------------------------------
     @contextlib.contextmanager

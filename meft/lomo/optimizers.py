@@ -7,7 +7,11 @@ Each owned parameter is updated in place by a `register_post_accumulate_grad_hoo
 gradient is complete, and its `.grad` is freed right away: no gradient buffer for the whole model and
 (Lomo) no optimizer state. Math is fp32; bf16 parameters are written back rounded to nearest, or with
 unbiased stochastic rounding (`stochastic_rounding=True`, reproducible: the noise is seeded from
-(seed, parameter index, parameter step), so resuming from a state_dict continues bit for bit).
+(seed, parameter index, parameter step), so resuming from a state_dict continues bit for bit). Each
+update walks its parameter in row chunks of at most `chunk_bytes` (default 4 MiB) of fp32, so the fp32
+working copies of a bf16 parameter, its gradient and AdaLomo's update never exist for the whole tensor
+at once. Lomo's chunked update is bitwise the whole-tensor one; AdaLomo sums its column means and update
+RMS chunk by chunk, equal to the whole-tensor reductions up to fp32 rounding.
 
 Training loop (both are `torch.optim.Optimizer`s, so any `torch.optim.lr_scheduler` drives `lr`):
 
@@ -48,7 +52,7 @@ import math
 import torch
 from torch import Tensor
 
-from meft.lomo.fused import FusedBackwardOptimizer
+from meft.lomo.fused import CHUNK_BYTES, Chunks, FusedBackwardOptimizer
 
 __all__ = ["Lomo", "AdaLomo"]
 
@@ -57,22 +61,23 @@ class Lomo(FusedBackwardOptimizer):
     """SGD with decoupled weight decay, fused into backward: p <- p * (1 - lr * wd) - lr * g."""
     def __init__(self, params, lr: float = 1e-3, *, weight_decay: float = 0.0, clip: str = "none",
                  max_norm: float = 1.0, stochastic_rounding: bool = False, seed: int = 0,
-                 process_group=None):
+                 chunk_bytes: int = CHUNK_BYTES, process_group=None):
         if not lr >= 0:
             raise ValueError(f"lr={lr!r} must be >= 0")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, clip=clip, max_norm=max_norm,
-                         stochastic_rounding=stochastic_rounding, seed=seed, process_group=process_group)
+                         stochastic_rounding=stochastic_rounding, seed=seed, chunk_bytes=chunk_bytes,
+                         process_group=process_group)
 
-    def _update(self, p: Tensor, g32: Tensor, group: dict, state: dict, idx: int) -> None:
+    def _update(self, p: Tensor, chunks: Chunks, group: dict, state: dict) -> None:
         lr, wd = float(group["lr"]), float(group["weight_decay"])
-        state["step"] = state.get("step", 0) + 1
-        p32 = p if p.dtype in (torch.float32, torch.float64) else p.float()
-        if wd != 0:
-            p32.mul_(1.0 - lr * wd)
-        p32.add_(g32, alpha=-lr)
-        self._write_back(p, p32, state, idx)
+        for rows in chunks:
+            p32 = chunks.param(rows)
+            if wd != 0:
+                p32.mul_(1.0 - lr * wd)
+            p32.add_(chunks.grad(rows), alpha=-lr)
+            chunks.store(rows, p32)
 
 
 class AdaLomo(FusedBackwardOptimizer):
@@ -93,7 +98,7 @@ class AdaLomo(FusedBackwardOptimizer):
     def __init__(self, params, lr: float = 1e-3, *, eps: tuple[float, float] = (1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, weight_decay: float = 0.0,
                  clip: str = "none", max_norm: float = 1.0, stochastic_rounding: bool = False,
-                 seed: int = 0, process_group=None):
+                 seed: int = 0, chunk_bytes: int = CHUNK_BYTES, process_group=None):
         if not lr >= 0:
             raise ValueError(f"lr={lr!r} must be >= 0")
         if len(eps) != 2 or not (eps[0] >= 0 and eps[1] >= 0):
@@ -107,7 +112,8 @@ class AdaLomo(FusedBackwardOptimizer):
         defaults = {"lr": lr, "eps": tuple(eps), "clip_threshold": clip_threshold, "decay_rate": decay_rate,
                     "weight_decay": weight_decay}
         super().__init__(params, defaults, clip=clip, max_norm=max_norm,
-                         stochastic_rounding=stochastic_rounding, seed=seed, process_group=process_group)
+                         stochastic_rounding=stochastic_rounding, seed=seed, chunk_bytes=chunk_bytes,
+                         process_group=process_group)
 
     def init_state(self) -> list[Tensor]:
         """Create every parameter's state now (what the first update would create) and return its tensors.
@@ -131,32 +137,47 @@ class AdaLomo(FusedBackwardOptimizer):
         else:
             state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
 
-    def _update(self, p: Tensor, g32: Tensor, group: dict, state: dict, idx: int) -> None:
-        if not state:
-            self._init_state(p, state)
-        state["step"] += 1
+    def _update(self, p: Tensor, chunks: Chunks, group: dict, state: dict) -> None:
+        # Three passes over the rows, each holding one chunk's fp32 temporaries: the second moment (needs
+        # all rows before any update), the update RMS (needs the whole update before clipping), the update.
+        if p.numel() == 0:
+            return  # nothing to update, and no RMS of zero elements
         eps1, eps2 = group["eps"]
-        p32 = p if p.dtype in (torch.float32, torch.float64) else p.float()
-        rms_p = torch.linalg.vector_norm(p32) / (p32.numel() ** 0.5)
+        rms_p = chunks.norm(p) / (p.numel() ** 0.5)
         lr_t = torch.clamp(rms_p, min=eps2) * float(group["lr"])  # 0-d, relative step
         beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
-        update = g32.square().add_(eps1)
         if "exp_avg_sq_row" in state:
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row_mean, col_mean = update.mean(dim=-1), update.mean(dim=-2)
-            del update  # free g^2 before the update is built: one full fp32 temporary fewer at the peak
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]  # [.., R], [.., C]
+            row_mean = row.new_empty(row.shape, dtype=chunks.dtype)  # [.., R]
+            col_mean = col.new_zeros(col.shape, dtype=chunks.dtype)  # [.., C]: summed chunk by chunk
+            for rows in chunks:
+                sq = chunks.grad(rows).square().add_(eps1)  # [.., r, C]
+                row_mean.narrow(-1, *rows).copy_(sq.mean(dim=-1))
+                col_mean.add_(sq.sum(dim=-2))
+            col_mean.div_(p.shape[-2])  # as mean(dim=-2) does: sum, then divide
             row.mul_(beta2t).add_(row_mean, alpha=1.0 - beta2t)
             col.mul_(beta2t).add_(col_mean, alpha=1.0 - beta2t)
             r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)  # [.., R, 1]
-            update = torch.mul(r_factor, col.unsqueeze(-2).rsqrt()).mul_(g32)  # [.., R, C]
+            c_factor = col.unsqueeze(-2).rsqrt()  # [.., 1, C]
+
+            def unclipped(rows: tuple[int, int]) -> Tensor:
+                return torch.mul(r_factor.narrow(-2, *rows), c_factor).mul_(chunks.grad(rows))  # [.., r, C]
         else:
             v = state["exp_avg_sq"]
-            v.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
-            update = v.rsqrt().mul_(g32)
-        rms_u = torch.linalg.vector_norm(update) / (update.numel() ** 0.5)
-        update.div_((rms_u / group["clip_threshold"]).clamp_(min=1.0))
-        update.mul_(lr_t)
-        if group["weight_decay"] != 0:
-            p32.mul_(1.0 - group["weight_decay"] * lr_t)
-        p32.sub_(update)
-        self._write_back(p, p32, state, idx)
+            for rows in chunks:
+                sq = chunks.grad(rows).square().add_(eps1)
+                chunks.view(v, rows).mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+
+            def unclipped(rows: tuple[int, int]) -> Tensor:
+                return chunks.view(v, rows).rsqrt().mul_(chunks.grad(rows))
+        norms = [torch.linalg.vector_norm(unclipped(rows)) for rows in chunks]
+        rms_u = torch.linalg.vector_norm(torch.stack(norms)) / (p.numel() ** 0.5)
+        denom = (rms_u / group["clip_threshold"]).clamp_(min=1.0)
+        decay = 1.0 - group["weight_decay"] * lr_t if group["weight_decay"] != 0 else None
+        for rows in chunks:
+            update = unclipped(rows).div_(denom).mul_(lr_t)
+            p32 = chunks.param(rows)
+            if decay is not None:
+                p32.mul_(decay)
+            p32.sub_(update)
+            chunks.store(rows, p32)

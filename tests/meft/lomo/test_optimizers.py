@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 
+from meft.lomo.fused import CHUNK_BYTES
 from meft.lomo.optimizers import AdaLomo, Lomo
 
 transformers = pytest.importorskip("transformers")
@@ -74,10 +75,11 @@ def test_lomo_equals_sgd_with_decoupled_weight_decay_bitwise(checkpointing):
     assert not torch.equal(model.lm_head.weight, tiny_llama().lm_head.weight)  # training moved it
 
 
-def test_adalomo_matches_transformers_adafactor():
+@pytest.mark.parametrize("chunk_bytes", [CHUNK_BYTES, 100])  # whole tensors; one row per chunk
+def test_adalomo_matches_transformers_adafactor(chunk_bytes):
     kw = dict(lr=0.01, eps=(1e-30, 1e-3), clip_threshold=0.5, decay_rate=-0.8, weight_decay=0.05)
     model, ref = tiny_llama(), tiny_llama()
-    opt = AdaLomo(model, **kw)
+    opt = AdaLomo(model, chunk_bytes=chunk_bytes, **kw)
     lomo_steps(model, opt, batches())
     ada = transformers.optimization.Adafactor(ref.parameters(), beta1=None, scale_parameter=True,
                                               relative_step=False, warmup_init=False, **kw)
