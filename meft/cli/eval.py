@@ -12,7 +12,8 @@ from meft.adapter.saving import load_adapter
 from meft.cli.options import add_command, resolve_options
 from meft.config import opt
 from meft.data.builtin import load_builtin
-from meft.data.records import load_jsonl, records_kind
+from meft.data.files import load_records
+from meft.data.records import records_kind
 from meft.data.sources import parse_data_spec
 from meft.evaluate import perplexity, qa_accuracy
 from meft.pretrained import load_model
@@ -21,14 +22,14 @@ from offload.text import format_table
 __all__ = ["add_parser", "run", "EvalArgs"]
 
 
-
 @dataclass
 class EvalArgs:
     model: str = opt("default", "Base model: 'default' (SmolLM2-135M-Instruct), a local HF folder or a hub id.")
     adapter: str | None = opt(None, "Adapter folder written by `meft train` (run_dir/adapter) or "
                              "meft.save_adapter; omit to score the base model.")
-    data: str = opt("world_facts:50", "QA or text data: a .jsonl file or a built-in set (as in `meft train`). "
-                   "QA records are scored by greedy decoding; {text} records by perplexity.")
+    data: str = opt("world_facts:50", "QA or text data: a .jsonl, .json or .parquet file in any record format "
+                   "`meft train` reads, or a built-in set (as in `meft train`). QA records are scored by greedy "
+                   "decoding; {text} records by perplexity.")
     split: str = opt("held_out", "For built-in sets: 'trained' (training phrasings) or 'held_out' "
                     "(same facts, phrasings never trained on).")
     limit: int = opt(0, "Score at most this many records (0 = all); a seeded sample.")
@@ -44,7 +45,8 @@ def add_parser(sub) -> None:
     add_command(sub, "eval", help="score a model (or model + adapter) on QA or text data", description=__doc__,
                 epilog="examples:\n  meft eval --adapter runs/meft/adapter\n"
                        "  meft eval --data facts.jsonl --limit 200\n"
-                       "  meft eval --data corpus.jsonl  # perplexity",
+                       "  meft eval --data alpaca.json --limit 200\n"
+                       "  meft eval --data corpus.parquet  # {text} records: perplexity",
                 run=run, groups=[(EvalArgs, "eval")])
 
 
@@ -60,8 +62,8 @@ def load_scored_model(model_arg: str, adapter: str | None):
 
 def _records(args: EvalArgs) -> tuple[str, list[dict]]:
     kind, kw = parse_data_spec(args.data)
-    if kind == "jsonl":
-        records = load_jsonl(kw["path"])
+    if kind == "file":
+        records = load_records(kw["path"])
     else:
         if args.split not in ("trained", "held_out"):
             raise ValueError(f"--split {args.split!r}: choose 'trained' or 'held_out'")

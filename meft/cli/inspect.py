@@ -83,7 +83,7 @@ def _run_config(run_dir: Path) -> dict | None:
 
 def _records(spec: str, seed: int, limit: int) -> list[dict]:
     kind, kw = parse_data_spec(spec)
-    records = load_records(kw["path"]) if kind == "jsonl" else load_builtin(kind, **kw, seed=seed).train
+    records = load_records(kw["path"]) if kind == "file" else load_builtin(kind, **kw, seed=seed).train
     if limit and limit < len(records):
         records = random.Random(seed).sample(records, limit)
     return records

@@ -28,8 +28,8 @@ class RunData:
 
 
 def parse_data_spec(spec: str) -> tuple[str, dict]:
-    """'world_facts:50' -> ('world_facts', {'max_countries': 50}); a record file -> ('jsonl', {'path': ...})
-    (kind 'jsonl' names any record file: .jsonl, .json or .parquet, read by `meft.data.files.load_records`)."""
+    """'world_facts:50' -> ('world_facts', {'max_countries': 50}); a record file -> ('file', {'path': ...})
+    (a .jsonl, .json or .parquet file in any record format, read by `meft.data.files.load_records`)."""
     name, _, arg = spec.partition(":")
     if name in BUILTIN_NAMES:
         if not arg:
@@ -39,7 +39,7 @@ def parse_data_spec(spec: str) -> tuple[str, dict]:
                              f"'{name}:100'")
         return name, {"max_countries" if name == "world_facts" else "n": int(arg)}
     if spec.lower().endswith(SUFFIXES) or Path(spec).exists():
-        return "jsonl", {"path": spec}
+        return "file", {"path": spec}
     raise ValueError(f"--data {spec!r}: not a record file ({', '.join(SUFFIXES)}) nor a built-in set; choose a "
                      f"file or one of {list(BUILTIN_NAMES)} (optionally with ':N')")
 
@@ -53,7 +53,7 @@ def _sample(records: list[dict], limit: int, seed: int) -> list[dict]:
 def load_run_data(args, tokenizer, *, seed: int) -> RunData:
     """Build the training batches and the evaluation splits for `args` (a TrainArgs)."""
     kind, kw = parse_data_spec(args.data)
-    if kind == "jsonl":
+    if kind == "file":
         train_records = load_records(kw["path"])
         what = f"{len(train_records)} {train_records[0]['_format']} records from {kw['path']}"
         evals = {}

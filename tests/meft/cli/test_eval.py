@@ -30,3 +30,31 @@ def test_eval_missing_adapter_is_one_line(tiny, tmp_path):
     res = _run(MEFT + ["eval", "--model", str(tiny / "model"), "--adapter", str(tmp_path / "none"),
                        "--data", str(tiny / "train.jsonl")])
     assert res.returncode == 2 and "Traceback" not in res.stderr and "--adapter" in res.stderr
+
+
+def test_eval_reads_every_record_file_kind(tiny, tmp_path):
+    """The same QA records as .jsonl, as an Alpaca .json array and as .parquet score the same; text records
+    in a .json file are scored by perplexity."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = [json.loads(line) for line in (tiny / "train.jsonl").read_text().splitlines()][:8]
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": r["prompt"], "input": "", "output": r["completion"]} for r in recs]))
+    parquet = tmp_path / "qa.parquet"
+    pq.write_table(pa.Table.from_pylist(recs), parquet)
+    jsonl = tmp_path / "qa.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    scores = []
+    for path in (jsonl, alpaca, parquet):
+        out = tmp_path / f"{path.name}.scores.json"
+        res = _run(MEFT + ["eval", "--model", str(tiny / "model"), "--data", str(path), "--progress", "false",
+                           "--json-out", str(out)])
+        assert res.returncode == 0, res.stderr[-3000:]
+        got = json.loads(out.read_text())
+        scores.append((got["n"], got["exact_match"], [i["prediction"] for i in got["items"]]))
+    assert scores[0][0] == 8 and scores[0] == scores[1] == scores[2]
+    text = tmp_path / "text.json"
+    text.write_text(json.dumps([{"text": "The sea is wide and the sky is blue. " * 4}] * 3))
+    res = _run(MEFT + ["eval", "--model", str(tiny / "model"), "--data", str(text), "--progress", "false"])
+    assert res.returncode == 0 and "perplexity" in res.stdout, res.stderr[-3000:]

@@ -61,7 +61,7 @@ def test_every_format_from_every_container(tmp_path, fmt, container):
     got = load_records(path)
     assert len(got) == 2 and {r["_format"] for r in got} == {fmt}
     assert {k: got[0][k] for k in want} == want
-    assert parse_data_spec(str(path)) == ("jsonl", {"path": str(path)})
+    assert parse_data_spec(str(path)) == ("file", {"path": str(path)})
 
 
 def test_conversions():
