@@ -308,7 +308,7 @@ def _syncs_of_a_step(dev, fetch_mode) -> dict:
     _, out["backward"] = _phase(dev, loss.backward)
     _, out["optimizer_step"] = _phase(dev, opt_step)
     release(model)
-    out["adapter_path_sync_ops"] = out["forward"]["dispatch_in_meft_offload"] + out["backward"]["dispatch_in_meft_offload"]
+    out["adapter_path_sync_ops"] = sum(out[k]["dispatch_in_meft_offload"] for k in ("forward", "backward"))
     return out
 
 
@@ -317,8 +317,9 @@ def sec_syncs(a, dev, deadline):
     for mode in ("staged", "zero_copy"):
         r = out[mode] = _syncs_of_a_step(dev, mode)
         w = {k: r[k].get("sync_debug_warnings") for k in ("forward", "backward", "optimizer_step")}
-        parts.append(f"{mode}: sync-class ops fwd {r['forward']['dispatch_total']} bwd {r['backward']['dispatch_total']}"
-                     f" (in meft/offload: {r['adapter_path_sync_ops']}); sync-debug warnings {w}")
+        parts.append(f"{mode}: sync-class ops fwd {r['forward']['dispatch_total']} bwd "
+                     f"{r['backward']['dispatch_total']} (in meft/offload: {r['adapter_path_sync_ops']}); "
+                     f"sync-debug warnings {w}")
     # DESIGN: no host sync in the adapter path
     out.update(passed=all(out[m]["adapter_path_sync_ops"] == 0 for m in ("staged", "zero_copy")),
                summary="; ".join(parts))

@@ -132,9 +132,9 @@ class TransferScheduler:
                       max_live_rows: int | None = None, zero_copy_rows: int = 0) -> int:
         """Host bytes the device reads or writes that this scheduler allocates (pinned, at exact size, on
         CUDA): two pools (H2D, D2H) of `n_slots` slots of rows [max_rows, width] + ids [max_rows], and each
-        layer's ids and union-slots buffers [max_live_rows] int64; zero-copy (`zero_copy_rows` = rows per store > 0): no H2D pool,
-        and each layer's mirror [zero_copy_rows, width] wire. The RAM check of `meft.wrap` and `meft plan`
-        count exactly this."""
+        layer's ids and union-slots buffers [max_live_rows] int64; zero-copy (`zero_copy_rows` = rows per
+        store > 0): no H2D pool, and each layer's mirror [zero_copy_rows, width] wire. The RAM check of
+        `meft.wrap` and `meft plan` count exactly this."""
         wire = torch.empty((), dtype=wire_dtype).element_size()
         live = max_rows if max_live_rows is None else max_live_rows
         pools = 1 if zero_copy_rows else 2
@@ -301,7 +301,7 @@ class TransferScheduler:
                 st.last_gather = st.handle = None
 
     def _gather_task(self, st: LayerState, h: FetchHandle, slot, marker) -> None:
-        off, end = h.offset, h.n_rows
+        off, end, first = h.offset, h.n_rows, 0
         union = h.in_union  # fixed at fetch (the caller may be in the next step by now)
         try:
             if h.ids_event is not None and h.ids_event.direction == "d2h":
@@ -474,7 +474,10 @@ class TransferScheduler:
         fused = last and k_all > 0 and self.updates.fuses()
         hp = self.updates.fuse(layer, step) if fused else None
         if k_all:
-            grads = un.grads_dev[:n] if sel is None else un.grads_dev.index_select(0, torch.from_numpy(sel).to(self.device))
+            if sel is None:
+                grads = un.grads_dev[:n]
+            else:  # a small index copy (pageable on CUDA): host-id partial pushes only
+                grads = un.grads_dev.index_select(0, torch.from_numpy(sel).to(self.device))
             src = grads.to(self.wire_dtype, copy=True)  # [k, W] the one rounding of the step's sum
             un.grads_dev[:n].zero_()  # for the next step (stream order: after the cast has read it)
             ids_all = torch.from_numpy(ids_np)

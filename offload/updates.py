@@ -5,8 +5,9 @@ Owns the rules both schedulers share -- `clip_scale` (the clip factor, defined o
 updates: deciding that a layer's gradients of the step are complete (`grads_complete`), fixing the
 update's hyper-parameters on the caller's thread, the update itself on the host worker (clip scale,
 fused SparseAdamW step, metering), global-norm clipping, staleness 1 (a computed update waits for the
-layer's next fetch: `take_pending` / `park`), and the step boundary (`end_step`, `settle`, `flush`). It also counts, per layer, the updates queued and
-applied, so a zero-copy fetch can wait until its layer's mirror holds every queued update (`wait_applied`).
+layer's next fetch: `take_pending` / `park`), and the step boundary (`end_step`, `settle`, `flush`). It
+also counts, per layer, the updates queued and applied, so a zero-copy fetch can wait until its layer's
+mirror holds every queued update (`wait_applied`).
 
 It talks to its scheduler only through what it is given: the optimizers, the host worker, the meter,
 and `check` (raises a worker error in the caller). Per-layer update state lives in `LayerUpdate`.

@@ -8,10 +8,11 @@ the link prediction, the terminal table and the PNG.
   [T, d] to the CPU, fp32 key and value rows [R, 2d] back, fp32 gradients of those rows [R, 2d] up.
 * link prediction (labelled as such): each copy takes the link's fixed latency (issue, DMA setup and
   completion: `--link-latency-us`, 10 us assumed) plus its bytes / link GB/s (effective pinned bandwidths
-  below), with the measured number of copies per layer and direction; per step, forward fetches are exposed (the rows are needed right after routing;
-  with prefetch="lookahead" a fetch can hide behind the previous layer's forward), backward gradient
-  copies queue on one copy stream behind the backward compute and only what runs past its end is
-  exposed. Compute per layer: measured here (forward/backward hooks) or given.
+  below), with the measured number of copies per layer and direction; per step, forward fetches are
+  exposed (the rows are needed right after routing; with prefetch="lookahead" a fetch can hide behind
+  the previous layer's forward), backward gradient copies queue on one copy stream behind the backward
+  compute and only what runs past its end is exposed. Compute per layer: measured here
+  (forward/backward hooks) or given.
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def format_report(rep: dict) -> str:
              f"fp32 row grads up): {o['total']:,} bytes = {rep['meft_original_over_measured']:.2f}x measured"]
     p = rep.get("link_prediction")
     if p:
-        lines.append(f"{p['label']}: on {p['link']} ({p['gbps']:g} GB/s, {p['latency_us']:g} us per copy) transfers take "
+        lines.append(f"{p['label']}: on {p['link']} ({p['gbps']:g} GB/s, {p['latency_us']:g} us per copy) "
+                     f"transfers take "
                      f"{p['transfer_ms_per_step']:.2f} ms/step, exposed {p['exposed_ms_per_step']:.2f} ms/step "
                      f"(forward {p['forward_exposed_ms']:.2f}, backward {p['backward_exposed_ms']:.2f}) against "
                      f"{p['compute_ms_per_step']:.2f} ms/step of compute per layer sum")
