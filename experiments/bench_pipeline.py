@@ -267,8 +267,8 @@ share 2 cores, so the numbers are an upper bound of what a GPU (whose compute do
 cores) would show; syncs are counted on the main thread only, where a GPU would stall. With
 accumulation 2 each layer's rows and gradients cross once per step (the union of its micro-batches'
 active rows: offload/union.py), so the ratio is 1 at both; the second micro-batch's fetches mostly find
-their rows on the device already, so their latency is short and the share blocked looks larger (0.24
-of a short wait) though the absolute wait is small. `meft.wrap` takes no
+their rows on the device already, so their latency is short and the share blocked looks larger (a
+share of a short wait: see "by accumulation" above) though the absolute wait is small. `meft.wrap` takes no
 copy engine, so the script swaps `model.meft.scheduler` for one on the linked engine, and switches the
 generation mode through the runtime's private `_inference.mode` (no public switch after wrap)."""
 
