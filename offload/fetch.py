@@ -28,7 +28,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from offload.union import StepUnion
 from offload.worker import wait_for
 
 __all__ = ["FetchHandle", "FetchLink", "LayerState", "valid_prefix", "check_extend", "check_grads", "check_ids",
@@ -126,11 +125,10 @@ class FetchLink:
 class LayerState:
     """Buffers and live fetch of one adapter layer (see module docstring)."""
 
-    def __init__(self, index: int, engine, max_rows: int, width: int, wire_dtype: torch.dtype, on_host: bool,
-                 n_rows: int):
+    def __init__(self, index: int, engine, max_rows: int, width: int, wire_dtype: torch.dtype, on_host: bool):
         self.index = index
         self.alloc(engine, max_rows, width, wire_dtype, on_host)
-        self.union = StepUnion(n_rows, width)  # the step's rows and summed gradients under accumulation
+        self.union = None  # offload.union.StepUnion: the step's rows and summed gradients (set by the scheduler)
         self.last_slots_h2d = None  # CopyEvent of the latest H2D out of slots_host
         self.grads_dev: torch.Tensor | None = None  # [max_rows, W] wire, lazily
         self.handle: FetchHandle | None = None  # the live fetch of this layer

@@ -39,8 +39,9 @@ from the device's copy of the union (staleness 0, staged fetches), and pushes ar
 in fp32 and cross once, rounded to the wire dtype once, at the layer's last push (or finish_step).
 
 Composed of: `fetch.LayerState` / `fetch.FetchHandle` (live rows and handles, linked back through a
-`FetchLink`), `staging.SlotPool` (staging slots), `worker.HostWorker` (the host thread) and
-`updates.UpdatePolicy` (staleness, clipping, parked updates). Implements `protocol.RowScheduler`.
+`FetchLink`), `staging.SlotPool` (staging slots), `worker.HostWorker` (the host thread),
+`updates.UpdatePolicy` (staleness, clipping, parked updates) and `union.UnionTraffic` (rows and gradients
+under accumulation). Implements `protocol.RowScheduler`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ import threading
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from offload.engine import CopyEngine, make_engine
@@ -68,6 +68,7 @@ from offload.meter import TrafficMeter
 from offload.protocol import check_scheduler_args
 from offload.staging import SlotPool, check_n_slots
 from offload.steps import StepClock, check_layer
+from offload.union import StepUnion, UnionTraffic
 from offload.updates import UpdatePolicy
 from offload.worker import HostWorker, numba_threads_setter, threads_left_for_kernels, wait_for
 
@@ -101,9 +102,11 @@ class TransferScheduler:
         self.wire_dtype, self.max_rows = wire_dtype, max_rows
         self.meter = TrafficMeter() if meter is None else meter
         on_host = self.device.type == "cpu"
-        self.layers = [LayerState(i, self.engine, live_rows, self.width, wire_dtype, on_host, o.store.n_rows)
-                       for i, o in enumerate(self.optimizers)]
-        self._union = False  # this step accumulates micro-batches: rows and gradients go by the step union
+        self.layers = [LayerState(i, self.engine, live_rows, self.width, wire_dtype, on_host)
+                       for i in range(len(self.optimizers))]
+        for st, o in zip(self.layers, self.optimizers):
+            st.union = StepUnion(o.store.n_rows, self.width)
+        self._accumulating = False  # this step has several micro-batches: rows and gradients go by the step union
         self._cache_rows = staleness == 0 and not zero_copy  # the union also keeps the step's rows on the device
         self.zero_copy = zero_copy
         # rows down: staging slots, or (zero-copy) each store's mirror [N, W] wire, as the device sees it
@@ -118,6 +121,9 @@ class TransferScheduler:
         self.updates = UpdatePolicy(self.optimizers, self.worker, self.meter, self._check, staleness=staleness,
                                     clip=clip, max_norm=max_norm, width=self.width, state_bytes=state_bytes)
         self.clock = StepClock()
+        self.union_traffic = UnionTraffic(self.optimizers, self.engine, self.d2h_pool, self.worker, self.updates,
+                                          self.meter, self._link, self._check, self._meter_copy, self._end_chain,
+                                          max_rows=max_rows, wire_dtype=wire_dtype, device=self.device)
         self._read_buf: torch.Tensor | None = None  # [>= R, width] fp32 host buffer of read_rows
         self._error_reported = False
         self._closed = False
@@ -172,8 +178,8 @@ class TransferScheduler:
         self._entry("begin_step")
         self.clock.begin_step(accum_steps)
         self.meter.set_step(self.step)
-        self._union = self.clock.accum_steps > 1
-        if self._union:  # device buffers of the step union: every live row of every micro-batch at most
+        self._accumulating = self.clock.accum_steps > 1
+        if self._accumulating:  # device buffers of the step union: every live row of every micro-batch at most
             for st in self.layers:
                 st.union.ensure(self.engine, self.clock.accum_steps * st.capacity, self.wire_dtype, self._cache_rows)
 
@@ -244,8 +250,8 @@ class TransferScheduler:
         meta = (self.step, self.micro_batch, st.index)
         h = st.stage_ids(self._link, self.engine, ids, n, base, marker, (self.step, self.micro_batch),
                          lambda ev: self._meter_copy(ev, "ids", meta))
-        h.in_union = self._union
-        if self._union and self._cache_rows:
+        h.in_union = self._accumulating
+        if self._accumulating and self._cache_rows:
             h.union_rows = st.union.rows_dev  # wait() takes the part's rows from the step union by slot
         st.handle = st.last_gather = h
         self.worker.submit(lambda: self._gather_task(st, h, slot, marker), st.index)
@@ -266,7 +272,7 @@ class TransferScheduler:
         h.copy_event = self.engine.gather_mapped(self._mirrors_dev[st.index], h._ids_dev,
                                                  st.rows_dev[off:off + n], rows=n, after=marker)
         st.handle = st.last_gather = h
-        h.in_union = self._union
+        h.in_union = self._accumulating
         self.worker.submit(lambda: self._mapped_task(st, h, marker), st.index)
         return h
 
@@ -279,7 +285,7 @@ class TransferScheduler:
             h.ids_event.wait()  # protects the count: the ids D2H into ids_host must have landed
         n = h.n_valid = valid_prefix(st.ids_host[off:end])
         if h.in_union:
-            self._assign_slots(st, h, n, marker)
+            self.union_traffic.assign_slots(st, h, n, marker)
         ev = h.copy_event
         ev.wait()  # protects the mirror: the device has read these rows before anything queued later runs
         self.meter.record_transfer(step=h.step, micro_batch=h.micro_batch, layer=st.index, direction="h2d",
@@ -309,7 +315,7 @@ class TransferScheduler:
             n = h.n_valid = valid_prefix(st.ids_host[off:end])  # rows before the -1 padding
             ids = st.ids_host[off:off + n]  # [n] the rows to send
             if union:
-                new_ids, first = self._assign_slots(st, h, n, marker)
+                new_ids, first = self.union_traffic.assign_slots(st, h, n, marker)
                 if h.union_rows is not None:  # rows sent earlier this step stay on the device: only new ones
                     ids = torch.from_numpy(new_ids)
             m = ids.numel()
@@ -326,23 +332,6 @@ class TransferScheduler:
         h.copy_event = self.engine.h2d(slot.rows[:m], dst, rows=m, after=marker,
                                        on_done=lambda ev: self._h2d_done(ev, slot, meta))
         h.gathered.set()
-
-    def _assign_slots(self, st: LayerState, h: FetchHandle, n: int, marker) -> tuple:
-        """Host worker, accumulation: slots of the part's valid ids in the step union, staged in slots_host
-        (padding -> the union's dummy slot) and sent to slots_dev; returns (ids new to the union, first slot)."""
-        off, end, un = h.offset, h.n_rows, st.union
-        slots, new_ids, first = un.assign(h.step, st.ids_host[off:off + n].numpy())
-        if st.last_slots_h2d is not None and "slots" not in self._link.skip_waits:
-            # protects slots_host: the previous slots H2D, queued behind compute, may not have read it yet
-            st.last_slots_h2d.wait()
-        st.slots_host[off:off + n].copy_(torch.from_numpy(slots))
-        st.slots_host[off + n:end] = un.dummy
-        if st.slots_dev is not st.slots_host:
-            meta = (h.step, h.micro_batch, st.index)
-            h.slots_event = st.last_slots_h2d = self.engine.h2d(
-                st.slots_host[off:end], st.slots_dev[off:end], rows=end - off, after=marker,
-                on_done=lambda ev: self._meter_copy(ev, "ids", meta))
-        return new_ids, first
 
     def _h2d_done(self, ev, slot, meta) -> None:
         self.h2d_pool.release(slot)  # the H2D has read the slot: it may be refilled
@@ -373,8 +362,9 @@ class TransferScheduler:
         t0 = time.perf_counter()
         full = st.push_is_full(h, ids)  # else a checked subset (host ids)
         h.wait_gathered()  # protects the ids copy below: ids_host must hold this fetch's ids
-        if self._union:
-            self._push_to_union(st, h, ids, grads, full)
+        if self._accumulating:
+            self.union_traffic.push(st, h, ids, grads, full, step=self.step, micro_batch=self.micro_batch,
+                                    last=self.clock.last_micro_batch)
             self.meter.record_blocked(self.step, t0, time.perf_counter())
             return
         if full and h.base is None:
@@ -407,122 +397,6 @@ class TransferScheduler:
         self.worker.submit(lambda: self._accumulate_task(st, slot, ev, k, step, ids_check), st.index)
         if self.clock.last_micro_batch:
             self.updates.grads_complete(layer, step)
-
-    def _push_to_union(self, st: LayerState, h: FetchHandle, ids, grads, full: bool) -> None:
-        """Accumulation: add the push's gradients [K, W] to the layer's step union on the device (fp32);
-        they cross once, at the layer's last push of the step (`_send_union`) or at finish_step."""
-        un, layer, step = st.union, st.index, self.step
-        for p in h.parts():
-            if p.slots_event is not None and "slots" not in self._link.skip_waits:
-                p.slots_event.wait_device()  # protects the slot lookups: the part's slots H2D must have landed
-        if full and h.base is None:  # the fetch's own ids: its slots, padding -> the dummy slot
-            slots_dev = st.slots_dev[: h.n_rows]
-            un.pushed[st.slots_host[: h.n_valid].numpy()] = True
-        elif ids.device.type == "cpu":  # a subset, checked in push_is_full
-            slots = un.slot_of_host[ids.numpy()]
-            un.pushed[slots] = True
-            slots_dev = torch.from_numpy(slots).to(self.device)  # small; partial pushes with host ids only
-        else:  # a subset given by device ids: slots from the device map, written for the live rows first
-            for p in h.parts():
-                pid = p._ids_dev  # [n_p] this part's ids on the device (-1 padding -> the map's sink entry)
-                un.slot_of_dev.index_copy_(0, torch.where(pid >= 0, pid, un.n_rows), st.slots_dev[p.offset:p.n_rows])
-            slots_dev = un.slot_of_dev.index_select(0, ids)
-            self._check_union_push(st, h, ids)  # the worker checks the ids, then marks their slots pushed
-            un.marked_by_worker = True
-        un.grads_dev.index_add_(0, slots_dev, grads.float())  # the step's fp32 sum, on the compute stream
-        un.pending = True
-        self._end_chain(st)  # an owed staleness-1 update is queued before the step's gradients (as at fetch)
-        self.updates.grads_pushed(layer, step)
-        if self.clock.last_micro_batch:
-            self._send_union(st, last=True)
-
-    def _check_union_push(self, st: LayerState, h: FetchHandle, ids) -> None:
-        """A partial push with device ids under accumulation: the ids cross to the host, where the worker checks
-        them against the live fetch (an error surfaces at the next call) and marks their slots pushed."""
-        k, meta = ids.numel(), (self.step, self.micro_batch, st.index)
-        slot = self.d2h_pool.acquire(self._check)
-        ev = self.engine.d2h(ids, slot.ids[:k], rows=k, after=self.engine.mark_compute(),
-                             on_done=lambda e: self._meter_copy(e, "ids", meta))
-        reader, live = threading.Event(), h.n_rows
-        st.ids_reader = reader
-
-        def task():
-            try:
-                ev.wait()  # protects the check: the pushed ids' D2H must have landed
-                check_subset(slot.ids[:k], st.ids_host[:live], st.index)
-                st.union.pushed[st.union.slot_of_host[slot.ids[:k].numpy()]] = True
-            finally:
-                reader.set()  # ids_host may be refilled by the layer's next fetch
-                self.d2h_pool.release(slot)
-        self.worker.submit(task, st.index)
-
-    def _send_union(self, st: LayerState, *, last: bool) -> None:
-        """The layer's summed gradients of the step cross once, rounded to the wire dtype once, in chunks of
-        at most max_rows rows (a staging slot): the rows pushed this step. Where a partial push gave device
-        ids, which rows were pushed is known only once the worker has checked them: the whole union then
-        crosses and rows never pushed (zeros) are left out on the host, never updated."""
-        un, layer, step = st.union, st.index, self.step
-        by_worker, un.marked_by_worker, un.pending = un.marked_by_worker, False, False
-        n = un.n  # the union's size: every fetch of the step has been gathered (push_grads waited for it)
-        keep = un.pushed[:n]
-        if by_worker or keep.all():
-            sel, ids_np = None, un.ids_host[:n].copy()
-        else:  # the pushed rows only (a lookahead prefetch fetched rows nobody needed)
-            sel = np.flatnonzero(keep)  # [k] slots; host-known: full pushes and host-id partial pushes
-            ids_np = un.ids_host[sel]
-        k_all = ids_np.shape[0]
-        fused = last and k_all > 0 and self.updates.fuses()
-        hp = self.updates.fuse(layer, step) if fused else None
-        if k_all:
-            if sel is None:
-                grads = un.grads_dev[:n]
-            else:  # a small index copy (pageable on CUDA): host-id partial pushes only
-                grads = un.grads_dev.index_select(0, torch.from_numpy(sel).to(self.device))
-            src = grads.to(self.wire_dtype, copy=True)  # [k, W] the one rounding of the step's sum
-            un.grads_dev[:n].zero_()  # for the next step (stream order: after the cast has read it)
-            ids_all = torch.from_numpy(ids_np)
-        meta = (step, self.micro_batch, layer)
-        for c0 in range(0, k_all, self.max_rows):
-            c1 = min(k_all, c0 + self.max_rows)
-            k = c1 - c0
-            slot = self.d2h_pool.acquire(self._check)  # backpressure
-            slot.ids[:k].copy_(ids_all[c0:c1])
-            ev = self.engine.d2h(src[c0:c1], slot.rows[:k], rows=k, after=self.engine.mark_compute(),
-                                 on_done=lambda e: self._meter_copy(e, "d2h", meta))
-            rows = (c0, c1) if by_worker else None  # the worker reads un.pushed for them when it runs
-            self.worker.submit(lambda slot=slot, ev=ev, k=k, rows=rows, final=c1 == k_all:
-                               self._union_task(st, slot, ev, k, step, rows, hp, final), layer)
-        if not k_all:
-            # nothing crosses, but like any push it orders the layer: a parked staleness-1 update of the previous
-            # step runs before this step's update (and before a global norm reads its scale)
-            self.worker.submit(lambda: None, layer)
-        if last and not fused:
-            self.updates.grads_complete(layer, step)
-
-    def _union_task(self, st: LayerState, slot, ev, n: int, step: int, slots, fused, final: bool) -> None:
-        """One chunk of a step union's gradients, from the staging slot into the layer's optimizer,
-        accumulated or (`fused` hyper-parameters) applied at once. `slots` = (c0, c1): the chunk is union
-        slots [c0, c1), of which only those marked pushed (by the worker's checks, all run before this
-        task) are applied."""
-        try:
-            if "d2h" not in self._link.skip_waits:
-                ev.wait()  # protects the slot: the grads' D2H must have landed before we read it
-            ids, rows = slot.ids[:n], slot.rows[:n]
-            if slots is not None:
-                keep = st.union.pushed[slots[0]:slots[1]]
-                if not keep.all():
-                    mask = torch.from_numpy(keep.copy())
-                    ids, rows = ids[mask], rows[mask]
-            if fused is not None:
-                self.updates.fused_update(st.index, step, fused, ids, rows, final=final)
-                return
-            t0 = time.perf_counter()
-            self.optimizers[st.index].accumulate(ids, rows)
-            self.meter.record_cpu(step=step, layer=st.index, op="accumulate", rows=ids.shape[0],
-                                  nbytes=ids.shape[0] * self.width * (self._wire_bytes + 8), start=t0,
-                                  end=time.perf_counter())
-        finally:
-            self.d2h_pool.release(slot)
 
     def _end_chain(self, st: LayerState) -> None:
         """End the layer's live fetch (all parts); queue the staleness-1 update it held back, if any."""
@@ -577,7 +451,7 @@ class TransferScheduler:
             if st.union.pending:  # pushed in an earlier micro-batch only: its gradients cross now
                 if st.last_gather is not None:
                     st.last_gather.wait_gathered()  # protects the union's size: later fetches may still gather
-                self._send_union(st, last=False)
+                self.union_traffic.send(st, step=self.step, micro_batch=self.micro_batch, last=False)
         self.updates.end_step(self.step)
         self.clock.finish_step()
         self.updates.settle()

@@ -21,14 +21,23 @@ whose gradient row is never sent. `pushed` [U] marks slots that received a gradi
 never pushed (evaluation inside a step, a partial push) is not updated, as lazy AdamW requires.
 `slot_of_dev` [N + 1] maps row id -> slot on the device for partial pushes with device ids (entry N is the
 sink of -1 ids); it is written for the live fetch's rows before such a push and never read for others.
+
+`StepUnion` is one layer's state; `UnionTraffic` is the half of `TransferScheduler` that moves it: slot
+assignment on the host worker, pushes summed on the device, the one send per step and its host update.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
-__all__ = ["StepUnion"]
+from offload.fetch import check_subset
+
+__all__ = ["StepUnion", "UnionTraffic"]
 
 
 class StepUnion:
@@ -91,3 +100,152 @@ class StepUnion:
         self.ids_host[first:first + m] = new_ids
         self.n = first + m
         return slots, new_ids, first
+
+
+class UnionTraffic:
+    """The step union's traffic for a TransferScheduler, given its collaborators (see module docstring):
+    `meter_copy(event, kind, (step, micro_batch, layer))` meters a copy, `end_chain(layer_state)` ends a
+    layer's live fetch, `check()` raises a host-worker error in the caller, `link.skip_waits` is the test hook."""
+
+    def __init__(self, optimizers, engine, d2h_pool, worker, updates, meter, link, check: Callable[[], None],
+                 meter_copy: Callable, end_chain: Callable, *, max_rows: int, wire_dtype: torch.dtype, device):
+        self.optimizers, self.engine, self.d2h_pool, self.worker = optimizers, engine, d2h_pool, worker
+        self.updates, self.meter, self.link, self.check = updates, meter, link, check
+        self.meter_copy, self.end_chain = meter_copy, end_chain
+        self.max_rows, self.wire_dtype, self.device = max_rows, wire_dtype, device
+        self.width = optimizers[0].store.width
+        self.wire_bytes = torch.empty((), dtype=wire_dtype).element_size()
+
+    def assign_slots(self, st, h, n: int, marker) -> tuple:
+        """Host worker, accumulation: slots of the part's valid ids in the step union, staged in slots_host
+        (padding -> the union's dummy slot) and sent to slots_dev; returns (ids new to the union, first slot)."""
+        off, end, un = h.offset, h.n_rows, st.union
+        slots, new_ids, first = un.assign(h.step, st.ids_host[off:off + n].numpy())
+        if st.last_slots_h2d is not None and "slots" not in self.link.skip_waits:
+            # protects slots_host: the previous slots H2D, queued behind compute, may not have read it yet
+            st.last_slots_h2d.wait()
+        st.slots_host[off:off + n].copy_(torch.from_numpy(slots))
+        st.slots_host[off + n:end] = un.dummy
+        if st.slots_dev is not st.slots_host:
+            meta = (h.step, h.micro_batch, st.index)
+            h.slots_event = st.last_slots_h2d = self.engine.h2d(
+                st.slots_host[off:end], st.slots_dev[off:end], rows=end - off, after=marker,
+                on_done=lambda ev: self.meter_copy(ev, "ids", meta))
+        return new_ids, first
+
+    def push(self, st, h, ids, grads, full: bool, *, step: int, micro_batch: int, last: bool) -> None:
+        """push_grads under accumulation: add the push's gradients [K, W] to the layer's step union on the
+        device (fp32); they cross once, at the layer's last push of the step (`last`) or at finish_step."""
+        un, layer = st.union, st.index
+        for p in h.parts():
+            if p.slots_event is not None and "slots" not in self.link.skip_waits:
+                p.slots_event.wait_device()  # protects the slot lookups: the part's slots H2D must have landed
+        if full and h.base is None:  # the fetch's own ids: its slots, padding -> the dummy slot
+            slots_dev = st.slots_dev[: h.n_rows]
+            un.pushed[st.slots_host[: h.n_valid].numpy()] = True
+        elif ids.device.type == "cpu":  # a subset, checked in push_is_full
+            slots = un.slot_of_host[ids.numpy()]
+            un.pushed[slots] = True
+            slots_dev = torch.from_numpy(slots).to(self.device)  # small; partial pushes with host ids only
+        else:  # a subset given by device ids: slots from the device map, written for the live rows first
+            for p in h.parts():
+                pid = p._ids_dev  # [n_p] this part's ids on the device (-1 padding -> the map's sink entry)
+                un.slot_of_dev.index_copy_(0, torch.where(pid >= 0, pid, un.n_rows), st.slots_dev[p.offset:p.n_rows])
+            slots_dev = un.slot_of_dev.index_select(0, ids)
+            self._check_push(st, h, ids, (step, micro_batch, layer))  # the worker checks them, marks them pushed
+            un.marked_by_worker = True
+        un.grads_dev.index_add_(0, slots_dev, grads.float())  # the step's fp32 sum, on the compute stream
+        un.pending = True
+        self.end_chain(st)  # an owed staleness-1 update is queued before the step's gradients (as at fetch)
+        self.updates.grads_pushed(layer, step)
+        if last:
+            self.send(st, step=step, micro_batch=micro_batch, last=True)
+
+    def _check_push(self, st, h, ids, meta) -> None:
+        """A partial push with device ids: the ids cross to the host, where the worker checks them against the
+        live fetch (an error surfaces at the next call) and marks their slots pushed."""
+        k = ids.numel()
+        slot = self.d2h_pool.acquire(self.check)
+        ev = self.engine.d2h(ids, slot.ids[:k], rows=k, after=self.engine.mark_compute(),
+                             on_done=lambda e: self.meter_copy(e, "ids", meta))
+        reader, live = threading.Event(), h.n_rows
+        st.ids_reader = reader
+
+        def task():
+            try:
+                ev.wait()  # protects the check: the pushed ids' D2H must have landed
+                check_subset(slot.ids[:k], st.ids_host[:live], st.index)
+                st.union.pushed[st.union.slot_of_host[slot.ids[:k].numpy()]] = True
+            finally:
+                reader.set()  # ids_host may be refilled by the layer's next fetch
+                self.d2h_pool.release(slot)
+        self.worker.submit(task, st.index)
+
+    def send(self, st, *, step: int, micro_batch: int, last: bool) -> None:
+        """The layer's summed gradients of the step cross once, rounded to the wire dtype once, in chunks of
+        at most max_rows rows (a staging slot): the rows pushed this step. Where a partial push gave device
+        ids, which rows were pushed is known only once the worker has checked them: the whole union then
+        crosses and rows never pushed (zeros) are left out on the host, never updated."""
+        un, layer = st.union, st.index
+        by_worker, un.marked_by_worker, un.pending = un.marked_by_worker, False, False
+        n = un.n  # the union's size: every fetch of the step has been gathered (push_grads waited for it)
+        keep = un.pushed[:n]
+        if by_worker or keep.all():
+            sel, ids_np = None, un.ids_host[:n].copy()
+        else:  # the pushed rows only (a lookahead prefetch fetched rows nobody needed)
+            sel = np.flatnonzero(keep)  # [k] slots; host-known: full pushes and host-id partial pushes
+            ids_np = un.ids_host[sel]
+        k_all = ids_np.shape[0]
+        fused = last and k_all > 0 and self.updates.fuses()
+        hp = self.updates.fuse(layer, step) if fused else None
+        if k_all:
+            if sel is None:
+                grads = un.grads_dev[:n]
+            else:  # a small index copy (pageable on CUDA): host-id partial pushes only
+                grads = un.grads_dev.index_select(0, torch.from_numpy(sel).to(self.device))
+            src = grads.to(self.wire_dtype, copy=True)  # [k, W] the one rounding of the step's sum
+            un.grads_dev[:n].zero_()  # for the next step (stream order: after the cast has read it)
+            ids_all = torch.from_numpy(ids_np)
+        meta = (step, micro_batch, layer)
+        for c0 in range(0, k_all, self.max_rows):
+            c1 = min(k_all, c0 + self.max_rows)
+            k = c1 - c0
+            slot = self.d2h_pool.acquire(self.check)  # backpressure
+            slot.ids[:k].copy_(ids_all[c0:c1])
+            ev = self.engine.d2h(src[c0:c1], slot.rows[:k], rows=k, after=self.engine.mark_compute(),
+                                 on_done=lambda e: self.meter_copy(e, "d2h", meta))
+            rows = (c0, c1) if by_worker else None  # the worker reads un.pushed for them when it runs
+            self.worker.submit(lambda slot=slot, ev=ev, k=k, rows=rows, final=c1 == k_all:
+                               self._task(st, slot, ev, k, step, rows, hp, final), layer)
+        if not k_all:
+            # nothing crosses, but like any push it orders the layer: a parked staleness-1 update of the previous
+            # step runs before this step's update (and before a global norm reads its scale)
+            self.worker.submit(lambda: None, layer)
+        if last and not fused:
+            self.updates.grads_complete(layer, step)
+
+    def _task(self, st, slot, ev, n: int, step: int, slots, fused, final: bool) -> None:
+        """One chunk of a step union's gradients, from the staging slot into the layer's optimizer,
+        accumulated or (`fused` hyper-parameters) applied at once. `slots` = (c0, c1): the chunk is union
+        slots [c0, c1), of which only those marked pushed (by the worker's checks, all run before this
+        task) are applied."""
+        try:
+            if "d2h" not in self.link.skip_waits:
+                ev.wait()  # protects the slot: the grads' D2H must have landed before we read it
+            ids, rows = slot.ids[:n], slot.rows[:n]
+            if slots is not None:
+                keep = st.union.pushed[slots[0]:slots[1]]
+                if not keep.all():
+                    mask = torch.from_numpy(keep.copy())
+                    ids, rows = ids[mask], rows[mask]
+            if fused is not None:
+                self.updates.fused_update(st.index, step, fused, ids, rows, final=final)
+                return
+            t0 = time.perf_counter()
+            self.optimizers[st.index].accumulate(ids, rows)
+            self.meter.record_cpu(step=step, layer=st.index, op="accumulate", rows=ids.shape[0],
+                                  nbytes=ids.shape[0] * self.width * (self.wire_bytes + 8), start=t0,
+                                  end=time.perf_counter())
+        finally:
+            self.d2h_pool.release(slot)
+
