@@ -25,7 +25,7 @@ from offload.meter_export import chrome_trace, plot_png, summary_table, to_json
 
 __all__ = ["TrafficMeter", "Transfer", "CpuOp", "Compute", "interval_overlap", "interval_subtract"]
 
-DIRECTIONS = ("h2d", "d2h", "ids")
+DIRECTIONS = ("h2d", "d2h", "ids", "collective")  # collective: torch.distributed row-gradient exchange
 
 
 @dataclass(slots=True)
@@ -33,7 +33,7 @@ class Transfer:
     step: int
     micro_batch: int
     layer: int
-    direction: str  # "h2d" rows down, "d2h" grads up, "ids" active row ids (device -> host)
+    direction: str  # "h2d" rows down, "d2h" grads up, "ids" row ids / slots, "collective" ranks' row grads
     nbytes: int
     rows: int
     start: float

@@ -14,8 +14,8 @@ from offload.text import format_bytes, format_table
 __all__ = ["to_json", "chrome_trace", "plot_png", "summary_table", "TRACKS"]
 
 # Chrome trace tracks (one thread id each): copies, CPU work and compute on separate rows
-TRACKS = {"h2d": (1, "H2D copies (rows)"), "d2h": (2, "D2H copies (grads)"), "ids": (3, "D2H copies (ids)"),
-          "cpu": (4, "CPU row work"), "compute": (5, "compute")}
+TRACKS = {"h2d": (1, "H2D copies (rows)"), "d2h": (2, "D2H copies (grads)"), "ids": (3, "ids copies"),
+          "collective": (6, "row grads across ranks"), "cpu": (4, "CPU row work"), "compute": (5, "compute")}
 
 
 def _write_json(obj, path) -> None:
@@ -75,7 +75,7 @@ def plot_png(meter, path) -> None:
                           "install matplotlib); JSON and Chrome-trace exports work without it") from exc
     ev, rep = meter.events(), meter.report()
     t0 = min([r.start for k in ev for r in ev[k]], default=0.0)
-    rows = {"h2d": [], "d2h": [], "ids": [], "cpu": [], "compute": []}
+    rows = {"h2d": [], "d2h": [], "ids": [], "collective": [], "cpu": [], "compute": []}
     for t in ev["transfers"]:
         rows[t.direction].append(((t.start - t0) * 1e3, (t.end - t.start) * 1e3))
     for c in ev["cpu"]:

@@ -75,6 +75,11 @@ class SparseAdamW:
         """Copy of the ids with pending gradients, in slot order. [n] int64."""
         return torch.from_numpy(self._pending_ids[: self._n].copy())
 
+    def pending_grads(self) -> torch.Tensor:
+        """The pending gradients, rows in the order of `pending_ids()`: [n, W] fp32, a view of the buffer
+        (valid until the next accumulate / step / zero_grad)."""
+        return self._pending[: self._n]
+
     def accumulate(self, ids: torch.Tensor, grads: torch.Tensor) -> None:
         """pending[ids[r]] += grads[r]. ids: [R] int64 unique; grads: [R, W] fp32 or bf16, CPU.
 

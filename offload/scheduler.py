@@ -33,6 +33,10 @@ valid rows and waits for the read before a staleness-1 update may rewrite them. 
 update already queued for its layer has written the mirror (`UpdatePolicy.wait_applied`: staleness 0
 never waits there, finish_step already did). No H2D staging pool is allocated.
 
+Data parallel (`process_group`, torch.distributed, staleness 0): each rank fetches and pushes its own rows;
+at finish_step every layer's pending gradients are averaged across ranks over the union of their rows
+(`offload.collective.RowGradReducer`) and every rank applies the same update: identical replicas.
+
 Gradient accumulation (accum_steps > 1): each layer's rows and gradients cross once per step, for the
 union of its micro-batches' rows (`offload.union.StepUnion`): rows already sent this step are taken
 from the device's copy of the union (staleness 0, staged fetches), and pushes are summed on the device
@@ -52,6 +56,7 @@ from collections.abc import Sequence
 
 import torch
 
+from offload.collective import RowGradReducer
 from offload.engine import CopyEngine, make_engine
 from offload.fetch import (
     FetchHandle,
@@ -69,7 +74,7 @@ from offload.protocol import check_scheduler_args
 from offload.staging import SlotPool, check_n_slots
 from offload.steps import StepClock, check_layer
 from offload.union import StepUnion, UnionTraffic
-from offload.updates import UpdatePolicy
+from offload.updates import UpdatePolicy, check_update_args
 from offload.worker import HostWorker, numba_threads_setter, threads_left_for_kernels, wait_for
 
 __all__ = ["TransferScheduler", "FetchHandle"]
@@ -81,11 +86,15 @@ class TransferScheduler:
                  wire_dtype=torch.bfloat16, max_rows: int, n_slots: int = 2, staleness: int = 0,
                  clip: str = "none", max_norm: float = 1.0, meter: TrafficMeter | None = None,
                  host_threads: int | None = None, max_live_rows: int | None = None, timing: bool = False,
-                 zero_copy: bool = False):
+                 zero_copy: bool = False, process_group=None):
         self._closed = True  # until fully constructed
         self.optimizers = list(optimizers)
         check_scheduler_args(self.optimizers, wire_dtype, max_rows, staleness, clip, max_norm)
         check_n_slots(n_slots)
+        reducer = None if process_group is None else RowGradReducer(process_group)
+        if reducer is not None and reducer.world == 1:
+            reducer = None  # one rank: nothing to combine
+        check_update_args(staleness, clip, max_norm, data_parallel=reducer is not None)
         if zero_copy not in (True, False):
             raise ValueError(f"zero_copy={zero_copy!r} must be True or False")
         if host_threads is None and torch.device(device).type == "cuda":
@@ -101,6 +110,8 @@ class TransferScheduler:
         self.width = self.optimizers[0].store.width
         self.wire_dtype, self.max_rows = wire_dtype, max_rows
         self.meter = TrafficMeter() if meter is None else meter
+        if reducer is not None:
+            reducer.meter = self.meter
         on_host = self.device.type == "cpu"
         self.layers = [LayerState(i, self.engine, live_rows, self.width, wire_dtype, on_host)
                        for i in range(len(self.optimizers))]
@@ -119,7 +130,8 @@ class TransferScheduler:
         self._wire_bytes = torch.empty((), dtype=wire_dtype).element_size()
         state_bytes = torch.empty((), dtype=self.optimizers[0].store.state_dtype).element_size()
         self.updates = UpdatePolicy(self.optimizers, self.worker, self.meter, self._check, staleness=staleness,
-                                    clip=clip, max_norm=max_norm, width=self.width, state_bytes=state_bytes)
+                                    clip=clip, max_norm=max_norm, width=self.width, state_bytes=state_bytes,
+                                    reducer=reducer)
         self.clock = StepClock()
         self.union_traffic = UnionTraffic(self.optimizers, self.engine, self.d2h_pool, self.worker, self.updates,
                                           self.meter, self._link, self._check, self._meter_copy, self._end_chain,

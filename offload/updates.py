@@ -7,7 +7,9 @@ update's hyper-parameters on the caller's thread, the update itself on the host 
 fused SparseAdamW step, metering), global-norm clipping, staleness 1 (a computed update waits for the
 layer's next fetch: `take_pending` / `park`), and the step boundary (`end_step`, `settle`, `flush`). It
 also counts, per layer, the updates queued and applied, so a zero-copy fetch can wait until its layer's
-mirror holds every queued update (`wait_applied`).
+mirror holds every queued update (`wait_applied`). Data parallel (`reducer`, an
+`offload.collective.RowGradReducer`): every layer's update waits for finish_step, where one worker task
+combines each layer's gradients across ranks, in layer order on every rank, then updates.
 
 It talks to its scheduler only through what it is given: the optimizers, the host worker, the meter,
 and `check` (raises a worker error in the caller). Per-layer update state lives in `LayerUpdate`.
@@ -33,9 +35,12 @@ def clip_scale(sq_norm: float, max_norm: float) -> float:
     return min(1.0, max_norm / (math.sqrt(sq_norm) + 1e-6))
 
 
-def check_update_args(staleness, clip, max_norm) -> None:
+def check_update_args(staleness, clip, max_norm, data_parallel: bool = False) -> None:
     if staleness not in (0, 1):
         raise ValueError(f"staleness={staleness!r} must be 0 (exact) or 1 (delayed update)")
+    if data_parallel and staleness != 0:
+        raise ValueError("staleness=1 with a process group (data parallel) is not supported yet: the delayed "
+                         "update would be combined across ranks at different points; use staleness=0")
     if clip not in CLIP_MODES:
         raise ValueError(f"clip={clip!r} must be one of {CLIP_MODES}")
     if not (isinstance(max_norm, (int, float)) and max_norm > 0):
@@ -60,8 +65,9 @@ class UpdatePolicy:
     """Staleness, clipping and parked updates of a TransferScheduler (see module docstring)."""
 
     def __init__(self, optimizers: Sequence, worker, meter, check: Callable[[], None], *, staleness: int,
-                 clip: str, max_norm: float, width: int, state_bytes: int):
-        check_update_args(staleness, clip, max_norm)
+                 clip: str, max_norm: float, width: int, state_bytes: int, reducer=None):
+        check_update_args(staleness, clip, max_norm, data_parallel=reducer is not None)
+        self.reducer = reducer
         self.optimizers, self.worker, self.meter, self.check = optimizers, worker, meter, check
         self.staleness, self.clip, self.max_norm = staleness, clip, float(max_norm)
         self.width, self.state_bytes = width, state_bytes
@@ -104,7 +110,7 @@ class UpdatePolicy:
     def grads_complete(self, layer: int, step: int) -> None:
         """The layer's last micro-batch pushed: update now (staleness 0) or later (1); clip "global"
         waits for finish_step instead."""
-        if self.clip != "global":
+        if self.clip != "global" and self.reducer is None:  # data parallel: all layers at end_step
             self._trigger(self.layers[layer], step)
 
     def fuses(self) -> bool:
@@ -112,7 +118,7 @@ class UpdatePolicy:
         step cross in one push (one micro-batch per step, or the step union's single send under
         accumulation) is then updated in one pass straight from the staging slot (`fused_update`,
         SparseAdamW.step_rows) instead of accumulate + step (two passes over the gradients)."""
-        return self.staleness == 0 and self.clip == "none"
+        return self.staleness == 0 and self.clip == "none" and self.reducer is None
 
     def fuse(self, layer: int, step: int) -> tuple:
         """The caller will run `fused_update` for this layer's single push of `step`: it is triggered now
@@ -195,6 +201,9 @@ class UpdatePolicy:
     # ---- step boundary --------------------------------------------------------------------------
     def end_step(self, step: int) -> None:
         """Trigger the updates of step `step` not triggered yet (clip "global": all, after the norm)."""
+        if self.reducer is not None:
+            self._end_step_across_ranks(step)
+            return
         with_grads = [u for u in self.layers if u.grads_step == step]
         if self.clip == "global":
             for u in with_grads:
@@ -208,6 +217,27 @@ class UpdatePolicy:
             for u in with_grads:
                 if u.triggered_step != step:
                     self._trigger(u, step)
+
+    def _end_step_across_ranks(self, step: int) -> None:
+        """Data parallel: every layer (another rank may hold gradients for one this rank did not touch) is
+        combined across ranks in layer order by one worker task, which then updates them (clip "global": by
+        the norm of the combined gradients)."""
+        layers = self.layers
+        for u in layers:
+            u.triggered_step = step
+            u.update_hparams = self.optimizers[u.index].hparams()  # fixed on this thread (see _trigger)
+            self._queued(u.index)
+
+        def task() -> None:
+            for u in layers:  # the same collectives in the same order on every rank
+                self.reducer.reduce(self.optimizers[u.index], u.index, step)
+            if self.clip == "global":
+                scale = clip_scale(sum(self.optimizers[u.index].grad_sq_norm() for u in layers), self.max_norm)
+                for u in layers:
+                    u.global_scale = scale
+            for u in layers:
+                self._update_task(u, step, u.update_hparams)
+        self.worker.submit(task)
 
     def settle(self) -> None:
         """After end_step: staleness 0 waits until every update of the step is done."""
