@@ -11,12 +11,15 @@ Owns the optimizer a plain PyTorch loop (and any `torch.optim.lr_scheduler`) dri
 next training forward begins the next step. `state_dict()` holds the router AdamW state plus each
 layer's SparseAdamW state (which references -- does not copy -- the host stores).
 With clip != "none" the gates are clipped by their own norm (torch's `clip_grad_norm_`); the rows are
-clipped by the scheduler.
+clipped by the scheduler. Under torch.distributed the gates' gradients are averaged across ranks first
+(`meft.adapter.distributed.average_gradients`); the rows' are combined by the scheduler.
 """
 
 from __future__ import annotations
 
 import torch
+
+from meft.adapter.distributed import average_gradients
 
 __all__ = ["MeftOptimizer"]
 
@@ -65,6 +68,7 @@ class MeftOptimizer(torch.optim.Optimizer):
             opt.betas, opt.eps = (float(g["betas"][0]), float(g["betas"][1])), float(g["eps"])
 
     def _router_step(self, group: dict) -> None:
+        average_gradients(group["params"])  # data parallel: the ranks' mean (no-op in one process)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from meft.adapter.distributed import data_parallel_group
 from meft.adapter.layer import SparseFFNAdapter
 from meft.adapter.optim import MeftOptimizer
 from meft.adapter.router import init_gate
@@ -59,9 +60,10 @@ def _build_scheduler(config: MeftConfig, opts, device):
     kw = dict(device=device, wire_dtype=config.wire,
               max_rows=config.budget_rows, staleness=config.staleness,
               clip=config.clip, max_norm=config.max_norm)
+    group = data_parallel_group(config)  # None in one process; every rank's config checked under torchrun
     if config.offload:
         meter = TrafficMeter()
-        return TransferScheduler(opts, meter=meter, timing=config.copy_timing,
+        return TransferScheduler(opts, meter=meter, timing=config.copy_timing, process_group=group,
                                  zero_copy=config.fetch_mode == "zero_copy", **kw), meter
     return ResidentScheduler(opts, **kw), None
 
