@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import asdict
@@ -29,6 +28,7 @@ from meft.evaluate import qa_accuracy
 from meft.pretrained import enable_checkpointing, load_model
 from meft.train.args import LR_SCHEDULES, TrainArgs
 from meft.train.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from meft.train.distributed import Ranks
 from meft.train.loss import causal_lm_loss
 from meft.train.run_log import MetricsLog, plot_loss_curve
 from meft.train.tracking import open_tracker, parse_report_to, step_traffic
@@ -131,22 +131,29 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
     """Run one fine-tune as described by `args` and `cfg`; returns the summary dict (also saved)."""
     cfg.validate()
     parse_report_to(args.report_to)  # a bad value fails before the model loads
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("meft train runs as one process: data-parallel meft training (torchrun) is not built yet "
-                         "(issue 16), and every rank would train its own copy into the same output_dir; fix: run "
-                         "`meft train` without torchrun")
-    out = Path(args.output_dir)
+    ranks = Ranks(args.batch_size, args.device)  # torchrun: data parallel, rank 0 writes (meft.train.distributed)
+    try:
+        return _train(args, cfg, ranks)
+    finally:
+        ranks.close()
+
+
+def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks) -> dict:
+    out, main = Path(args.output_dir), ranks.main
     meft, model, tokenizer, data = setup_run(args, cfg)
     total = args.steps or max(1, math.ceil(args.epochs * data.batches.batches_per_epoch / cfg.grad_accum_steps))
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {str(out / 'checkpoints')!r}; "
                                 "fix: drop --resume to start a new run, or point --output-dir at the run")
-    before = _evaluate(model, tokenizer, data, args, "before") if args.eval_before and not resume_from else {}
+    evaluate_before = args.eval_before and not resume_from and main
+    before = _evaluate(model, tokenizer, data, args, "before") if evaluate_before else {}
+    ranks.barrier()  # the other ranks wait for rank 0's evaluation before the collectives of training
     model.train()
     meft.wrap(model, cfg)
     rt = model.meft
-    print(rt.summary_table(), flush=True)
+    if main:
+        print(rt.summary_table(), flush=True)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(args.lr_schedule, args.warmup_steps, total))
               for o in (rt.optimizer, rt.backbone_optimizer) if o is not None]
     start = 0
@@ -157,42 +164,49 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
         for s in scheds:
             s.last_epoch = start - 1
             s.step()
-        print(f"meft: resumed from {resume_from} at step {start}", flush=True)
-    log = MetricsLog(out, resume_step=start)
-    run_config = {"train": asdict(args), "meft": cfg.to_dict()}
-    (out / "config.json").write_text(json.dumps(run_config, indent=2))
-    tracker = open_tracker(args.report_to, out, run_config)
+        if main:
+            print(f"meft: resumed from {resume_from} at step {start}", flush=True)
+    run_config = {"train": asdict(args), "meft": cfg.to_dict(), "world_size": ranks.world}
+    if main:
+        log = MetricsLog(out, resume_step=start)
+        (out / "config.json").write_text(json.dumps(run_config, indent=2))
+        tracker = open_tracker(args.report_to, out, run_config)
     interrupted, t_train = False, time.perf_counter()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start, desc="train", disable=not args.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc="train", disable=not (args.progress and main), dynamic_ncols=True)
     prev = step_traffic(rt)
     with _StopFlag() as stop:
         for step in range(start + 1, total + 1):
             t0 = time.perf_counter()
-            batches = [next(data.batches) for _ in range(cfg.grad_accum_steps)]
+            batches = [ranks.shard(next(data.batches)) for _ in range(cfg.grad_accum_steps)]
             tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # input tokens, padding excluded
             loss, _labelled = train_step(model, rt, batches, cfg.grad_accum_steps)
             for s in scheds:
                 s.step()
+            loss, tokens, stop_now = ranks.reduce(loss, tokens, stop.requested)  # every rank decides alike
             dt = time.perf_counter() - t0
             rec, prev = _step_record(rt, prev, step=step, loss=loss, tokens=tokens, dt=dt)
-            log.write(rec)
-            tracker.log_record(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", rows=rec["active_rows"],
-                            down=f"{rec['mb_down']:.1f}MB", up=f"{rec['mb_up']:.1f}MB",
-                            upd=f"{rec['cpu_update_ms']:.0f}ms")
             last = step == total
-            if stop.requested or last or (args.save_every and step % args.save_every == 0):
-                save_training_state(out, step, model, data_state=data.batches.state_dict(),
-                                    extra={"before": before}, keep=args.keep_checkpoints)
-            if stop.requested and not last:
+            if main:
+                log.write(rec)
+                tracker.log_record(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", rows=rec["active_rows"],
+                                down=f"{rec['mb_down']:.1f}MB", up=f"{rec['mb_up']:.1f}MB",
+                                upd=f"{rec['cpu_update_ms']:.0f}ms")
+                if stop_now or last or (args.save_every and step % args.save_every == 0):
+                    save_training_state(out, step, model, data_state=data.batches.state_dict(),
+                                        extra={"before": before}, keep=args.keep_checkpoints)
+            if stop_now and not last:
                 interrupted = True
                 break
     bar.close()
-    tracker.close()
     train_s = time.perf_counter() - t_train
+    if not main:  # the replicas are rank 0's: it writes the run folder and evaluates
+        rt.close()
+        return {"rank": ranks.rank, "interrupted": interrupted}
+    tracker.close()
     records = log.read()
     log.close()
     plot_loss_curve(records, out / "loss.png")

@@ -165,3 +165,25 @@ def test_default_model_trains_a_few_steps(tmp_path):
     assert summary["steps"] == 3 and set(summary["after"]) == {"trained", "held_out"}
     assert 0 < summary["last_loss"] < 20 and summary["after"]["held_out"]["n"] == 8
     assert summary["bytes_down"] == summary["bytes_up"] > 0
+
+
+def test_train_under_torchrun_is_data_parallel(tiny, tmp_path):
+    """`torchrun --nproc_per_node 2 meft train`: each rank trains on its half of every global batch, rank 0
+    alone writes the run folder, and the logged loss is the ranks' mean; a --batch-size the ranks cannot
+    split is refused naming the option."""
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "meft.cli.main"]
+    cmd = torchrun + _cmd(tiny, out, "--steps", "3", "--eval-before", "false", "--eval-data",
+                          str(tiny / "train.jsonl"), "--eval-limit", "4")[len(MEFT):]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = _run(cmd, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]  # written once, by rank 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2
+    assert (out / "adapter").is_dir() and json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert res.stdout.count("run folder") == 1  # one summary, from rank 0
+    odd = _run(torchrun + _cmd(tiny, tmp_path / "odd", "--steps", "1", "--batch-size", "3")[len(MEFT):], env=env)
+    assert odd.returncode != 0 and "--batch-size 3 under torchrun with 2 ranks" in odd.stderr

@@ -104,11 +104,3 @@ def test_callback_writes_meft_scalars_beside_trainer(tmp_path):
     assert [v for _, v in events["train/loss"]] == pytest.approx([h["loss"] for h in hist], rel=1e-6)
     assert [v for _, v in events["meft/mb_down"]] == pytest.approx([h["meft/mb_down"] for h in hist], rel=1e-6)
     assert all(v > 0 for _, v in events["meft/distinct_experts"])
-
-
-def test_train_refuses_to_run_under_torchrun(tiny, tmp_path):
-    """Data-parallel meft training is not built (issue 16): under torchrun every rank would train alone."""
-    res = _run(_cmd(tiny, tmp_path / "run", "--steps", "1"), env={**os.environ, "WORLD_SIZE": "2"})
-    assert res.returncode == 2
-    assert "data-parallel meft training (torchrun) is not built yet (issue 16)" in res.stderr
-    assert not (tmp_path / "run").exists()
