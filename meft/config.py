@@ -41,6 +41,7 @@ BACKBONE_DTYPES = ("float32", "bfloat16")
 _BACKBONES = ("frozen", "lomo", "adalomo")
 INFERENCE_ROWS = ("auto", "resident", "fetch")  # the modes of meft.adapter.inference.InferenceRows
 _PREFETCH = ("none", "lookahead")
+_BALANCE = ("none", "bias")  # router load balancing (meft.adapter.router)
 FETCH_MODES = ("staged", "zero_copy")  # how offloaded rows reach the device (offload.TransferScheduler)
 
 
@@ -142,11 +143,48 @@ class MeftConfig:
         False, "Time every row copy with CUDA events (exact copy durations for the traffic meter; "
         "`meft profile` turns it on). Off: copies carry host-side time stamps only.")
     seed: int = opt(0, "Seed of the key and router-gate initialisation.")
+    # Stable addressing (issue 13): at adapter_lr 1e-2 keys moved ~40% of their init scale per step, so
+    # which rows fire for a token was redrawn every few steps. MEFT's CPU path freezes them.
+    # float or None, typed Any so that the command line reads JSON: `--key-lr null` gives None
+    key_lr: Any = opt(
+        0.0, "Learning rate of the rows' keys (the first d columns of each row): 0.0 freezes them (MEFT; "
+        "the rows a token fires stay put while the values learn), None (null) trains them with the values "
+        "at adapter_lr. Other values need a per-column lr in the host SparseAdamW, which it does not have yet.")
+    balance: str = opt(
+        "none", "Router load balancing against collapse: 'none', or 'bias' (DeepSeek-V3's auxiliary-loss-free "
+        "balancing: a per-expert bias added to the scores only for choosing experts, moved after every "
+        "optimizer step towards equal demand). Off until measured.")
+    balance_rate: float = opt(
+        1e-2, "Step of the per-expert routing bias per optimizer step with balance='bias'; scores are x . G "
+        "with unit-norm gate rows at init (about one unit of spread), so 1e-2 moves an expert by that in ~100 steps.")
 
     # ---- validation -------------------------------------------------------------------------------
     def _problems(self) -> list[tuple[str, Any, str]]:
         return (self._size_problems() + self._layer_problems() + self._dtype_problems()
-                + self._choice_problems() + self._number_problems())
+                + self._choice_problems() + self._number_problems() + self._routing_problems())
+
+    def _routing_problems(self) -> list[tuple[str, Any, str]]:
+        bad = []
+        if self.balance not in _BALANCE:
+            bad.append(("balance", self.balance, "one of " + ", ".join(repr(b) for b in _BALANCE)))
+        r = self.balance_rate
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0:
+            bad.append(("balance_rate", r, "a number >= 0, e.g. 1e-2"))
+        return bad + self._key_lr_problems()
+
+    def _key_lr_problems(self) -> list[tuple[str, Any, str]]:
+        v = self.key_lr
+        if v is None:
+            return []
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != 0:
+            return [("key_lr", v, "0.0 (frozen keys) or None (keys train at adapter_lr); a separate key lr "
+                                  "needs a per-column lr in offload.SparseAdamW, which it does not have yet")]
+        wd = self.weight_decay
+        if isinstance(wd, (int, float)) and not isinstance(wd, bool) and wd > 0:
+            return [("key_lr", v, f"frozen keys need weight_decay = 0 (got {wd}): the host AdamW decays "
+                                  "whole rows, keys included; set weight_decay=0, or key_lr=None to train "
+                                  "the keys (and decay them) with the values")]
+        return []
 
     def _bad_int(self, name: str, lo: int) -> bool:
         v = getattr(self, name)

@@ -5,7 +5,9 @@ Owns `y = scale * sum_{i active} coef_i(x) * relu(k_i . x) * v_i` for one layer:
 * `sparse_adapter(x, rows, coef, ...)`: a `torch.autograd.Function` over the gathered active rows
   `rows [R, 2d] = [K_A | V_A]`. Backward returns the row gradient as one contiguous `[R, 2d]` tensor
   (`[dK | dV]`, what the scheduler sends back to the host in one copy), plus dx and dcoef. It saves
-  `h = x @ K_A.T` ([T, R]) instead of the activations so backward needs no extra matmul.
+  `h = x @ K_A.T` ([T, R]) instead of the activations so backward needs no extra matmul. With frozen
+  keys (`train_keys=False`, `MeftConfig.key_lr=0`) dK is not computed and is sent as zeros: the host
+  AdamW then never moves the keys (zero gradient, zero moments -> a zero step).
 * `dense_adapter(x, keys, values, gate, routing, ...)`: all N rows on the device as ordinary tensors,
   masked to the same active set, plain autograd. The reference the fast path is tested against.
 
@@ -41,7 +43,7 @@ def _expand(coef: Tensor, expert_size: int) -> Tensor:
 class SparseAdapterFunction(torch.autograd.Function):
     """(x [T, d], rows [R, 2d], coef [T, n]) -> y [T, d]; grads dx, drows [R, 2d], dcoef [T, n]."""
     @staticmethod
-    def forward(ctx, x, rows, coef, expert_size: int, scale: float, active_per_token):
+    def forward(ctx, x, rows, coef, expert_size: int, scale: float, active_per_token, train_keys: bool = True):
         d = x.shape[1]
         coef_c = _expand(coef.to(x.dtype), expert_size)  # [T, R]
         h = x @ rows[:, :d].t()  # [T, R]
@@ -51,7 +53,7 @@ class SparseAdapterFunction(torch.autograd.Function):
             a = a * mask
         y = (a @ rows[:, d:]) * scale  # [T, d]
         ctx.save_for_backward(x, rows, coef, h, mask)
-        ctx.expert_size, ctx.scale = expert_size, scale
+        ctx.expert_size, ctx.scale, ctx.train_keys = expert_size, scale, train_keys
         return y
 
     @staticmethod
@@ -69,25 +71,31 @@ class SparseAdapterFunction(torch.autograd.Function):
         dh = da * coef_c * (h > 0)  # [T, R]
         if ctx.needs_input_grad[1]:
             a = act * coef_c if mask is None else act * coef_c * mask  # [T, R]
-            drows = torch.cat([dh.t() @ x, a.t() @ gy], dim=1)  # [R, 2d] = [dK | dV], one block
+            dv = a.t() @ gy  # [R, d]
+            dk = dh.t() @ x if ctx.train_keys else torch.zeros_like(dv)  # [R, d]
+            drows = torch.cat([dk, dv], dim=1)  # [R, 2d] = [dK | dV], one block
         if ctx.needs_input_grad[0]:
             dx = dh @ rows[:, :d]  # [T, d]
         if ctx.needs_input_grad[2]:
             dcoef = (da * act).view(T, R // S, S).sum(-1).to(coef.dtype)  # [T, n]
-        return dx, drows, dcoef, None, None, None
+        return dx, drows, dcoef, None, None, None, None
 
 
 def sparse_adapter(x: Tensor, rows: Tensor, coef: Tensor, *, expert_size: int, scale: float = 1.0,
-                   active_per_token: int | None = None) -> Tensor:
-    """Fast path. x [T, d], rows [R, 2d] (same dtype as x), coef [T, R / expert_size] -> [T, d]."""
+                   active_per_token: int | None = None, train_keys: bool = True) -> Tensor:
+    """Fast path. x [T, d], rows [R, 2d] (same dtype as x), coef [T, R / expert_size] -> [T, d].
+    `train_keys=False`: the row gradient's key half is zero (frozen keys)."""
     if rows.shape[1] != 2 * x.shape[1]:
         raise ValueError(f"rows width {rows.shape[1]} != 2 * d = {2 * x.shape[1]}")
-    return SparseAdapterFunction.apply(x, rows, coef, expert_size, float(scale), active_per_token)
+    return SparseAdapterFunction.apply(x, rows, coef, expert_size, float(scale), active_per_token, train_keys)
 
 
 def dense_adapter(x: Tensor, keys: Tensor, values: Tensor, gate: Tensor, routing: Routing, *,
-                  scale: float = 1.0, active_per_token: int | None = None) -> Tensor:
-    """Reference: keys/values [N, d] (all rows), gate [E, d]; masked to routing's active set."""
+                  scale: float = 1.0, active_per_token: int | None = None, train_keys: bool = True) -> Tensor:
+    """Reference: keys/values [N, d] (all rows), gate [E, d]; masked to routing's active set.
+    `train_keys=False`: keys are used detached (no key gradient), as the fast path's frozen keys."""
+    if not train_keys:
+        keys = keys.detach()
     n_exp, S = gate.shape[0], routing.expert_size
     coef = gate_weights(x, gate, routing)  # [T, n_kept]
     coef_full = torch.zeros(x.shape[0], n_exp + 1, dtype=coef.dtype, device=x.device)  # column E: unused slots

@@ -7,7 +7,10 @@ kept resident on the compute device in the wire dtype when they fit (`MeftConfig
 30 x 4096 rows are 283 MB in bf16), so an inference forward gathers its rows with one device
 `index_select` per layer and no host synchronisation. The copy is rebuilt lazily, once, after the rows
 changed (a training step ended, or stores were loaded). Otherwise ('fetch') rows are read through the
-scheduler per forward. Unused routing slots (id -1) read row 0; their gate weight is 0.
+scheduler per forward (`read_rows`, which takes any number of ids). Inference has no row budget: the ids
+are the union of every token's own experts (up to all N rows of a layer), more than a training fetch's
+`max_rows` holds, so they never go through `scheduler.fetch`. Unused routing slots (id -1) read row 0;
+their gate weight is 0.
 """
 
 from __future__ import annotations

@@ -3,8 +3,11 @@
 Owns the module that replaces a layer's FFN (or, for inlined FFNs such as OPT's, its output
 projection, with the FFN input captured by a forward pre-hook on the input projection). The module
 holds the router gate `G_l` ([E, d], fp32, trainable, on the device) and delegates everything about
-rows -- routing cache, fetches, gradient pushes, inference reads -- to the runtime
-(`meft.adapter.runtime.MeftRuntime.rows_for`). The adapter's rows never live in this module.
+rows -- routing (which tokens are real, the budget), cache, fetches, gradient pushes, inference reads --
+to the runtime (`meft.adapter.runtime.MeftRuntime.request_rows`). The adapter's rows never live in this
+module. `train_keys=False` (MeftConfig.key_lr=0) freezes the rows' keys: their gradient is zero. The
+buffer `expert_bias` ([E] fp32) is the router's balance bias (MeftConfig.balance="bias"; moved by the
+runtime after each optimizer step, zeros and unused otherwise).
 """
 
 from __future__ import annotations
@@ -23,16 +26,18 @@ class SparseFFNAdapter(nn.Module):
     """Wraps `base` (the FFN or its output projection); adds the sparse adapter of layer `index`."""
     def __init__(self, base: nn.Module, *, index: int, layer: int, d: int, gate: Tensor,
                  expert_size: int, scale: float, active_per_token: int | None,
-                 compute_dtype: torch.dtype | None):
+                 compute_dtype: torch.dtype | None, train_keys: bool = True):
         super().__init__()
         self.base = base
         self.index = index      # position among adapters (= scheduler layer id)
         self.layer = layer      # decoder-layer index in the model
         self.d = d
         self.gate = nn.Parameter(gate.float())  # [E, d] fp32 router gate
+        self.register_buffer("expert_bias", torch.zeros(gate.shape[0], device=gate.device))  # [E] fp32
         self.expert_size, self.scale = expert_size, float(scale)
         self.active_per_token = active_per_token
         self.compute_dtype = compute_dtype
+        self.train_keys = train_keys
         self.runtime = None     # MeftRuntime, set by wrap (plain attribute, not a submodule)
         self._tapped: Tensor | None = None  # split targets: FFN input captured at the input module
         self._request = None  # split targets: the rows requested when the input was captured
@@ -81,7 +86,7 @@ class SparseFFNAdapter(nn.Module):
         shape = x.shape
         rows = wait()  # [R, 2d] compute dtype, device: the only point that waits for the fetch
         xc = x2.to(rows.dtype)
-        coef = gate_weights(x2, self.gate, routing)  # [T, n_kept] fp32, grads to x and G
+        coef = gate_weights(x2, self.gate, routing)  # [T, n_kept] fp32, grads to x and G; 0 for padding
         y = sparse_adapter(xc, rows, coef, expert_size=self.expert_size, scale=self.scale,
-                           active_per_token=self.active_per_token)  # [T, d]
+                           active_per_token=self.active_per_token, train_keys=self.train_keys)  # [T, d]
         return y.reshape(shape)

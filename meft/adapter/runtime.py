@@ -4,8 +4,11 @@ Owns, for one wrapped model: the adapters, the per-layer RowStores and SparseAda
 scheduler (TransferScheduler or the resident twin), the adapter-side optimizer, and the bookkeeping
 that makes a plain PyTorch loop correct:
 
-* a forward pre-hook on the top model opens a micro-batch (training mode and grad enabled only):
-  `begin_step` on the first one after `optimizer.step()`, then `begin_micro_batch`;
+* a forward pre-hook on the top model records which positions are real tokens (the 2-D
+  `attention_mask` of that forward, by keyword or position; see `_token_mask`) for every forward, and
+  opens a micro-batch when training (training mode and grad enabled): `begin_step` on the first one
+  after `optimizer.step()`, then `begin_micro_batch`. Padding never routes, never counts toward the
+  row budget, and gets no adapter output;
 * `request_rows(adapter, x)` routes and issues the fetch once per (step, micro-batch, layer) during that
   forward and returns a `wait` the adapter calls after its base FFN (the rows travel meanwhile); the
   (routing, rows leaf) pair is cached, and gradient-checkpoint recomputation (which runs outside the
@@ -13,18 +16,26 @@ that makes a plain PyTorch loop correct:
   rows leaf pushes the row gradient `[R, 2d]` to the scheduler and drops the cache entry. Routing has
   fixed shapes (row ids [R] with -1 padding for unused slots): nothing here makes the host wait for
   the device; the ids reach the host through the scheduler's asynchronous copy;
+* `balance="bias"`: each training routing adds its per-expert demand (`Routing.load`, device tensors)
+  to the step's total per layer; `end_step` moves each adapter's `expert_bias` by it (no sync);
 * `prefetch="lookahead"`: layer l also routes its input through gate l+1 and starts that fetch; layer
   l+1 uses the rows in flight and fetches only what is missing (`fetch_more`, exact), pushes gradients
   for the rows it used only, and the hit rate is recorded (see `_start_fetch`). The scheduler's layer
   row buffers are then sized for 2 * max_rows (`reserve_live_rows`): a prefetch plus its misses;
   (This path compares ids on the host, so it synchronises once per layer.)
-* outside training (eval, `generate()`, no_grad) nothing is cached or pushed; with offloaded rows they
-  come from `InferenceRows` (a resident wire-dtype copy on the device, rebuilt after the rows change).
+* outside training -- a forward in eval mode **or** without gradients (eval, `generate()`, no_grad;
+  the same test that opens no micro-batch) -- there is no row budget: each token routes to its own top
+  experts, so a sequence's output never depends on its batch, and KV-cache decoding equals a full
+  forward. Nothing is cached or pushed; the rows (the union, up to every row of the layer: more than a
+  training fetch's `max_rows`, so never through `scheduler.fetch`) come from `InferenceRows` (a
+  resident wire-dtype copy on the device, rebuilt after the rows change) with offloaded rows, else
+  from the resident twin's device tensors.
 Summary tables live in `meft.adapter.summary`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,10 +43,20 @@ import torch
 from torch import Tensor
 
 from meft.adapter.inference import InferenceRows
-from meft.adapter.router import Routing, route
+from meft.adapter.router import Routing, route, update_balance_bias
 from meft.adapter.summary import summary, summary_table
 
 __all__ = ["MeftRuntime", "in_backward"]
+
+
+def _mask_position(model) -> int | None:
+    """Index of `attention_mask` among the positional parameters of model.forward (None: not one)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward without an introspectable signature: keyword only
+        return None
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names.index("attention_mask") if "attention_mask" in names else None
 
 
 def in_backward() -> bool:
@@ -79,10 +100,13 @@ class MeftRuntime:
         self._cache: dict[int, list[_Entry]] = {}  # entries live until their grads are pushed
         self._prefetch: dict[int, _Prefetch] = {}
         self._route_stats: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (kept experts, dropped share)
+        self._mask: Tensor | None = None  # [B, past + L] bool real positions of the running forward
+        self._load: dict[int, Tensor] = {}  # layer -> [E] fp32 this step's demand per expert (balance)
+        self._mask_arg = _mask_position(model)
         self._inference = (InferenceRows(config.inference_rows, scheduler, self.stores, self.device,
                                          scheduler.wire_dtype) if config.offload else None)
         self._hooks = [
-            model.register_forward_pre_hook(self._on_forward_pre),
+            model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True),
             model.register_forward_hook(self._on_forward_post, always_call=True),
         ]
         self._wire = scheduler.wire_dtype
@@ -91,7 +115,13 @@ class MeftRuntime:
             scheduler.reserve_live_rows(2 * scheduler.max_rows)
 
     # ---- micro-batch detection ----------------------------------------------------------------
-    def _on_forward_pre(self, module, args) -> None:
+    def _on_forward_pre(self, module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_arg is not None and len(args) > self._mask_arg:
+            mask = args[self._mask_arg]
+        # 2-D [batch, past + current] masks only: a 4-D mask is additive (0 = attend), and says nothing
+        # simple about padding, so with one every position counts as real
+        self._mask = mask != 0 if isinstance(mask, Tensor) and mask.dim() == 2 else None  # device op, no sync
         if not (module.training and torch.is_grad_enabled()):
             return
         k = self.config.grad_accum_steps
@@ -114,10 +144,14 @@ class MeftRuntime:
 
     def _on_forward_post(self, module, args, output) -> None:
         self._in_forward = False
+        self._mask = None
 
     def end_step(self) -> None:
         """Called by the optimizer's step(): the scheduler finishes the step's row updates."""
         if self._step_open:
+            for idx, load in self._load.items():  # balance="bias": the step's demand moves the bias
+                update_balance_bias(self.adapters[idx].expert_bias, load, self.config.balance_rate)
+            self._load.clear()
             self.scheduler.finish_step()
             if self._inference is not None:
                 self._inference.invalidate()  # this step's row updates make the inference copy stale
@@ -129,10 +163,28 @@ class MeftRuntime:
         self._prefetch.clear()
 
     # ---- rows for one adapter call ------------------------------------------------------------
-    def _route(self, adapter, x2: Tensor) -> Routing:
+    def _token_mask(self, adapter, x2: Tensor) -> Tensor | None:
+        """[T] bool real tokens of x2 [T, d] (None: all real, no mask given). The mask covers past and
+        current positions under a KV cache; x2 holds the current ones: the last T / B of each row."""
+        mask = self._mask
+        if mask is None:
+            return None
+        n_seq, width = mask.shape
+        n_tok = x2.shape[0]
+        if n_tok % n_seq or n_tok // n_seq > width:
+            raise ValueError(
+                f"adapter {adapter.index} (layer {adapter.layer}): its FFN input has {n_tok} tokens, which is not "
+                f"{n_seq} sequences of at most {width} positions as the forward's attention_mask "
+                f"[{n_seq}, {width}] says; pass a 2-D attention_mask [batch, past + current tokens] that "
+                f"matches input_ids, or none (then every position counts as a real token)")
+        return mask[:, width - n_tok // n_seq:].reshape(-1)  # [T], batch-major as x.reshape(-1, d)
+
+    def _route(self, adapter, x2: Tensor, valid: Tensor | None, *, budget: bool) -> Routing:
+        """budget=True: a training micro-batch (row budget, re-routing); False: inference, per token."""
         c = self.config
-        return route(x2, adapter.gate, experts_per_token=c.experts_per_token,
-                     expert_size=c.expert_size, max_active_rows=c.max_active_rows)
+        return route(x2, adapter.gate, experts_per_token=c.experts_per_token, expert_size=c.expert_size,
+                     max_active_rows=c.max_active_rows if budget else None, valid=valid,
+                     bias=adapter.expert_bias if c.balance == "bias" else None)
 
     def rows_for(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
         """(routing, rows [R, 2d] in compute dtype) for this call: `request_rows`, then its wait."""
@@ -178,16 +230,19 @@ class MeftRuntime:
 
     def _train_rows(self, adapter, x2: Tensor, key) -> tuple[Routing, Callable[[], Tensor]]:
         idx = adapter.index
-        routing = self._route(adapter, x2)
+        valid = self._token_mask(adapter, x2)
+        routing = self._route(adapter, x2, valid, budget=True)
         # statistics of this layer's latest training routing, read by routing_stats() (no sync here)
-        self._route_stats[idx] = ((routing.kept >= 0).sum(), (routing.pos < 0).float().mean())
+        self._route_stats[idx] = ((routing.kept >= 0).sum(), routing.dropped)
+        if self.config.balance == "bias":
+            self._load[idx] = routing.load + self._load[idx] if idx in self._load else routing.load
         lookahead = self.config.prefetch == "lookahead"
         # the fixed-shape ids [R] (-1 padding) cross to the host asynchronously; lookahead compares ids
         # on the host (its hit test), so it compacts them: the one training path that synchronises
         ids = routing.active_ids() if lookahead else routing.ids
         start = self._start_fetch(idx, ids, key)
         if lookahead and idx + 1 < len(self.adapters):
-            nxt = self._route(self.adapters[idx + 1], x2).active_ids()  # layer l+1's gate on layer l's input
+            nxt = self._route(self.adapters[idx + 1], x2, valid, budget=True).active_ids()  # gate l+1, input l
             self.lookahead["prefetched"] += nxt.numel()
             self._prefetch[idx + 1] = _Prefetch(key, nxt, self._fetch(idx + 1, nxt, prefetch=True))
         compute = self._compute_dtype(adapter, x2)
@@ -253,7 +308,7 @@ class MeftRuntime:
             self.meter.record_lookahead(self._step, idx, needed, hit)
 
     def _infer_rows(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
-        routing = self._route(adapter, x2)
+        routing = self._route(adapter, x2, self._token_mask(adapter, x2), budget=False)  # no budget
         if self._inference is not None:  # offloaded rows: resident copy on the device (or read per forward)
             if self.config.staleness and not self._step_open:
                 self.scheduler.flush()  # delayed (staleness 1) updates land before inference reads rows
@@ -287,8 +342,9 @@ class MeftRuntime:
 
     def routing_stats(self) -> dict:
         """Routing of the latest training micro-batch, averaged over adapted layers: `distinct_experts`
-        (experts kept per layer), `dropped_share` (share of token->expert assignments the row budget
-        dropped). Reading it synchronises with the device once; call it when logging, not per layer."""
+        (experts kept per layer), `dropped_share` (share of real tokens' token->expert assignments the
+        row budget dropped; those tokens were re-routed among the kept experts). Reading it synchronises
+        with the device once; call it when logging, not per layer."""
         if not self._route_stats:
             return {"distinct_experts": 0.0, "dropped_share": 0.0}
         kept = torch.stack([k for k, _ in self._route_stats.values()]).float().mean()

@@ -5,7 +5,9 @@ host stores + SparseAdamW optimizers, the scheduler (`offload.TransferScheduler`
 twin `offload.resident.ResidentScheduler` with `offload=False`), the runtime (`model.meft`), the
 adapter-side optimizer and, for backbone="lomo"/"adalomo", the backbone optimizer; and undoing it.
 Rows: row i of layer l is [k_i | v_i] (2d wide); keys ~ U(-1/sqrt(d), 1/sqrt(d)) seeded per layer,
-values 0, so the wrapped model starts exactly equal to the base model.
+values 0, so the wrapped model starts exactly equal to the base model. Each router gate starts aligned
+with its layer's keys (`router.init_gate`: gate row e = unit-norm mean of expert e's keys), and the keys
+are frozen unless `MeftConfig.key_lr` is None (stable addressing, DESIGN.md "The adapter").
 """
 
 from __future__ import annotations
@@ -143,18 +145,18 @@ class _Undo:
 
 def _attach(t, i: int, d: int, config: MeftConfig, device, undo: _Undo):
     """Adapter `i` around target t (module replaced, input tapped if split) + its store and optimizer."""
-    gate = init_gate(config.n_experts, d, seed=config.seed * 1_000_003 + 500_000 + t.layer).to(device)
+    store = RowStore(config.adapter_rows, 2 * d, init=row_init(d, config.seed, t.layer),
+                     state_dtype=config.state)
+    gate = init_gate(store.weights[:, :d], config.expert_size).to(device)  # [E, d] from the keys
     base = getattr(t.parent, t.out_name)
     ad = SparseFFNAdapter(base, index=i, layer=t.layer, d=d, gate=gate, expert_size=config.expert_size,
                           scale=config.scale, active_per_token=config.active_per_token,
-                          compute_dtype=config.compute)
+                          compute_dtype=config.compute, train_keys=config.key_lr is None)
     ad.train(base.training)  # a new module would otherwise be in training mode in an eval model
     setattr(t.parent, t.out_name, ad)
     undo.modules.append((t.parent, t.out_name, base))
     if t.split:
         undo.taps.append(getattr(t.parent, t.in_name).register_forward_pre_hook(ad.tap))
-    store = RowStore(config.adapter_rows, 2 * d, init=row_init(d, config.seed, t.layer),
-                     state_dtype=config.state)
     return ad, SparseAdamW(store, lr=config.adapter_lr, weight_decay=config.weight_decay)
 
 

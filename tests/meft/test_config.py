@@ -46,7 +46,12 @@ BAD = [  # (field, bad value, words the fix must contain)
     ("offload", "yes", "True, False"),
     ("copy_timing", 1, "True, False"),
     ("inference_rows", "gpu", "'auto', 'resident', 'fetch'"),
+    ("fetch_mode", "mapped", "'staged', 'zero_copy'"),
     ("seed", -1, ">= 0"),
+    ("key_lr", 1e-4, "per-column lr"),
+    ("key_lr", "slow", "0.0 (frozen keys) or None"),
+    ("balance", "aux_loss", "'none', 'bias'"),
+    ("balance_rate", -1e-3, ">= 0"),
 ]
 
 

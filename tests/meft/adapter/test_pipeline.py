@@ -99,3 +99,26 @@ def test_fetch_is_issued_before_the_base_ffn():
     assert events == [("fetch", 0), ("ffn", 0), ("fetch", 1), ("ffn", 1)]
     model.meft.optimizer.step()
     model.meft.close()
+
+
+def test_padded_forwards_issue_no_sync_in_the_adapter_path():
+    """With a padded attention_mask (the runtime takes the real positions from it), a training step and
+    an eval forward issue no sync-class op from meft/offload (transformers' own mask handling may)."""
+    model = meft.wrap(tiny_model("llama"), small_config(max_active_rows=48))
+    ids = batch(4, 12)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = mask[3, 5:] = 0  # right padding
+    model.train()
+    for step in range(2):  # step 0 warms up; step 1 is counted
+        counter = SyncCounter()
+        with counter if step == 1 else torch.enable_grad():
+            model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        model.meft.optimizer.step()
+        model.meft.optimizer.zero_grad()
+        assert step == 0 or _ours(counter) == {}, _ours(counter)
+    model.eval()
+    counter = SyncCounter()
+    with torch.no_grad(), counter:
+        model(input_ids=ids, attention_mask=mask)
+    assert _ours(counter) == {}, _ours(counter)
+    model.meft.close()

@@ -145,6 +145,10 @@ def test_wrap_errors():
     # refused for all layers at once, before any store is allocated; the message names the setting to change
     with pytest.raises(MemoryError, match=r"adapter_rows = 67108864 x 2 layers .* lower MeftConfig.adapter_rows"):
         meft.wrap(tiny_model("llama"), small_config(adapter_rows=1 << 26))
+    # frozen keys (the default) and weight decay: the host AdamW would still shrink the keys
+    with pytest.raises(ValueError, match=r"key_lr = 0.0: frozen keys need weight_decay = 0 \(got 0.01\)"):
+        meft.wrap(tiny_model("llama"), small_config(weight_decay=0.01))
+    meft.wrap(tiny_model("llama"), small_config(weight_decay=0.01, key_lr=None)).meft.close()
 
 
 def test_failed_wrap_leaves_model_untouched():
@@ -240,3 +244,24 @@ def test_routing_stats_after_a_training_forward():
     assert 0.0 < st["dropped_share"] < 1.0  # 48 tokens x 2 experts over 32 experts: most are dropped
     model.meft.optimizer.step()
     model.meft.close()
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_keys_frozen_by_default_and_gates_aligned_with_them(offload):
+    """key_lr=0 (default): training moves the values, never the keys (exactly); key_lr=None: keys train.
+    Each gate starts as the unit-norm mean of its experts' keys."""
+    from meft.adapter.router import init_gate
+
+    ids = batch(4, 12)
+    for key_lr in (0.0, None):
+        model = meft.wrap(tiny_model("llama"), small_config(offload=offload, key_lr=key_lr))
+        rt = model.meft
+        keys0 = [s.weights[:, :D].clone() for s in rt.stores]
+        for ad, k in zip(rt.adapters, keys0):
+            torch.testing.assert_close(ad.gate.detach(), init_gate(k, 8), rtol=0, atol=0)
+        train(model, ids, 3)
+        rt.sync_to_host()
+        for s, k in zip(rt.stores, keys0):
+            assert s.weights[:, D:].abs().max() > 0  # the values learned
+            assert torch.equal(s.weights[:, :D], k) == (key_lr == 0.0)
+        rt.close()
