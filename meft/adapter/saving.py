@@ -7,6 +7,7 @@ Owns the adapter folder format (full training-state checkpoints are a separate m
                                          "model_type", "targets": [module paths], "sizes": {...}}
     <dir>/adapter_model.safetensors    "layers.<l>.rows" [N, 2d] fp32 (keys | values of layer l)
                                        "layers.<l>.router" [E, d] fp32 router gate of layer l
+                                       "layers.<l>.expert_bias" [E] fp32 routing balance bias (balance="bias")
 
 Optimizer moments are not part of an adapter (as in PEFT). Loading into a fresh copy of the base model
 reproduces the wrapped model's logits exactly (fp32 rows and gates are stored bit for bit).
@@ -52,6 +53,8 @@ def save_adapter(model, path: str, *, verbose: bool = True) -> dict:
     for ad, store in zip(rt.adapters, rt.stores):
         tensors[f"layers.{ad.layer}.rows"] = store.weights  # [N, 2d] fp32, contiguous host tensor
         tensors[f"layers.{ad.layer}.router"] = ad.gate.detach().float().cpu().contiguous()  # [E, d]
+        if rt.config.balance == "bias":  # the bias chooses experts: routing without it would differ
+            tensors[f"layers.{ad.layer}.expert_bias"] = ad.expert_bias.detach().float().cpu().contiguous()  # [E]
     params = sum(t.numel() for t in tensors.values())
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     meta = {
@@ -118,6 +121,8 @@ def load_adapter(model, path: str, config: MeftConfig | None = None, *, verbose:
         for ad, store in zip(rt.adapters, rt.stores):
             store.set_weights(f.get_tensor(f"layers.{ad.layer}.rows"))  # the zero-copy mirror too
             ad.gate.copy_(f.get_tensor(f"layers.{ad.layer}.router"))
+            if f"layers.{ad.layer}.expert_bias" in f.keys():
+                ad.expert_bias.copy_(f.get_tensor(f"layers.{ad.layer}.expert_bias"))
     rt.stores_changed()  # device copies of the stores (resident twin, inference rows) follow
     msg = (f"loaded meft adapter from {path}: {len(got)} layers, {meta['sizes']['params']:,} params, "
            f"{meta['sizes']['bytes'] / 2**20:.1f} MiB")

@@ -94,6 +94,7 @@ def save_training_state(output_dir: str | Path, step: int, model, *, data_state:
             "backbone_optimizer": rt.backbone_optimizer.state_dict() if rt.backbone_optimizer else None,
             "backbone": _trained_backbone(model, rt),
             "gates": [ad.gate.detach().clone() for ad in rt.adapters],
+            "expert_bias": [ad.expert_bias.detach().clone() for ad in rt.adapters],  # balance="bias" routing
             "data": data_state,
             "rng": _rng_state(),
             "extra": extra,
@@ -142,5 +143,7 @@ def load_training_state(folder: str | Path, model) -> dict:
             params[n].copy_(t)
         for ad, gate in zip(rt.adapters, state["gates"]):
             ad.gate.copy_(gate)
+        for ad, bias in zip(rt.adapters, state.get("expert_bias", [])):
+            ad.expert_bias.copy_(bias)
     _set_rng_state(state["rng"])
     return {"step": state["step"], "data": state["data"], "extra": state["extra"]}

@@ -66,3 +66,22 @@ def test_load_errors(tmp_path):
     assert not hasattr(other, "meft")  # left unwrapped
     with pytest.raises(ValueError, match="not wrapped"):
         meft.save_adapter(tiny_model("llama"), os.path.join(str(tmp_path), "x"))
+
+
+def test_balance_bias_is_saved_and_routes_the_reloaded_model_the_same(tmp_path):
+    """balance="bias": the per-expert bias chooses experts, so the adapter folder carries it and a reload
+    reproduces the logits exactly."""
+    ids = batch()
+    model = meft.wrap(tiny_model("llama"), small_config(balance="bias", balance_rate=0.5, layers=[1]))
+    train(model, ids, 3)
+    assert model.meft.adapters[0].expert_bias.abs().max() > 0  # the bias moved
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    meft.save_adapter(model, str(tmp_path), verbose=False)
+    with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as f:
+        assert "layers.1.expert_bias" in f.keys()
+    fresh = tiny_model("llama")
+    meft.load_adapter(fresh, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, want, rtol=0, atol=0)
