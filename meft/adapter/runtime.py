@@ -5,7 +5,7 @@ scheduler (TransferScheduler or the resident twin), the adapter-side optimizer, 
 that makes a plain PyTorch loop correct:
 
 * a forward pre-hook on the top model records which positions are real tokens (the 2-D
-  `attention_mask` of that forward, by keyword or position; see `_token_mask`) for every forward, and
+  `attention_mask` of that forward, by keyword or position; see `token_mask`) for every forward, and
   opens a micro-batch when training (training mode and grad enabled): `begin_step` on the first one
   after `optimizer.step()`, then `begin_micro_batch`. Padding never routes, never counts toward the
   row budget, and gets no adapter output;
@@ -163,7 +163,7 @@ class MeftRuntime:
         self._prefetch.clear()
 
     # ---- rows for one adapter call ------------------------------------------------------------
-    def _token_mask(self, adapter, x2: Tensor) -> Tensor | None:
+    def token_mask(self, adapter, x2: Tensor) -> Tensor | None:
         """[T] bool real tokens of x2 [T, d] (None: all real, no mask given). The mask covers past and
         current positions under a KV cache; x2 holds the current ones: the last T / B of each row."""
         mask = self._mask
@@ -178,6 +178,11 @@ class MeftRuntime:
                 f"[{n_seq}, {width}] says; pass a 2-D attention_mask [batch, past + current tokens] that "
                 f"matches input_ids, or none (then every position counts as a real token)")
         return mask[:, width - n_tok // n_seq:].reshape(-1)  # [T], batch-major as x.reshape(-1, d)
+
+    def route_training(self, adapter, x2: Tensor) -> Routing:
+        """How the running training forward routes `x2` [T, d] through `adapter` (its padding excluded, the
+        row budget applied), without fetching anything: what `meft profile` counts rows by."""
+        return self._route(adapter, x2, self.token_mask(adapter, x2), budget=True)
 
     def _route(self, adapter, x2: Tensor, valid: Tensor | None, *, budget: bool) -> Routing:
         """budget=True: a training micro-batch (row budget, re-routing); False: inference, per token."""
@@ -230,7 +235,7 @@ class MeftRuntime:
 
     def _train_rows(self, adapter, x2: Tensor, key) -> tuple[Routing, Callable[[], Tensor]]:
         idx = adapter.index
-        valid = self._token_mask(adapter, x2)
+        valid = self.token_mask(adapter, x2)
         routing = self._route(adapter, x2, valid, budget=True)
         # statistics of this layer's latest training routing, read by routing_stats() (no sync here)
         self._route_stats[idx] = ((routing.kept >= 0).sum(), routing.dropped)
@@ -308,7 +313,7 @@ class MeftRuntime:
             self.meter.record_lookahead(self._step, idx, needed, hit)
 
     def _infer_rows(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
-        routing = self._route(adapter, x2, self._token_mask(adapter, x2), budget=False)  # no budget
+        routing = self._route(adapter, x2, self.token_mask(adapter, x2), budget=False)  # no budget
         if self._inference is not None:  # offloaded rows: resident copy on the device (or read per forward)
             if self.config.staleness and not self._step_open:
                 self.scheduler.flush()  # delayed (staleness 1) updates land before inference reads rows

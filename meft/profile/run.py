@@ -3,7 +3,8 @@
 Owns: per-layer compute timing (forward hooks on each adapted decoder layer; backward from gradient
 hooks on the layer outputs -- layer l's backward runs from the arrival of its output gradient to the
 arrival of layer l-1's, recorded with `meter.record_compute`), an independent count of the active
-sets (each adapter input is re-routed with `meft.adapter.router.route` in a forward pre-hook, so the bytes the
+sets (each adapter input is re-routed by the runtime's own rule, `MeftRuntime.route_training`, in a forward
+pre-hook, so the bytes the
 meter recorded can be checked against rows x width x wire bytes), the comparison with MEFT's original
 transfer scheme for the same active sets, the link prediction (`meft.profile.report`), and writing
 profile.json, trace.json (Chrome trace) and profile.png. Setup and the step itself come from
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from meft.adapter.router import route
 from meft.adapter.runtime import in_backward
 from meft.adapter.targets import find_targets
 from meft.config import MeftConfig
@@ -76,8 +76,8 @@ class LayerTimer:
 
 class ActiveSetCounter:
     """Re-routes every adapter input (training forwards only) to count rows and tokens per layer."""
-    def __init__(self, adapters, config: MeftConfig):
-        self.config = config
+    def __init__(self, adapters, runtime):
+        self.runtime = runtime
         self.rows = defaultdict(int)    # adapter index -> rows fetched (sum over micro-batches)
         self.tokens = defaultdict(int)  # adapter index -> tokens routed
         self._handles = [ad.register_forward_pre_hook(self._pre) for ad in adapters]
@@ -87,9 +87,7 @@ class ActiveSetCounter:
             return
         x = ad._tapped if ad._tapped is not None else args[0]
         x2 = x.reshape(-1, ad.d)  # [T, d]
-        c = self.config
-        r = route(x2, ad.gate, experts_per_token=c.experts_per_token, expert_size=c.expert_size,
-                  max_active_rows=c.max_active_rows)
+        r = self.runtime.route_training(ad, x2)  # the runtime's own rule: padding excluded, budget applied
         self.rows[ad.index] += r.n_rows
         self.tokens[ad.index] += x2.shape[0]
 
@@ -102,7 +100,7 @@ def _attach(model, rt):
     targets = find_targets(model, rt.config.target_module)
     by_layer = {t.layer: t.parent for t in targets}
     timer = LayerTimer([(ad.index, by_layer[ad.layer]) for ad in rt.adapters], rt.meter)
-    return timer, ActiveSetCounter(rt.adapters, rt.config)
+    return timer, ActiveSetCounter(rt.adapters, rt)
 
 
 def _run_steps(model, rt, data, args, cfg) -> dict:

@@ -196,8 +196,8 @@ def test_mismatched_mask_is_an_error():
     rt._mask = torch.ones(3, 6, dtype=torch.bool)  # what the pre-hook records for a [3, 6] mask
     for n_tok in (14, 21):  # not a multiple of 3 rows; more than 6 positions per row
         with pytest.raises(ValueError, match=rf"FFN input has {n_tok} tokens.*attention_mask \[3, 6\]"):
-            rt._token_mask(rt.adapters[0], torch.randn(n_tok, 32))
-    assert rt._token_mask(rt.adapters[0], torch.randn(6, 32)).shape == (6,)  # 3 rows x 2 current tokens
+            rt.token_mask(rt.adapters[0], torch.randn(n_tok, 32))
+    assert rt.token_mask(rt.adapters[0], torch.randn(6, 32)).shape == (6,)  # 3 rows x 2 current tokens
     rt.close()
 
 
