@@ -87,7 +87,7 @@ def measure(args) -> dict:
 
     trainers, tok = _trainers(args)
     batch = _batch(tok, args.batch_size)
-    counter = ActiveSetCounter(trainers["meft"].rt.adapters, trainers["meft"].rt.config)
+    counter = ActiveSetCounter(trainers["meft"].rt.adapters, trainers["meft"].rt)
     times = {m: [] for m in METHODS}
     order = list(METHODS)
     for r in range(args.warmup + args.rounds):

@@ -75,7 +75,8 @@ class LayerTimer:
 
 
 class ActiveSetCounter:
-    """Re-routes every adapter input (training forwards only) to count rows and tokens per layer."""
+    """Re-routes every adapter input (training forwards only) to count rows and tokens per layer.
+    `runtime`: the wrapped model's MeftRuntime (`model.meft`), whose routing rule is applied."""
     def __init__(self, adapters, runtime):
         self.runtime = runtime
         self.rows = defaultdict(int)    # adapter index -> rows fetched (sum over micro-batches)
