@@ -1,8 +1,10 @@
 """Smoke runs of experiments/knowledge/ and experiments/bench_step.py on a tiny local Llama: every
 method trains on the same tokens, the device-memory accounting adds up, the dense baseline starts equal
 to the base model, the report compares methods under one stated lr selection rule without verdicts,
-and bench_step's JSON ends with the two ratios. Seconds, not minutes."""
+the capacity protocol measures forgetting, sweeps before it carries the chosen lr and ends its report
+with the issue-13 JSON, and bench_step's JSON ends with the two ratios. Seconds, not minutes."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,9 +12,12 @@ import torch
 
 from experiments import bench_step
 from experiments.knowledge import cli as knowledge
+from experiments.knowledge.capacity import RULE as CAPACITY_RULE
+from experiments.knowledge.capacity import CapacityPlan
+from experiments.knowledge.capacity import summarize as capacity_summary
 from experiments.knowledge.methods import METHODS, build_trainer, device_memory
-from experiments.knowledge.report import RULE, format_report, summarize
-from experiments.knowledge.runner import RunSpec, run_one
+from experiments.knowledge.report import RULE, format_capacity_report, format_report, summarize
+from experiments.knowledge.runner import RunSpec, eval_base, run_one
 from tests.meft.data.test_records import tiny_model, tiny_tokenizer
 
 SMALL = dict(n_facts=5, steps=3, batch_size=4, rows=64, max_active_rows=32, expert_size=16, eval_limit=4,
@@ -153,3 +158,107 @@ def test_bench_pipeline_quick_json_on_tiny_model(tiny, capsys):
     assert res["bytes_vs_analytic"]["accum_1"] == pytest.approx(1.0)
     assert res["bytes_vs_analytic"]["accum_2"] >= 1.0 and res["exposed_fetch_fraction"] >= 0
     assert all(v > 0 for v in res["generate_tokens_per_s"].values())
+
+
+@pytest.fixture(scope="module")
+def retention_file(tiny_dir, tmp_path_factory):
+    """A 3-question retention set for the tiny model (the real one keeps the base model's correct answers)."""
+    qs = [{"prompt": f"Where was Kalo {i} born?", "completion": "Ravenburg", "answers": ["Ravenburg"],
+           "subject": f"Kalo {i}", "relation": "birthplace", "base_prediction": "Ravenburg"} for i in range(3)]
+    path = tmp_path_factory.mktemp("retention") / "retention.json"
+    path.write_text(json.dumps({"model": tiny_dir, "chat": True, "max_new_tokens": 4, "questions": qs}))
+    return str(path)
+
+
+CAPACITY_TEMPLATE = dict(SMALL, forgetting=True, retention_limit=3, ppl_texts=2, ppl_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def capacity_runs(tiny_dir, retention_file):
+    """Real base / meft / lora8 runs with forgetting measured (fictional, 5 facts)."""
+    kw = dict(CAPACITY_TEMPLATE, model=tiny_dir, retention_file=retention_file)
+    base = eval_base(RunSpec(method="base", **kw))
+    return base, {m: run_one(RunSpec(method=m, **kw)) for m in ("meft", "lora8")}
+
+
+def test_runs_measure_forgetting(capacity_runs):
+    base, runs = capacity_runs
+    for r in [base, *runs.values()]:
+        f = r["forgetting"]
+        assert f["retention"]["n"] == 3 and 0 <= f["retention"]["contains"] <= 1
+        assert f["ppl"]["n_texts"] == 2 and f["ppl"]["perplexity"] > 1 and f["ppl"]["n_tokens"] <= 2 * 32
+        assert f["ppl"]["texts_sha"] == base["forgetting"]["ppl"]["texts_sha"]
+
+
+def test_capacity_sweeps_then_carries_the_chosen_lr(capacity_runs, tiny_dir, retention_file, tmp_path):
+    base, runs = capacity_runs
+    template = {k: v for k, v in CAPACITY_TEMPLATE.items() if k not in ("n_facts", "steps", "forgetting")}
+    plan = CapacityPlan(ns=[5, 10], methods=["meft", "lora8"], lrs={"meft": [1e-3, 1e-2], "lora8": [1e-4, 1e-3]},
+                        seeds=[0], epochs=2, template=dict(template, model=tiny_dir, retention_file=retention_file),
+                        router_lr=1e-3)
+    assert [s.steps for s in plan.base_specs()] == [2 * 4, 2 * 8]  # 15 / 30 records, batch 4
+    assert all(s.n_facts == 5 and s.forgetting for s in plan.sweep_specs())
+
+    def fake(spec, held_out, retained=None):
+        r = json.loads(json.dumps(base if spec.method == "base" else runs[spec.method]))
+        r["spec"] = dataclasses.asdict(spec)
+        r["eval"]["held_out"]["exact_match"] = held_out
+        if retained is not None:
+            r["forgetting"]["retention"]["contains"] = retained
+        return r
+    rows = [fake(s, 0.0, 1.0) for s in plan.base_specs()]
+    assert plan.carried_specs(rows) == []  # no lr before the sweep is done
+    held = {("meft", 1e-3): 0.2, ("meft", 1e-2): 0.6, ("lora8", 1e-4): 0.5, ("lora8", 1e-3): 0.5}
+    rows += [fake(s, held[s.method, s.lr], 0.5) for s in plan.sweep_specs()]
+    chosen = plan.chosen_lrs(rows)
+    assert (chosen["meft"]["lr"], chosen["lora8"]["lr"]) == (1e-2, 1e-4)  # best held-out; a tie: smaller lr
+    carried = plan.carried_specs(rows)
+    assert [(s.method, s.n_facts, s.lr) for s in carried] == [("meft", 10, 1e-2), ("lora8", 10, 1e-4)]
+    summary = capacity_summary(plan, rows)
+    assert summary["json"]["capacity_n"] == 5 and len(summary["missing"]) == 2
+    rows += [fake(carried[0], 0.7, 0.9)]
+    summary = capacity_summary(plan, rows)
+    j = summary["json"]
+    assert j["capacity_n"] == 5 and j["meft_minus_lora8_heldout"] == pytest.approx(10.0)
+    assert j["meft_retention_drop"] == pytest.approx(50.0) and j["lora8_retention_drop"] == pytest.approx(50.0)
+    assert j["meft_ppl_increase"] is not None
+    assert summary["missing"] == ["lora8 N=10 lr=0.0001 seed=0: not run yet"]
+    text = format_capacity_report(summary, command="test")
+    assert CAPACITY_RULE in text and "lora8 N=10 lr=0.0001 seed=0: not run yet" in text
+    assert "HIT" not in text and "MISSED" not in text
+    rows += [fake(carried[1], 0.4, 0.8)]
+    j = capacity_summary(plan, rows)["json"]
+    assert j["capacity_n"] == 10 and j["meft_minus_lora8_heldout"] == pytest.approx(30.0) and j["missing"] == []
+    assert j["lora8_retention_drop"] == pytest.approx(20.0)
+
+
+def test_capacity_plots_write_pngs(capacity_runs, tiny_dir, retention_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    from experiments.knowledge.plot import plot_capacity, plot_forgetting
+
+    base, runs = capacity_runs
+    plan = CapacityPlan(ns=[5], methods=["meft", "lora8"], lrs={"meft": [1e-3], "lora8": [1e-3]}, seeds=[0],
+                        epochs=0.75, template=dict(batch_size=4, rows=64, max_active_rows=32, expert_size=16,
+                                                   eval_limit=4, max_new_tokens=4, model=tiny_dir,
+                                                   retention_file=retention_file, retention_limit=3, ppl_texts=2,
+                                                   ppl_tokens=32), router_lr=None)
+    assert plan.steps(5) == 3  # the fixture runs' steps: their specs are this plan's cells
+    rows = [base] + list(runs.values())
+    summary = capacity_summary(plan, rows)
+    assert summary["missing"] == [] and summary["json"]["capacity_n"] == 5
+    for draw in (plot_capacity, plot_forgetting):
+        path = draw(summary, str(tmp_path / f"{draw.__name__}.png"))
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_capacity_presets():
+    args = knowledge.parse_args(["--capacity", "--quick", "--ns", "7", "--lr-for", "meft=1e-3,1e-2"])
+    assert args.ns == [7] and args.epochs == 1.0 and args.rows == 512 and args.out.endswith("capacity_quick.jsonl")
+    plan = knowledge.capacity_plan(args)
+    assert plan.lrs["meft"] == [1e-3, 1e-2] and plan.lrs["lora8"] == [1e-3, 1e-2] and plan.router_lr is not None
+    assert len(knowledge.capacity_plan(knowledge.parse_args(["--capacity"])).lrs["lora8"]) == 3
+    args = knowledge.parse_args(["--capacity"])
+    assert args.ns == [300, 1000, 3000] and args.epochs >= 4 and args.seeds == [0]
+    assert [knowledge.capacity_plan(args).steps(n) for n in args.ns] == [228, 752, 2252]
+    with pytest.raises(SystemExit):  # a grid per method only where there is a sweep
+        knowledge.parse_args(["--lr-for", "meft=1e-3,1e-2"])

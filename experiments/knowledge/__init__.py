@@ -1,10 +1,14 @@
-"""Knowledge capacity: does the big sparse adapter learn more than LoRA, and at what cost? (issue 8)
+"""Knowledge capacity: does the big sparse adapter learn more than LoRA, and at what cost? (issues 8, 13)
 
-    python -m experiments.knowledge --quick        # run from the repository root; see cli.py
+    python -m experiments.knowledge --quick             # run from the repository root; see cli.py
+    python -m experiments.knowledge --capacity --quick  # the issue-13 capacity curve, end to end in minutes
 
 Files: `cli` (options, the list of runs, one subprocess per run, results JSONL), `runner` (one
 (method, dataset, seed) run), `methods` (the trainers compared and their device-resident state),
-`report` (Markdown tables under one lr selection rule, JSON summary), `plot` (lr-sweep figure).
+`capacity` (the capacity-curve protocol: cells, lr rule carried from the smallest N, its summary),
+`forgetting` (retention of known facts, perplexity on pydoc text; `retention_default.json` is the
+default model's committed retention set), `report` (Markdown tables under one lr selection rule, JSON
+summary), `plot` (lr-sweep, capacity-curve and learned-vs-forgotten figures).
 Committed results: `experiments/knowledge/results/*.jsonl`. Nothing is imported here, so
 `python -m experiments.knowledge --one ...` subprocesses stay cheap.
 """

@@ -16,9 +16,9 @@ Owns one small `Trainer` per method, all driving the same HF causal LM with one 
 `device_memory()` computes the device-resident *training state* of a method from the live objects
 (no activations: they are the same backbone activations for every method at a given batch, and a CPU
 run cannot measure GPU memory): weights of every parameter that sits on the device, gradients
-(AdamW-trained parameters: one fp32 gradient each; fused AdaLomo: at most one parameter's gradient is
-alive at a time, so the largest one), optimizer state (AdamW: two fp32 moments; AdaLomo: the bytes of
-its actual state tensors), and for MEFT the active rows: per layer the device row buffer
+(AdamW-trained parameters: one fp32 gradient each; fused Lomo / AdaLomo: see `_fused_bytes`),
+optimizer state (AdamW: two fp32 moments; AdaLomo: the bytes of its actual state tensors), and for
+MEFT the active rows: per layer the device row buffer
 [max_active_rows, 2d] in the wire dtype, plus its compute-dtype copy when the dtypes differ (cached
 from forward until backward pushes its gradient), plus one row gradient [max_active_rows, 2d]; the
 same rule as `meft plan`.
@@ -142,13 +142,42 @@ def build_trainer(method: str, model: nn.Module, *, seed: int = 0, rows: int = 4
     return Trainer(method, model, **kw)
 
 
-def _fused_bytes(opt) -> tuple[int, int]:
-    """(largest single gradient, optimizer-state bytes) of a fused-backward optimizer."""
+def _update_bytes(opt, p: torch.Tensor) -> int:
+    """Bytes alive while the fused hook updates `p`: its gradient (in `p`'s dtype; freed when the hook
+    returns) plus the update's fp32 temporaries. `meft.lomo` walks the update in row chunks of at most
+    `opt.chunk_bytes` of fp32, so a temporary is one chunk, never a whole-tensor copy: the cast gradient
+    chunk (bf16 gradient, or clipping), the cast parameter chunk (bf16 parameter), and for AdaLomo the
+    chunk it computes in (squared gradient, then the update) plus its factored second-moment vectors
+    (this step's row / column means and the row / column factors, fp32)."""
+    from meft.lomo import AdaLomo
+
+    chunk = min(opt.chunk_bytes, p.numel() * 4)
+    fp32 = p.dtype == torch.float32
+    temps = chunk * ((not fp32 or opt.clip != "none") + (not fp32))
+    if isinstance(opt, AdaLomo):
+        temps += chunk
+        if p.dim() >= 2:
+            temps += 2 * 4 * (p.numel() // p.shape[-2] + p.numel() // p.shape[-1])
+    return p.numel() * p.element_size() + temps
+
+
+def _fused_bytes(opt, model: nn.Module) -> tuple[int, int]:
+    """(gradient bytes alive at the peak, optimizer-state bytes) of a fused-backward optimizer.
+
+    One parameter is updated at a time (`_update_bytes`), except that a tied input/output embedding
+    accumulates its gradient from the LM head's backward until the embedding's, so that gradient stays
+    alive while every other parameter is updated."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    grad = max((p.numel() * 4 for p in params), default=0)  # fp32 math on one gradient at a time
+    alive = {id(p): _update_bytes(opt, p) for p in params}
+    peak = max(alive.values(), default=0)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = emb.weight if head is not None and head.weight is emb.weight and id(emb.weight) in alive else None
+    if tied is not None:
+        others = [b for i, b in alive.items() if i != id(tied)]
+        peak = max(peak, tied.numel() * tied.element_size() + max(others, default=0))
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))
-    return grad, state
+    return peak, state
 
 
 def _active_rows_bytes(rt) -> int:
@@ -173,9 +202,9 @@ def device_memory(tr: Trainer) -> dict:
         adam_params = [ad.gate for ad in tr.rt.adapters]  # router gates: AdamW on the device
         rows = _active_rows_bytes(tr.rt)
         if tr.rt.backbone_optimizer is not None:
-            grads, opt = _fused_bytes(tr.rt.backbone_optimizer)
+            grads, opt = _fused_bytes(tr.rt.backbone_optimizer, tr.model)
     if tr.fused is not None:
-        grads, opt = _fused_bytes(tr.fused)
+        grads, opt = _fused_bytes(tr.fused, tr.model)
     grads += sum(p.numel() * 4 for p in adam_params)
     opt += sum(2 * p.numel() * 4 for p in adam_params)
     return {"weights": weights, "grads": grads, "optimizer": opt, "active_rows": rows,

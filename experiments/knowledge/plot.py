@@ -1,6 +1,7 @@
-"""PNG of a knowledge-experiment learning-rate sweep: exact match against AdamW lr, per method.
+"""PNGs of the knowledge experiment: an lr sweep (`plot_sweep`), and a capacity run (`plot_capacity`:
+exact match against N; `plot_forgetting`: learned against forgotten).
 
-Owns one figure per results file: for each dataset, two panels (trained phrasings, held-out
+`plot_sweep` draws one figure per results file: for each dataset, two panels (trained phrasings, held-out
 phrasings); each AdamW-trained method is a line over the lrs it ran at (mean over its seeds, each
 seed also drawn as a dot), and methods without an AdamW lr (full AdaLomo, the untrained model) are
 horizontal dashed lines. The lr each method is compared at (`report.summarize`, under its selection rule) is ringed.
@@ -10,16 +11,12 @@ from __future__ import annotations
 
 from experiments.knowledge.report import method_label, order_key, summarize
 
-__all__ = ["plot_sweep"]
+__all__ = ["plot_sweep", "plot_capacity", "plot_forgetting"]
 
 
 def plot_sweep(results: list[dict], path: str) -> str:
     """Write the sweep figure of `results` (dicts from the JSONL) to `path`; returns `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     summary = summarize(results)
     datasets = sorted(summary)
     fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 4.2 * len(datasets)), squeeze=False)
@@ -50,6 +47,73 @@ def plot_sweep(results: list[dict], path: str) -> str:
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9)
     fig.suptitle("knowledge lr sweep: line = mean over seeds, dots = seeds, ring = lr compared at")
     fig.tight_layout(rect=(0, 0.1 / len(datasets), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_capacity(summary: dict, path: str) -> str:
+    """Exact match against N (log axis) per method at its chosen lr, trained and held-out panels, from
+    `capacity.summarize`; the untrained model is the dashed line. Returns `path`."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, split in zip(axes, ("trained", "held_out")):
+        for i, m in enumerate(summary["plan"]["methods"]):
+            by_n = summary["cells"][m]
+            ns = sorted(by_n)
+            lr = summary["chosen"][m]["lr"]
+            ax.plot(ns, [100 * by_n[n][f"em_{split}"] for n in ns], "-o", color=f"C{i}",
+                    label=m if lr is None else f"{m} (lr {lr:g})")
+        base = summary["base"]
+        if base:
+            ns = sorted(base)
+            ax.plot(ns, [100 * base[n][f"em_{split}"] for n in ns], "--", color="gray", label="base (untrained)")
+        ax.set_xscale("log")
+        ax.set_xlabel("fictional facts N")
+        ax.set_ylabel(f"exact match, {split.replace('_', '-')} %")
+        ax.set_title(f"{split.replace('_', '-')} phrasings")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"capacity curve: {summary['plan']['epochs']:g} epochs, each method at its chosen lr")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_forgetting(summary: dict, path: str) -> str:
+    """Learned against forgotten per method, one point per N (labelled): x = retention drop (points) or
+    perplexity increase (%), y = held-out exact match gain over the untrained model (points)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    base = summary["base"]
+    for ax, (key, scale, xlabel) in zip(axes, (("retention_drop", 1, "retention drop, points"),
+                                                 ("ppl_increase", 100, "perplexity increase, %"))):
+        for i, m in enumerate(summary["plan"]["methods"]):
+            pts = [(n, c[key], 100 * (c["em_held_out"] - base[n]["em_held_out"]))
+                   for n, c in sorted(summary["cells"][m].items()) if c[key] is not None and n in base]
+            if not pts:
+                continue
+            ax.plot([scale * x for _, x, _ in pts], [y for *_, y in pts], "-o", color=f"C{i}", label=m)
+            for n, x, y in pts:
+                ax.annotate(f"N={n}", (scale * x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(0, color="gray", lw=0.8)
+        ax.set_xlabel(xlabel + " (right = forgot more)")
+        ax.set_ylabel("held-out exact match gain, points")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("learned vs forgotten: up and to the left is better")
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

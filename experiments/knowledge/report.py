@@ -4,7 +4,8 @@ Owns the Markdown output (header with command, date, machine and versions; one t
 every run; a per-(method, lr) mean table; the methods compared under one stated lr selection rule
 (`RULE`), with the number of tuning trials each had; the differences between MEFT and the baselines at
 the compared lrs) and the JSON summary. Numbers only: whether a difference meets an issue target is
-judged in BENCHMARKS.md's prose, not here. Also `machine_header()`, reused by experiments/bench_step.py.
+judged in BENCHMARKS.md's prose, not here. Also `format_capacity_report` (the capacity curve's tables,
+from `capacity.summarize`) and `machine_header()`, reused by experiments/bench_step.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import statistics
 import time
 from collections import defaultdict
 
-__all__ = ["RULE", "format_report", "machine_header", "method_label", "order_key", "summarize"]
+__all__ = ["RULE", "format_report", "format_capacity_report", "machine_header", "method_label", "order_key",
+           "summarize"]
 
 MiB, GiB = 2**20, 2**30
 ADAMW_FREE = ("base", "full_adalomo")  # methods whose result does not depend on the AdamW lr
@@ -262,3 +264,102 @@ def format_report(results: list[dict], *, command: str) -> tuple[str, dict]:
         parts.append(f"Same training tokens for every run of a seed: {'yes' if same else dict(toks)}")
         parts.append("")
     return "\n".join(parts), summary
+
+
+def _pts(x) -> str:
+    return "-" if x is None else f"{x:+.1f}"
+
+
+def _rel(x) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
+
+
+def _mib(x) -> str:
+    return "-" if x is None else f"{x / MiB:.0f}"
+
+
+def format_capacity_report(summary: dict, *, command: str) -> str:
+    """Markdown of a capacity run (`capacity.summarize`): protocol and rule, the lr sweep, exact match
+    against N, forgetting, memory and speed at each N, the differences MEFT - baselines, missing cells."""
+    p, chosen, cells = summary["plan"], summary["chosen"], summary["cells"]
+    ns = p["ns"]
+    parts = [machine_header(command), "",
+             f"**Capacity curve** (fictional facts, N = {', '.join(map(str, ns))}): 3 training phrasings and 1 "
+             f"held-out phrasing per fact; training records "
+             f"{', '.join(format(p['train_records'][n], ',') for n in ns)}; "
+             f"batch {p['batch_size']}, {p['epochs']:g} epochs = {', '.join(str(p['steps'][n]) for n in ns)} steps; "
+             f"the same batches for every method (seeds {p['seeds']}); adapter rows/layer {p['rows']}, "
+             f"max_active_rows {p['max_active_rows']}, expert_size {p['expert_size']}, MEFT router lr "
+             f"{'= AdamW lr' if p['router_lr'] is None else format(p['router_lr'], 'g')}, AdaLomo lr "
+             f"{p['backbone_lr']:g}; up to {p['eval_limit']} questions scored per split. Forgetting: retention = "
+             f"share of {p['retention_limit']} known world facts (the base model's correct answers, "
+             f"`experiments/knowledge/forgetting.py`) still answered (contains match, chat template); ppl = "
+             f"perplexity on {p['ppl_texts']} pydoc topics x <= {p['ppl_tokens']} tokens; drop / increase vs "
+             f"the base model.", "",
+             f"Selection rule: {summary['rule']}", "",
+             f"**lr sweep at N = {min(ns)}** (seed {p['seeds'][0]})", "",
+             "| method | AdamW lr | EM trained % | EM held-out % | retention drop (points) | ppl increase "
+             "| loss last 5 | chosen |", "|---|---|---|---|---|---|---|---|"]
+    for m in p["methods"]:
+        for lr in p["lrs"][m]:
+            c = summary["sweep"][m].get(lr)
+            mark = ("**yes**" + (" (grid edge)" if chosen[m]["edge"] else "")) if chosen[m]["lr"] == lr else ""
+            if c is None:
+                parts.append(f"| {m} | {lr:g} | missing | | | | | |")
+                continue
+            parts.append(f"| {m} | {lr:g} | {_pct(c['em_trained'])} | {_pct(c['em_held_out'])} "
+                         f"| {_pts(c['retention_drop'])} | {_rel(c['ppl_increase'])} | {c['last_loss']:.3f} | {mark} |")
+    base = summary["base"]
+    parts += ["", "**Exact match against N** (trained / held-out %, each method at its chosen lr)", "",
+              "| method | lr | " + " | ".join(f"N={n}" for n in ns) + " |", "|---" * (len(ns) + 2) + "|",
+              "| base (untrained) | - | " + " | ".join(
+                  f"{_pct(base[n]['em_trained'])} / {_pct(base[n]['em_held_out'])}" if n in base else "-" for n in ns)
+              + " |"]
+    for m in p["methods"]:
+        lr = "-" if chosen[m]["lr"] is None else f"{chosen[m]['lr']:g}"
+        parts.append(f"| {m} | {lr} | " + " | ".join(
+            f"{_pct(cells[m][n]['em_trained'])} / {_pct(cells[m][n]['em_held_out'])}" if n in cells[m] else "missing"
+            for n in ns) + " |")
+    b0 = next(iter(base.values()), None)
+    base_line = "" if b0 is None or b0["ppl"] is None else (
+        f" Base model: retention {_pct(b0['retention'])}% of the set, ppl {b0['ppl']:.2f}.")
+    parts += ["", f"**Forgetting** (retention drop in points / perplexity increase, vs the base model).{base_line}", "",
+              "| method | " + " | ".join(f"N={n}" for n in ns) + " |", "|---" * (len(ns) + 1) + "|"]
+    for m in p["methods"]:
+        parts.append(f"| {m} | " + " | ".join(
+            f"{_pts(cells[m][n]['retention_drop'])} / {_rel(cells[m][n]['ppl_increase'])}" if n in cells[m]
+            else "missing"
+            for n in ns) + " |")
+    parts += ["", "**Memory and speed** (device-resident training state computed as in `methods.device_memory`; "
+              "host peak RSS of the run's process; MEFT host row stores; median step time)", "",
+              "| method | N | dev weights MiB | dev grads MiB | dev optim MiB | dev active rows MiB "
+              "| **dev total MiB** "
+              "| host peak RSS GiB | MEFT host stores GiB | step s | loss last 5 |", "|---" * 11 + "|"]
+    for m in p["methods"]:
+        for n in ns:
+            c = cells[m].get(n)
+            if c is None:
+                continue
+            d = c["device"]
+            parts.append(f"| {m} | {n} | {_mib(d['weights'])} | {d['grads'] / MiB:.1f} | {d['optimizer'] / MiB:.1f} "
+                         f"| {d['active_rows'] / MiB:.1f} | **{_mib(d['total'])}** | {c['peak_rss_bytes'] / GiB:.2f} "
+                         f"| {c['host_stores_bytes'] / GiB:.2f} | {c['step_s']:.2f} | {c['last_loss']:.3f} |")
+    parts += ["", "**Differences** (numbers only; verdicts against the issue targets are BENCHMARKS.md's prose)", ""]
+    for n in ns:
+        a = cells.get("meft", {}).get(n)
+        if a is None:
+            continue
+        for name in ("lora8", "lora64", "dense", "meft_adalomo"):
+            b = cells.get(name, {}).get(n)
+            if b is not None:
+                parts.append(f"- N={n}: meft - {name} exact match trained "
+                             f"{100 * (a['em_trained'] - b['em_trained']):+.1f}, held-out "
+                             f"{100 * (a['em_held_out'] - b['em_held_out']):+.1f} points; device state "
+                             f"{_mib(a['device']['total'])} vs {_mib(b['device']['total'])} MiB")
+    toks = {n: {m: tuple(cells[m][n]["labelled_tokens"]) for m in p["methods"] if n in cells[m]} for n in ns}
+    same = {n: len(set(v.values())) <= 1 for n, v in toks.items()}
+    parts += ["", "Same training tokens for every method at each N: "
+              + ", ".join(f"N={n} {'yes' if same[n] else toks[n]}" for n in ns), "",
+              f"**Missing cells** ({len(summary['missing'])}):" if summary["missing"] else "**Missing cells**: none"]
+    parts += [f"- {line}" for line in summary["missing"]]
+    return "\n".join(parts)

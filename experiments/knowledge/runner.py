@@ -3,13 +3,16 @@
 Owns: building the data (built-in world / fictional facts), the identical batch stream every method
 sees (same `BatchIterator` seed, same steps, so the same training tokens), training with one of the
 `methods` trainers, timing each step, scoring exact match on the trained phrasings and on
-the held-out phrasings (`meft.evaluate.qa_accuracy`), and the memory numbers (device-resident training
-state computed by `device_memory`; host: peak RSS of this process, and for MEFT the row stores as
-`meft.plan.host_ram_bytes` counts them). A run in its own process gives a clean peak RSS.
+the held-out phrasings (`meft.evaluate.qa_accuracy`), optionally what it forgot (`forgetting.measure`:
+retention of known facts, perplexity on general text; the base model is measured the same way), and
+the memory numbers (device-resident training state computed by `device_memory`; host: peak RSS of
+this process, and for MEFT the row stores as `meft.plan.host_ram_bytes` counts them). A run in its own
+process gives a clean peak RSS. `spec_key` is the identity of a run in a results file (`--resume`).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import resource
 import statistics
@@ -18,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["RunSpec", "load_facts", "run_one", "eval_base"]
+__all__ = ["RunSpec", "spec_key", "load_facts", "run_one", "eval_base"]
 
 
 @dataclass
@@ -40,6 +43,17 @@ class RunSpec:
     eval_limit: int = 200
     max_new_tokens: int = 12
     model: str = "default"
+    forgetting: bool = False       # also score retention and general-text perplexity (`forgetting.measure`)
+    retention_file: str = ""       # the retention set (JSON, built for `model`)
+    retention_limit: int = 200     # questions of the set scored
+    ppl_texts: int = 64            # pydoc topics scored for perplexity
+    ppl_tokens: int = 256          # tokens per topic, at most
+
+
+def spec_key(spec: dict) -> tuple:
+    """A run's identity in a results file: its spec with every field a stored spec lacks at its default,
+    so files written before a field existed still resume."""
+    return tuple(sorted((k, json.dumps(v)) for k, v in asdict(RunSpec(**spec)).items()))
 
 
 def load_facts(spec: RunSpec):
@@ -83,11 +97,23 @@ def _batches(facts, tok, spec: RunSpec):
     return BatchIterator(examples, spec.batch_size, tok.pad_token_id, seed=spec.seed)
 
 
+def _forgetting(model, tok, spec: RunSpec) -> dict:
+    from experiments.knowledge.forgetting import measure
+
+    return measure(model, tok, retention_file=spec.retention_file, model_name=spec.model,
+                   retention_limit=spec.retention_limit, ppl_texts=spec.ppl_texts, ppl_tokens=spec.ppl_tokens)
+
+
 def eval_base(spec: RunSpec) -> dict:
-    """Exact match of the untrained model (the floor every method starts from)."""
+    """Exact match of the untrained model (the floor every method starts from), and with
+    `spec.forgetting` its retention and perplexity (what every run's forgetting is measured against)."""
     model, tok = _load(spec)
     facts = load_facts(spec)
-    return {"spec": asdict(spec), "eval": _evaluate(model, tok, facts, spec), "n_facts": facts.n_facts}
+    out = {"spec": asdict(spec), "eval": _evaluate(model, tok, facts, spec), "n_facts": facts.n_facts,
+           "n_train_records": len(facts.train)}
+    if spec.forgetting:
+        out["forgetting"] = _forgetting(model, tok, spec)
+    return out
 
 
 def run_one(spec: RunSpec) -> dict:
@@ -114,13 +140,15 @@ def run_one(spec: RunSpec) -> dict:
     mem = device_memory(tr)
     host_stores = _meft_host_bytes(tr)
     ev = _evaluate(tr.model, tok, facts, spec)
+    forgot = _forgetting(tr.model, tok, spec) if spec.forgetting else None
     tr.close()
     timed = step_s[2:] if len(step_s) > 4 else step_s  # first steps warm up (numba, allocator)
     return {"spec": asdict(spec), "n_facts": facts.n_facts, "n_train_records": len(facts.train),
             "epochs": spec.steps * spec.batch_size / len(facts.train), "labelled_tokens": labelled,
             "input_tokens": input_tokens, "first_loss": losses[0], "last_loss": statistics.fmean(losses[-5:]),
             "step_s_median": statistics.median(timed), "train_s": train_s, "device": mem,
-            "host_stores_bytes": host_stores, "peak_rss_bytes": _peak_rss(), "eval": ev}
+            "host_stores_bytes": host_stores, "peak_rss_bytes": _peak_rss(), "eval": ev,
+            **({"forgetting": forgot} if forgot is not None else {})}
 
 
 def _meft_host_bytes(tr) -> int:
