@@ -262,3 +262,47 @@ def test_capacity_presets():
     assert [knowledge.capacity_plan(args).steps(n) for n in args.ns] == [228, 752, 2252]
     with pytest.raises(SystemExit):  # a grid per method only where there is a sweep
         knowledge.parse_args(["--lr-for", "meft=1e-3,1e-2"])
+
+
+def test_parallel_cells_append_every_result_and_queue_what_becomes_runnable(tiny_dir, tmp_path):
+    """`--jobs 2`: two cells in their own processes at once; a spec `more` releases after the first result
+    (as the capacity plan releases carried cells) runs too; each result is appended once, by the parent."""
+    specs = [RunSpec(method="base", model=tiny_dir, **dict(SMALL, n_facts=n)) for n in (5, 6)]
+    late = RunSpec(method="base", model=tiny_dir, **dict(SMALL, n_facts=7))
+    out = tmp_path / "cells.jsonl"
+    asked = []
+
+    def more(results):
+        asked.append(len(results))
+        return [late] if results else []
+    knowledge._run(specs, out, jobs=2, more=more)
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert sorted(r["spec"]["n_facts"] for r in rows) == [5, 6, 7] and not any("error" in r for r in rows)
+    assert asked[0] == 0 and asked[-1] == 3  # asked before any result, and after every one
+    knowledge._run(specs + [late], out, jobs=2)  # resume: nothing left to run, nothing appended
+    assert len(out.read_text().splitlines()) == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
+def test_device_cuda_refused_without_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        knowledge.parse_args(["--capacity", "--device", "cuda"])
+    assert "--device cuda" in capsys.readouterr().err
+    assert knowledge.parse_args(["--capacity", "--report", "--device", "cuda"]).device == "cuda"  # reading is fine
+    assert dataclasses.asdict(knowledge.capacity_plan(knowledge.parse_args(["--capacity"])).spec(
+        "meft", 300, 0, 1e-2))["device"] == "cpu"
+
+
+def test_bench_distributed_quick_json_ends_with_the_three_verdicts(capsys):
+    """1 vs 2 gloo ranks under torchrun on a tiny config-built Llama: 2 ranks equal 1, the exchange is the
+    analytic minimum (fp32 wire), one host copy of the stores per node; the JSON ends with the three keys."""
+    from experiments import bench_distributed
+
+    bench_distributed.main(["--quick", "--json", "--hidden", "64", "--rows", "512", "--steps", "1", "--seq", "16",
+                            "--batch", "4"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(res)[-3:] == ["exchange_bytes_vs_analytic", "host_ram_copies_per_node", "two_rank_equal_to_one"]
+    assert res["two_rank_equal_to_one"] is True
+    assert 0.9 < res["exchange_bytes_vs_analytic"] < 1.1
+    assert res["host_ram_copies_per_node"] == 1
+    assert res["exchanges_per_step"] == 2  # one per adapted layer

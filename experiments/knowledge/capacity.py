@@ -221,7 +221,8 @@ def summarize(plan: CapacityPlan, results: list[dict]) -> dict:
         del shared[k]
     return {"plan": {**shared, "ns": sorted(plan.ns), "methods": list(plan.methods), "lrs": plan.lrs,
                      "seeds": plan.seeds, "epochs": plan.epochs, "steps": {n: plan.steps(n) for n in sorted(plan.ns)},
-                     "train_records": {n: train_records(n) for n in sorted(plan.ns)}, "router_lr": plan.router_lr},
+                     "train_records": {n: train_records(n) for n in sorted(plan.ns)}, "router_lr": plan.router_lr,
+                     "gpu_name": next((r["gpu"] for r in results if r.get("gpu")), None)},
             "rule": RULE, "chosen": chosen, "sweep": sweep, "cells": cells, "base": base_cells,
             "missing": missing, "json": _json(cells, chosen, missing)}
 

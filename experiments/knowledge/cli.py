@@ -43,6 +43,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,6 +110,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retention-limit", type=int, default=200, help="retention questions scored")
     p.add_argument("--ppl-texts", type=int, default=64, help="pydoc topics scored for perplexity")
     p.add_argument("--ppl-tokens", type=int, default=256, help="tokens per pydoc topic, at most")
+    p.add_argument("--device", default="cpu",
+                   help="where every run trains and is scored, e.g. cuda (MEFT's rows stay on the host); part of "
+                        "each run's identity in --out, so CPU and GPU results never mix")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each its own process with its share of the cores (a GPU: launch-bound "
+                        "small steps overlap well; a 2-core box: keep 1)")
     p.add_argument("--out", default="runs/knowledge/results.jsonl")
     p.add_argument("--resume", action="store_true", help="skip runs already in --out")
     p.add_argument("--report", action="store_true", help="only print the tables of --out")
@@ -126,6 +133,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick and not args.capacity and "out" not in given:
         args.out = "runs/knowledge/quick.jsonl"
     args.lr_for = _parse_lr_for(p, args.lr_for, args.methods, args.capacity)
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: give 1 or more runs at once")
+    if args.device.startswith("cuda") and not args.report:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
     return args
 
 
@@ -185,7 +199,8 @@ def _template(args, *, lr: bool = True) -> dict:
     out = dict(batch_size=args.batch_size, rows=args.rows, max_active_rows=args.max_active_rows,
                expert_size=args.expert_size, state_dtype=args.state_dtype, chat=args.chat,
                eval_limit=args.eval_limit, model=args.model, retention_file=_retention_file(args) if forgetting else "",
-               retention_limit=args.retention_limit, ppl_texts=args.ppl_texts, ppl_tokens=args.ppl_tokens)
+               retention_limit=args.retention_limit, ppl_texts=args.ppl_texts, ppl_tokens=args.ppl_tokens,
+               device=args.device)
     return dict(out, backbone_lr=args.backbone_lr) if lr else out
 
 
@@ -199,14 +214,37 @@ def capacity_plan(args) -> CapacityPlan:
                         epochs=args.epochs, template=_template(args), router_lr=router)
 
 
-def _run_in_subprocess(spec: RunSpec) -> dict:
-    cmd = [sys.executable, "-m", "experiments.knowledge", "--one", json.dumps(dataclasses.asdict(spec))]
+def _env(jobs: int) -> dict:
+    """A cell's environment: quiet, and with `jobs` cells at once each gets its share of the cores
+    (torch's and numba's thread pools would otherwise each take every core and fight)."""
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-    if res.returncode != 0 or not lines:
-        return {"spec": dataclasses.asdict(spec), "error": res.stderr[-2000:]}
-    return json.loads(lines[-1])
+    if jobs > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, NUMBA_NUM_THREADS=threads)
+    return env
+
+
+class _Cell:
+    """One spec running in its own process (a clean peak RSS); stdout and stderr go to temporary files,
+    so a chatty cell can never block on a full pipe while the parent waits for another."""
+
+    def __init__(self, spec: RunSpec, jobs: int):
+        self.spec = spec
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        cmd = [sys.executable, "-m", "experiments.knowledge", "--one", json.dumps(dataclasses.asdict(spec))]
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, text=True, env=_env(jobs), cwd=ROOT)
+
+    def result(self) -> dict:
+        """The cell's result line, or {"spec", "error"} with the end of its stderr; call once it exited."""
+        self.out.seek(0)
+        self.err.seek(0)
+        lines = [ln for ln in self.out.read().splitlines() if ln.startswith("{")]
+        err = self.err.read()
+        self.out.close()
+        self.err.close()
+        if self.proc.returncode != 0 or not lines:
+            return {"spec": dataclasses.asdict(self.spec), "error": err[-2000:]}
+        return json.loads(lines[-1])
 
 
 def _one(text: str) -> None:
@@ -239,26 +277,61 @@ def _ensure_retention(args) -> None:
                    env=dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error"))
 
 
+def _ensure_model(args) -> None:
+    """Convert the default model once, here, before cells start: parallel cells would all convert it."""
+    if args.model == "default":
+        from meft.pretrained import resolve_model
+
+        resolve_model(args.model)
+
+
 def _load_results(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def _run(specs: list[RunSpec], out: Path) -> None:
-    """Run every spec without a successful result in `out` yet, appending each result as it finishes."""
+def _label(spec: RunSpec) -> str:
+    lr = "" if spec.method == "base" else f" lr={spec.lr:g}"
+    return f"{spec.dataset} N={spec.n_facts} {spec.method}{lr} seed={spec.seed} steps={spec.steps}"
+
+
+def _run(specs: list[RunSpec], out: Path, *, jobs: int = 1, more=None) -> None:
+    """Run every spec without a successful result in `out` yet, `jobs` at a time, appending each result
+    as it finishes (only this process writes `out`). `more(results)`, if given, is asked after every
+    result for specs that have become runnable (the capacity plan's carried cells once a method's lr
+    sweep is complete); they join the queue ahead of the rest, since they are the longer runs."""
     done = {spec_key(r["spec"]) for r in _load_results(out) if "error" not in r}
-    todo = [s for s in specs if spec_key(dataclasses.asdict(s)) not in done]
-    t0 = time.time()
-    for i, spec in enumerate(todo, 1):
-        lr = "" if spec.method == "base" else f" lr={spec.lr:g}"
-        print(f"[{i}/{len(todo)} {time.time() - t0:6.0f}s] {spec.dataset} N={spec.n_facts} {spec.method}{lr} "
-              f"seed={spec.seed} steps={spec.steps}", flush=True)
-        res = _run_in_subprocess(spec)
-        if "error" in res:
-            print(f"  FAILED: {res['error']}", flush=True)
-        with out.open("a") as fh:
-            fh.write(json.dumps(res) + "\n")
+    queued = set(done)
+    todo: list[RunSpec] = []
+
+    def add(new: list[RunSpec], front: bool = False) -> None:
+        fresh = [s for s in new if spec_key(dataclasses.asdict(s)) not in queued]
+        queued.update(spec_key(dataclasses.asdict(s)) for s in fresh)
+        todo[:0 if front else len(todo)] = fresh
+
+    add(specs)
+    if more is not None:
+        add(more(_load_results(out)), front=True)
+    running: list[_Cell] = []
+    t0, started, finished = time.time(), 0, 0
+    while todo or running:
+        while todo and len(running) < jobs:
+            spec = todo.pop(0)
+            started += 1
+            print(f"[start {started} {time.time() - t0:6.0f}s] {_label(spec)}", flush=True)
+            running.append(_Cell(spec, jobs))
+        time.sleep(0.5 if jobs > 1 else 0.05)
+        for cell in [c for c in running if c.proc.poll() is not None]:
+            running.remove(cell)
+            res = cell.result()
+            finished += 1
+            status = f"FAILED: {res['error']}" if "error" in res else "done"
+            print(f"[end {finished} {time.time() - t0:6.0f}s] {_label(cell.spec)}: {status}", flush=True)
+            with out.open("a") as fh:
+                fh.write(json.dumps(res) + "\n")
+            if more is not None:
+                add(more(_load_results(out)), front=True)
 
 
 def _command() -> str:
@@ -273,8 +346,9 @@ def _capacity(args, out: Path) -> None:
     plan = capacity_plan(args)
     if not args.report:
         _ensure_retention(args)
-        _run(plan.base_specs() + plan.sweep_specs(), out)
-        _run(plan.carried_specs(_load_results(out)), out)
+        _ensure_model(args)
+        # carried cells start as soon as their method's sweep is complete, not after every sweep
+        _run(plan.base_specs() + plan.sweep_specs(), out, jobs=args.jobs, more=plan.carried_specs)
     summary = summarize(plan, _load_results(out))
     print(format_capacity_report(summary, command=_command()))
     if importlib.util.find_spec("matplotlib") is None:
@@ -312,7 +386,8 @@ def main(argv=None) -> int:
     if not args.report:
         if args.forgetting:
             _ensure_retention(args)
-        _run(specs_for(args), out)
+        _ensure_model(args)
+        _run(specs_for(args), out, jobs=args.jobs)
     text, summary = format_report(_load_results(out), command=_command())
     print(text)
     if args.plot:

@@ -98,6 +98,9 @@ def _dense(model, *, seed, rows, lr):
     dtype = next(model.parameters()).dtype
     trained = attach_dense(model, MeftConfig(adapter_rows=rows, expert_size=1, max_active_rows=1), dtype)
     adapters = [m for m in model.modules() if isinstance(m, DenseParallelAdapter)]
+    device = next(model.parameters()).device
+    for ad in adapters:  # attach_dense builds the adapter rows on the CPU; `.to` moves them in place (same Parameters)
+        ad.to(device)
     layer_rows = torch.empty(rows, 2 * d)  # [N, 2d]: [keys | values] exactly as MEFT's rows start
     with torch.no_grad():
         for i, ad in enumerate(adapters):

@@ -295,7 +295,8 @@ def format_capacity_report(summary: dict, *, command: str) -> str:
              f"share of {p['retention_limit']} known world facts (the base model's correct answers, "
              f"`experiments/knowledge/forgetting.py`) still answered (contains match, chat template); ppl = "
              f"perplexity on {p['ppl_texts']} pydoc topics x <= {p['ppl_tokens']} tokens; drop / increase vs "
-             f"the base model.", "",
+             f"the base model. Runs trained and scored on: {p.get('device', 'cpu')}"
+             + (f" ({p['gpu_name']})" if p.get("gpu_name") else "") + ".", "",
              f"Selection rule: {summary['rule']}", "",
              f"**lr sweep at N = {min(ns)}** (seed {p['seeds'][0]})", "",
              "| method | AdamW lr | EM trained % | EM held-out % | retention drop (points) | ppl increase "
@@ -333,8 +334,8 @@ def format_capacity_report(summary: dict, *, command: str) -> str:
     parts += ["", "**Memory and speed** (device-resident training state computed as in `methods.device_memory`; "
               "host peak RSS of the run's process; MEFT host row stores; median step time)", "",
               "| method | N | dev weights MiB | dev grads MiB | dev optim MiB | dev active rows MiB "
-              "| **dev total MiB** "
-              "| host peak RSS GiB | MEFT host stores GiB | step s | loss last 5 |", "|---" * 11 + "|"]
+              "| **dev total MiB** | GPU peak MiB (measured) "
+              "| host peak RSS GiB | MEFT host stores GiB | step s | loss last 5 |", "|---" * 12 + "|"]
     for m in p["methods"]:
         for n in ns:
             c = cells[m].get(n)
@@ -342,7 +343,9 @@ def format_capacity_report(summary: dict, *, command: str) -> str:
                 continue
             d = c["device"]
             parts.append(f"| {m} | {n} | {_mib(d['weights'])} | {d['grads'] / MiB:.1f} | {d['optimizer'] / MiB:.1f} "
-                         f"| {d['active_rows'] / MiB:.1f} | **{_mib(d['total'])}** | {c['peak_rss_bytes'] / GiB:.2f} "
+                         f"| {d['active_rows'] / MiB:.1f} | **{_mib(d['total'])}** "
+                         f"| {_mib(d['cuda_peak_allocated']) if 'cuda_peak_allocated' in d else '-'} "
+                         f"| {c['peak_rss_bytes'] / GiB:.2f} "
                          f"| {c['host_stores_bytes'] / GiB:.2f} | {c['step_s']:.2f} | {c['last_loss']:.3f} |")
     parts += ["", "**Differences** (numbers only; verdicts against the issue targets are BENCHMARKS.md's prose)", ""]
     for n in ns:

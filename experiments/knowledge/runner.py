@@ -5,8 +5,9 @@ sees (same `BatchIterator` seed, same steps, so the same training tokens), train
 `methods` trainers, timing each step, scoring exact match on the trained phrasings and on
 the held-out phrasings (`meft.evaluate.qa_accuracy`), optionally what it forgot (`forgetting.measure`:
 retention of known facts, perplexity on general text; the base model is measured the same way), and
-the memory numbers (device-resident training state computed by `device_memory`; host: peak RSS of
-this process, and for MEFT the row stores as `meft.plan.host_ram_bytes` counts them). A run in its own
+the memory numbers (device-resident training state computed by `device_memory`, and on a GPU the
+measured peak of allocated device memory over training; host: peak RSS of this process, and for MEFT
+the row stores as `meft.plan.host_ram_bytes` counts them). A run in its own
 process gives a clean peak RSS. `spec_key` is the identity of a run in a results file (`--resume`).
 """
 
@@ -48,6 +49,7 @@ class RunSpec:
     retention_limit: int = 200     # questions of the set scored
     ppl_texts: int = 64            # pydoc topics scored for perplexity
     ppl_tokens: int = 256          # tokens per topic, at most
+    device: str = "cpu"            # where the model trains and is scored ("cuda": MEFT's rows stay on the host)
 
 
 def spec_key(spec: dict) -> tuple:
@@ -87,7 +89,7 @@ def _load(spec: RunSpec):
     from meft.pretrained import load_model
 
     torch.manual_seed(spec.seed)
-    return load_model(spec.model, dtype=torch.float32, device="cpu")
+    return load_model(spec.model, dtype=torch.float32, device=spec.device)
 
 
 def _batches(facts, tok, spec: RunSpec):
@@ -110,7 +112,7 @@ def eval_base(spec: RunSpec) -> dict:
     model, tok = _load(spec)
     facts = load_facts(spec)
     out = {"spec": asdict(spec), "eval": _evaluate(model, tok, facts, spec), "n_facts": facts.n_facts,
-           "n_train_records": len(facts.train)}
+           "n_train_records": len(facts.train), **_gpu(spec)}
     if spec.forgetting:
         out["forgetting"] = _forgetting(model, tok, spec)
     return out
@@ -128,16 +130,22 @@ def run_one(spec: RunSpec) -> dict:
                        state_dtype=spec.state_dtype, router_lr=spec.router_lr)
     step_s, losses, labelled, input_tokens = [], [], 0, 0
     t_train = time.perf_counter()
+    cuda = torch.device(spec.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(spec.steps):
         batch = next(batches)
         input_tokens += int(batch["attention_mask"].sum())
+        batch = {k: v.to(spec.device) for k, v in batch.items()}
         t0 = time.perf_counter()
-        loss, n = tr.step(batch)
+        loss, n = tr.step(batch)  # returns a Python float: the step's device work is done when it returns
         step_s.append(time.perf_counter() - t0)
         losses.append(loss)
         labelled += n
     train_s = time.perf_counter() - t_train
     mem = device_memory(tr)
+    if cuda:  # measured, beside the computed state: weights + state + activations + allocator slack
+        mem["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
     host_stores = _meft_host_bytes(tr)
     ev = _evaluate(tr.model, tok, facts, spec)
     forgot = _forgetting(tr.model, tok, spec) if spec.forgetting else None
@@ -147,8 +155,13 @@ def run_one(spec: RunSpec) -> dict:
             "epochs": spec.steps * spec.batch_size / len(facts.train), "labelled_tokens": labelled,
             "input_tokens": input_tokens, "first_loss": losses[0], "last_loss": statistics.fmean(losses[-5:]),
             "step_s_median": statistics.median(timed), "train_s": train_s, "device": mem,
-            "host_stores_bytes": host_stores, "peak_rss_bytes": _peak_rss(), "eval": ev,
+            "host_stores_bytes": host_stores, "peak_rss_bytes": _peak_rss(), "eval": ev, **_gpu(spec),
             **({"forgetting": forgot} if forgot is not None else {})}
+
+
+def _gpu(spec: RunSpec) -> dict:
+    """{"gpu": its name} for a run on a CUDA device, else {} (a CPU run's results keep their old shape)."""
+    return {"gpu": torch.cuda.get_device_name(spec.device)} if torch.device(spec.device).type == "cuda" else {}
 
 
 def _meft_host_bytes(tr) -> int:
