@@ -8,7 +8,7 @@ This package knows nothing of models: it depends on torch, numpy and numba only,
 from importlib import import_module
 
 __all__ = ["RowStore", "SparseAdamW", "RowScheduler", "TransferScheduler", "ResidentScheduler", "TrafficMeter",
-           "WIRE_DTYPES"]
+           "WIRE_DTYPES", "node_of", "host_copies", "node_host_bytes"]
 
 _WHERE = {
     "RowStore": "offload.store",
@@ -18,6 +18,9 @@ _WHERE = {
     "ResidentScheduler": "offload.resident",
     "TrafficMeter": "offload.meter",
     "WIRE_DTYPES": "offload.dtypes",
+    "node_of": "offload.node",
+    "host_copies": "offload.copies",
+    "node_host_bytes": "offload.copies",
 }
 
 

@@ -80,10 +80,11 @@ class CopyEngine:
     def alloc_device(self, shape, dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=self.device)
 
-    def alloc_mapped(self, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def alloc_mapped(self, shape, dtype, host: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-filled host memory the device reads directly: (host tensor, device view of the same bytes).
-        Without a device both are the same tensor."""
-        t = torch.zeros(shape, dtype=dtype)
+        `host`: map this existing tensor (`shape`, `dtype`, contiguous, CPU; e.g. a node's shared memory)
+        instead of new memory. Without a device both are the same tensor."""
+        t = torch.zeros(shape, dtype=dtype) if host is None else _check_host(host, shape, dtype)
         return t, t
 
     def gather_mapped(self, src_mapped, ids_dev, out_dev, *, rows: int = 0, after=None) -> CopyEvent:
@@ -114,6 +115,14 @@ class CopyEngine:
             queues[d].put(_STOP)
         for t in self._threads:
             t.join(timeout=10.0)
+
+
+def _check_host(host: torch.Tensor, shape, dtype) -> torch.Tensor:
+    if not isinstance(host, torch.Tensor) or tuple(host.shape) != tuple(shape) or host.dtype != dtype \
+            or host.device.type != "cpu" or not host.is_contiguous():
+        got = f"{host.dtype} {tuple(host.shape)} on {host.device}" if isinstance(host, torch.Tensor) else type(host)
+        raise ValueError(f"alloc_mapped: host must be a contiguous CPU tensor {tuple(shape)} {dtype}, got {got}")
+    return host
 
 
 def _check_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -330,10 +339,12 @@ class CudaCopyEngine(CopyEngine):
             self.pinned_bytes += t.nbytes
         return t
 
-    def alloc_mapped(self, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def alloc_mapped(self, shape, dtype, host: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Host memory pinned at its exact size and mapped into the device's address space; the device view
-        wraps the same address (unified virtual addressing: a registered host pointer is valid on the device)."""
-        t = self._register(torch.zeros(shape, dtype=dtype), _HOST_REGISTER_MAPPED)
+        wraps the same address (unified virtual addressing: a registered host pointer is valid on the device).
+        `host`: register this existing tensor (a node's shared mirror: each rank registers the same pages)."""
+        t = torch.zeros(shape, dtype=dtype) if host is None else _check_host(host, shape, dtype)
+        t = self._register(t, _HOST_REGISTER_MAPPED)
         if not t.nbytes:
             return t, torch.empty(shape, dtype=dtype, device=self.device)
         raw = torch.as_tensor(_MappedBytes(t), device=self.device)  # [nbytes] uint8 on the device

@@ -134,22 +134,38 @@ class SparseAdamW:
         with np.errstate(over="ignore"):
             return bool(np.isfinite(max_abs * np.float32(grad_scale)))
 
+    def owned(self, owner: tuple[int, int]) -> np.ndarray:
+        """[n] bool: which pending rows (slot order) `owner` = (index, count) updates: id % count == index."""
+        index, count = owner
+        if not (isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count):
+            raise ValueError(f"owner={owner!r} must be (index, count) with 0 <= index < count")
+        return self._pending_ids[: self._n] % count == index
+
     def hparams(self) -> tuple[float, tuple[float, float], float, float]:
         """(lr, betas, eps, weight_decay) as they are now: a snapshot an asynchronous update can carry, so
         that changing `lr` on another thread while the update waits in a queue cannot change its result."""
         return self.lr, self.betas, self.eps, self.weight_decay
 
-    def step(self, grad_scale: float = 1.0, *, hparams: tuple | None = None) -> bool:
+    def step(self, grad_scale: float = 1.0, *, hparams: tuple | None = None,
+             owner: tuple[int, int] | None = None) -> bool:
         """Apply pending grads * grad_scale to the touched rows, then drop them.
 
         `hparams` (from `hparams()`) overrides the current hyper-parameters for this step only.
+        `owner` = (index, count): update only the pending rows with id % count == index (a store shared by
+        the `count` ranks of a node, each holding the same pending gradients: together they update every row
+        once; the caller waits for the others before reading the rows). Rows are independent, so each row
+        gets exactly the update `owner=None` gives it; the inf/NaN check covers every pending row, so every
+        owner takes the same decision.
         Returns False (and counts `skipped_steps`, store untouched) when a scaled gradient is inf/NaN.
         """
         _check_scale(grad_scale)
         if self._n == 0:
             return True
-        ok = self._finite(float(grad_scale)) and self._update(self._pending_ids[: self._n], self._pending_np,
-                                                               grad_scale, hparams)
+        ids_np, grads_np = self._pending_ids[: self._n], self._pending_np
+        if owner is not None:
+            mine = self.owned(owner)  # [n] bool over the pending slots
+            ids_np, grads_np = ids_np[mine], grads_np[: self._n][mine]  # [n_mine], [n_mine, W]
+        ok = self._finite(float(grad_scale)) and self._update(ids_np, grads_np, grad_scale, hparams)
         if not ok:
             self._skip(grad_scale)
         self.zero_grad()

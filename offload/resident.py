@@ -125,6 +125,9 @@ class ResidentScheduler:
                  max_live_rows: int | None = None):
         optimizers = list(optimizers)
         check_scheduler_args(optimizers, wire_dtype, max_rows, staleness, clip, max_norm)
+        if any(o.store.shared for o in optimizers):
+            raise ValueError("ResidentScheduler has no data parallel path, but a store lives in a node's shared "
+                             "memory (RowStore(..., node=...)); use TransferScheduler with process_group=")
         capacity = check_live_rows(max_live_rows, max_rows)
         self.device = torch.device(device)
         self.layers = [_Layer(o, self.device, capacity, wire_dtype) for o in optimizers]

@@ -35,7 +35,9 @@ never waits there, finish_step already did). No H2D staging pool is allocated.
 
 Data parallel (`process_group`, torch.distributed, staleness 0): each rank fetches and pushes its own rows;
 at finish_step every layer's pending gradients are averaged across ranks over the union of their rows
-(`offload.collective.RowGradReducer`) and every rank applies the same update: identical replicas.
+(`offload.collective.RowGradReducer`) and every rank applies the same update: identical replicas. Stores
+shared by the ranks of a node (`RowStore(..., node=...)`, one host copy per node): each rank of the node
+updates the rows it owns, then a node barrier (`updates.UpdatePolicy`); zero-copy mirrors are shared too.
 
 Gradient accumulation (accum_steps > 1): each layer's rows and gradients cross once per step, for the
 union of its micro-batches' rows (`offload.union.StepUnion`): rows already sent this step are taken
@@ -70,6 +72,7 @@ from offload.fetch import (
     valid_prefix,
 )
 from offload.meter import TrafficMeter
+from offload.node import shared_node
 from offload.protocol import check_scheduler_args
 from offload.staging import SlotPool, check_n_slots
 from offload.steps import StepClock, check_layer
@@ -95,6 +98,7 @@ class TransferScheduler:
         if reducer is not None and reducer.world == 1:
             reducer = None  # one rank: nothing to combine
         check_update_args(staleness, clip, max_norm, data_parallel=reducer is not None)
+        node = shared_node(self.optimizers, data_parallel=reducer is not None)
         if zero_copy not in (True, False):
             raise ValueError(f"zero_copy={zero_copy!r} must be True or False")
         if host_threads is None and torch.device(device).type == "cuda":
@@ -131,7 +135,7 @@ class TransferScheduler:
         state_bytes = torch.empty((), dtype=self.optimizers[0].store.state_dtype).element_size()
         self.updates = UpdatePolicy(self.optimizers, self.worker, self.meter, self._check, staleness=staleness,
                                     clip=clip, max_norm=max_norm, width=self.width, state_bytes=state_bytes,
-                                    reducer=reducer)
+                                    reducer=reducer, node=node, skip_waits=self._link.skip_waits)
         self.clock = StepClock()
         self.union_traffic = UnionTraffic(self.optimizers, self.engine, self.d2h_pool, self.worker, self.updates,
                                           self.meter, self._link, self._check, self._meter_copy, self._end_chain,
@@ -141,8 +145,9 @@ class TransferScheduler:
         self._closed = False
 
     def _attach_mirror(self, store) -> torch.Tensor:
-        mirror_host, mirror_dev = self.engine.alloc_mapped((store.n_rows, store.width), self.wire_dtype)
-        store.attach_mirror(mirror_host)  # [N, W] wire, filled from the master rows now
+        shared = store.alloc_mirror(self.wire_dtype)  # a shared store: the node's one mirror; else None
+        mirror_host, mirror_dev = self.engine.alloc_mapped((store.n_rows, store.width), self.wire_dtype, host=shared)
+        store.attach_mirror(mirror_host, filled=shared is not None)  # [N, W] wire, equal to the master rows
         return mirror_dev
 
     @staticmethod

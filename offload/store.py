@@ -14,9 +14,21 @@ Zero-copy (`TransferScheduler(zero_copy=True)`): the scheduler attaches a `mirro
 dtype (pinned and device-mapped by the copy engine), which the device reads rows from directly. The
 store keeps it equal to `weights.to(mirror.dtype)`: the optimizer's update writes both in one pass, and
 every other writer of `weights` here (`load_state_dict`, `set_weights`) refreshes it.
+
+Shared per node (`RowStore(..., node=node_of(group))` under torch.distributed, several ranks on a node):
+the four tensors are views of one segment of the node's shared memory (`offload.shared`), created,
+filled (`init`) and host-RAM-checked by the node's local rank 0 and mapped by the others: one host copy
+per node. Every rank of the node must build the same stores in the same order (a collective). Writers:
+the row update splits the rows between the node's ranks by ownership (`SparseAdamW.step(owner=...)`,
+then a node barrier, in `offload.updates`); `load_state_dict` / `set_weights` may run on every rank,
+which then write the same bytes (harmless; the next row update follows a gradient all-reduce that
+every rank reaches only after its load). A shared store's zero-copy mirror is shared too
+(`alloc_mirror`). With one rank per node (or `node=None`) nothing changes: private memory, as in one
+process.
 """
 
 import ctypes
+import math
 import sys
 from collections.abc import Callable
 
@@ -26,6 +38,7 @@ import torch
 
 from offload import kernels
 from offload.dtypes import STATE_DTYPES, WIRE_DTYPES
+from offload.shared import alloc_shared
 from offload.text import GiB
 
 __all__ = ["RowStore", "HostRamError", "check_ids", "check_host_ram"]
@@ -61,21 +74,80 @@ class RowStore:
     """
 
     def __init__(self, n_rows: int, width: int, *, init: str | torch.Tensor | Callable = "zeros",
-                 state_dtype: torch.dtype = torch.float32):
+                 state_dtype: torch.dtype = torch.float32, node=None):
         _check_shape_args(n_rows, width, state_dtype)
+        _check_init(init, n_rows, width)
         self.n_rows, self.width, self.state_dtype = int(n_rows), int(width), state_dtype
         self.nbytes = self.bytes_needed(n_rows, width, state_dtype)
-        _check_host_ram(self.nbytes, n_rows, width, state_dtype)
-        self.weights = self._alloc(torch.float32)     # [N, W] fp32 master rows
-        self.exp_avg = self._alloc(state_dtype)       # [N, W] first moment
-        self.exp_avg_sq = self._alloc(state_dtype)    # [N, W] second moment
-        self.steps = self._alloc(torch.int64, (self.n_rows,))  # [N] per-row AdamW step
-        for t in (self.exp_avg, self.exp_avg_sq, self.steps):
-            t.zero_()
-        self._init_weights(init)
+        # node: an offload.node.NodeGroup; with more than one rank on the node the store lives in the node's
+        # shared memory (one host copy per node; collective over the node's ranks), else in private memory
+        self.node = node if node is not None and node.local_world > 1 else None
+        if self.node is None or self.node.leader:  # the node's other ranks allocate nothing
+            _check_host_ram(self.nbytes, n_rows, width, state_dtype)
+        if self.node is None:
+            self.weights = self._alloc(torch.float32)     # [N, W] fp32 master rows
+            self.exp_avg = self._alloc(state_dtype)       # [N, W] first moment
+            self.exp_avg_sq = self._alloc(state_dtype)    # [N, W] second moment
+            self.steps = self._alloc(torch.int64, (self.n_rows,))  # [N] per-row AdamW step
+            for t in (self.exp_avg, self.exp_avg_sq, self.steps):
+                t.zero_()
+            self._init_weights(self.weights, init)
+        else:
+            self._alloc_on_node(init)
         self.mirror: torch.Tensor | None = None  # [N, W] wire dtype, zero-copy only (attach_mirror)
         self._mirror_np = None
         self._bind_numpy()
+
+    @property
+    def shared(self) -> bool:
+        """The store lives in its node's shared memory (several ranks per node under torch.distributed)."""
+        return self.node is not None
+
+    def _layout(self) -> tuple[dict, int]:
+        """name -> (dtype, shape, byte offset) of the four tensors in one segment (page aligned); total bytes."""
+        out, off = {}, 0
+        for name, dtype, shape in (("weights", torch.float32, (self.n_rows, self.width)),
+                                   ("exp_avg", self.state_dtype, (self.n_rows, self.width)),
+                                   ("exp_avg_sq", self.state_dtype, (self.n_rows, self.width)),
+                                   ("steps", torch.int64, (self.n_rows,))):
+            out[name] = (dtype, shape, off)
+            off += -(-_nbytes(dtype, shape) // _PAGE) * _PAGE  # rounded up to a page
+        return out, off
+
+    def _alloc_on_node(self, init) -> None:
+        """The four tensors as views of one segment of the node's shared memory; the leader fills it."""
+        layout, total = self._layout()
+
+        def views(buf: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {name: buf[off:off + _nbytes(dt, shape)].view(dt).view(shape)
+                    for name, (dt, shape, off) in layout.items()}
+
+        def fill(buf: torch.Tensor) -> None:  # the leader, before any other rank maps the segment
+            v = views(buf)
+            for name in ("exp_avg", "exp_avg_sq", "steps"):
+                v[name].zero_()
+            self._init_weights(v["weights"], init)
+
+        buf = alloc_shared(self.node, total, fill, f"RowStore({self.n_rows} rows x {self.width})")
+        for name, t in views(buf).items():
+            _advise_huge_pages(t)
+            setattr(self, name, t)
+
+    def alloc_mirror(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """A shared store: the node's one mirror [N, W] `dtype` in its shared memory, filled from `weights` by
+        the leader (collective over the node's ranks); pass it to `attach_mirror(..., filled=True)`. A private
+        store: None (the caller allocates the mirror)."""
+        if self.node is None:
+            return None
+        if dtype not in WIRE_DTYPES:
+            raise TypeError(f"mirror dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+
+        def fill(buf: torch.Tensor) -> None:
+            buf.view(dtype).view(self.n_rows, self.width).copy_(self.weights)
+
+        buf = alloc_shared(self.node, _nbytes(dtype, (self.n_rows, self.width)), fill,
+                           f"mirror of RowStore({self.n_rows} rows x {self.width})")
+        return buf.view(dtype).view(self.n_rows, self.width)
 
     @staticmethod
     def bytes_needed(n_rows: int, width: int, state_dtype: torch.dtype = torch.float32) -> int:
@@ -90,20 +162,14 @@ class RowStore:
         _advise_huge_pages(t)
         return t
 
-    def _init_weights(self, init) -> None:
+    @staticmethod
+    def _init_weights(weights: torch.Tensor, init) -> None:
         if isinstance(init, str):
-            if init != "zeros":
-                raise ValueError(f"init must be 'zeros', a tensor or a callable, got {init!r}")
-            self.weights.zero_()
+            weights.zero_()
         elif isinstance(init, torch.Tensor):
-            if tuple(init.shape) != (self.n_rows, self.width):
-                raise ValueError(f"init tensor has shape {tuple(init.shape)}, expected "
-                                 f"({self.n_rows}, {self.width}) = (n_rows, width)")
-            self.weights.copy_(init)
-        elif callable(init):
-            init(self.weights)
+            weights.copy_(init)
         else:
-            raise TypeError(f"init must be 'zeros', a tensor or a callable, got {type(init).__name__}")
+            init(weights)
 
     def _bind_numpy(self) -> None:
         """numpy views used by the kernels (bf16 moments as uint16 bit patterns)."""
@@ -112,9 +178,10 @@ class RowStore:
         self._v_np = kernels.as_numpy(self.exp_avg_sq)
         self._steps_np = self.steps.numpy()
 
-    def attach_mirror(self, mirror: torch.Tensor) -> None:
+    def attach_mirror(self, mirror: torch.Tensor, *, filled: bool = False) -> None:
         """Keep `mirror` ([N, W] float32 or bfloat16, contiguous host tensor, e.g. pinned and mapped for a
-        device) equal to `weights.to(mirror.dtype)` from now on; it is filled now."""
+        device) equal to `weights.to(mirror.dtype)` from now on; it is filled now unless `filled` (a shared
+        mirror from `alloc_mirror`, filled by the node's leader)."""
         if not isinstance(mirror, torch.Tensor) or mirror.dtype not in WIRE_DTYPES:
             got = mirror.dtype if isinstance(mirror, torch.Tensor) else type(mirror).__name__
             raise TypeError(f"mirror must be a float32 or bfloat16 tensor, got {got}")
@@ -123,7 +190,8 @@ class RowStore:
             raise ValueError(f"mirror must be a contiguous CPU tensor [{self.n_rows}, {self.width}], got "
                              f"{tuple(mirror.shape)} on {mirror.device}")
         self.mirror, self._mirror_np = mirror, kernels.as_numpy(mirror)
-        self.refresh_mirror()
+        if not filled:
+            self.refresh_mirror()
 
     def refresh_mirror(self) -> None:
         """Rewrite the whole mirror from `weights` (after a bulk write; the optimizer keeps it per row)."""
@@ -189,6 +257,7 @@ class RowStore:
 
 
 _MADV_HUGEPAGE, _HUGE = 14, 1 << 21
+_PAGE = 4096  # tensors of a shared segment start on page boundaries
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
@@ -203,6 +272,22 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
     end = (t.data_ptr() + t.nbytes) & ~(_HUGE - 1)
     if end > start:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _check_init(init, n_rows: int, width: int) -> None:
+    if isinstance(init, str):
+        if init != "zeros":
+            raise ValueError(f"init must be 'zeros', a tensor or a callable, got {init!r}")
+    elif isinstance(init, torch.Tensor):
+        if tuple(init.shape) != (n_rows, width):
+            raise ValueError(f"init tensor has shape {tuple(init.shape)}, expected "
+                             f"({n_rows}, {width}) = (n_rows, width)")
+    elif not callable(init):
+        raise TypeError(f"init must be 'zeros', a tensor or a callable, got {type(init).__name__}")
 
 
 def _check_shape_args(n_rows, width, state_dtype) -> None:

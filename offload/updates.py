@@ -9,7 +9,10 @@ layer's next fetch: `take_pending` / `park`), and the step boundary (`end_step`,
 also counts, per layer, the updates queued and applied, so a zero-copy fetch can wait until its layer's
 mirror holds every queued update (`wait_applied`). Data parallel (`reducer`, an
 `offload.collective.RowGradReducer`): every layer's update waits for finish_step, where one worker task
-combines each layer's gradients across ranks, in layer order on every rank, then updates.
+combines each layer's gradients across ranks, in layer order on every rank, then updates. Stores shared
+by the ranks of a node (`node`, an `offload.node.NodeGroup`): every rank holds the same combined gradients
+and updates only the rows it owns (id % local_world == local_rank), then the node's ranks meet at a
+barrier before anyone reads a row again.
 
 It talks to its scheduler only through what it is given: the optimizers, the host worker, the meter,
 and `check` (raises a worker error in the caller). Per-layer update state lives in `LayerUpdate`.
@@ -65,9 +68,16 @@ class UpdatePolicy:
     """Staleness, clipping and parked updates of a TransferScheduler (see module docstring)."""
 
     def __init__(self, optimizers: Sequence, worker, meter, check: Callable[[], None], *, staleness: int,
-                 clip: str, max_norm: float, width: int, state_bytes: int, reducer=None):
+                 clip: str, max_norm: float, width: int, state_bytes: int, reducer=None, node=None,
+                 skip_waits: set | None = None):
         check_update_args(staleness, clip, max_norm, data_parallel=reducer is not None)
+        if node is not None and reducer is None:
+            raise ValueError("UpdatePolicy: stores shared by a node's ranks need a reducer (data parallel): each "
+                             "rank updates its own share of the rows from the all-reduced gradients")
         self.reducer = reducer
+        self.node = node  # offload.node.NodeGroup of shared stores: rows split by ownership, then a node barrier
+        self.skip_waits = set() if skip_waits is None else skip_waits  # test hook: "node" skips the node barrier
+        self.test_update_delay_s = 0.0  # test hook: this rank sleeps so long before its row updates (a slow owner)
         self.optimizers, self.worker, self.meter, self.check = optimizers, worker, meter, check
         self.staleness, self.clip, self.max_norm = staleness, clip, float(max_norm)
         self.width, self.state_bytes = width, state_bytes
@@ -178,9 +188,13 @@ class UpdatePolicy:
             scale = u.global_scale
         else:
             scale = 1.0
-        rows = opt.pending_rows
+        owner = None if self.node is None else self.node.owner
+        rows = opt.pending_rows if owner is None else int(opt.owned(owner).sum())  # the rows this rank writes
         try:
-            opt.step(grad_scale=scale, hparams=hparams)
+            if owner is None:
+                opt.step(grad_scale=scale, hparams=hparams)
+            else:  # a node's shared store: this rank's share of the rows
+                opt.step(grad_scale=scale, hparams=hparams, owner=owner)
         finally:
             self._done(u.index)
         # bytes touched: weights fp32 + both moments, read and written, plus the fp32 pending grads
@@ -235,8 +249,15 @@ class UpdatePolicy:
                 scale = clip_scale(sum(self.optimizers[u.index].grad_sq_norm() for u in layers), self.max_norm)
                 for u in layers:
                     u.global_scale = scale
+            if self.test_update_delay_s:
+                time.sleep(self.test_update_delay_s)
             for u in layers:
                 self._update_task(u, step, u.update_hparams)
+            if self.node is not None and "node" not in self.skip_waits:
+                # protects the shared rows: every rank of the node has written its share of the update before
+                # any of them reads a row again (the next fetch's gather, read_rows, a checkpoint); settle()
+                # holds finish_step until this task, barrier included, is done
+                self.node.barrier()
         self.worker.submit(task)
 
     def settle(self) -> None:

@@ -7,7 +7,9 @@ ranks' values, instead of a hang or silently different replicas later) and retur
 the row scheduler combines row gradients over (a gloo group of its own: the exchange runs on host
 tensors from the scheduler's worker thread, whatever the backend of the default group), or None in a
 single process. `average_gradients(params)` averages the router gates' gradients across ranks (the
-device-resident, trained parameters of the adapter), as DistributedDataParallel would.
+device-resident, trained parameters of the adapter), as DistributedDataParallel would. The node layout
+(which ranks share one host copy of the stores) is `offload.node.node_of(group)`, called by `meft.wrap`
+right after `data_parallel_group`.
 """
 
 from __future__ import annotations

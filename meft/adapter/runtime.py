@@ -45,6 +45,7 @@ from torch import Tensor
 from meft.adapter.inference import InferenceRows
 from meft.adapter.router import Routing, route, update_balance_bias
 from meft.adapter.summary import summary, summary_table
+from offload.copies import host_copies
 
 __all__ = ["MeftRuntime", "in_backward"]
 
@@ -364,6 +365,12 @@ class MeftRuntime:
         h2d, d2h = rep["totals"].get("h2d", {}), rep["totals"].get("d2h", {})
         return (h2d.get("bytes", 0), d2h.get("bytes", 0), h2d.get("rows", 0),
                 rep["cpu"].get("update", {}).get("ms", 0.0))
+
+    def host_copies(self) -> dict:
+        """Host copies of the row stores per node, measured from the processes' memory mappings
+        (`offload.copies.host_copies`): {"nodes", "ranks_per_node", "copies_per_node" (1: the node's ranks
+        share one copy), "store_bytes_per_node"}. Under torch.distributed a collective: every rank calls it."""
+        return host_copies(self.stores)
 
     def summary(self) -> dict:
         return summary(self)

@@ -8,6 +8,9 @@ Rows: row i of layer l is [k_i | v_i] (2d wide); keys ~ U(-1/sqrt(d), 1/sqrt(d))
 values 0, so the wrapped model starts exactly equal to the base model. Each router gate starts aligned
 with its layer's keys (`router.init_gate`: gate row e = unit-norm mean of expert e's keys), and the keys
 are frozen unless `MeftConfig.key_lr` is None (stable addressing, DESIGN.md "The adapter").
+Under torch.distributed (torchrun, several ranks) the ranks' configs are checked first, then the stores of a
+node's ranks are built in the node's shared memory (`offload.node`, `offload.shared`): one host copy per
+node, whose rows the node's ranks update by ownership (DESIGN.md "Distributed").
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from meft.adapter.runtime import MeftRuntime
 from meft.adapter.targets import find_targets, hidden_size_of
 from meft.config import MeftConfig
 from meft.lomo.optimizers import AdaLomo, Lomo
+from offload.copies import node_host_bytes
 from offload.meter import TrafficMeter
+from offload.node import node_of
 from offload.optim import SparseAdamW
 from offload.resident import ResidentScheduler
 from offload.scheduler import TransferScheduler
@@ -42,27 +47,39 @@ def row_init(d: int, seed: int, layer: int):
     return fill
 
 
-def _check_host_ram(config: MeftConfig, n_layers: int, width: int) -> None:
-    """All layers' stores at once, before the first is allocated (offload's host-RAM rule)."""
+def _check_host_ram(config: MeftConfig, n_layers: int, width: int, node=None) -> None:
+    """All layers' stores at once, before the first is allocated (offload's host-RAM rule). Under
+    torch.distributed with several ranks on a node (`node`) the stores are the node's one shared copy:
+    its local rank 0 counts them once plus every local rank's staging; the other ranks their staging."""
     def fixes(budget: int) -> str:
         per_row = n_layers * RowStore.bytes_needed(1, width, torch.bfloat16)
         return (f"Fix: lower MeftConfig.adapter_rows (at most ~{budget // per_row} per layer with "
                 "state_dtype='bfloat16'), set state_dtype='bfloat16', or adapt fewer layers (layers=2 or a list)")
 
-    need = n_layers * RowStore.bytes_needed(config.adapter_rows, width, config.state)
+    local_world = 1 if node is None else node.local_world
+    shared = local_world > 1
+    stores = n_layers * RowStore.bytes_needed(config.adapter_rows, width, config.state)
+    staging = mirrors = 0
     if config.offload:  # + the scheduler's staging (pinned at its exact size on CUDA)
         live = 2 * config.budget_rows if config.prefetch == "lookahead" else config.budget_rows
         mirror_rows = config.adapter_rows if config.fetch_mode == "zero_copy" else 0
-        need += TransferScheduler.staging_bytes(n_layers, config.budget_rows, width, config.wire, max_live_rows=live,
-                                                zero_copy_rows=mirror_rows)
+        with_mirrors = TransferScheduler.staging_bytes(n_layers, config.budget_rows, width, config.wire,
+                                                       max_live_rows=live, zero_copy_rows=mirror_rows)
+        mirrors = n_layers * mirror_rows * width * config.wire.itemsize  # shared per node like the stores
+        staging = with_mirrors - mirrors
+    if not shared:
+        need = node_host_bytes(stores, mirrors, staging, 1)
+    elif node.leader:  # the node's one copy is allocated here; its other ranks allocate their staging meanwhile
+        need = node_host_bytes(stores, mirrors, staging, local_world)
+    else:
+        need = staging
     check_host_ram(need, f"adapter_rows = {config.adapter_rows} x {n_layers} layers x width {width}", fixes)
 
 
-def _build_scheduler(config: MeftConfig, opts, device):
+def _build_scheduler(config: MeftConfig, opts, device, group):
     kw = dict(device=device, wire_dtype=config.wire,
               max_rows=config.budget_rows, staleness=config.staleness,
               clip=config.clip, max_norm=config.max_norm)
-    group = data_parallel_group(config)  # None in one process; every rank's config checked under torchrun
     if config.offload:
         meter = TrafficMeter()
         return TransferScheduler(opts, meter=meter, timing=config.copy_timing, process_group=group,
@@ -93,7 +110,9 @@ def wrap(model: nn.Module, config: MeftConfig | None = None) -> nn.Module:
     targets = find_targets(model, config.target_module)
     chosen = [targets[i] for i in config.layer_indices(len(targets))]
     d = hidden_size_of(model)
-    _check_host_ram(config, len(chosen), 2 * d)
+    group = data_parallel_group(config)  # None in one process; every rank's config checked under torchrun
+    node = None if group is None else node_of(group)  # the node's ranks share one host copy of the stores
+    _check_host_ram(config, len(chosen), 2 * d, node)
     device = next(model.parameters()).device
     undo = _Undo({n: p.requires_grad for n, p in model.named_parameters()})
     backbone = list(model.parameters())
@@ -103,10 +122,10 @@ def wrap(model: nn.Module, config: MeftConfig | None = None) -> nn.Module:
                 p.requires_grad_(False)
         adapters, opts = [], []
         for i, t in enumerate(chosen):
-            ad, opt = _attach(t, i, d, config, device, undo)
+            ad, opt = _attach(t, i, d, config, device, undo, node)
             adapters.append(ad)
             opts.append(opt)
-        scheduler, meter = _build_scheduler(config, opts, device)
+        scheduler, meter = _build_scheduler(config, opts, device, group)
         rt = MeftRuntime(model, config, adapters, opts, scheduler, device=device, meter=meter)
         undo.runtime = rt
         rt.undo = undo
@@ -143,10 +162,11 @@ class _Undo:
                 p.requires_grad_(self.grad_flags[n])
 
 
-def _attach(t, i: int, d: int, config: MeftConfig, device, undo: _Undo):
-    """Adapter `i` around target t (module replaced, input tapped if split) + its store and optimizer."""
+def _attach(t, i: int, d: int, config: MeftConfig, device, undo: _Undo, node=None):
+    """Adapter `i` around target t (module replaced, input tapped if split) + its store (in the node's shared
+    memory under torch.distributed with several ranks per node) and optimizer."""
     store = RowStore(config.adapter_rows, 2 * d, init=row_init(d, config.seed, t.layer),
-                     state_dtype=config.state)
+                     state_dtype=config.state, node=node)
     gate = init_gate(store.weights[:, :d], config.expert_size).to(device)  # [E, d] from the keys
     base = getattr(t.parent, t.out_name)
     ad = SparseFFNAdapter(base, index=i, layer=t.layer, d=d, gate=gate, expert_size=config.expert_size,

@@ -3,7 +3,8 @@
     torchrun --standalone --nproc_per_node=2 tests/meft/adapter/dp_worker.py OUT_DIR MODE
 
 MODE "train": rank r trains a wrapped tiny Llama (frozen backbone, fp32 wire) on shard r of every batch
-and saves its losses, rows and router gates. MODE "mismatch": rank 1 wraps with another adapter_rows;
+and saves its losses, rows and router gates, and the host copies of the stores (both ranks are one node:
+one shared copy). MODE "mismatch": rank 1 wraps with another adapter_rows;
 every rank saves the error meft.wrap raised.
 """
 
@@ -63,7 +64,8 @@ def main() -> None:
     rt.sync_to_host()
     torch.save({"losses": losses, "rows": [s.weights.clone() for s in rt.stores],
                 "gates": [ad.gate.detach().clone() for ad in rt.adapters],
-                "collective": rt.scheduler.meter.report()["totals"].get("collective")}, out / f"rank{rank}.pt")
+                "collective": rt.scheduler.meter.report()["totals"].get("collective"),
+                "shared": [s.shared for s in rt.stores], "copies": rt.host_copies()}, out / f"rank{rank}.pt")
     (out / f"ok{rank}.json").write_text(json.dumps({"steps": STEPS}))
     rt.close()
     dist.destroy_process_group()

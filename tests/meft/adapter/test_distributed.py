@@ -4,7 +4,8 @@ ranks that wrap with different configs.
 Two ranks on two shards of each batch must train the same adapter as one process that takes the two
 shards as two micro-batches of one step (`grad_accum_steps=2`, loss / 2): same losses per shard, rows and
 router gates bitwise (fp32 wire: the ranks' average (g0 + g1) / 2 and the accumulated g0/2 + g1/2 are the
-same fp32 numbers), and both ranks hold identical replicas.
+same fp32 numbers), and both ranks hold identical replicas. Both ranks are one node: they hold one host
+copy of the stores, in shared memory (`offload.shared`), measured from their memory mappings.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ def test_two_ranks_train_like_one_process_accumulating_their_shards(ranks):
     c = ranks[0]["collective"]
     assert c["count"] == w.STEPS * len(rt.stores) and c["bytes"] > 0  # one exchange per layer and step
     rt.close()
+
+
+def test_the_two_ranks_of_one_node_hold_one_shared_copy_of_the_stores(ranks):
+    for r in ranks:
+        assert all(r["shared"]), "wrap under torchrun builds the stores in the node's shared memory"
+        c = r["copies"]
+        assert c["nodes"] == 1 and c["ranks_per_node"] == [w.WORLD] and c["copies_per_node"] == 1, c
 
 
 def test_ranks_with_different_configs_are_refused_naming_the_field(tmp_path):
