@@ -23,13 +23,17 @@ def plain_overlap(a, b, res=2e-3):
     return float(ca.sum()) * res, float((ca & cb).sum()) * res
 
 
+def _random_intervals(n: int, g: torch.Generator) -> list[tuple[float, float]]:
+    """`n` intervals starting in [0, 9) s, 0.01-2 s long, on a 10 ms grid (they may overlap)."""
+    starts = torch.randint(0, 900, (n,), generator=g) / 100
+    lengths = torch.randint(1, 200, (n,), generator=g) / 100
+    return [(float(s), float(s) + float(d)) for s, d in zip(starts, lengths)]
+
+
 def test_interval_overlap_matches_plain_twin():
     g = torch.Generator().manual_seed(0)
     for _ in range(10):
-        mk = lambda n: [(float(s), float(s) + float(d)) for s, d in
-                        zip(torch.randint(0, 900, (n,), generator=g) / 100,
-                            torch.randint(1, 200, (n,), generator=g) / 100)]
-        a, b = mk(6), mk(5)
+        a, b = _random_intervals(6, g), _random_intervals(5, g)
         fast, plain = interval_overlap(a, b), plain_overlap(a, b)
         torch.testing.assert_close(torch.tensor(fast, dtype=torch.float64),
                                    torch.tensor(plain, dtype=torch.float64), atol=2e-2, rtol=0)
@@ -38,10 +42,7 @@ def test_interval_overlap_matches_plain_twin():
 def test_interval_subtract_matches_plain_twin():
     g = torch.Generator().manual_seed(1)
     for _ in range(10):
-        mk = lambda n: [(float(s), float(s) + float(d)) for s, d in
-                        zip(torch.randint(0, 900, (n,), generator=g) / 100,
-                            torch.randint(1, 200, (n,), generator=g) / 100)]
-        a, b = mk(6), mk(5)
+        a, b = _random_intervals(6, g), _random_intervals(5, g)
         left = interval_subtract(a, b)
         assert all(s < e for s, e in left) and all(left[i][1] <= left[i + 1][0] for i in range(len(left) - 1))
         covered_a, _ = plain_overlap(a, a)
