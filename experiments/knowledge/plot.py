@@ -37,16 +37,27 @@ def plot_sweep(results: list[dict], path: str) -> str:
                         if "error" not in r and s["dataset"] == ds and method_label(s) == m and s["lr"] == lr:
                             ax.plot([lr], [100 * r["eval"][split]["exact_match"]], ".", color=color, alpha=0.4)
                 ax.plot([v["lr"]], [100 * v[f"em_{split}"]], "o", ms=13, mfc="none", color=color)
-            ax.set_xscale("log")
-            ax.set_xlabel("AdamW learning rate")
-            ax.set_ylabel(f"exact match, {split.replace('_', '-')} % ")
-            ax.set_title(f"{ds} facts: {split.replace('_', '-')} phrasings")
-            ax.set_ylim(-3, 103)
-            ax.grid(alpha=0.3)
+            _exact_match_axes(ax, split, "AdamW learning rate", f"{ds} facts: ")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9)
-    fig.suptitle("knowledge lr sweep: line = mean over seeds, dots = seeds, ring = lr compared at")
-    fig.tight_layout(rect=(0, 0.1 / len(datasets), 1, 1))
+    return _save(plt, fig, path, "knowledge lr sweep: line = mean over seeds, dots = seeds, ring = lr compared at",
+                 rect=(0, 0.1 / len(datasets), 1, 1))
+
+
+def _exact_match_axes(ax, split: str, xlabel: str, title_prefix: str = "") -> None:
+    """A log-x panel of exact match (%) on one split."""
+    name = split.replace("_", "-")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"exact match, {name} %")
+    ax.set_title(f"{title_prefix}{name} phrasings")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+
+
+def _save(plt, fig, path: str, title: str, rect=None) -> str:
+    fig.suptitle(title)
+    fig.tight_layout(**({"rect": rect} if rect else {}))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -77,18 +88,9 @@ def plot_capacity(summary: dict, path: str) -> str:
         if base:
             ns = sorted(base)
             ax.plot(ns, [100 * base[n][f"em_{split}"] for n in ns], "--", color="gray", label="base (untrained)")
-        ax.set_xscale("log")
-        ax.set_xlabel("fictional facts N")
-        ax.set_ylabel(f"exact match, {split.replace('_', '-')} %")
-        ax.set_title(f"{split.replace('_', '-')} phrasings")
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
+        _exact_match_axes(ax, split, "fictional facts N")
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"capacity curve: {summary['plan']['epochs']:g} epochs, each method at its chosen lr")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, f"capacity curve: {summary['plan']['epochs']:g} epochs, each method at its chosen lr")
 
 
 def plot_forgetting(summary: dict, path: str) -> str:
@@ -108,12 +110,12 @@ def plot_forgetting(summary: dict, path: str) -> str:
             for n, x, y in pts:
                 ax.annotate(f"N={n}", (scale * x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axvline(0, color="gray", lw=0.8)
+        if key == "ppl_increase":  # a diverged run's +100000% must not flatten the others onto the axis
+            ax.set_xscale("symlog", linthresh=10)
+            ax.set_xlim(left=min([-1.0] + [scale * c[key] for m in summary["plan"]["methods"]
+                                           for c in summary["cells"][m].values() if c[key] is not None]) * 1.5)
         ax.set_xlabel(xlabel + " (right = forgot more)")
         ax.set_ylabel("held-out exact match gain, points")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("learned vs forgotten: up and to the left is better")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, "learned vs forgotten: up and to the left is better")
