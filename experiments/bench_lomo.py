@@ -22,11 +22,19 @@ Part 2: hook overhead on a deeper, narrower Llama (78 layers, hidden 192: 704 pa
 plain `loss.backward()` vs Lomo's fused backward (hooks + SGD update) vs `OriginalLomo` below, the
 original LOMO hook scheme as a reference (each hook scans all parameters: O(n^2) per backward).
 
+Loss: every method runs twice, once on the plain loss `model(input_ids, labels=ids).loss` ("hf" rows:
+adamw, sgd, lomo, adalomo, floor) and once on `meft.lomo.head.lm_loss(model, ids, opt=opt)` ("+head"
+rows), the same loss with the LM head + cross-entropy in vocabulary chunks (no [N, V] logits kept) and the
+tied embedding/head weight's gradient in one buffer (AdamW, AdaLomo) or, for Lomo, none (its rows are
+updated inside the head's backward). Each row's "/ AdamW" is against AdamW on the same loss; "/ AdamW hf"
+against AdamW on the plain loss.
+
     python experiments/bench_lomo.py [--quick] [--json] [--write-benchmarks]
 
-Targets: Lomo and AdaLomo peak <= 0.4x AdamW's (headline: the worse of fp32 and bf16); Lomo backward /
-plain backward <= 1.3x. `--json` prints a JSON object as the last stdout line, ending with
-`lomo_peak_ratio_vs_adamw`, `adalomo_peak_ratio_vs_adamw`, `hook_overhead_ratio`. `--write-benchmarks`
+Targets: Lomo and AdaLomo peak <= 0.4x AdamW's (headline: the +head rows against AdamW+head, the same
+loss, the worse of fp32 and bf16; the plain-loss ratios are printed too); Lomo backward / plain backward
+<= 1.3x. `--json` prints a JSON object as the last stdout line, ending with `lomo_peak_ratio_vs_adamw`,
+`adalomo_peak_ratio_vs_adamw`, `hook_overhead_ratio`. `--write-benchmarks`
 replaces (or appends) this benchmark's section of BENCHMARKS.md.
 """
 
@@ -55,19 +63,21 @@ from tqdm import tqdm  # noqa: E402
 
 import meft  # noqa: E402
 from experiments.benchmarks_md import replace_section  # noqa: E402
+from meft.lomo import lm_loss  # noqa: E402
 
 __all__ = ["main", "OriginalLomo", "FreeGrads"]
 
 SECTION = "## Lomo / AdaLomo: memory and hook overhead (experiments/bench_lomo.py)"
-METHODS = ("adamw", "sgd", "lomo", "adalomo")
+METHODS = ("adamw", "sgd", "lomo", "adalomo", "adamw+head", "lomo+head", "adalomo+head")  # +head: lm_loss
 LR = {"adamw": 1e-5, "sgd": 1e-4, "lomo": 1e-4, "adalomo": 1e-5}
+FLOORS = ("floor", "floor+head")  # FreeGrads on the plain loss / on lm_loss
 CATEGORIES = ("Parameter", "Gradient", "Optstate", "Activation", "Temp")
 TARGET_PEAK, TARGET_HOOK = 0.4, 1.3
 MIB = 2**20
 # layers of the SmolLM2-size model; (batch, seq) per dtype; timed samples per method; hook model layers, ...
 FULL = {"layers": 30, "fp32": (2, 128), "bf16": (1, 8), "samples": 3, "bf16_samples": 3, "hook_layers": 78,
         "hook_bt": (1, 128), "hook_samples": 10}
-QUICK = {"layers": 2, "fp32": (1, 64), "bf16": (1, 4), "samples": 2, "bf16_samples": 1, "hook_layers": 26,
+QUICK = {"layers": 2, "fp32": (1, 64), "bf16": (1, 4), "samples": 1, "bf16_samples": 1, "hook_layers": 26,
          "hook_bt": (1, 64), "hook_samples": 2}
 
 
@@ -116,18 +126,19 @@ class FreeGrads(torch.optim.Optimizer):
 
 
 def make_opt(name: str, model):  # torch's defaults (CPU: for-loop implementations); SGD without momentum
+    name = name.removesuffix("+head")
     if name in ("adamw", "sgd"):
         return {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name](model.parameters(), lr=LR[name])
     return {"lomo": meft.Lomo, "adalomo": meft.AdaLomo}[name](model, lr=LR[name])
 
 
-def train_step(model, opt, ids) -> None:
+def train_step(model, opt, ids, head: bool = False) -> None:
     if isinstance(opt, (meft.Lomo, meft.AdaLomo, FreeGrads)):
-        opt.backward(model(input_ids=ids, labels=ids).loss)  # the update happens in here
+        opt.backward(lm_loss(model, ids, opt=opt) if head else model(input_ids=ids, labels=ids).loss)  # updates
         opt.step()
     else:
         opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
+        (lm_loss(model, ids) if head else model(input_ids=ids, labels=ids).loss).backward()
         opt.step()
 
 
@@ -166,7 +177,7 @@ class PeakTracker(MemTracker):
         return f"forward: {op} in {inner.split('.', 1)[1] if '.' in inner else inner}"
 
 
-def peak_memory(model, opt, ids) -> tuple[dict, str]:
+def peak_memory(model, opt, ids, head: bool = False) -> tuple[dict, str]:
     """MiB per MemTracker category at the peak of one step, and "Total"; where the peak happened."""
     opt.zero_grad(set_to_none=True)  # the previous step's gradients are not part of this one
     mt = PeakTracker() if hasattr(MemTracker, "_update_peak_stats") else MemTracker()
@@ -175,7 +186,7 @@ def peak_memory(model, opt, ids) -> tuple[dict, str]:
         # MemTracker's own post-accumulate hook runs after Lomo's, which already freed p.grad
         warnings.filterwarnings("ignore", message="Expected a tensor")
         with mt:
-            train_step(model, opt, ids)
+            train_step(model, opt, ids, head)
     (snap,) = mt.get_tracker_snapshot("peak").values()
     where = mt.peak_at() if isinstance(mt, PeakTracker) else "?"
     return {str(getattr(k, "value", k)): v / MIB for k, v in snap.items()}, where
@@ -193,26 +204,30 @@ def bench_dtype(base, dtype, bt, samples: int) -> dict:
             order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
             for name in order:
                 t0 = time.perf_counter()
-                train_step(*runs[name], ids)
+                train_step(*runs[name], ids, name.endswith("+head"))
                 dt = time.perf_counter() - t0
                 if r:
                     times[name].append(dt)
                 bar.update()
     out = {}
     for name in tqdm(METHODS, desc=f"{label} peak memory", file=sys.stderr):
-        mem, where = peak_memory(*runs[name], ids)
+        mem, where = peak_memory(*runs[name], ids, name.endswith("+head"))
         out[name] = {"peak_mib": mem["Total"], "breakdown_mib": {c: mem.get(c, 0.0) for c in CATEGORIES},
                      "peak_at": where, "step_s": statistics.median(times[name]), "step_s_best": min(times[name]),
                      "step_s_samples": times[name]}
         del runs[name]  # one model at a time in memory from here on
-    model = copy.deepcopy(base).to(dtype)
-    floor = FreeGrads(model)
-    train_step(model, floor, ids)  # untracked first step, as every method had its warm-up
-    mem, where = peak_memory(model, floor, ids)
-    out["floor"] = {"peak_mib": mem["Total"], "breakdown_mib": {c: mem.get(c, 0.0) for c in CATEGORIES},
-                    "peak_at": where}
-    for name in (*METHODS, "floor"):
-        out[name]["peak_vs_adamw"] = out[name]["peak_mib"] / out["adamw"]["peak_mib"]
+    for name in FLOORS:
+        model = copy.deepcopy(base).to(dtype)
+        floor = FreeGrads(model)
+        train_step(model, floor, ids, name.endswith("+head"))  # untracked first step, as every method had
+        mem, where = peak_memory(model, floor, ids, name.endswith("+head"))
+        out[name] = {"peak_mib": mem["Total"], "breakdown_mib": {c: mem.get(c, 0.0) for c in CATEGORIES},
+                     "peak_at": where}
+        del model, floor
+    for name in (*METHODS, *FLOORS):  # against AdamW on the same loss, and on the plain loss
+        same = "adamw+head" if name.endswith("+head") else "adamw"
+        out[name]["peak_vs_adamw"] = out[name]["peak_mib"] / out[same]["peak_mib"]
+        out[name]["peak_vs_adamw_hf"] = out[name]["peak_mib"] / out["adamw"]["peak_mib"]
     return out
 
 
@@ -293,7 +308,7 @@ def verdict(value: float, target: float) -> str:
 
 def report(res: dict) -> str:
     cfg, h = res["config"], res["hook"]
-    cols = ("peak MiB", "/ AdamW", "params", "grads", "opt state", "activations", "temp", "step s", "best s",
+    cols = ("peak MiB", "/ AdamW", "/ AdamW hf", "params", "grads", "opt state", "activations", "temp", "step s", "best s",
             "peak at")
     lines = [f"Model: SmolLM2-135M config, {cfg['layers']} layers ({res['n_params'] / 1e6:.1f} M parameters, "
              f"{res['n_tensors']} tensors), random weights, {cfg['attn']} attention, {cfg['threads']} torch "
@@ -301,13 +316,18 @@ def report(res: dict) -> str:
              f"{cfg['bf16'][0]} x seq {cfg['bf16'][1]}; 1 warm-up + {cfg['samples']} (bf16: {cfg['bf16_samples']}) "
              "interleaved timed steps per method (median, best), then one MemTracker step. MiB at the peak; "
              "`floor`: a backward that frees every gradient in its hook and updates nothing (the least any "
-             "optimizer fused into backward can peak at on this workload):", "",
+             "optimizer fused into backward can peak at on this workload; `floor+head` holds the tied weight's "
+             "one gradient buffer, which Lomo+head does not, so Lomo+head may peak below it). `+head`: the loss is "
+             "`meft.lomo.head.lm_loss` (LM head + cross-entropy in vocabulary chunks; tied weight's gradient in one "
+             "buffer, or for Lomo none: its rows are updated inside the head's backward); \"/ AdamW\" is against "
+             "AdamW on the same loss, \"/ AdamW hf\" against AdamW on the plain `model(..., labels=...).loss`:", "",
              "| dtype | method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for dt in ("fp32", "bf16"):
-        for name in (*METHODS, "floor"):
+        for name in (*METHODS[:4], "floor", *METHODS[4:], "floor+head"):
             r, b = res[dt][name], res[dt][name]["breakdown_mib"]
             times = [f"{r[k]:.2f}" if k in r else "-" for k in ("step_s", "step_s_best")]
-            cells = [f"{r['peak_mib']:.0f}", f"{r['peak_vs_adamw']:.3f}", *(f"{b[c]:.0f}" for c in CATEGORIES),
+            cells = [f"{r['peak_mib']:.0f}", f"{r['peak_vs_adamw']:.3f}", f"{r['peak_vs_adamw_hf']:.3f}",
+                     *(f"{b[c]:.0f}" for c in CATEGORIES),
                      *times, r["peak_at"]]
             lines.append(f"| {dt} | {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Hook overhead: Llama with {h['layers']} layers, hidden {h['hidden']} "
@@ -325,8 +345,12 @@ def report(res: dict) -> str:
     lines.append("")
     for m, label in (("lomo", "Lomo"), ("adalomo", "AdaLomo")):
         worse = verdict(res[f"{m}_peak_ratio_vs_adamw"], TARGET_PEAK)
-        lines.append(f"- {label} peak / AdamW peak: fp32 {res['fp32'][m]['peak_vs_adamw']:.3f}, bf16 "
-                     f"{res['bf16'][m]['peak_vs_adamw']:.3f}; worse {worse}")
+        hd = f"{m}+head"
+        lines.append(f"- {label}+head peak / AdamW+head peak (same loss): fp32 {res['fp32'][hd]['peak_vs_adamw']:.3f}, "
+                     f"bf16 {res['bf16'][hd]['peak_vs_adamw']:.3f}; worse {worse}; against AdamW on the plain "
+                     f"loss: fp32 {res['fp32'][hd]['peak_vs_adamw_hf']:.3f}, bf16 {res['bf16'][hd]['peak_vs_adamw_hf']:.3f}; "
+                     f"{label} on the plain loss: fp32 {res['fp32'][m]['peak_vs_adamw']:.3f}, bf16 "
+                     f"{res['bf16'][m]['peak_vs_adamw']:.3f}")
     d = h["max_abs_diff_after_one_step_vs_lomo"]
     lines += [f"- Lomo backward / plain backward {verdict(res['hook_overhead_ratio'], TARGET_HOOK)}; Lomo / "
               f"(plain + SGD.step()) = {h['lomo_vs_plain_plus_sgd_step']:.2f}; original scheme / plain = "
@@ -339,8 +363,8 @@ def report(res: dict) -> str:
 def notes(res: dict) -> list[str]:
     out, big = [], res["largest_fp32_mib"]
     for dt in ("fp32", "bf16"):
-        floor = res[dt]["floor"]
-        for name in ("lomo", "adalomo"):
+        floor = res[dt]["floor+head"]
+        for name in ("lomo+head", "adalomo+head"):
             r, b = res[dt][name], res[dt][name]["breakdown_mib"]
             if r["peak_vs_adamw"] <= TARGET_PEAK:
                 continue
@@ -415,8 +439,12 @@ def main(argv: list[str] | None = None) -> dict:
     res["hook"] = bench_hooks(hook_config(preset["hook_layers"]), preset["hook_bt"], preset["hook_samples"])
     res["config"]["loadavg"] = os.getloadavg()[0]
     res["config"]["wall_s"] = time.perf_counter() - t_start
-    res["lomo_peak_ratio_vs_adamw"] = max(res[dt]["lomo"]["peak_vs_adamw"] for dt in ("fp32", "bf16"))
-    res["adalomo_peak_ratio_vs_adamw"] = max(res[dt]["adalomo"]["peak_vs_adamw"] for dt in ("fp32", "bf16"))
+    for m in ("lomo", "adalomo"):  # plain-loss rows (the earlier headline), then the headline: +head rows
+        res[f"{m}_hf_loss_peak_ratio_vs_adamw"] = max(res[dt][m]["peak_vs_adamw"] for dt in ("fp32", "bf16"))
+        res[f"{m}_head_peak_ratio_vs_adamw_hf_loss"] = max(res[dt][f"{m}+head"]["peak_vs_adamw_hf"]
+                                                           for dt in ("fp32", "bf16"))
+    res["lomo_peak_ratio_vs_adamw"] = max(res[dt]["lomo+head"]["peak_vs_adamw"] for dt in ("fp32", "bf16"))
+    res["adalomo_peak_ratio_vs_adamw"] = max(res[dt]["adalomo+head"]["peak_vs_adamw"] for dt in ("fp32", "bf16"))
     res["hook_overhead_ratio"] = res["hook"]["hook_overhead_ratio"]
     res["notes"] = notes(res)
     text = report(res)

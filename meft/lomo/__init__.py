@@ -1,5 +1,7 @@
 """Lomo / AdaLomo: backbone optimizers fused into backward (update in place, no `.grad` kept), usable on
-any model; `meft.Lomo` and `meft.AdaLomo` are the public faces.
+any model; `meft.Lomo` and `meft.AdaLomo` are the public faces. `lm_loss` / `head_loss`: a causal LM's
+loss with the LM head in vocabulary chunks, through which Lomo updates the (tied) head without a [V, d]
+gradient.
 """
 
 from meft._faces import lazy_face
@@ -7,6 +9,8 @@ from meft._faces import lazy_face
 _WHERE = {
     "Lomo": "meft.lomo.optimizers",
     "AdaLomo": "meft.lomo.optimizers",
+    "lm_loss": "meft.lomo.head",
+    "head_loss": "meft.lomo.head",
 }
 __all__ = list(_WHERE)
 

@@ -9,6 +9,10 @@ back (optionally with stochastic rounding). Subclasses implement `_update(p, chu
 in-place update of one parameter, chunk by chunk, so that no fp32 temporary of a whole tensor exists (a
 bf16 model's 49152 x 576 tied embedding would need 108 MiB per temporary, at the end of backward).
 
+Row parts (`rows_update_ok`, `begin_rows`, `update_rows`): for a row-separable rule (Lomo) a parameter's
+update may be applied in row parts, each row once with its whole gradient, as meft.lomo.head does for the
+tied LM head during its backward (no [V, d] gradient); it counts as the parameter's one update of the step.
+
 Step contract (see meft.lomo.optimizers for the user-facing description):
   backward     the hook of each owned parameter fires once its gradient is complete: average across
                ranks, clip, update in place, free `.grad`. Tied parameters are one tensor: one update.
@@ -302,6 +306,36 @@ class FusedBackwardOptimizer(Optimizer):
                 gen = self._generators[p.device] = torch.Generator(device=p.device)
             rounding_generator(gen, self.seed, idx, step)
         return Chunks(p, grad, self.chunk_bytes, clip=self.clip, max_norm=self.max_norm, coef=coef, rounding=gen)
+
+    # ---- updates in row parts (meft.lomo.head: the tied LM head's rows during its backward) -----------
+    def rows_update_ok(self, p: Tensor) -> bool:
+        """Whether `p`'s update may be applied in row parts (each row once, with its whole gradient) with
+        the result of one update: the rule is row-separable (`_rowwise`, Lomo), `p` is owned and hooked, and
+        nothing needs the whole gradient first (clip 'none' / 'value', no stochastic rounding, whose noise
+        is drawn in row order, no cross-rank average, not in a norm pass)."""
+        return (self._rowwise and id(p) in self._ids and bool(self._handles) and self.clip in ("none", "value")
+                and not (self.stochastic_rounding and p.dtype == torch.bfloat16) and self._world == 1
+                and not self._in_norm_pass)
+
+    @torch.no_grad()
+    def begin_rows(self, p: Tensor) -> None:
+        """Open this step's row-part update of `p` (bookkeeping of one update: a later hook on `p` in the
+        same step is refused as gradient accumulation)."""
+        self._begin_update(self._ids[id(p)])
+        state = self.state[p]
+        if not state:
+            self._init_state(p, state)
+        state["step"] += 1
+
+    @torch.no_grad()
+    def update_rows(self, p: Tensor, rows: Tensor, grad_rows: Tensor) -> None:
+        """Update `rows` in place ([R, ...]: a view of rows of `p`, or a copy written back by the caller)
+        with their whole gradient `grad_rows` [R, ...], after `begin_rows(p)`."""
+        idx = self._ids[id(p)]
+        chunks = Chunks(rows, grad_rows, self.chunk_bytes, clip=self.clip, max_norm=self.max_norm)
+        self._update(rows, chunks, self.param_groups[self._group_of[idx]], self.state[p])
+
+    _rowwise = False  # True when a row's update reads only that row's gradient and parameter (Lomo)
 
     @staticmethod
     def _init_state(p: Tensor, state: dict) -> None:

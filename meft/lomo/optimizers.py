@@ -59,6 +59,7 @@ __all__ = ["Lomo", "AdaLomo"]
 
 class Lomo(FusedBackwardOptimizer):
     """SGD with decoupled weight decay, fused into backward: p <- p * (1 - lr * wd) - lr * g."""
+    _rowwise = True  # each element's update reads only its own gradient: rows may be updated in parts
     def __init__(self, params, lr: float = 1e-3, *, weight_decay: float = 0.0, clip: str = "none",
                  max_norm: float = 1.0, stochastic_rounding: bool = False, seed: int = 0,
                  chunk_bytes: int = CHUNK_BYTES, process_group=None):
