@@ -308,7 +308,8 @@ def verdict(value: float, target: float) -> str:
 
 def report(res: dict) -> str:
     cfg, h = res["config"], res["hook"]
-    cols = ("peak MiB", "/ AdamW", "/ AdamW hf", "params", "grads", "opt state", "activations", "temp", "step s", "best s",
+    cols = ("peak MiB", "/ AdamW", "/ AdamW hf", "params", "grads", "opt state", "activations", "temp", "step s",
+            "best s",
             "peak at")
     lines = [f"Model: SmolLM2-135M config, {cfg['layers']} layers ({res['n_params'] / 1e6:.1f} M parameters, "
              f"{res['n_tensors']} tensors), random weights, {cfg['attn']} attention, {cfg['threads']} torch "
@@ -348,7 +349,8 @@ def report(res: dict) -> str:
         hd = f"{m}+head"
         lines.append(f"- {label}+head peak / AdamW+head peak (same loss): fp32 {res['fp32'][hd]['peak_vs_adamw']:.3f}, "
                      f"bf16 {res['bf16'][hd]['peak_vs_adamw']:.3f}; worse {worse}; against AdamW on the plain "
-                     f"loss: fp32 {res['fp32'][hd]['peak_vs_adamw_hf']:.3f}, bf16 {res['bf16'][hd]['peak_vs_adamw_hf']:.3f}; "
+                     f"loss: fp32 {res['fp32'][hd]['peak_vs_adamw_hf']:.3f}, "
+                     f"bf16 {res['bf16'][hd]['peak_vs_adamw_hf']:.3f}; "
                      f"{label} on the plain loss: fp32 {res['fp32'][m]['peak_vs_adamw']:.3f}, bf16 "
                      f"{res['bf16'][m]['peak_vs_adamw']:.3f}")
     d = h["max_abs_diff_after_one_step_vs_lomo"]

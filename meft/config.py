@@ -157,6 +157,18 @@ class MeftConfig:
     balance_rate: float = opt(
         1e-2, "Step of the per-expert routing bias per optimizer step with balance='bias'; scores are x . G "
         "with unit-norm gate rows at init (about one unit of spread), so 1e-2 moves an expert by that in ~100 steps.")
+    # Sparse memory finetuning (Lin et al. 2025, arXiv 2510.15103; issue 13 item 6): measured, every token of
+    # general text routes into freshly trained rows, so MEFT forgets; updating only the experts the training
+    # data uses much more than general text keeps general text on rows that training did not move.
+    sparse_update: int = opt(
+        0, "0: off (every active row is updated). t > 0: each micro-batch updates only the rows of the t "
+        "active experts per layer most specific to it: tf (the batch's real tokens routed to the expert) x "
+        "idf (log((B + 1) / (bg + 1)), bg = background tokens routed to it with the current gate); the other "
+        "active rows get no update at all (weights, moments, step counts unchanged).")
+    sparse_background_tokens: int = opt(
+        2048, "Background (general) text tokens for sparse_update's idf: pydoc_data topics (offline, the ones "
+        "the knowledge harness does not score perplexity on), tokenized at wrap; their FFN inputs stay on the "
+        "compute device ([tokens, d] per adapted layer) and are re-routed by the current gates every step.")
 
     # ---- validation -------------------------------------------------------------------------------
     def _problems(self) -> list[tuple[str, Any, str]]:
@@ -170,7 +182,23 @@ class MeftConfig:
         r = self.balance_rate
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0:
             bad.append(("balance_rate", r, "a number >= 0, e.g. 1e-2"))
-        return bad + self._key_lr_problems()
+        return bad + self._key_lr_problems() + self._sparse_problems()
+
+    def _sparse_problems(self) -> list[tuple[str, Any, str]]:
+        bad = []
+        if self._bad_int("sparse_update", 0):
+            bad.append(("sparse_update", self.sparse_update, "0 (off) or a positive int: experts updated per layer "
+                                                             "per micro-batch, e.g. 8"))
+        elif self.sparse_update and not self._bad_int("adapter_rows", 1) and not self._bad_int("expert_size", 1) \
+                and not self._bad_int("max_active_rows", 1) and self.adapter_rows % self.expert_size == 0 \
+                and self.sparse_update >= self.budget_experts:
+            bad.append(("sparse_update", self.sparse_update,
+                        f"fewer than the row budget in experts ({self.budget_experts} = max_active_rows // "
+                        f"expert_size), else every active row is updated anyway; or 0 (off)"))
+        if self._bad_int("sparse_background_tokens", 1):
+            bad.append(("sparse_background_tokens", self.sparse_background_tokens,
+                        "a positive int (background tokens for sparse_update's idf), e.g. 2048"))
+        return bad
 
     def _key_lr_problems(self) -> list[tuple[str, Any, str]]:
         v = self.key_lr

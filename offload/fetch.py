@@ -31,7 +31,7 @@ import torch
 from offload.worker import wait_for
 
 __all__ = ["FetchHandle", "FetchLink", "LayerState", "valid_prefix", "check_extend", "check_grads", "check_ids",
-           "check_live_rows", "check_subset"]
+           "check_keep", "check_live_rows", "check_subset"]
 
 
 # ---------------------------------------------------------------------------------- argument checks
@@ -76,6 +76,20 @@ def check_grads(grads, k: int, width: int, layer: int, device: torch.device) -> 
                          f"(ids pushed for layer {layer}, width)")
     if grads.device.type != device.type:
         raise ValueError(f"push_grads: grads are on {grads.device}, expected {device}")
+
+
+def check_keep(keep, k: int, enabled: bool, device: torch.device) -> torch.Tensor:
+    """push_grads(keep=): a sparse update's row mask must be a bool tensor [k], on the CPU or the gradients'
+    device, and the scheduler must have been built for it (`update_mask=True`). -> keep on `device`."""
+    if not enabled:
+        raise ValueError("push_grads: keep= (a sparse update's row mask) needs a scheduler built with "
+                         "update_mask=True")
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (k,):
+        got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise TypeError(f"push_grads: keep must be a bool tensor [{k}] (one flag per pushed row), got {got}")
+    if keep.device.type not in ("cpu", device.type):
+        raise ValueError(f"push_grads: keep is on {keep.device}; pass it on the CPU or on {device}")
+    return keep.to(device)
 
 
 def check_subset(ids_host: torch.Tensor, live_host: torch.Tensor, layer: int) -> None:

@@ -345,7 +345,8 @@ def _sum_sq_rows(pending, n):
 # ---------------------------------------------------------------- fused lazy AdamW
 
 
-def adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay, mirror=None) -> None:
+def adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay, mirror=None,
+               keep=None) -> None:
     """Lazy AdamW on rows ids[r] with gradient grads[r] * grad_scale, each row with its own step.
 
     Plain PyTorch (per touched row i = ids[r], g = grads[r].float() * grad_scale, t = ++steps[i]):
@@ -360,18 +361,27 @@ def adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, we
     mirror: None, or the store's wire-dtype copy [N, W] f32 or uint16 (bf16) that a device reads directly
     (zero-copy): each updated row is written there too, `mirror[i] = w[i].to(mirror.dtype)`, while the
     row is still in L1 (DeepSpeed's CPU Adam writes its half-precision copy the same way).
+    keep: None, or [R] bool: the per-row update mask of a sparse update (MeftConfig.sparse_update). A row
+    with keep[r] False is skipped whole: its weights, moments, mirror row and step count stay as they are
+    (a zero-gradient AdamW step would still move it by its momentum). Plain PyTorch: `ids = ids[keep]`.
     """
     if mirror is None:
         mirror = _NO_MIRROR
+    if keep is None:
+        keep = _NO_KEEP
+    elif keep.shape[0] != ids.shape[0]:
+        raise ValueError(f"keep has {keep.shape[0]} entries for {ids.shape[0]} ids")
     work = ids.shape[0] * w.shape[1] * (8 + 4 * m.itemsize + grads.itemsize + mirror.itemsize)
-    _run(_adamw_rows, work, w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay, mirror)
+    _run(_adamw_rows, work, w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay, mirror,
+         keep)
 
 
 _NO_MIRROR = np.zeros((0, 0), dtype=np.uint16)  # "no mirror": the kernel skips the mirror loop
+_NO_KEEP = np.zeros(0, dtype=np.bool_)  # "no update mask": every row is updated
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay, mirror):
+def _adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay, mirror, keep):
     width = w.shape[1]
     decay = np.float32(1.0 - lr * weight_decay)
     one_minus_b1 = np.float32(1.0 - beta1)
@@ -379,7 +389,10 @@ def _adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, w
     one_minus_b2 = np.float32(1.0 - beta2)
     eps32 = np.float32(eps)
     scale = np.float32(grad_scale)
+    masked = keep.shape[0] > 0
     for r in prange(ids.shape[0]):
+        if masked and not keep[r]:
+            continue  # a sparse update leaves this row exactly as it is (no momentum step either)
         i = ids[r]
         t = steps[i] + 1
         steps[i] = t

@@ -9,6 +9,12 @@ whole store and counted in `skipped_steps`; the store is left untouched. `step()
 pending gradients either way. `step_rows(ids, grads)` is accumulate + step for a single micro-batch
 without the copy into the pending buffer.
 
+Sparse update (MeftConfig.sparse_update): `accumulate` and `step_rows` take an optional per-row mask
+`keep` [R] bool; a row with keep False is as if it had not been pushed: no pending gradient, no update,
+its weights, moments and step count untouched (`step_rows` hands the mask to the fused kernel, which
+skips those rows; `accumulate` leaves them out of the pending buffer). Its gradient is ignored, even a
+non-finite one.
+
 The arithmetic lives in `offload.kernels.adamw_rows` (numba, fused, in place).
 """
 
@@ -80,14 +86,19 @@ class SparseAdamW:
         (valid until the next accumulate / step / zero_grad)."""
         return self._pending[: self._n]
 
-    def accumulate(self, ids: torch.Tensor, grads: torch.Tensor) -> None:
+    def accumulate(self, ids: torch.Tensor, grads: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """pending[ids[r]] += grads[r]. ids: [R] int64 unique; grads: [R, W] fp32 or bf16, CPU.
+        keep: None, or [R] bool (CPU): rows with keep False are left out (a sparse update's mask).
 
         Repeated ids across calls sum (micro-batches); an id repeated inside one call is an error.
         On any error nothing changes.
         """
         ids_np = check_ids(ids, self.store.n_rows)
         grads_np = self._check_grads(grads, ids_np.shape[0])
+        if keep is not None:
+            keep_np = _check_keep(keep, ids_np.shape[0])
+            if not keep_np.all():  # host arrays: the masked rows are simply not accumulated
+                ids_np, grads_np = ids_np[keep_np], grads_np[keep_np]
         r = ids_np.shape[0]
         if self._n + r > self._capacity:
             self._grow(self._n + r)
@@ -172,16 +183,17 @@ class SparseAdamW:
         return ok
 
     def step_rows(self, ids: torch.Tensor, grads: torch.Tensor, grad_scale: float = 1.0, *,
-                  hparams: tuple | None = None) -> bool:
-        """`accumulate(ids, grads)` then `step(grad_scale, hparams=hparams)` in one pass, without the copy
-        into the pending buffer (one micro-batch per step). Needs no pending gradients; same checks, same
-        result."""
+                  hparams: tuple | None = None, keep: torch.Tensor | None = None) -> bool:
+        """`accumulate(ids, grads, keep)` then `step(grad_scale, hparams=hparams)` in one pass, without the
+        copy into the pending buffer (one micro-batch per step). Needs no pending gradients; same checks,
+        same result. `keep` [R] bool goes to the kernel, which skips the masked rows."""
         if self._n:
             raise RuntimeError(f"step_rows() needs an empty pending buffer, but {self._n} rows hold gradients "
                                f"from accumulate(); call step() or zero_grad() first")
         _check_scale(grad_scale)
         ids_np = check_ids(ids, self.store.n_rows)
         grads_np = self._check_grads(grads, ids_np.shape[0])
+        keep_np = None if keep is None else _check_keep(keep, ids_np.shape[0])
         r = ids_np.shape[0]
         if r > self._capacity:
             self._grow(r)
@@ -193,18 +205,21 @@ class SparseAdamW:
                              f"pass unique ids")
         kernels.release_slots(self._pending_ids, n_new, self._slot_of)
         top = kernels.max_abs_bits(grads_np, r, self._maxbits)
-        ok = self._finite(float(grad_scale), top) and self._update(ids_np, grads_np, grad_scale, hparams)
+        if keep_np is not None:  # a masked row's gradient is ignored, a non-finite one included
+            top = int(self._maxbits[:r][keep_np].max(initial=0))
+        ok = self._finite(float(grad_scale), top) and self._update(ids_np, grads_np, grad_scale, hparams, keep_np)
         if not ok:
             self._skip(grad_scale)
         return ok
 
     def _update(self, ids_np: np.ndarray, grads_np: np.ndarray, grad_scale: float,
-                hparams: tuple | None = None) -> bool:
+                hparams: tuple | None = None, keep_np: np.ndarray | None = None) -> bool:
         lr, betas, eps, wd = hparams if hparams is not None else self.hparams()
         _check_hparams(lr, betas, eps, wd)
         s = self.store
         kernels.adamw_rows(s._w_np, s._m_np, s._v_np, s._steps_np, ids_np, grads_np, float(grad_scale),
-                           lr, betas[0], betas[1], eps, wd, s._mirror_np)  # the zero-copy mirror in the same pass
+                           lr, betas[0], betas[1], eps, wd, s._mirror_np,  # the zero-copy mirror in the same pass
+                           keep_np)
         return True
 
     def _skip(self, grad_scale) -> None:
@@ -243,6 +258,16 @@ class SparseAdamW:
         self.zero_grad()
 
 
+def _check_keep(keep, n_ids: int) -> np.ndarray:
+    """A sparse update's per-row mask: [R] bool on the CPU -> its numpy view."""
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (n_ids,):
+        got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise TypeError(f"keep must be a bool tensor [{n_ids}] (one flag per id), got {got}")
+    if keep.device.type != "cpu":
+        raise ValueError(f"keep must be on the CPU, got device {keep.device}; pass keep.cpu()")
+    return keep.contiguous().numpy()
+
+
 def _check_scale(grad_scale) -> None:
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
         raise TypeError(f"grad_scale must be a float, got {type(grad_scale).__name__}")
@@ -260,12 +285,16 @@ def _check_hparams(lr, betas, eps, weight_decay) -> None:
 
 
 def reference_adamw_rows(weights, exp_avg, exp_avg_sq, steps, ids, grads, *, lr, betas, eps,
-                         weight_decay) -> None:
+                         weight_decay, keep=None) -> None:
     """Plain-PyTorch twin of `kernels.adamw_rows` (and of torch.optim.AdamW per row), in place.
 
     weights: [N, W] fp32; exp_avg, exp_avg_sq: [N, W] fp32 or bf16; steps: [N] int64;
-    ids: [R] int64 unique; grads: [R, W] any float dtype (math in fp32).
+    ids: [R] int64 unique; grads: [R, W] any float dtype (math in fp32); keep: None or [R] bool (rows
+    with False are skipped whole, as the kernel skips them). Boolean indexing: a twin, it may synchronise.
     """
+    if keep is not None:
+        keep = keep.to(ids.device)
+        ids, grads = ids[keep], grads[keep.to(grads.device)]
     beta1, beta2 = betas
     steps[ids] += 1
     t = steps[ids].double().unsqueeze(1)                                  # [R, 1]

@@ -11,6 +11,10 @@ union of TransferScheduler sends them), but every layer's weights and moments li
 `offload.optim.reference_adamw_rows` (plain torch) on those device tensors. Nothing is asynchronous and
 nothing is metered.
 
+Sparse update (`update_mask=True`): `push_grads(..., keep=)` takes the same per-row mask as
+TransferScheduler's; masked rows add no gradient and are not marked touched, so the step's update skips
+them (a row is updated when any micro-batch of the step kept it), exactly as the host kernel does.
+
 On a CPU device the device tensors *are* the RowStore tensors (updates land in the store directly);
 on a GPU they are copies and `sync_to_host()` writes them back (save/checkpoint call it).
 """
@@ -22,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from offload.fetch import check_extend, check_grads, check_ids, check_live_rows, check_subset
+from offload.fetch import check_extend, check_grads, check_ids, check_keep, check_live_rows, check_subset
 from offload.optim import SparseAdamW, reference_adamw_rows
 from offload.protocol import check_scheduler_args
 from offload.steps import StepClock, check_layer
@@ -122,8 +126,11 @@ class ResidentScheduler:
 
     def __init__(self, optimizers: Sequence[SparseAdamW], *, device="cpu", wire_dtype=torch.bfloat16,
                  max_rows: int, staleness: int = 0, clip: str = "none", max_norm: float = 1.0,
-                 max_live_rows: int | None = None):
+                 max_live_rows: int | None = None, update_mask: bool = False):
         optimizers = list(optimizers)
+        if update_mask not in (True, False):
+            raise ValueError(f"update_mask={update_mask!r} must be True or False")
+        self.update_mask = update_mask  # push_grads may carry a sparse update's row mask (`keep`)
         check_scheduler_args(optimizers, wire_dtype, max_rows, staleness, clip, max_norm)
         if any(o.store.shared for o in optimizers):
             raise ValueError("ResidentScheduler has no data parallel path, but a store lives in a node's shared "
@@ -221,9 +228,10 @@ class ResidentScheduler:
             lay.capacity = max(lay.capacity, rows)
 
     # ---- grads back ---------------------------------------------------------------------------
-    def push_grads(self, layer: int, ids: Tensor, grads: Tensor) -> None:
+    def push_grads(self, layer: int, ids: Tensor, grads: Tensor, keep: Tensor | None = None) -> None:
         """Gradients [K, W] for `ids` [K], the fetched ids or any subset of the live rows (each once);
-        ends the live fetch. Rows not pushed get no gradient and no update."""
+        ends the live fetch. Rows not pushed get no gradient and no update; nor do rows with `keep` [K]
+        False (a sparse update's mask; needs update_mask=True)."""
         lay = self._layer(layer)
         live = lay.live
         if live is None or (live.step, live.micro_batch) != (self.step, self.micro_batch):
@@ -232,6 +240,8 @@ class ResidentScheduler:
         k = check_ids(ids, "push_grads", self.max_rows, self.device)
         check_grads(grads, k, self.width, layer, self.device)
         valid = ids >= 0  # [K] -1: padding of a fixed-shape fetch, no gradient crosses for it
+        if keep is not None:
+            valid = valid & check_keep(keep, k, self.update_mask, grads.device).to(valid.device)  # [K]
         ids, grads = ids[valid], grads[valid.to(grads.device)]
         check_subset(ids.cpu(), live.ids_host, layer)
         self._end_live(lay)

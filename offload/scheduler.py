@@ -44,6 +44,13 @@ union of its micro-batches' rows (`offload.union.StepUnion`): rows already sent 
 from the device's copy of the union (staleness 0, staged fetches), and pushes are summed on the device
 in fp32 and cross once, rounded to the wire dtype once, at the layer's last push (or finish_step).
 
+Sparse update (`update_mask=True`, MeftConfig.sparse_update > 0): `push_grads(..., keep=)` carries a
+fixed-shape per-row mask [K] bool on the device with the gradients. Masked rows' gradients are zeroed on
+the device; the mask crosses D2H beside them (into the staging slot's `keep`), and the host update skips
+those rows whole (`SparseAdamW.step_rows(keep=)` / `accumulate(keep=)`): no pending gradient, no moment
+or step-count change. Under accumulation the step union ORs the micro-batches' masks on the device
+(a row is updated when any micro-batch kept it, with the sum of the gradients of those that did).
+
 Composed of: `fetch.LayerState` / `fetch.FetchHandle` (live rows and handles, linked back through a
 `FetchLink`), `staging.SlotPool` (staging slots), `worker.HostWorker` (the host thread),
 `updates.UpdatePolicy` (staleness, clipping, parked updates) and `union.UnionTraffic` (rows and gradients
@@ -67,6 +74,7 @@ from offload.fetch import (
     check_extend,
     check_grads,
     check_ids,
+    check_keep,
     check_live_rows,
     check_subset,
     valid_prefix,
@@ -89,7 +97,7 @@ class TransferScheduler:
                  wire_dtype=torch.bfloat16, max_rows: int, n_slots: int = 2, staleness: int = 0,
                  clip: str = "none", max_norm: float = 1.0, meter: TrafficMeter | None = None,
                  host_threads: int | None = None, max_live_rows: int | None = None, timing: bool = False,
-                 zero_copy: bool = False, process_group=None):
+                 zero_copy: bool = False, process_group=None, update_mask: bool = False):
         self._closed = True  # until fully constructed
         self.optimizers = list(optimizers)
         check_scheduler_args(self.optimizers, wire_dtype, max_rows, staleness, clip, max_norm)
@@ -101,6 +109,9 @@ class TransferScheduler:
         node = shared_node(self.optimizers, data_parallel=reducer is not None)
         if zero_copy not in (True, False):
             raise ValueError(f"zero_copy={zero_copy!r} must be True or False")
+        if update_mask not in (True, False):
+            raise ValueError(f"update_mask={update_mask!r} must be True or False")
+        self.update_mask = update_mask  # push_grads may carry a sparse update's row mask (`keep`)
         if host_threads is None and torch.device(device).type == "cuda":
             host_threads = threads_left_for_kernels(engine_threads=2)  # the CUDA engine's two watchers
         init = None if host_threads is None else numba_threads_setter(host_threads)
@@ -120,14 +131,14 @@ class TransferScheduler:
         self.layers = [LayerState(i, self.engine, live_rows, self.width, wire_dtype, on_host)
                        for i in range(len(self.optimizers))]
         for st, o in zip(self.layers, self.optimizers):
-            st.union = StepUnion(o.store.n_rows, self.width)
+            st.union = StepUnion(o.store.n_rows, self.width, update_mask=update_mask)
         self._accumulating = False  # this step has several micro-batches: rows and gradients go by the step union
         self._cache_rows = staleness == 0 and not zero_copy  # the union also keeps the step's rows on the device
         self.zero_copy = zero_copy
         # rows down: staging slots, or (zero-copy) each store's mirror [N, W] wire, as the device sees it
         self.h2d_pool = None if zero_copy else SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype)
         self._mirrors_dev = [self._attach_mirror(opt.store) for opt in self.optimizers] if zero_copy else []
-        self.d2h_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype)  # grads back
+        self.d2h_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype, keep=update_mask)  # grads back
         self.worker = HostWorker(init=init)
         self._link = FetchLink(self._check, self._end_chain, self.meter.record_blocked)
         self._test_skip_waits = self._link.skip_waits  # test hook: add "h2d" / "d2h" to disable that wait
@@ -152,17 +163,19 @@ class TransferScheduler:
 
     @staticmethod
     def staging_bytes(n_layers: int, max_rows: int, width: int, wire_dtype: torch.dtype, n_slots: int = 2,
-                      max_live_rows: int | None = None, zero_copy_rows: int = 0) -> int:
+                      max_live_rows: int | None = None, zero_copy_rows: int = 0, update_mask: bool = False) -> int:
         """Host bytes the device reads or writes that this scheduler allocates (pinned, at exact size, on
         CUDA): two pools (H2D, D2H) of `n_slots` slots of rows [max_rows, width] + ids [max_rows], and each
         layer's ids and union-slots buffers [max_live_rows] int64; zero-copy (`zero_copy_rows` = rows per
         store > 0): no H2D pool, and each layer's mirror [zero_copy_rows, width] wire. The RAM check of
-        `meft.wrap` and `meft plan` count exactly this."""
+        `meft.wrap` and `meft plan` count exactly this. `update_mask`: the D2H slots also hold a row mask
+        [max_rows] bool each (a sparse update)."""
         wire = torch.empty((), dtype=wire_dtype).element_size()
         live = max_rows if max_live_rows is None else max_live_rows
         pools = 1 if zero_copy_rows else 2
         mirrors = n_layers * zero_copy_rows * width * wire
-        return pools * n_slots * max_rows * (width * wire + 8) + n_layers * live * 16 + mirrors
+        masks = n_slots * max_rows if update_mask else 0
+        return pools * n_slots * max_rows * (width * wire + 8) + n_layers * live * 16 + mirrors + masks
 
     # ------------------------------------------------------------------------------ errors
     def _check(self) -> None:
@@ -361,12 +374,14 @@ class TransferScheduler:
                                    engine=self.engine.name, pageable=ev.pageable)
 
     # ------------------------------------------------------------------------------ gradients
-    def push_grads(self, layer: int, ids: torch.Tensor, grads: torch.Tensor) -> None:
+    def push_grads(self, layer: int, ids: torch.Tensor, grads: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Send `grads` ([K, width], any float dtype, on the device) for rows `ids` ([K]) of the layer's
         live fetch back, and end that fetch. `ids`: the fetch's ids (handle.ids_dev or the tensor given to
         fetch), or a subset of the live rows (a fetch_more chain's included) in any order, each once:
         rows fetched but not pushed get no gradient and no update. Host ids are checked here; device
-        ids of a partial push (CUDA) are checked by the host worker (an error surfaces at the next call)."""
+        ids of a partial push (CUDA) are checked by the host worker (an error surfaces at the next call).
+        `keep` ([K] bool beside `grads`; needs `update_mask=True`): a sparse update's per-row mask; rows with
+        False get no update at all (see the module docstring). None: every pushed row is updated."""
         self._entry("push_grads")
         self.worker.release_idle()  # backward has begun: parked updates may use idle time again
         st = self._layer(layer)
@@ -376,12 +391,17 @@ class TransferScheduler:
                              f"of step {self.step}; call fetch({layer}, ids) first (once per micro-batch)")
         k = check_ids(ids, "push_grads", self.max_rows, self.device)
         check_grads(grads, k, self.width, layer, self.device)
+        if keep is not None:
+            keep = check_keep(keep, k, self.update_mask, grads.device)
+            # masked rows' gradients never reach a sum (the step union) or a norm (clipping); where, not a
+            # product: 0 * inf = nan
+            grads = torch.where(keep[:, None], grads, 0.0)
         t0 = time.perf_counter()
         full = st.push_is_full(h, ids)  # else a checked subset (host ids)
         h.wait_gathered()  # protects the ids copy below: ids_host must hold this fetch's ids
         if self._accumulating:
             self.union_traffic.push(st, h, ids, grads, full, step=self.step, micro_batch=self.micro_batch,
-                                    last=self.clock.last_micro_batch)
+                                    last=self.clock.last_micro_batch, keep=keep)
             self.meter.record_blocked(self.step, t0, time.perf_counter())
             return
         if full and h.base is None:
@@ -402,16 +422,19 @@ class TransferScheduler:
         src = self._grads_source(st, grads[:k], k)
         ev = self.engine.d2h(src, slot.rows[:k], rows=k, after=self.engine.mark_compute(),
                              on_done=lambda e: self._meter_copy(e, "d2h", meta))
+        keep_ev = None if keep is None else self.engine.d2h(  # the mask crosses beside its gradients
+            keep[:k], slot.keep[:k], rows=k, after=self.engine.mark_compute(),
+            on_done=lambda e: self._meter_copy(e, "ids", meta))
         if src is not grads:
             st.last_d2h = ev
         self._end_chain(st)  # an owed staleness-1 update is queued before the accumulation (as at fetch)
         step = self.step
         if self.clock.last_micro_batch and self.updates.fuses():
             hp = self.updates.fuse(layer, step)  # one pass from the staging slot: no accumulate, no 2nd pass
-            self.worker.submit(lambda: self._accumulate_task(st, slot, ev, k, step, ids_check, hp), st.index)
+            self.worker.submit(lambda: self._accumulate_task(st, slot, ev, k, step, ids_check, hp, keep_ev), st.index)
             return
         self.updates.grads_pushed(layer, self.step)
-        self.worker.submit(lambda: self._accumulate_task(st, slot, ev, k, step, ids_check), st.index)
+        self.worker.submit(lambda: self._accumulate_task(st, slot, ev, k, step, ids_check, None, keep_ev), st.index)
         if self.clock.last_micro_batch:
             self.updates.grads_complete(layer, step)
 
@@ -432,9 +455,11 @@ class TransferScheduler:
         st.grads_dev[:n].copy_(grads)  # cast to the wire dtype on the compute stream
         return st.grads_dev[:n]
 
-    def _accumulate_task(self, st: LayerState, slot, ev, n: int, step: int, ids_check=None, fused=None) -> None:
+    def _accumulate_task(self, st: LayerState, slot, ev, n: int, step: int, ids_check=None, fused=None,
+                         keep_ev=None) -> None:
         """Gradients of one push, from the staging slot into the layer's optimizer: accumulated, or (`fused`
-        = the update's hyper-parameters) applied at once by the layer's whole row update."""
+        = the update's hyper-parameters) applied at once by the layer's whole row update. `keep_ev`: the
+        D2H of the push's row mask into slot.keep (a sparse update), None without one."""
         try:
             if ids_check is not None:
                 ids_ev, live, reader = ids_check
@@ -445,11 +470,15 @@ class TransferScheduler:
                     reader.set()  # ids_host may be refilled by the layer's next fetch
             if "d2h" not in self._link.skip_waits:
                 ev.wait()  # protects the slot: the grads' D2H must have landed before we read it
+            keep = None
+            if keep_ev is not None:
+                keep_ev.wait()  # protects the mask: its D2H must have landed before we read it
+                keep = slot.keep[:n]
             if fused is not None:
-                self.updates.fused_update(st.index, step, fused, slot.ids[:n], slot.rows[:n])
+                self.updates.fused_update(st.index, step, fused, slot.ids[:n], slot.rows[:n], keep=keep)
                 return
             t0 = time.perf_counter()
-            self.optimizers[st.index].accumulate(slot.ids[:n], slot.rows[:n])
+            self.optimizers[st.index].accumulate(slot.ids[:n], slot.rows[:n], *(() if keep is None else (keep,)))
             self.meter.record_cpu(step=step, layer=st.index, op="accumulate", rows=n,
                                   nbytes=n * self.width * (self._wire_bytes + 8), start=t0,
                                   end=time.perf_counter())

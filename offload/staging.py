@@ -1,7 +1,8 @@
 """Fixed pools of host staging slots: where rows wait between the host worker and a copy (backpressure).
 
 `SlotPool`: `n_slots` staging slots, each a rows buffer [max_rows, width] in the wire dtype plus an ids
-buffer [max_rows] int64, allocated (and touched) once through the copy engine (pinned on CUDA).
+buffer [max_rows] int64 (plus, with `keep=True`, a sparse update's row mask [max_rows] bool), allocated
+(and touched) once through the copy engine (pinned on CUDA).
 `acquire()` blocks while every slot is busy: a full pool is backpressure, never an unbounded queue.
 """
 
@@ -23,20 +24,24 @@ def check_n_slots(n_slots) -> None:
 
 
 class StagingSlot:
-    __slots__ = ("rows", "ids")
+    __slots__ = ("rows", "ids", "keep")
 
-    def __init__(self, rows: torch.Tensor, ids: torch.Tensor):
+    def __init__(self, rows: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor | None = None):
         self.rows = rows  # [max_rows, width] wire dtype, host (pinned on CUDA)
         self.ids = ids  # [max_rows] int64, host
+        self.keep = keep  # [max_rows] bool, host: rows a sparse update applies (None: no mask)
 
 
 class SlotPool:
     """`n_slots` staging slots; `acquire()` blocks while all are in use."""
 
-    def __init__(self, engine, n_slots: int, max_rows: int, width: int, dtype: torch.dtype):
+    def __init__(self, engine, n_slots: int, max_rows: int, width: int, dtype: torch.dtype, keep: bool = False):
         self.slots = [StagingSlot(engine.alloc_host((max_rows, width), dtype),
-                                  engine.alloc_host((max_rows,), torch.int64)) for _ in range(n_slots)]
-        self.nbytes = sum(s.rows.nbytes + s.ids.nbytes for s in self.slots)
+                                  engine.alloc_host((max_rows,), torch.int64),
+                                  engine.alloc_host((max_rows,), torch.bool) if keep else None)
+                      for _ in range(n_slots)]
+        self.nbytes = sum(s.rows.nbytes + s.ids.nbytes + (0 if s.keep is None else s.keep.nbytes)
+                          for s in self.slots)
         self._free = list(reversed(self.slots))
         self._cond = threading.Condition()
         self.in_use = 0

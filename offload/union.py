@@ -22,6 +22,11 @@ never pushed (evaluation inside a step, a partial push) is not updated, as lazy 
 `slot_of_dev` [N + 1] maps row id -> slot on the device for partial pushes with device ids (entry N is the
 sink of -1 ids); it is written for the live fetch's rows before such a push and never read for others.
 
+Sparse update (`update_mask`): each push's row mask [K] is added into `keep_dev` [U + 1] int32 by slot
+(the masked rows' gradients arrive zeroed), so a union row is updated when any micro-batch of the step kept
+it; the mask crosses with each chunk of gradients (`keep_dev > 0`, into the slot's `keep`) and the host
+update skips the rest.
+
 `StepUnion` is one layer's state; `UnionTraffic` is the half of `TransferScheduler` that moves it: slot
 assignment on the host worker, pushes summed on the device, the one send per step and its host update.
 """
@@ -44,8 +49,8 @@ class StepUnion:
     """Union state of one layer (see module docstring). Host parts are allocated now, device parts on
     the first step with accumulation (`ensure`)."""
 
-    def __init__(self, n_rows: int, width: int):
-        self.n_rows, self.width = n_rows, width
+    def __init__(self, n_rows: int, width: int, update_mask: bool = False):
+        self.n_rows, self.width, self.update_mask = n_rows, width, update_mask
         self.slot_of_host = np.full(n_rows, -1, dtype=np.int64)  # [N] row id -> slot in this step, -1
         self.ids_host = np.empty(0, dtype=np.int64)  # [U] union row ids in slot order
         self.pushed = np.zeros(0, dtype=np.bool_)  # [U] the slot received a gradient this step
@@ -54,6 +59,7 @@ class StepUnion:
         self.capacity = 0  # U
         self.rows_dev: torch.Tensor | None = None  # [U + 1, W] wire: the step's rows (row caching only)
         self.grads_dev: torch.Tensor | None = None  # [U + 1, W] fp32: the step's summed gradients
+        self.keep_dev: torch.Tensor | None = None  # [U + 1] int32: micro-batches that kept the row (update_mask)
         self.slot_of_dev: torch.Tensor | None = None  # [N + 1] int64 row id -> slot (partial pushes)
         self.pending = False  # grads_dev holds gradients of this step that have not crossed yet
         self.marked_by_worker = False  # a partial push with device ids: the worker marks its rows pushed
@@ -73,6 +79,7 @@ class StepUnion:
             self.ids_host = np.empty(capacity, dtype=np.int64)
             self.pushed = np.zeros(capacity, dtype=np.bool_)
             self.grads_dev = engine.alloc_device((capacity + 1, self.width), torch.float32)
+            self.keep_dev = engine.alloc_device((capacity + 1,), torch.int32) if self.update_mask else None
             self.rows_dev = None
             self.slot_of_dev = None
         if cache_rows and self.rows_dev is None:
@@ -133,9 +140,10 @@ class UnionTraffic:
                 on_done=lambda ev: self.meter_copy(ev, "ids", meta))
         return new_ids, first
 
-    def push(self, st, h, ids, grads, full: bool, *, step: int, micro_batch: int, last: bool) -> None:
+    def push(self, st, h, ids, grads, full: bool, *, step: int, micro_batch: int, last: bool, keep=None) -> None:
         """push_grads under accumulation: add the push's gradients [K, W] to the layer's step union on the
-        device (fp32); they cross once, at the layer's last push of the step (`last`) or at finish_step."""
+        device (fp32); they cross once, at the layer's last push of the step (`last`) or at finish_step.
+        `keep` [K] bool on the device (a sparse update's mask; None: all kept) is ORed into the union."""
         un, layer = st.union, st.index
         for p in h.parts():
             if p.slots_event is not None and "slots" not in self.link.skip_waits:
@@ -155,6 +163,10 @@ class UnionTraffic:
             self._check_push(st, h, ids, (step, micro_batch, layer))  # the worker checks them, marks them pushed
             un.marked_by_worker = True
         un.grads_dev.index_add_(0, slots_dev, grads.float())  # the step's fp32 sum, on the compute stream
+        if un.keep_dev is not None:
+            kept = (torch.ones(grads.shape[0], dtype=torch.int32, device=grads.device) if keep is None
+                    else keep.to(torch.int32))  # [K]
+            un.keep_dev.index_add_(0, slots_dev.to(grads.device), kept)
         un.pending = True
         self.end_chain(st)  # an owed staleness-1 update is queued before the step's gradients (as at fetch)
         self.updates.grads_pushed(layer, step)
@@ -205,6 +217,12 @@ class UnionTraffic:
                 grads = un.grads_dev.index_select(0, torch.from_numpy(sel).to(self.device))
             src = grads.to(self.wire_dtype, copy=True)  # [k, W] the one rounding of the step's sum
             un.grads_dev[:n].zero_()  # for the next step (stream order: after the cast has read it)
+            keep_src = None
+            if un.keep_dev is not None:  # [k] bool: kept by some micro-batch (a new tensor, then zeroed)
+                kd = un.keep_dev[:n] if sel is None else un.keep_dev.index_select(
+                    0, torch.from_numpy(sel).to(self.device))
+                keep_src = kd > 0
+                un.keep_dev[:n].zero_()
             ids_all = torch.from_numpy(ids_np)
         meta = (step, micro_batch, layer)
         for c0 in range(0, k_all, self.max_rows):
@@ -214,9 +232,12 @@ class UnionTraffic:
             slot.ids[:k].copy_(ids_all[c0:c1])
             ev = self.engine.d2h(src[c0:c1], slot.rows[:k], rows=k, after=self.engine.mark_compute(),
                                  on_done=lambda e: self.meter_copy(e, "d2h", meta))
+            keep_ev = None if keep_src is None else self.engine.d2h(
+                keep_src[c0:c1], slot.keep[:k], rows=k, after=self.engine.mark_compute(),
+                on_done=lambda e: self.meter_copy(e, "ids", meta))
             rows = (c0, c1) if by_worker else None  # the worker reads un.pushed for them when it runs
-            self.worker.submit(lambda slot=slot, ev=ev, k=k, rows=rows, final=c1 == k_all:
-                               self._task(st, slot, ev, k, step, rows, hp, final), layer)
+            self.worker.submit(lambda slot=slot, ev=ev, k=k, rows=rows, final=c1 == k_all, keep_ev=keep_ev:
+                               self._task(st, slot, ev, k, step, rows, hp, final, keep_ev), layer)
         if not k_all:
             # nothing crosses, but like any push it orders the layer: a parked staleness-1 update of the previous
             # step runs before this step's update (and before a global norm reads its scale)
@@ -224,25 +245,30 @@ class UnionTraffic:
         if last and not fused:
             self.updates.grads_complete(layer, step)
 
-    def _task(self, st, slot, ev, n: int, step: int, slots, fused, final: bool) -> None:
+    def _task(self, st, slot, ev, n: int, step: int, slots, fused, final: bool, keep_ev=None) -> None:
         """One chunk of a step union's gradients, from the staging slot into the layer's optimizer,
         accumulated or (`fused` hyper-parameters) applied at once. `slots` = (c0, c1): the chunk is union
         slots [c0, c1), of which only those marked pushed (by the worker's checks, all run before this
-        task) are applied."""
+        task) are applied. `keep_ev`: the D2H of the chunk's sparse-update mask into slot.keep (None: no mask)."""
         try:
             if "d2h" not in self.link.skip_waits:
                 ev.wait()  # protects the slot: the grads' D2H must have landed before we read it
             ids, rows = slot.ids[:n], slot.rows[:n]
+            kept = None
+            if keep_ev is not None:
+                keep_ev.wait()  # protects the mask: its D2H must have landed before we read it
+                kept = slot.keep[:n]
             if slots is not None:
                 keep = st.union.pushed[slots[0]:slots[1]]
                 if not keep.all():
                     mask = torch.from_numpy(keep.copy())
                     ids, rows = ids[mask], rows[mask]
+                    kept = None if kept is None else kept[mask]
             if fused is not None:
-                self.updates.fused_update(st.index, step, fused, ids, rows, final=final)
+                self.updates.fused_update(st.index, step, fused, ids, rows, final=final, keep=kept)
                 return
             t0 = time.perf_counter()
-            self.optimizers[st.index].accumulate(ids, rows)
+            self.optimizers[st.index].accumulate(ids, rows, *(() if kept is None else (kept,)))
             self.meter.record_cpu(step=step, layer=st.index, op="accumulate", rows=ids.shape[0],
                                   nbytes=ids.shape[0] * self.width * (self.wire_bytes + 8), start=t0,
                                   end=time.perf_counter())

@@ -139,13 +139,17 @@ class UpdatePolicy:
         self._queued(layer)
         return hp
 
-    def fused_update(self, layer: int, step: int, hparams: tuple, ids, grads, *, final: bool = True) -> None:
+    def fused_update(self, layer: int, step: int, hparams: tuple, ids, grads, *, final: bool = True,
+                     keep=None) -> None:
         """On the host worker: the row update of a fused layer from its gradients [R, W] (wire). A step
         union crosses in chunks of distinct rows: each chunk is updated as it lands (rows are independent),
-        and `final` marks the last one (the layer's update counts as applied then)."""
-        opt, t0, rows = self.optimizers[layer], time.perf_counter(), ids.shape[0]
+        and `final` marks the last one (the layer's update counts as applied then). `keep` [R] bool (host):
+        a sparse update's row mask; only the kept rows are updated and metered."""
+        opt, t0 = self.optimizers[layer], time.perf_counter()
+        rows = ids.shape[0] if keep is None else int(keep.sum())  # rows updated: what the meter reports
         try:
-            opt.step_rows(ids, grads, hparams=hparams)
+            # without a mask, the call as it was (an optimizer need not know about masks)
+            opt.step_rows(ids, grads, hparams=hparams, **({} if keep is None else {"keep": keep}))
         finally:
             if final:
                 self._done(layer)

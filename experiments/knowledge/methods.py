@@ -5,6 +5,8 @@ Owns one small `Trainer` per method, all driving the same HF causal LM with one 
 
 * "meft"          MEFT sparse adapter, rows on the host (`meft.wrap`, backbone frozen); the step is
                   `meft.train.train_step`, exactly what `meft train` runs.
+* "meft_sparse"   "meft" with sparse memory finetuning (`MeftConfig.sparse_update` = SPARSE_UPDATE_EXPERTS
+                  experts per layer per step, a quarter of the default 32-expert budget; issue 13 item 6).
 * "meft_adalomo"  the same plus an AdaLomo backbone fused into backward (`MeftConfig.backbone`).
 * "lora8/16/64"   LoRA r=8/16/64 on every linear layer of the decoder through the real `peft`
                   (`target_modules="all-linear"`, alpha = 2r, no dropout), torch AdamW.
@@ -31,7 +33,11 @@ import torch.nn as nn
 
 __all__ = ["METHODS", "build_trainer", "device_memory", "Trainer"]
 
-METHODS = ("meft", "meft_adalomo", "lora8", "lora16", "lora64", "dense", "full_adalomo")
+METHODS = ("meft", "meft_sparse", "meft_adalomo", "lora8", "lora16", "lora64", "dense", "full_adalomo")
+# meft_sparse: experts updated per layer per step, of the row budget's max_active_rows // expert_size (32 by
+# default): a quarter, so a step still trains a fact's most specific experts (a batch of 16 questions routes
+# about 4 tokens x 4 experts each to the budget) while most active rows, the ones general text shares, stay put
+SPARSE_UPDATE_EXPERTS = 8
 
 
 def _nbytes(params) -> int:
@@ -71,12 +77,13 @@ class Trainer:
 
 
 def _meft(model, *, seed, rows, max_active_rows, expert_size, adapter_lr, router_lr, backbone,
-          backbone_lr, state_dtype):
+          backbone_lr, state_dtype, sparse_update=0):
     import meft
 
     cfg = meft.MeftConfig(adapter_rows=rows, expert_size=expert_size, max_active_rows=max_active_rows,
                           adapter_lr=adapter_lr, router_lr=router_lr, backbone=backbone,
-                          backbone_lr=backbone_lr, state_dtype=state_dtype, seed=seed)
+                          backbone_lr=backbone_lr, state_dtype=state_dtype, seed=seed,
+                          sparse_update=min(sparse_update, max_active_rows // expert_size - 1))
     meft.wrap(model, cfg)
     return model, {"rt": model.meft}
 
@@ -131,11 +138,12 @@ def build_trainer(method: str, model: nn.Module, *, seed: int = 0, rows: int = 4
         raise ValueError(f"method={method!r}: choose one of {METHODS}")
     torch.manual_seed(seed)
     model.train()
-    if method in ("meft", "meft_adalomo"):
+    if method in ("meft", "meft_sparse", "meft_adalomo"):
         model, kw = _meft(model, seed=seed, rows=rows, max_active_rows=max_active_rows,
                           expert_size=expert_size, adapter_lr=lr, state_dtype=state_dtype,
                           router_lr=lr if router_lr is None else router_lr,
-                          backbone="frozen" if method == "meft" else "adalomo", backbone_lr=backbone_lr)
+                          backbone="adalomo" if method == "meft_adalomo" else "frozen", backbone_lr=backbone_lr,
+                          sparse_update=SPARSE_UPDATE_EXPERTS if method == "meft_sparse" else 0)
     elif method.startswith("lora"):
         model, kw = _lora(model, r=int(method[4:]), lr=lr)
     elif method == "dense":

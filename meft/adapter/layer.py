@@ -75,6 +75,9 @@ class SparseFFNAdapter(nn.Module):
         x2 = x.reshape(-1, self.d)  # [T, d]
         if x2.shape[0] == 0:
             return None
+        if self.runtime.capturing:  # background text for sparse_update's idf: record the input, add nothing
+            self.runtime.capture(self, x2)
+            return None
         return (x2, *self.runtime.request_rows(self, x2))
 
     def delta(self, x: Tensor) -> Tensor:

@@ -11,6 +11,9 @@ are frozen unless `MeftConfig.key_lr` is None (stable addressing, DESIGN.md "The
 Under torch.distributed (torchrun, several ranks) the ranks' configs are checked first, then the stores of a
 node's ranks are built in the node's shared memory (`offload.node`, `offload.shared`): one host copy per
 node, whose rows the node's ranks update by ownership (DESIGN.md "Distributed").
+With `sparse_update > 0` wrap also captures the background text's FFN inputs for the sparse update's idf
+(`MeftRuntime.capture_background`): the tokenizer is the one given, else the one saved beside the model
+(`model.config._name_or_path`); without either, training refuses to start until the background is captured.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from meft.adapter.router import init_gate
 from meft.adapter.runtime import MeftRuntime
 from meft.adapter.targets import find_targets, hidden_size_of
 from meft.config import MeftConfig
+from meft.data.background import background_token_ids
 from meft.lomo.optimizers import AdaLomo, Lomo
 from offload.copies import node_host_bytes
 from offload.meter import TrafficMeter
@@ -64,7 +68,8 @@ def _check_host_ram(config: MeftConfig, n_layers: int, width: int, node=None) ->
         live = 2 * config.budget_rows if config.prefetch == "lookahead" else config.budget_rows
         mirror_rows = config.adapter_rows if config.fetch_mode == "zero_copy" else 0
         with_mirrors = TransferScheduler.staging_bytes(n_layers, config.budget_rows, width, config.wire,
-                                                       max_live_rows=live, zero_copy_rows=mirror_rows)
+                                                       max_live_rows=live, zero_copy_rows=mirror_rows,
+                                                       update_mask=config.sparse_update > 0)
         mirrors = n_layers * mirror_rows * width * config.wire.itemsize  # shared per node like the stores
         staging = with_mirrors - mirrors
     if not shared:
@@ -80,6 +85,8 @@ def _build_scheduler(config: MeftConfig, opts, device, group):
     kw = dict(device=device, wire_dtype=config.wire,
               max_rows=config.budget_rows, staleness=config.staleness,
               clip=config.clip, max_norm=config.max_norm)
+    if config.sparse_update:  # push_grads carries the sparse update's row mask
+        kw["update_mask"] = True
     if config.offload:
         meter = TrafficMeter()
         return TransferScheduler(opts, meter=meter, timing=config.copy_timing, process_group=group,
@@ -98,11 +105,13 @@ def _backbone_optimizer(config: MeftConfig, params):
     return cls(trainable, lr=config.backbone_lr)
 
 
-def wrap(model: nn.Module, config: MeftConfig | None = None) -> nn.Module:
+def wrap(model: nn.Module, config: MeftConfig | None = None, *, tokenizer=None) -> nn.Module:
     """Attach a sparse FFN adapter to every selected decoder layer of `model`, in place.
 
     Returns `model`, with `model.meft` (MeftRuntime: .optimizer, .backbone_optimizer, .scheduler,
     .stores, .summary(), .summary_table()). The wrapped model starts equal to the base model.
+    `tokenizer`: only read with `config.sparse_update > 0` (the background text's tokens; see the module
+    docstring).
     """
     config = (config if config is not None else MeftConfig()).validate()
     if hasattr(model, "meft"):
@@ -136,11 +145,32 @@ def wrap(model: nn.Module, config: MeftConfig | None = None) -> nn.Module:
                                      clip=config.clip, max_norm=config.max_norm)
         rt.backbone_params = backbone
         rt.backbone_optimizer = _backbone_optimizer(config, backbone)
+        if config.sparse_update:
+            _capture_background(model, rt, config, tokenizer)
     except BaseException:
         undo(model)  # leave the model as it was given
         raise
     model.meft = rt
     return model
+
+
+def _saved_tokenizer(model):
+    """The tokenizer saved in the model's own folder (`config._name_or_path`), or None."""
+    path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - no tokenizer there: training asks for one (MeftRuntime._background_idf)
+        return None
+
+
+def _capture_background(model, rt: MeftRuntime, config: MeftConfig, tokenizer) -> None:
+    tok = tokenizer if tokenizer is not None else _saved_tokenizer(model)
+    if tok is not None:
+        rt.capture_background(model, background_token_ids(tok, config.sparse_background_tokens))
 
 
 class _Undo:

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from meft.train.distributed import RankFailedError
+
 __all__ = ["main", "build_parser"]
 
 # name -> module under meft.cli; each module has `add_parser(subparsers)` and `run(args) -> int`.
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nmeft: interrupted", file=sys.stderr)
         return 130
+    except RankFailedError as exc:  # another rank of a torchrun run died: one message, no traceback
+        print(f"meft {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except USER_ERRORS as exc:
         if getattr(args, "debug", False):
             raise

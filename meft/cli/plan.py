@@ -16,11 +16,19 @@ config inside FakeTensorMode on fake CPU tensors, under torch's MemTracker, with
 from the adapter options alone (no host store is allocated). Margins for the CUDA context and the
 caching allocator are added and stated. Host RAM is the RowStores' bytes + staging + pending grads.
 
+Data parallel under torchrun: --gpus N (GPUs per node, torchrun --nproc_per_node) and --nodes M (torchrun
+--nnodes) plan each GPU for its own rank's micro-batch of --batch sequences (meft train's --batch-size is the
+global batch, split across the N x M ranks), host RAM per node (one copy of the stores per node, shared by
+its ranks, + staging, pending gradients and row-exchange buffers per rank), and the bytes each rank exchanges
+per step for the row gradients: at most (ids + union rows x 2d x wire bytes) per layer, the analytic minimum,
+and what the reducer sends (an fp32 block).
+
 examples:
   meft plan --model llama-2-7b --gpu-mem 24GiB --seq 512 --batch 4 --gradient-checkpointing \\
             --adapter-rows 8464 --expert-size 23 --active-per-token 64 --backbone lomo
   meft plan --model ./my-hf-folder --method dense --adapter-rows 33856 --json
   meft plan --model llama-3-8b --method full --gpu-mem 80GB
+  meft plan --model llama-2-7b --gpu-mem 80GB --gpus 8 --nodes 2 --backbone lomo   # per GPU, per node
 """
 
 

@@ -1,7 +1,8 @@
 """Training and evaluation data: record formats (`formats`: Alpaca, ShareGPT, OpenAI messages,
 prompt/completion, text), record files with file:line errors (`files`: .jsonl, .json, .parquet),
-tokenization and batching (`records`), the built-in datasets (`builtin`), and turning `--data` /
-`--eval-data` into batches and evaluation splits (`sources`).
+tokenization and batching (`records`), the built-in datasets (`builtin`), turning `--data` /
+`--eval-data` into batches and evaluation splits (`sources`), and the facts the default model already
+knows plus free prompts that `meft train` probes before and after training (`retention`).
 """
 
 from meft._faces import lazy_face
@@ -18,6 +19,7 @@ _WHERE = {
     "DataError": "meft.data.formats",
     "detect_format": "meft.data.formats",
     "to_canonical": "meft.data.formats",
+    "retention_records": "meft.data.retention",
 }
 __all__ = list(_WHERE)
 

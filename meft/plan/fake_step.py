@@ -50,6 +50,7 @@ class PlanRuntime:
     """See the module docstring. `buffers` are the device tensors that exist before any step."""
     def __init__(self, config: MeftConfig, adapters, d: int, wire: torch.dtype):
         self.config, self.adapters, self.wire = config, adapters, wire
+        self.capturing = False  # the adapters ask (MeftRuntime.capturing: sparse_update's background capture)
         self.max_rows = config.budget_rows  # = wrap's scheduler max_rows
         # lookahead: the runtime reserves 2 x max_rows live rows per layer (prefetch + misses)
         live = self.max_rows * (2 if config.prefetch == "lookahead" else 1)

@@ -10,6 +10,12 @@ into parameters, gradients, optimizer state, activations, active adapter rows (+
 device row buffers; a stated margin is added for the CUDA context and the caching allocator. Host RAM
 for the stores is `RowStore.bytes_needed` per layer plus pinned staging slots and pending gradients.
 
+Data parallel (`--gpus N --nodes M`, torchrun's --nproc_per_node / --nnodes): the GPU estimate is per
+rank (each rank runs the same step on its own micro-batch; a trained bf16 backbone adds the fp32 copy of
+one gradient its hook all-reduces), host RAM is per node (one copy of the stores per node, staging, pending
+gradients and the exchange buffers per rank), and `collective_bytes` bounds the bytes each rank exchanges
+per step (ids + union rows x 2d x wire bytes, the analytic minimum, and what the reducer sends).
+
 Methods: "meft" (this project: backbone frozen | lomo | adalomo, from MeftConfig.backbone), "dense"
 (MEFT's baseline: a parallel adapter of adapter_rows rows per layer resident and AdamW-trained on the
 device, frozen backbone) and "full" (AdamW full fine-tuning; fp32 moments, no fp32 master copy).
@@ -37,7 +43,8 @@ from meft.pretrained import enable_checkpointing
 from offload.scheduler import TransferScheduler
 from offload.store import RowStore
 
-__all__ = ["PlanOptions", "estimate", "plan", "parse_size", "format_plan", "host_ram_bytes", "METHODS"]
+__all__ = ["PlanOptions", "estimate", "plan", "parse_size", "format_plan", "host_ram_bytes", "collective_bytes",
+           "union_rows_bound", "METHODS"]
 
 METHODS = ("meft", "dense", "full")
 
@@ -60,6 +67,11 @@ class PlanOptions:
     cuda_context: str = opt("0.75GiB", "Margin for the CUDA context, cuBLAS/cuDNN workspaces.")
     allocator_margin: float = opt(0.08, "Margin for caching-allocator fragmentation, as a fraction of the "
                                  "tracked peak.")
+    gpus: int = opt(1, "GPUs per node, one data-parallel rank each (torchrun --nproc_per_node); the plan "
+                    "is then per GPU (--batch is each rank's micro-batch) and per node (host RAM: one copy of "
+                    "the stores per node, staging and pending gradients per rank).")
+    nodes: int = opt(1, "Nodes (torchrun --nnodes): each holds its own replica of the stores; the collective "
+                     "bytes per step grow with the number of ranks (the union of their active rows).")
     search: bool = opt(True, "When it does not fit, search the largest batch / row budget / adapter that would.")
     json: bool = opt(False, "Print the plan as JSON instead of a table.")
 
@@ -88,6 +100,14 @@ def _check(opts: PlanOptions, cfg: MeftConfig) -> None:
         v = getattr(opts, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             bad.append((name, v, "a positive int"))
+    for name, what in (("gpus", "GPUs per node, e.g. 8 (torchrun --nproc_per_node)"),
+                       ("nodes", "nodes, e.g. 2 (torchrun --nnodes)")):
+        v = getattr(opts, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            bad.append((name, v, f"a positive int: {what}"))
+    if opts.method != "meft" and opts.gpus * opts.nodes > 1 and not bad:
+        bad.append(("method", opts.method, "'meft' with --gpus/--nodes: data-parallel plans cover meft only "
+                    "(a DDP run of the dense or full baselines is not modelled); drop --gpus/--nodes"))
     if not 0 <= opts.allocator_margin < 1:
         bad.append(("allocator_margin", opts.allocator_margin, "a fraction in [0, 1), e.g. 0.08"))
     if bad:
@@ -95,8 +115,10 @@ def _check(opts: PlanOptions, cfg: MeftConfig) -> None:
                                                                for n, v, fix in bad))
 
 
-def host_ram_bytes(cfg: MeftConfig, n_layers: int, d: int) -> dict:
-    """Host bytes of the offloaded adapter: stores, pinned staging slots, pending gradients."""
+def host_ram_bytes(cfg: MeftConfig, n_layers: int, d: int, *, gpus: int = 1, nodes: int = 1) -> dict:
+    """Host bytes of the offloaded adapter on one node: the stores (one copy per node, shared by its ranks),
+    and per rank its pinned staging slots, pending gradients and, with several ranks, the buffers of one
+    layer's row-gradient exchange (gathered ids + the fp32 [union, 2d] block)."""
     width, max_rows = 2 * d, cfg.budget_rows
     stores = n_layers * RowStore.bytes_needed(cfg.adapter_rows, width, cfg.state)
     live = 2 * max_rows if cfg.prefetch == "lookahead" else max_rows  # a prefetch plus its misses
@@ -104,8 +126,35 @@ def host_ram_bytes(cfg: MeftConfig, n_layers: int, d: int) -> dict:
     staging = TransferScheduler.staging_bytes(n_layers, max_rows, width, cfg.wire, max_live_rows=live,
                                               zero_copy_rows=mirror_rows)
     pending = n_layers * max_rows * cfg.grad_accum_steps * (width * 4 + 8)  # fp32 pending row grads
-    return {"stores": stores, "staging": staging, "pending_grads": pending,
-            "total": stores + staging + pending}
+    world = gpus * nodes
+    if world > 1:
+        union = union_rows_bound(cfg, world)
+        exchange = world * max_rows * cfg.grad_accum_steps * 8 + union * (width * 4 + 8)  # one layer at a time
+    else:
+        exchange = 0
+    per_rank = staging + pending + exchange
+    return {"stores": stores, "staging": staging, "pending_grads": pending, "exchange": exchange,
+            "per_rank": per_rank, "ranks_per_node": gpus, "total": stores + gpus * per_rank}
+
+
+def union_rows_bound(cfg: MeftConfig, world: int) -> int:
+    """Most distinct rows of one layer whose gradients a step combines across `world` ranks: every rank's
+    micro-batches each touch at most the row budget, and there are adapter_rows rows."""
+    return min(world * cfg.grad_accum_steps * cfg.budget_rows, cfg.adapter_rows)
+
+
+def collective_bytes(cfg: MeftConfig, n_layers: int, d: int, world: int) -> dict:
+    """Bytes each rank exchanges per optimizer step for the rows, at most (every rank's rows disjoint, budgets
+    full): `analytic_min` = per layer the union's ids (int64) + its row gradients [U, 2d] in the wire dtype;
+    `as_sent` = what `offload.collective.RowGradReducer` sends (counts, padded ids of every rank's rows, the
+    fp32 [U, 2d] block; the all-reduce's own algorithm moves about 2 (W-1)/W times its payload)."""
+    if world <= 1:
+        return {"world": world, "union_rows": 0, "analytic_min": 0, "as_sent": 0}
+    union, width = union_rows_bound(cfg, world), 2 * d
+    wire = cfg.wire.itemsize
+    mine = cfg.grad_accum_steps * cfg.budget_rows
+    return {"world": world, "union_rows": union, "analytic_min": n_layers * union * (8 + width * wire),
+            "as_sent": n_layers * (8 * (1 + mine) + union * width * 4)}
 
 
 def _run_fake_step(hf_config, opts: PlanOptions, cfg: MeftConfig) -> dict:
@@ -176,19 +225,32 @@ def estimate(opts: PlanOptions, cfg: MeftConfig | None = None, *, hf_config=None
     context = parse_size(opts.cuda_context, "cuda_context")
     alloc = int(opts.allocator_margin * peak)
     d = hf_config.hidden_size
-    host = host_ram_bytes(cfg, m["n_layers"], d) if opts.method == "meft" else {"total": 0}
+    world = opts.gpus * opts.nodes
+    host = (host_ram_bytes(cfg, m["n_layers"], d, gpus=opts.gpus, nodes=opts.nodes) if opts.method == "meft"
+            else {"total": 0})
+    margin = {"cuda_context": context, "allocator": alloc}
+    if world > 1 and opts.method == "meft" and cfg.backbone != "frozen" and opts.dtype != "float32":
+        # Lomo/AdaLomo all-reduce each gradient in fp32 inside its hook: one fp32 copy of the largest parameter
+        margin["allreduce_fp32_grad"] = 4 * _largest_param_numel(hf_config)
     gpu = parse_size(opts.gpu_mem, "gpu_mem")
     host_cap = parse_size(opts.host_mem, "host_mem") if opts.host_mem else _total_ram()
-    total = peak + context + alloc
+    total = peak + sum(margin.values())
     return {"model": name, "method": opts.method, "backbone": cfg.backbone if opts.method == "meft" else
             ("frozen" if opts.method == "dense" else "adamw"),
             "seq": opts.seq, "batch": opts.batch, "dtype": opts.dtype,
             "gradient_checkpointing": opts.gradient_checkpointing,
             "adapter_rows": cfg.adapter_rows if opts.method != "full" else 0,
             "max_active_rows": m["rows_per_layer"], "tracked_peak": peak, "breakdown": at,
-            "margin": {"cuda_context": context, "allocator": alloc}, "gpu_total": total, "gpu_mem": gpu,
+            "margin": margin, "gpu_total": total, "gpu_mem": gpu,
             "fits_gpu": total <= gpu, "host_ram": host, "host_mem": host_cap,
-            "fits_host": host["total"] <= 0.9 * host_cap, "fits": total <= gpu and host["total"] <= 0.9 * host_cap}
+            "fits_host": host["total"] <= 0.9 * host_cap, "fits": total <= gpu and host["total"] <= 0.9 * host_cap,
+            "gpus": opts.gpus, "nodes": opts.nodes,
+            "collective": collective_bytes(cfg, m["n_layers"], d, world) if opts.method == "meft" else None}
+
+
+def _largest_param_numel(hf_config) -> int:
+    d = hf_config.hidden_size
+    return d * max(hf_config.vocab_size, getattr(hf_config, "intermediate_size", 4 * d))
 
 
 def _adapter_rows_bytes(opts, cfg, m, d: int) -> int:

@@ -78,13 +78,27 @@ def format_plan(res: dict) -> str:
     lines.append(f"  {'= tracked peak':<38}{_gib_col(res['tracked_peak'])}")
     lines.append(f"  {'+ CUDA context margin (stated)':<38}{_gib_col(mg['cuda_context'])}")
     lines.append(f"  {'+ allocator margin (stated)':<38}{_gib_col(mg['allocator'])}")
+    if "allreduce_fp32_grad" in mg:
+        lines.append(f"  {'+ fp32 gradient for the all-reduce':<38}{_gib_col(mg['allreduce_fp32_grad'])}")
     verdict = "FITS" if res["fits_gpu"] else "DOES NOT FIT"
     lines.append(f"  {'= GPU total':<38}{_gib_col(res['gpu_total'])}   vs {res['gpu_mem'] / GiB:.2f} GiB: {verdict}")
     h = res["host_ram"]
-    if res["method"] == "meft":
+    gpus, nodes = res.get("gpus", 1), res.get("nodes", 1)
+    if res["method"] == "meft" and gpus * nodes == 1:
         lines.append(f"host RAM: stores {h['stores'] / GiB:.2f} GiB + staging {h['staging'] / GiB:.3f} GiB + "
                      f"pending grads {h['pending_grads'] / GiB:.3f} GiB = {h['total'] / GiB:.2f} GiB vs "
                      f"{res['host_mem'] / GiB:.1f} GiB: {'fits' if res['fits_host'] else 'DOES NOT FIT'}")
+    elif res["method"] == "meft":
+        c = res["collective"]
+        lines[1] = (f"data parallel: {nodes} node(s) x {gpus} GPU(s) = {gpus * nodes} ranks; GPU figures are per "
+                    f"GPU (batch {res['batch']} per rank), host RAM per node") + "\n" + lines[1]
+        lines.append(f"host RAM per node: stores {h['stores'] / GiB:.2f} GiB (one copy per node) + {gpus} ranks x "
+                     f"(staging {h['staging'] / GiB:.3f} + pending grads {h['pending_grads'] / GiB:.3f} + exchange "
+                     f"{h['exchange'] / GiB:.3f} GiB) = {h['total'] / GiB:.2f} GiB vs {res['host_mem'] / GiB:.1f} "
+                     f"GiB: {'fits' if res['fits_host'] else 'DOES NOT FIT'}")
+        lines.append(f"collective per step and rank (row gradients, at most {c['union_rows']} union rows/layer): "
+                     f"analytic minimum {c['analytic_min'] / 2**20:.1f} MiB (ids + rows x 2d x wire bytes), "
+                     f"as sent {c['as_sent'] / 2**20:.1f} MiB (fp32 block + padded ids)")
     s = res.get("search")
     if s:
         for key, label in (("batch", "largest batch that fits"),

@@ -1,6 +1,7 @@
 """The training loop `meft train` runs (`loop`), its options (`args`), the resumable checkpoint
 (`checkpoint`), the run log (`run_log`), the loss (`loss`), the HF Trainer callback (`hf_callback`),
-experiment tracking for --report-to (`tracking`) and atomic file writes (`atomic`).
+experiment tracking for --report-to (`tracking`), atomic file writes (`atomic`) and the ranks of a torchrun
+run with their failure handling (`distributed`).
 """
 
 from meft._faces import lazy_face
@@ -14,6 +15,8 @@ _WHERE = {
     "MeftCallback": "meft.train.hf_callback",
     "open_tracker": "meft.train.tracking",
     "parse_report_to": "meft.train.tracking",
+    "Ranks": "meft.train.distributed",
+    "RankFailedError": "meft.train.distributed",
 }
 __all__ = list(_WHERE)
 

@@ -4,8 +4,9 @@ Owns: loading model + data for a run, evaluation before/after, the step loop (mi
 optimizer steps, learning-rate schedule), per-step metrics (loss, lr, tokens/s, rows and bytes moved
 each way, CPU update time, routing: distinct experts and budget-dropped share) into a progress bar,
 `metrics.jsonl` and the `--report-to` trackers (`meft.train.tracking`), resumable checkpoints
-(`meft.train.checkpoint`), Ctrl-C (finish the step, save, exit cleanly), and the end-of-run summary table
-and loss plot. Everything model-specific lives in `meft.adapter.wrap` / `meft.adapter.runtime`.
+(`meft.train.checkpoint`; resuming on another number of ranks reshards), Ctrl-C (finish the step, save, exit
+cleanly), a rank of a torchrun run that dies (`meft.train.distributed`: the others stop loudly), and the
+end-of-run summary table and loss plot. Everything model-specific lives in `meft.adapter.wrap` / `meft.adapter.runtime`.
 """
 
 from __future__ import annotations
@@ -131,11 +132,27 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
     """Run one fine-tune as described by `args` and `cfg`; returns the summary dict (also saved)."""
     cfg.validate()
     parse_report_to(args.report_to)  # a bad value fails before the model loads
-    ranks = Ranks(args.batch_size, args.device)  # torchrun: data parallel, rank 0 writes (meft.train.distributed)
+    _check_backbone_accumulation(cfg)
+    # torchrun: data parallel, rank 0 writes, a dead rank stops the others loudly (meft.train.distributed)
+    ranks = Ranks(args.batch_size, args.device, output_dir=args.output_dir)
     try:
         return _train(args, cfg, ranks)
+    except BaseException as exc:
+        err = ranks.failed(exc)  # tells the other ranks; names a dead peer behind a failed collective
+        if err is exc:
+            raise
+        raise err from exc
     finally:
         ranks.close()
+
+
+def _check_backbone_accumulation(cfg: MeftConfig) -> None:
+    """Lomo/AdaLomo update each weight inside backward, so a step cannot accumulate micro-batches."""
+    if cfg.backbone != "frozen" and cfg.grad_accum_steps > 1:
+        raise ValueError(f"--backbone {cfg.backbone} with --grad-accum-steps {cfg.grad_accum_steps}: the fused "
+                         "backbone optimizer updates each weight inside backward, so it cannot accumulate "
+                         "micro-batches; fix: --grad-accum-steps 1 with a larger --batch-size (under torchrun the "
+                         "global batch is split across ranks), or --backbone frozen")
 
 
 def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks) -> dict:
@@ -165,7 +182,7 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks) -> dict:
             s.last_epoch = start - 1
             s.step()
         if main:
-            print(f"meft: resumed from {resume_from} at step {start}", flush=True)
+            print(f"meft: resumed from {resume_from} at step {start}{_reshard_note(st, ranks)}", flush=True)
     run_config = {"train": asdict(args), "meft": cfg.to_dict(), "world_size": ranks.world}
     if main:
         log = MetricsLog(out, resume_step=start)
@@ -197,7 +214,8 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks) -> dict:
                                 upd=f"{rec['cpu_update_ms']:.0f}ms")
                 if stop_now or last or (args.save_every and step % args.save_every == 0):
                     save_training_state(out, step, model, data_state=data.batches.state_dict(),
-                                        extra={"before": before}, keep=args.keep_checkpoints)
+                                        extra={"before": before, "world_size": ranks.world},
+                                        keep=args.keep_checkpoints)
             if stop_now and not last:
                 interrupted = True
                 break
@@ -219,6 +237,18 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks) -> dict:
     print(f"meft: run folder {out} (metrics.jsonl, loss.png, adapter/, checkpoints/, summary.json)")
     rt.close()
     return summary
+
+
+def _reshard_note(state: dict, ranks: Ranks) -> str:
+    """Resuming with another number of ranks is resharding, and needs nothing else: a checkpoint holds one
+    replica of the stores, the router gates and the backbone (identical on every rank) and the position of
+    the global batch stream; each rank of the new run takes its shard of the same global batches."""
+    saved = state["extra"].get("world_size", 1)
+    if saved == ranks.world:
+        return ""
+    return (f" (written by {saved} rank(s), resumed on {ranks.world}: the global batch of --batch-size examples is "
+            f"now split {ranks.world} ways; the run continues as the {saved}-rank one would, up to fp32 summation "
+            f"order and the top-k routing ties it can flip)")
 
 
 def _step_record(rt, prev: dict, *, step: int, loss: float, tokens: int, dt: float) -> tuple[dict, dict]:

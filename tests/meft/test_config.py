@@ -52,6 +52,8 @@ BAD = [  # (field, bad value, words the fix must contain)
     ("key_lr", "slow", "0.0 (frozen keys) or None"),
     ("balance", "aux_loss", "'none', 'bias'"),
     ("balance_rate", -1e-3, ">= 0"),
+    ("sparse_update", -1, "0 (off) or a positive int"),
+    ("sparse_background_tokens", 0, "a positive int"),
 ]
 
 

@@ -104,3 +104,81 @@ def test_perplexity_matches_hf_loss(tok):
     torch.testing.assert_close(one["loss"], res["loss"], rtol=1e-5, atol=1e-5)
     windowed = perplexity(model, tok, texts, max_length=4)
     assert windowed["n_tokens"] < count  # no context crosses a window: fewer predicted tokens
+
+
+def test_common_prefix_length():
+    from meft.evaluate import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2], [1, 2]]) == 2 and common_prefix_length([[1], [2]]) == 0
+    assert common_prefix_length([]) == 0
+
+
+def _wrapped_tiny(tok, seed):
+    """A tiny model wrapped with an adapter whose values are nonzero, so the adapter changes its answers."""
+    import meft
+    from meft.config import MeftConfig
+
+    model = tiny_model(len(tok), seed=seed)
+    meft.wrap(model, MeftConfig(adapter_rows=256, expert_size=16, max_active_rows=64, wire_dtype="float32"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for store in model.meft.stores:
+            w = store.weights.clone()
+            w[:, w.shape[1] // 2:] = torch.randn(w.shape[0], w.shape[1] // 2, generator=g)
+            store.set_weights(w)
+    model.meft.stores_changed()
+    return model.eval()
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_shared_prefix_fast_path_equals_plain_twin(tok, wrapped, monkeypatch):
+    """The fast path (common chat prefix computed once, its KV cache copied into every batch, suffixes
+    left-padded behind it) gives the plain twin's answers, for every batch size; it really runs."""
+    import meft.evaluate as ev
+
+    model = _wrapped_tiny(tok, 3) if wrapped else tiny_model(len(tok), seed=3)
+    questions = ["What is the capital of France?", "Lima", "Where was Kalo Mira born? The fox", "EUR 12",
+                 "Which city is the capital of Peru?", "The quick brown fox", "+33 .fr", "named SmolLM"]
+    prompts = [prompt_ids({"prompt": q, "completion": "x"}, tok) for q in questions]
+    assert ev.common_prefix_length(prompts) >= ev._MIN_SHARED_PREFIX  # the chat template's system message
+    calls = []
+    real = ev._prefix_cache
+    monkeypatch.setattr(ev, "_prefix_cache", lambda *a: calls.append(a) or real(*a))
+    with torch.no_grad():
+        plain = generate_answers(model, tok, prompts, batch_size=8, max_new_tokens=8, share_prefix=False)
+        assert not calls
+        for bs in (1, 3, 8):
+            assert generate_answers(model, tok, prompts, batch_size=bs, max_new_tokens=8) == plain, bs
+    assert len(calls) == 3
+    assert len(set(plain)) > 4 and all(plain)  # prompt-dependent answers: the comparison is not vacuous
+    if wrapped:  # the adapter changed the answers: the fast path ran through it
+        assert plain != generate_answers(tiny_model(len(tok), seed=3), tok, prompts, batch_size=8,
+                                         max_new_tokens=8, share_prefix=False)
+        model.meft.close()
+
+
+def test_trade_off_probe_and_summary(tok):
+    from meft.data.retention import FREE_PROMPTS, RETENTION_QUESTIONS
+    from meft.trade_off import trade_off_probe, trade_off_summary
+
+    base_model, tuned_model = tiny_model(len(tok), seed=4), _wrapped_tiny(tok, 4)
+    base, tuned = trade_off_probe(base_model, tok), trade_off_probe(tuned_model, tok)
+    tuned_model.meft.close()
+    assert base["retention"]["n"] == len(RETENTION_QUESTIONS) == 31
+    assert [g["prompt"] for g in base["generations"]] == list(FREE_PROMPTS)
+    s = trade_off_summary(base, tuned)
+    assert s["retention"]["before"] == base["retention"]["contains"]
+    assert s["retention"]["after"] == tuned["retention"]["contains"]
+    items = s["retention"]["items"]
+    assert len(items) == 31 and {"prompt", "answers", "before", "after"} <= set(items[0])
+    assert [(g["base"], g["tuned"]) for g in s["generations"]] == [
+        (b["answer"], t["answer"]) for b, t in zip(base["generations"], tuned["generations"])]
+    # kept: of the facts answered before, the share answered after (fabricated probes: 2 known, 1 kept)
+    item = {"prompt": "q", "answers": ["a"], "prediction": "a", "contains": True}
+    fake_b = {"retention": {"exact_match": 1.0, "contains": 2 / 3, "n": 3,
+                            "items": [item, {**item, "prompt": "r"}, {**item, "prompt": "s", "contains": False}]}}
+    fake_a = {"retention": {"exact_match": 0.0, "contains": 1 / 3, "n": 3,
+                            "items": [item, {**item, "prompt": "r", "contains": False}, {**item, "prompt": "s"}]}}
+    r = trade_off_summary(fake_b, fake_a)["retention"]
+    assert r["kept"] == 0.5 and r["lost"] == ["r"]

@@ -170,7 +170,8 @@ def peak_mib(model, opt, ids, use_head: bool) -> float:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Expected a tensor")  # MemTracker's hook after Lomo's
         with mt:
-            loss = lm_loss(model, ids, opt=opt, chunk_bytes=2**20) if use_head else model(input_ids=ids, labels=ids).loss
+            loss = (lm_loss(model, ids, opt=opt, chunk_bytes=2**20) if use_head
+                    else model(input_ids=ids, labels=ids).loss)
             opt.backward(loss)
             opt.step()
     return mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / 2**20

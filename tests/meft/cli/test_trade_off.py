@@ -1,0 +1,32 @@
+"""`meft train`'s trade-off probe: the summary (console and summary.json) holds retention before/after and
+the free prompts answered by the base and the fine-tuned model side by side; `--retention false
+--generations false` turns it off. Tiny local model (the mechanics; the set is chosen for the default model)."""
+
+import json
+
+from meft.data.retention import FREE_PROMPTS
+from tests.meft.cli.test_train import _cmd, _run
+
+
+def test_summary_shows_retention_and_side_by_side_generations(tiny, tmp_path):
+    out = tmp_path / "run"
+    res = _run(_cmd(tiny, out, "--steps", "2", "--eval-data", str(tiny / "train.jsonl"), "--eval-limit", "4"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    t = json.loads((out / "summary.json").read_text())["trade_off"]
+    r = t["retention"]
+    assert r["n"] == 31 and len(r["items"]) == 31 and 0 <= r["before"] <= 1 and 0 <= r["after"] <= 1
+    assert {"exact_match_before", "exact_match_after", "kept", "lost"} <= set(r)
+    assert all({"before", "after"} <= set(i) for i in r["items"])
+    assert [g["prompt"] for g in t["generations"]] == list(FREE_PROMPTS)
+    assert all(isinstance(g["base"], str) and isinstance(g["tuned"], str) for g in t["generations"])
+    assert "retention contains" in res.stdout and "base model" in res.stdout and "fine-tuned" in res.stdout
+    assert FREE_PROMPTS[0] in res.stdout
+
+
+def test_trade_off_probe_can_be_turned_off(tiny, tmp_path):
+    out = tmp_path / "run"
+    res = _run(_cmd(tiny, out, "--steps", "1", "--eval-before", "false", "--eval-after", "false",
+                    "--retention", "false", "--generations", "false"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "trade_off" not in json.loads((out / "summary.json").read_text())
+    assert "retention" not in res.stdout

