@@ -42,7 +42,7 @@ EPILOG = """examples:
 
 @dataclass
 class ProbeArgs:
-    retention: bool = opt(True, "After training, score 31 world facts that the default model answers correctly "
+    retention: bool = opt(True, "After training, score 30 world facts that the default model answers correctly "
                           "and the built-in training data does not contain (capitals, demonyms, regions, currency "
                           "codes of other countries) with the base and the fine-tuned model: the share of known "
                           "facts still answered is what fine-tuning kept (summary table and summary.json "

@@ -3,7 +3,7 @@
 Owns what the quick start scores before and after training to show what was learned *and* what was lost
 (issue 13 item 7):
 
-* `RETENTION_QUESTIONS`: 31 world-fact questions (11 capitals, 8 demonyms, 8 world regions, 4 currency
+* `RETENTION_QUESTIONS`: 30 world-fact questions (11 capitals, 7 demonyms, 8 world regions, 4 currency
   codes) that the untrained default model (SmolLM2-135M-Instruct) answers correctly, asked through the
   chat template with `RETENTION_MAX_NEW_TOKENS` new tokens. "Correctly" is the *contains* match of
   `meft.evaluate` (the base model answers in sentences, "The capital of Romania is Bucharest.", so its
@@ -23,13 +23,14 @@ from __future__ import annotations
 import random
 
 from meft.data.builtin import world_facts
+from meft.evaluate import contains_match
 
 __all__ = ["RETENTION_QUESTIONS", "RETENTION_MAX_NEW_TOKENS", "RETENTION_QUOTA", "FREE_PROMPTS",
            "FREE_MAX_NEW_TOKENS", "retention_records", "retention_candidates"]
 
 RETENTION_MAX_NEW_TOKENS = 16  # the base model's sentence answers fit ("The capital of X is Y." ~ 9 tokens)
 FREE_MAX_NEW_TOKENS = 24       # one sentence; short so the probe stays cheap
-RETENTION_QUOTA = {"capital": 11, "demonym": 8, "region": 8, "currency": 4}  # questions per relation
+RETENTION_QUOTA = {"capital": 11, "demonym": 7, "region": 8, "currency": 4}  # questions per relation
 _EXCLUDE_SPEC = ("world_facts", 50, 0)  # the quick start's training data: built-in set, countries, seed
 
 FREE_PROMPTS = (
@@ -57,7 +58,6 @@ RETENTION_QUESTIONS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
     ('What is the demonym for people from Israel?', ('Israeli',), 'demonym', 'Israel'),
     ('What is the demonym for people from Estonia?', ('Estonian',), 'demonym', 'Estonia'),
     ('What is the demonym for people from Bangladesh?', ('Bangladeshi',), 'demonym', 'Bangladesh'),
-    ('What is the demonym for people from Czech Republic?', ('Czech',), 'demonym', 'Czech Republic'),
     ('What is the demonym for people from Haiti?', ('Haitian',), 'demonym', 'Haiti'),
     ('What is the demonym for people from Turkmenistan?', ('Turkmen',), 'demonym', 'Turkmenistan'),
     ('What is the demonym for people from Fiji?', ('Fijian',), 'demonym', 'Fiji'),
@@ -94,7 +94,7 @@ def retention_candidates(seed: int = 0) -> list[dict]:
     first: dict[tuple[str, str], dict] = {}
     for rec in world_facts(tuple(RETENTION_QUOTA), seed=0).train:  # 3 train phrasings per fact, in order
         # an answer inside its own question ("the capital of Singapore?") is "known" by echoing the question
-        if rec["subject"] not in excluded and not any(a.lower() in rec["prompt"].lower() for a in rec["answers"]):
+        if rec["subject"] not in excluded and not contains_match(rec["prompt"], rec["answers"]):
             first.setdefault((rec["subject"], rec["relation"]), rec)
     out = list(first.values())
     random.Random(seed).shuffle(out)

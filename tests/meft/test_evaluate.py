@@ -165,13 +165,13 @@ def test_trade_off_probe_and_summary(tok):
     base_model, tuned_model = tiny_model(len(tok), seed=4), _wrapped_tiny(tok, 4)
     base, tuned = trade_off_probe(base_model, tok), trade_off_probe(tuned_model, tok)
     tuned_model.meft.close()
-    assert base["retention"]["n"] == len(RETENTION_QUESTIONS) == 31
+    assert base["retention"]["n"] == len(RETENTION_QUESTIONS) == 30
     assert [g["prompt"] for g in base["generations"]] == list(FREE_PROMPTS)
     s = trade_off_summary(base, tuned)
     assert s["retention"]["before"] == base["retention"]["contains"]
     assert s["retention"]["after"] == tuned["retention"]["contains"]
     items = s["retention"]["items"]
-    assert len(items) == 31 and {"prompt", "answers", "before", "after"} <= set(items[0])
+    assert len(items) == 30 and {"prompt", "answers", "before", "after"} <= set(items[0])
     assert [(g["base"], g["tuned"]) for g in s["generations"]] == [
         (b["answer"], t["answer"]) for b, t in zip(base["generations"], tuned["generations"])]
     # kept: of the facts answered before, the share answered after (fabricated probes: 2 known, 1 kept)

@@ -14,7 +14,7 @@ def test_summary_shows_retention_and_side_by_side_generations(tiny, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     t = json.loads((out / "summary.json").read_text())["trade_off"]
     r = t["retention"]
-    assert r["n"] == 31 and len(r["items"]) == 31 and 0 <= r["before"] <= 1 and 0 <= r["after"] <= 1
+    assert r["n"] == 30 and len(r["items"]) == 30 and 0 <= r["before"] <= 1 and 0 <= r["after"] <= 1
     assert {"exact_match_before", "exact_match_after", "kept", "lost"} <= set(r)
     assert all({"before", "after"} <= set(i) for i in r["items"])
     assert [g["prompt"] for g in t["generations"]] == list(FREE_PROMPTS)

@@ -8,19 +8,21 @@ import pytest
 
 from meft.data.builtin import world_facts
 from meft.data.retention import FREE_PROMPTS, RETENTION_QUESTIONS, RETENTION_QUOTA, retention_records
+from meft.evaluate import contains_match
 
 
 def test_retention_set_shape_and_disjoint_from_quick_start_data():
     recs = retention_records()
-    assert len(recs) == sum(RETENTION_QUOTA.values()) == 31
+    assert len(recs) == sum(RETENTION_QUOTA.values()) == 30
     assert Counter(r["relation"] for r in recs) == Counter(RETENTION_QUOTA)
-    assert len({(r["subject"], r["relation"]) for r in recs}) == 31 and all(r["answers"] and r["prompt"] for r in recs)
+    assert len({(r["subject"], r["relation"]) for r in recs}) == 30 and all(r["answers"] and r["prompt"] for r in recs)
     trained = world_facts(max_countries=50, seed=0)  # `meft train`'s default --data world_facts:50
     assert not {r["subject"] for r in recs} & {r["subject"] for r in trained.train}
     assert not {r["prompt"] for r in recs} & ({r["prompt"] for r in trained.train} | set(FREE_PROMPTS))
     assert all(r["answers"][0] == q[1][0] for r, q in zip(recs, RETENTION_QUESTIONS))
     # known by answering, not by echoing the question: no accepted answer occurs in its own prompt
-    assert not [r["prompt"] for r in recs if any(a.lower() in r["prompt"].lower() for a in r["answers"])]
+    # (whole words, as the probe scores: "Turkmen" is not in "Turkmenistan?", "Czech" is in "Czech Republic?")
+    assert not [r["prompt"] for r in recs if contains_match(r["prompt"], r["answers"])]
 
 
 @pytest.mark.slow
