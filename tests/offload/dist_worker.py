@@ -26,9 +26,10 @@ from offload.store import RowStore  # noqa: E402
 N_ROWS, WIDTH, N_LAYERS, MAX_ROWS, STEPS, WORLD = 64, 8, 3, 16, 12, 2
 
 
-def make_opts(seed: int = 0) -> list[SparseAdamW]:
+def make_opts(node=None, seed: int = 0) -> list[SparseAdamW]:
+    """One SparseAdamW per layer over seeded stores; `node` (an `offload.node` group) shares them per node."""
     g = torch.Generator().manual_seed(seed)
-    return [SparseAdamW(RowStore(N_ROWS, WIDTH, init=torch.randn(N_ROWS, WIDTH, generator=g)), lr=3e-2,
+    return [SparseAdamW(RowStore(N_ROWS, WIDTH, init=torch.randn(N_ROWS, WIDTH, generator=g), node=node), lr=3e-2,
                         weight_decay=0.01) for _ in range(N_LAYERS)]
 
 

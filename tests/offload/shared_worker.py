@@ -30,26 +30,12 @@ if str(REPO) not in sys.path:
 from offload import shared  # noqa: E402
 from offload.copies import host_copies  # noqa: E402
 from offload.node import NODE_ENV, node_of  # noqa: E402
-from offload.optim import SparseAdamW  # noqa: E402
 from offload.scheduler import TransferScheduler  # noqa: E402
-from offload.store import RowStore  # noqa: E402
+from tests.offload.dist_worker import MAX_ROWS, N_LAYERS, N_ROWS, WIDTH, make_opts, shard  # noqa: E402, F401 (test_shared_store reads them here)
 
-N_ROWS, WIDTH, N_LAYERS, MAX_ROWS, STEPS = 64, 8, 3, 16, 8
+STEPS = 8  # the stores, their rows and each rank's shard of ids are dist_worker's
 SLOW_S = 0.25  # the slow owner's delay before its row updates, on steps with step % 3 == 1
 KEYS = ("weights", "exp_avg", "exp_avg_sq", "steps")
-
-
-def make_opts(node=None, seed: int = 0) -> list[SparseAdamW]:
-    g = torch.Generator().manual_seed(seed)
-    return [SparseAdamW(RowStore(N_ROWS, WIDTH, init=torch.randn(N_ROWS, WIDTH, generator=g), node=node), lr=3e-2,
-                        weight_decay=0.01) for _ in range(N_LAYERS)]
-
-
-def shard(step: int, rank: int, layer: int) -> torch.Tensor:
-    """Rank `rank`'s sorted row ids for `layer` in `step` (shards overlap; some are empty)."""
-    g = torch.Generator().manual_seed(1000 * step + 10 * rank + layer)
-    n = int(torch.randint(0, MAX_ROWS + 1, (1,), generator=g))
-    return torch.randperm(N_ROWS, generator=g)[:n].sort().values
 
 
 def grads_of(rows: torch.Tensor, step: int, rank: int, layer: int) -> torch.Tensor:
