@@ -15,12 +15,13 @@ import argparse
 
 import torch
 
-from meft.data.records import prompt_ids
+from meft.data.records import prompt_ids, with_system_prompt
 from meft.data.retention import (
     FREE_MAX_NEW_TOKENS,
     FREE_PROMPTS,
     RETENTION_MAX_NEW_TOKENS,
     RETENTION_QUOTA,
+    RETENTION_SYSTEM_PROMPT,
     retention_candidates,
     retention_records,
 )
@@ -31,21 +32,23 @@ __all__ = ["trade_off_probe", "trade_off_summary", "verify_retention_set", "buil
 
 
 def trade_off_probe(model, tokenizer, *, retention: bool = True, generations: bool = True,
-                    batch_size: int = 32) -> dict:
+                    batch_size: int = 32, system_prompt: str | None = None) -> dict:
     """What a model knows and how it writes, to compare before and after fine-tuning (`meft.data.retention`).
 
     Returns ``{"retention": {"exact_match", "contains", "n", "items": [{"prompt", "answers", "prediction",
     "contains"}]}, "generations": [{"prompt", "answer"}]}`` (a part left out is absent): the built-in
-    retention set scored with its token budget, and greedy answers to `FREE_PROMPTS`, each one batch."""
+    retention set scored with its token budget, and greedy answers to `FREE_PROMPTS`, each one batch.
+    `system_prompt`: the system message of every question (`with_system_prompt`; None = the template's)."""
     out: dict = {}
     if retention:
-        res = qa_accuracy(model, tokenizer, retention_records(), batch_size=batch_size,
-                          max_new_tokens=RETENTION_MAX_NEW_TOKENS, chat=None)
+        records = with_system_prompt(retention_records(), system_prompt)
+        res = qa_accuracy(model, tokenizer, records, batch_size=batch_size, max_new_tokens=RETENTION_MAX_NEW_TOKENS,
+                          chat=None)
         out["retention"] = {"exact_match": res["exact_match"], "contains": res["contains"], "n": res["n"],
                             "items": [{k: i[k] for k in ("prompt", "answers", "prediction", "contains")}
                                       for i in res["items"]]}
     if generations:
-        recs = [{"prompt": p, "completion": "-"} for p in FREE_PROMPTS]
+        recs = with_system_prompt([{"prompt": p, "completion": "-"} for p in FREE_PROMPTS], system_prompt)
         was_training = model.training
         model.eval()
         try:
@@ -80,13 +83,16 @@ def trade_off_summary(before: dict, after: dict) -> dict:
     return out
 
 
-def verify_retention_set(model, tokenizer, records: list[dict] | None = None, *, batch_size: int = 32) -> dict:
+def verify_retention_set(model, tokenizer, records: list[dict] | None = None, *, batch_size: int = 32,
+                         system_prompt: str | None = RETENTION_SYSTEM_PROMPT) -> dict:
     """Score `records` (default: the built-in set) as the trade-off probe does; `qa_accuracy`'s result."""
-    return qa_accuracy(model, tokenizer, records if records is not None else retention_records(),
-                       batch_size=batch_size, max_new_tokens=RETENTION_MAX_NEW_TOKENS, chat=True)
+    records = records if records is not None else retention_records()
+    return qa_accuracy(model, tokenizer, with_system_prompt(records, system_prompt), batch_size=batch_size,
+                       max_new_tokens=RETENTION_MAX_NEW_TOKENS, chat=True)
 
 
-def build_retention_set(model, tokenizer, *, seed: int = 0, batch_size: int = 32) -> list[tuple]:
+def build_retention_set(model, tokenizer, *, seed: int = 0, batch_size: int = 32,
+                        system_prompt: str | None = RETENTION_SYSTEM_PROMPT) -> list[tuple]:
     """Choose a set as `RETENTION_QUESTIONS` was chosen: candidates in seeded order, scored a batch at a
     time, keeping per relation the first ones `model` answers (contains) until `RETENTION_QUOTA` is met."""
     need, kept = dict(RETENTION_QUOTA), []
@@ -96,7 +102,8 @@ def build_retention_set(model, tokenizer, *, seed: int = 0, batch_size: int = 32
         if not batch:
             break
         pending = [r for r in pending if r not in batch]
-        for rec, item in zip(batch, verify_retention_set(model, tokenizer, batch)["items"]):
+        scored = verify_retention_set(model, tokenizer, batch, system_prompt=system_prompt)["items"]
+        for rec, item in zip(batch, scored):
             if item["contains"] and need[rec["relation"]] > 0:
                 need[rec["relation"]] -= 1
                 kept.append((rec["prompt"], tuple(rec["answers"]), rec["relation"], rec["subject"]))

@@ -4,7 +4,9 @@ Owns the adapter folder format (full training-state checkpoints are a separate m
 
     <dir>/adapter_config.json          {"format": "meft-adapter", "version": 1, "config": MeftConfig dict,
                                          "layers": [decoder layer per adapter], "hidden_size", "row_width",
-                                         "model_type", "targets": [module paths], "sizes": {...}}
+                                         "model_type", "targets": [module paths], "sizes": {...},
+                                         "training": {...} what the trainer chose to record, e.g.
+                                         {"system_prompt": ""} (`meft generate` / `meft eval` reuse it)}
     <dir>/adapter_model.safetensors    "layers.<l>.rows" [N, 2d] fp32 (keys | values of layer l)
                                        "layers.<l>.router" [E, d] fp32 router gate of layer l
                                        "layers.<l>.expert_bias" [E] fp32 routing balance bias (balance="bias")
@@ -29,7 +31,7 @@ from meft.adapter.wrap import (
 )
 from meft.config import MeftConfig
 
-__all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "adapter_training_info", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -44,8 +46,9 @@ def _runtime(model):
     return rt
 
 
-def save_adapter(model, path: str, *, verbose: bool = True) -> dict:
-    """Write the adapter folder (see module docstring). Returns {"path", "params", "bytes", "layers"}."""
+def save_adapter(model, path: str, *, verbose: bool = True, training: dict | None = None) -> dict:
+    """Write the adapter folder (see module docstring). Returns {"path", "params", "bytes", "layers"}.
+    `training`: JSON-able facts about how it was trained, kept as ``"training"`` in adapter_config.json."""
     rt = _runtime(model)
     rt.sync_to_host()  # staleness 1 pending updates applied; resident rows copied back to the stores
     os.makedirs(path, exist_ok=True)
@@ -64,6 +67,8 @@ def save_adapter(model, path: str, *, verbose: bool = True) -> dict:
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "sizes": {"params": params, "bytes": nbytes},
     }
+    if training:
+        meta["training"] = training
     weights_path = os.path.join(path, WEIGHTS_NAME)
     save_file(tensors, weights_path, metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
@@ -88,6 +93,11 @@ def _read_config(path: str) -> dict:
     if meta.get("format") != "meft-adapter":
         raise ValueError(f"{cfg_path}: format is {meta.get('format')!r}, expected 'meft-adapter'")
     return meta
+
+
+def adapter_training_info(path: str) -> dict:
+    """The ``"training"`` entry of an adapter folder (empty for adapters saved without one)."""
+    return dict(_read_config(path).get("training") or {})
 
 
 def _merge_config(saved: MeftConfig, config: MeftConfig | None) -> MeftConfig:

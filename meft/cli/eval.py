@@ -8,18 +8,23 @@ import os
 import random
 from dataclasses import dataclass
 
-from meft.adapter.saving import load_adapter
+from meft.adapter.saving import adapter_training_info, load_adapter
 from meft.cli.options import add_command, resolve_options
 from meft.config import opt
 from meft.data.builtin import load_builtin
 from meft.data.files import load_records
-from meft.data.records import records_kind
-from meft.data.sources import parse_data_spec
+from meft.data.records import records_kind, with_system_prompt
+from meft.data.sources import parse_data_spec, resolve_system_prompt
 from meft.evaluate import perplexity, qa_accuracy
 from meft.pretrained import load_model
 from offload.text import format_table
 
-__all__ = ["add_parser", "run", "EvalArgs"]
+__all__ = ["add_parser", "run", "EvalArgs", "load_scored_model", "scoring_system_prompt", "SYSTEM_PROMPT_HELP"]
+
+SYSTEM_PROMPT_HELP = ("System message put first in every prompt (chat models): 'auto' = the one the adapter was "
+                      "trained with (its adapter_config.json records it), else what `meft train` uses (an empty one "
+                      "for the built-in sets, the chat template's default otherwise); 'model' = the template's "
+                      "default; any other text = that message.")
 
 
 @dataclass
@@ -37,6 +42,7 @@ class EvalArgs:
     max_new_tokens: int = opt(12, "Tokens generated per answer.")
     max_length: int = opt(512, "Window length for perplexity.")
     seed: int = opt(0, "Seed of the built-in data and of the sample.")
+    system_prompt: str = opt("auto", SYSTEM_PROMPT_HELP)
     json_out: str | None = opt(None, "Also write the full result (with every prediction) to this JSON file.")
     progress: bool = opt(True, "Show a progress bar.")
 
@@ -60,6 +66,13 @@ def load_scored_model(model_arg: str, adapter: str | None):
     return model.eval(), tokenizer
 
 
+def scoring_system_prompt(value: str, adapter: str | None, tokenizer, *, builtin: bool) -> str | None:
+    """`--system-prompt` of `meft eval` / `meft generate` -> the system message to use (None: the template's)."""
+    if value == "auto" and adapter is not None:
+        value = adapter_training_info(adapter).get("system_prompt", value)
+    return resolve_system_prompt(value, tokenizer, builtin=builtin)
+
+
 def _records(args: EvalArgs) -> tuple[str, list[dict]]:
     kind, kw = parse_data_spec(args.data)
     if kind == "file":
@@ -78,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     (ea,) = resolve_options(args, [EvalArgs])
     kind, records = _records(ea)
     model, tokenizer = load_scored_model(ea.model, ea.adapter)
+    if kind != "text":
+        builtin = parse_data_spec(ea.data)[0] != "file"
+        records = with_system_prompt(records, scoring_system_prompt(ea.system_prompt, ea.adapter, tokenizer,
+                                                                    builtin=builtin))
     who = f"{ea.model}" + (f" + {ea.adapter}" if ea.adapter else "")
     if kind == "text":
         res = perplexity(model, tokenizer, [r["text"] for r in records], batch_size=ea.batch_size,

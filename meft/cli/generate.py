@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from meft.cli.eval import load_scored_model
+from meft.cli.eval import SYSTEM_PROMPT_HELP, load_scored_model, scoring_system_prompt
 from meft.cli.options import add_command, resolve_options
 from meft.config import opt
-from meft.data.records import prompt_ids
+from meft.data.records import prompt_ids, with_system_prompt
 from meft.evaluate import generate_answers
 
 __all__ = ["add_parser", "run", "GenerateArgs"]
@@ -22,6 +22,7 @@ class GenerateArgs:
     prompt_file: str | None = opt(None, "A text file with one prompt per line (in addition to PROMPT args).")
     max_new_tokens: int = opt(64, "Tokens generated per answer (greedy decoding).")
     batch_size: int = opt(8, "Prompts answered together.")
+    system_prompt: str = opt("auto", SYSTEM_PROMPT_HELP)
 
 
 def add_parser(sub) -> None:
@@ -40,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if not prompts:
         raise ValueError("no prompts: pass them as arguments or with --prompt-file FILE")
     model, tokenizer = load_scored_model(ga.model, ga.adapter)
-    ids = [prompt_ids({"prompt": p, "completion": "-"}, tokenizer) for p in prompts]
+    system = scoring_system_prompt(ga.system_prompt, ga.adapter, tokenizer, builtin=False)
+    records = with_system_prompt([{"prompt": p, "completion": "-"} for p in prompts], system)
+    ids = [prompt_ids(r, tokenizer) for r in records]
     answers = generate_answers(model, tokenizer, ids, batch_size=ga.batch_size, max_new_tokens=ga.max_new_tokens)
     for p, a in zip(prompts, answers):
         print(f"> {p}\n{a}\n")

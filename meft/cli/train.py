@@ -23,6 +23,7 @@ import meft
 from meft.adapter.saving import load_adapter
 from meft.cli.options import add_command, resolve_options
 from meft.config import MeftConfig, opt, parse_backbone_dtype
+from meft.data.sources import parse_data_spec, resolve_system_prompt
 from meft.pretrained import load_model
 from meft.trade_off import trade_off_probe, trade_off_summary
 from meft.train.args import TrainArgs
@@ -79,7 +80,10 @@ def trade_off(targs: TrainArgs, cfg: MeftConfig, *, retention: bool = True, gene
     device = "cuda" if targs.device == "auto" and torch.cuda.is_available() else targs.device
     device = "cpu" if device == "auto" else device
     model, tokenizer = load_model(targs.model, dtype=parse_backbone_dtype("--dtype", targs.dtype), device=device)
-    kw = {"retention": retention, "generations": generations, "batch_size": targs.eval_batch_size}
+    # asked as the run trained and scored (an empty system turn for the built-in data), as `meft generate` asks
+    system = resolve_system_prompt(targs.system_prompt, tokenizer, builtin=parse_data_spec(targs.data)[0] != "file")
+    kw = {"retention": retention, "generations": generations, "batch_size": targs.eval_batch_size,
+          "system_prompt": system}
     base = trade_off_probe(model, tokenizer, **kw)
     if cfg.backbone == "frozen":
         load_adapter(model, str(out / "adapter"), verbose=False)

@@ -1,7 +1,8 @@
 """Training data: tokenization with completion-only labels, packing, collation, and a resumable
 shuffled batch iterator, over canonical records:
 
-* ``{"prompt": str, "completion": str}``   QA / instruction pairs; loss on the completion only by default.
+* ``{"prompt": str, "completion": str}``   QA / instruction pairs; loss on the completion only by default
+  (optional ``"system"``: the conversation's system message, see `with_system_prompt`).
 * ``{"messages": [{"role", "content"}, ...]}``   chat; loss on the assistant messages only by default.
 * ``{"text": str}``   plain text; packed into fixed-length blocks, loss on every token.
 
@@ -36,6 +37,7 @@ __all__ = [
     "validate_record",
     "records_kind",
     "uses_chat_template",
+    "with_system_prompt",
     "prompt_ids",
     "reference_answers",
     "encode_record",
@@ -63,7 +65,32 @@ def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
 def _as_messages(rec: dict) -> list[dict]:
     if "messages" in rec:
         return [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
-    return [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]
+    system = [{"role": "system", "content": rec["system"]}] if rec.get("system") is not None else []
+    return system + [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]
+
+
+def with_system_prompt(records: Sequence[dict], text: str | None) -> list[dict]:
+    """Copies of QA/chat `records` whose conversation starts with the system message `text` where it had none.
+
+    `text=None` returns the records unchanged (the chat template then adds its own default, if any:
+    SmolLM2's is "You are a helpful AI assistant named SmolLM, trained by Hugging Face", 20 tokens);
+    `text=""` gives an empty system turn. A record that carries a system message keeps it. A
+    prompt/completion record gets ``"system"``; a messages record gets a leading system message.
+    """
+    if text is None:
+        return list(records)
+    out = []
+    for rec in records:
+        if "messages" in rec:
+            if rec["messages"] and rec["messages"][0]["role"] == "system":
+                out.append(rec)
+            else:
+                out.append({**rec, "messages": [{"role": "system", "content": text}, *rec["messages"]]})
+        elif "prompt" in rec and rec.get("system") is None:
+            out.append({**rec, "system": text})
+        else:
+            out.append(rec)
+    return out
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:

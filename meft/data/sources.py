@@ -15,9 +15,9 @@ from pathlib import Path
 from meft.data.builtin import BUILTIN_NAMES, load_builtin
 from meft.data.files import SUFFIXES, load_records
 from meft.data.formats import records_kind
-from meft.data.records import BatchIterator, build_examples
+from meft.data.records import BatchIterator, build_examples, uses_chat_template, with_system_prompt
 
-__all__ = ["RunData", "load_run_data", "parse_data_spec"]
+__all__ = ["RunData", "load_run_data", "parse_data_spec", "resolve_system_prompt"]
 
 
 @dataclass
@@ -25,6 +25,7 @@ class RunData:
     batches: BatchIterator                 # endless, resumable (epoch, index)
     eval_splits: dict[str, list[dict]]     # split name -> QA records to score
     description: str = ""                  # one line for the console: what was read, in which format
+    system_prompt: str | None = None       # system message put into every conversation (None: template default)
 
 
 def parse_data_spec(spec: str) -> tuple[str, dict]:
@@ -44,6 +45,24 @@ def parse_data_spec(spec: str) -> tuple[str, dict]:
                      f"file or one of {list(BUILTIN_NAMES)} (optionally with ':N')")
 
 
+def resolve_system_prompt(value: str | None, tokenizer, *, builtin: bool) -> str | None:
+    """`--system-prompt` -> the text `with_system_prompt` puts first (None: the chat template's own default).
+
+    'auto' is '' (an empty system turn) for the built-in QA sets, whose questions are about 14 tokens: the
+    default model's template would otherwise add its 20-token persona prompt to every example. For files it
+    keeps the template's default, which is what the model sees in `meft generate`."""
+    if value is None or value == "model":
+        return None
+    if not uses_chat_template(tokenizer):
+        if value == "auto":
+            return None
+        raise ValueError(f"--system-prompt {value!r}: this tokenizer has no chat template, so there is no system "
+                         "message to set; fix: drop --system-prompt (or put the text into the prompts)")
+    if value == "auto":
+        return "" if builtin else None
+    return value
+
+
 def _sample(records: list[dict], limit: int, seed: int) -> list[dict]:
     if not limit or limit >= len(records):
         return list(records)
@@ -53,6 +72,7 @@ def _sample(records: list[dict], limit: int, seed: int) -> list[dict]:
 def load_run_data(args, tokenizer, *, seed: int) -> RunData:
     """Build the training batches and the evaluation splits for `args` (a TrainArgs)."""
     kind, kw = parse_data_spec(args.data)
+    system = resolve_system_prompt(getattr(args, "system_prompt", "model"), tokenizer, builtin=kind != "file")
     if kind == "file":
         train_records = load_records(kw["path"])
         what = f"{len(train_records)} {train_records[0]['_format']} records from {kw['path']}"
@@ -71,6 +91,11 @@ def load_run_data(args, tokenizer, *, seed: int) -> RunData:
                  "held_out": _sample(facts.eval, args.eval_limit, seed)}
         if args.eval_data:
             evals = {"eval": _sample(load_records(args.eval_data), args.eval_limit, seed)}
+    if records_kind(train_records) == "qa":
+        train_records = with_system_prompt(train_records, system)
+    evals = {split: with_system_prompt(recs, system) for split, recs in evals.items()}
     examples = build_examples(train_records, tokenizer, max_length=args.max_length, block_size=args.block_size)
     batches = BatchIterator(examples, args.batch_size, tokenizer.pad_token_id, seed=seed)
-    return RunData(batches=batches, eval_splits=evals, description=f"meft: data: {what}")
+    if system is not None:
+        what += f", system prompt {system!r}"
+    return RunData(batches=batches, eval_splits=evals, description=f"meft: data: {what}", system_prompt=system)

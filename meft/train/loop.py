@@ -229,7 +229,9 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks) -> dict:
     log.close()
     plot_loss_curve(records, out / "loss.png")
     adapter_dir = out / "adapter"
-    save_adapter(model, adapter_dir)
+    # `meft generate` / `meft eval` put the same system message first by default (their --system-prompt auto)
+    save_adapter(model, adapter_dir, training={"system_prompt": "model" if data.system_prompt is None
+                                               else data.system_prompt})
     after = _evaluate(model, tokenizer, data, args, "after") if args.eval_after and not interrupted else {}
     summary = _summary(args, cfg, rt, records, before, after, train_s, interrupted)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -6,11 +6,15 @@ from tests.meft.cli.test_train import MEFT, _cmd, _run
 
 
 def test_eval_and_generate_reload_the_trained_adapter(tiny, tmp_path):
+    """Also: the adapter records the run's --system-prompt and eval / generate ask with it by default."""
     out = tmp_path / "run"
     data = str(tiny / "train.jsonl")
-    res = _run(_cmd(tiny, out, "--steps", "4", "--eval-data", data, "--eval-limit", "0", "--eval-before", "false"))
+    res = _run(_cmd(tiny, out, "--steps", "4", "--eval-data", data, "--eval-limit", "0", "--eval-before", "false",
+                    "--system-prompt", "Be brief."))
     assert res.returncode == 0, res.stderr[-3000:]
     after = json.loads((out / "summary.json").read_text())["after"]["eval"]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["training"] == {
+        "system_prompt": "Be brief."}
 
     scored = tmp_path / "scores.json"
     res = _run(MEFT + ["eval", "--model", str(tiny / "model"), "--adapter", str(out / "adapter"), "--data", data,

@@ -22,7 +22,9 @@ from meft.data.records import (
     pack_texts,
     prompt_ids,
     tokenize_records,
+    with_system_prompt,
 )
+from meft.data.sources import resolve_system_prompt
 from meft.pretrained import CHATML_TEMPLATE
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -172,6 +174,37 @@ def test_messages_loss_on_every_assistant_turn(tok):
     assert tok.decode(ex["input_ids"]) == tok.apply_chat_template(rec["messages"], tokenize=False)
     assert tok.decode(_labelled(ex)) == "Hello<|im_end|>\nParis<|im_end|>\n"
     assert tok.decode(prompt_ids(rec, tok)).endswith("Capital?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_system_prompt_goes_first_where_none_is_given(tok):
+    qa = {"prompt": "What is the capital of France?", "completion": "Paris"}
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    own = {"messages": [{"role": "system", "content": "Mine."}, *chat["messages"]]}
+    assert with_system_prompt([qa, chat, own], None) == [qa, chat, own]
+    qa_s, chat_s, own_s = with_system_prompt([qa, chat, own], "")
+    assert own_s == own and "system" not in qa  # the inputs are not modified
+    default = tok.decode(encode_record(qa, tok)["input_ids"])
+    assert "You are a helpful AI assistant" in default  # the template's own system prompt
+    for rec, user in ((qa_s, qa["prompt"]), (chat_s, "Hi")):
+        ex = encode_record(rec, tok)
+        text = tok.decode(ex["input_ids"])
+        assert text.startswith(f"<|im_start|>system\n<|im_end|>\n<|im_start|>user\n{user}<|im_end|>")
+        p = prompt_ids(rec, tok)
+        assert ex["input_ids"][:len(p)] == p and ex["labels"][:len(p)] == [IGNORE_INDEX] * len(p)
+    assert len(encode_record(qa_s, tok)["input_ids"]) < len(encode_record(qa, tok)["input_ids"])
+    brief = with_system_prompt([qa], "Be brief.")[0]
+    assert tok.decode(prompt_ids(brief, tok)).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_resolve_system_prompt(tok):
+    assert resolve_system_prompt("auto", tok, builtin=True) == ""
+    assert resolve_system_prompt("auto", tok, builtin=False) is None
+    assert resolve_system_prompt("model", tok, builtin=True) is None
+    assert resolve_system_prompt("Be brief.", tok, builtin=False) == "Be brief."
+    plain = tiny_tokenizer(chat=False)
+    assert resolve_system_prompt("auto", plain, builtin=True) is None
+    with pytest.raises(ValueError, match="--system-prompt 'Be brief.'.*no chat template.*fix"):
+        resolve_system_prompt("Be brief.", plain, builtin=False)
 
 
 def test_without_chat_template_prompt_completion_eos():
