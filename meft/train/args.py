@@ -36,6 +36,10 @@ class TrainArgs:
                              "example, about 40 percent of the step time) and the chat template's default for files; "
                              "'model' = the chat template's default always; any other text = that message "
                              "('' = an empty one). Use the same with `meft generate --system-prompt` / `meft eval`.")
+    replay: int = opt(0, "Self-replay against forgetting: before training, the base model answers this many "
+                      "built-in world-fact questions about countries outside the training data and the trade-off "
+                      "probe; its first-sentence answers join the training data (more steps per epoch), teaching the "
+                      "adapter to leave what it was not taught alone. 0 = off.")
     steps: int = opt(0, "Optimizer steps; 0 = derive from --epochs.")
     epochs: float = opt(2.0, "Passes over the training data when --steps is 0.")
     batch_size: int = opt(16, "Examples per micro-batch.")

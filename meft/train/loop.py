@@ -24,6 +24,7 @@ import meft
 from meft.adapter.saving import save_adapter
 from meft.config import MeftConfig, parse_backbone_dtype
 from meft.data.records import IGNORE_INDEX
+from meft.data.replay import replay_prompts, self_replay_records
 from meft.data.sources import RunData, load_run_data
 from meft.evaluate import qa_accuracy
 from meft.pretrained import enable_checkpointing, load_model
@@ -122,6 +123,14 @@ def setup_run(args: TrainArgs, cfg: MeftConfig):
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     data = load_run_data(args, tokenizer, seed=cfg.seed)
+    if args.replay:  # the untrained model answers: asked once here, before any adapter exists
+        prompts = replay_prompts(args.replay, exclude=data.train_subjects, seed=cfg.seed)
+        replayed = self_replay_records(model, tokenizer, prompts, system_prompt=data.system_prompt,
+                                       batch_size=args.eval_batch_size)
+        data = load_run_data(args, tokenizer, seed=cfg.seed, extra_records=replayed)
+        ex = replayed[0]
+        print(f"meft: replay: {len(replayed)} answers of the base model join the training data, e.g. "
+              f"{ex['prompt']!r} -> {ex['completion']!r}", flush=True)
     print(data.description, flush=True)
     if args.gradient_checkpointing:
         enable_checkpointing(model)

@@ -1,0 +1,76 @@
+"""Self-replay against forgetting: the model's own answers, before training, to questions outside the run.
+
+Owns what `meft train --replay N` mixes into the training data:
+
+* `replay_prompts(n, exclude, seed)`: N world-fact questions (`meft.data.builtin.world_facts`, every
+  relation, first training phrasing) about countries that are in neither the run's training data
+  (`exclude`: the subjects of its records), the trade-off probe's retention set nor its free prompts
+  (`meft.data.retention`), in seeded order. The probe therefore still scores facts that no training
+  example, replayed or taught, ever asked about.
+* `self_replay_records(model, tokenizer, prompts, ...)`: the untrained model's greedy answers to them,
+  cut to their first sentence, as prompt/completion records (a record marked ``"replay": True``).
+
+Training on them is rehearsal with self-generated targets (in the spirit of Self-Synthesized Rehearsal,
+arXiv 2403.01244): the adapter is taught to leave the model's answers alone where it was taught nothing,
+not to answer better (a wrong base answer is replayed as it is). Nothing is downloaded and nothing about
+the probe's questions enters training.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from meft.data.builtin import WORLD_RELATIONS, world_facts
+from meft.data.records import prompt_ids, with_system_prompt
+from meft.data.retention import FREE_SUBJECTS, retention_records
+from meft.evaluate import generate_answers
+
+__all__ = ["replay_prompts", "self_replay_records", "REPLAY_MAX_NEW_TOKENS"]
+
+REPLAY_MAX_NEW_TOKENS = 24  # one sentence of the base model ("The capital of X is Y." ~ 9 tokens)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+
+
+def replay_prompts(n: int, exclude: Iterable[str] = (), *, seed: int = 0) -> list[dict]:
+    """`n` QA records (prompt, subject, relation) for replay; see the module docstring for what is left out."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"replay={n!r}: must be an int >= 0 (questions replayed); fix: e.g. --replay 150")
+    banned = set(exclude) | {r["subject"] for r in retention_records()} | set(FREE_SUBJECTS)
+    pool: dict[tuple[str, str], dict] = {}
+    for relation in WORLD_RELATIONS:
+        for rec in world_facts((relation,), seed=0).train:  # 3 train phrasings per fact, in order: keep the first
+            if rec["subject"] not in banned:
+                pool.setdefault((rec["subject"], relation), {"prompt": rec["prompt"], "subject": rec["subject"],
+                                                            "relation": relation})
+    out = sorted(pool.values(), key=lambda r: (r["subject"], r["relation"]))
+    random.Random(seed).shuffle(out)
+    if n > len(out):
+        raise ValueError(f"replay={n}: only {len(out)} world-fact questions are outside the training data and "
+                         f"the retention probe; fix: --replay {len(out)} or fewer")
+    return out[:n]
+
+
+def _first_sentence(text: str) -> str:
+    return _SENTENCE_END.split(text.strip(), maxsplit=1)[0].strip()
+
+
+def self_replay_records(model, tokenizer, prompts: Sequence[dict], *, system_prompt: str | None = None,
+                        batch_size: int = 32, max_new_tokens: int = REPLAY_MAX_NEW_TOKENS) -> list[dict]:
+    """The model's greedy first-sentence answers to `prompts` as prompt/completion records (asked as the run
+    asks: `system_prompt`). Answers that come out empty are dropped."""
+    asked = with_system_prompt([{"prompt": p["prompt"], "completion": "-"} for p in prompts], system_prompt)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            answers = generate_answers(model, tokenizer, [prompt_ids(r, tokenizer) for r in asked],
+                                       batch_size=batch_size, max_new_tokens=max_new_tokens)
+    finally:
+        model.train(was_training)
+    return [{"prompt": p["prompt"], "completion": _first_sentence(a), "subject": p["subject"],
+             "relation": p["relation"], "replay": True}
+            for p, a in zip(prompts, answers) if _first_sentence(a)]
