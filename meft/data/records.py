@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+_LENGTH_GROUP = 16  # group_by_length: batches per group sorted by length (HF Trainer uses 50)
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -227,7 +228,8 @@ class BatchIterator:
     """
 
     def __init__(self, examples: Sequence[dict], batch_size: int, pad_token_id: int, *, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = False, pad_to_multiple_of: int | None = None):
+                 shuffle: bool = True, drop_last: bool = False, pad_to_multiple_of: int | None = None,
+                 group_by_length: bool = False):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be an int >= 1")
         if not examples:
@@ -237,7 +239,8 @@ class BatchIterator:
                              "no batch; fix: lower batch_size or set drop_last=False")
         self.examples, self.batch_size, self.pad_token_id = examples, batch_size, pad_token_id
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_to_multiple_of, self.group_by_length = pad_to_multiple_of, group_by_length
+        self._lengths = np.array([len(e["input_ids"]) for e in examples])  # [N]
         self.epoch, self.index = 0, 0
 
     @property
@@ -246,10 +249,24 @@ class BatchIterator:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def order(self, epoch: int) -> np.ndarray:
-        """Example indices of `epoch`, ``[N]``."""
+        """Example indices of `epoch`, ``[N]``.
+
+        `group_by_length` (as HF Trainer's option of that name): the shuffled examples are cut into groups of
+        `_LENGTH_GROUP` batches, each group sorted by length and cut into batches, and the full batches are
+        shuffled (the short last batch stays last). A batch then holds examples of about one length, so
+        little of it is padding, and every epoch still sees every example once, in a new order."""
         if not self.shuffle:
             return np.arange(len(self.examples))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(len(self.examples))  # [N]
+        if not self.group_by_length:
+            return perm
+        group = _LENGTH_GROUP * self.batch_size
+        perm = np.concatenate([g[np.argsort(-self._lengths[g], kind="stable")]
+                               for g in np.split(perm, range(group, len(perm), group))])
+        n_full = len(perm) // self.batch_size
+        batches = perm[:n_full * self.batch_size].reshape(n_full, self.batch_size)  # [n_full, B]
+        return np.concatenate([batches[rng.permutation(n_full)].reshape(-1), perm[n_full * self.batch_size:]])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self

@@ -104,7 +104,8 @@ def load_run_data(args, tokenizer, *, seed: int, extra_records: list[dict] | Non
         train_records = with_system_prompt(train_records, system)
     evals = {split: with_system_prompt(recs, system) for split, recs in evals.items()}
     examples = build_examples(train_records, tokenizer, max_length=args.max_length, block_size=args.block_size)
-    batches = BatchIterator(examples, args.batch_size, tokenizer.pad_token_id, seed=seed)
+    batches = BatchIterator(examples, args.batch_size, tokenizer.pad_token_id, seed=seed,
+                            group_by_length=getattr(args, "group_by_length", False))
     if system is not None:
         what += f", system prompt {system!r}"
     return RunData(batches=batches, eval_splits=evals, description=f"meft: data: {what}", system_prompt=system,

@@ -43,6 +43,11 @@ class TrainArgs:
     steps: int = opt(0, "Optimizer steps; 0 = derive from --epochs.")
     epochs: float = opt(2.0, "Passes over the training data when --steps is 0.")
     batch_size: int = opt(16, "Examples per micro-batch.")
+    group_by_length: bool = opt(False, "Batch examples of about the same length together (groups of 16 batches "
+                                "sorted by length, batch order shuffled), so little compute goes to padding; every "
+                                "epoch still sees each example once. Off by default: on the quick start it saved 5 "
+                                "percent of the training time and cost 15.6 points of held-out exact match (a "
+                                "batch of one length is mostly one relation).")
     max_length: int = opt(128, "Longest tokenized example (longer ones are truncated).")
     block_size: int = opt(256, "Block length when packing {text} data.")
     lr_schedule: str = opt("constant", f"Learning-rate schedule after warm-up: one of {LR_SCHEDULES}.")

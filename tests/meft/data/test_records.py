@@ -7,6 +7,7 @@ Also holds the tiny local tokenizer / model builders the other meft tests import
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -270,14 +271,36 @@ def test_iterator_epochs_cover_each_example_once_and_reshuffle():
     assert [i for _ in range(4) for i in _firsts(next(other))] != e0
 
 
+def test_group_by_length_pads_less_and_still_covers_each_example_once():
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 40, (200,), generator=rng).tolist()
+    examples = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in lengths]
+    padded = {}
+    for grouped in (False, True):
+        it = BatchIterator(examples, 8, pad_token_id=0, seed=3, group_by_length=grouped)
+        seen, cells = [], 0
+        for _ in range(2 * it.batches_per_epoch):
+            b = next(it)
+            cells += b["input_ids"].numel()
+            seen += [len(r) - int((r == 0).sum()) for r in b["input_ids"]]
+        assert sorted(seen) == sorted(lengths * 2)  # two epochs: every example once per epoch
+        padded[grouped] = cells - 2 * sum(lengths)
+    assert padded[True] < 0.2 * padded[False]
+    a = BatchIterator(examples, 8, pad_token_id=0, seed=3, group_by_length=True)
+    assert not np.array_equal(a.order(0), a.order(1)) and np.array_equal(a.order(1), a.order(1))
+    assert sorted(a.order(0).tolist()) == list(range(200))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("stop", [1, 3, 4, 6])
-def test_iterator_resume_is_exact(stop):
-    ref = BatchIterator(_examples(7), 2, pad_token_id=0, seed=5, drop_last=True)
+def test_iterator_resume_is_exact(stop, grouped):
+    kw = {"seed": 5, "drop_last": True, "group_by_length": grouped}
+    ref = BatchIterator(_examples(7), 2, pad_token_id=0, **kw)
     uninterrupted = [next(ref)["input_ids"] for _ in range(10)]
-    first = BatchIterator(_examples(7), 2, pad_token_id=0, seed=5, drop_last=True)
+    first = BatchIterator(_examples(7), 2, pad_token_id=0, **kw)
     got = [next(first)["input_ids"] for _ in range(stop)]
     state = json.loads(json.dumps(first.state_dict()))  # checkpoints store it as JSON
-    resumed = BatchIterator(_examples(7), 2, pad_token_id=0, seed=5, drop_last=True)
+    resumed = BatchIterator(_examples(7), 2, pad_token_id=0, **kw)
     resumed.load_state_dict(state)
     got += [next(resumed)["input_ids"] for _ in range(10 - stop)]
     for a, b in zip(got, uninterrupted):
