@@ -190,6 +190,20 @@ def test_runs_measure_forgetting(capacity_runs):
         assert f["ppl"]["texts_sha"] == base["forgetting"]["ppl"]["texts_sha"]
 
 
+def test_replay_joins_every_methods_data_and_the_plan_counts_it(tiny_dir, retention_file):
+    """`--replay N`: the base model's answers join the training records (same for every method), none about a
+    retention-set country, and the capacity plan's epochs count them."""
+    kw = dict(CAPACITY_TEMPLATE, model=tiny_dir, retention_file=retention_file, replay=6)
+    runs = {m: run_one(RunSpec(method=m, **kw)) for m in ("meft", "lora8")}
+    assert runs["meft"]["n_replayed"] == runs["lora8"]["n_replayed"] > 0
+    assert runs["meft"]["input_tokens"] == runs["lora8"]["input_tokens"]
+    assert runs["meft"]["epochs"] == pytest.approx(3 * 4 / (15 + runs["meft"]["n_replayed"]))
+    template = {k: v for k, v in CAPACITY_TEMPLATE.items() if k not in ("n_facts", "steps", "forgetting")}
+    plan = CapacityPlan(ns=[5], methods=["meft"], lrs={"meft": [1e-2]}, seeds=[0], epochs=2,
+                        template=dict(template, replay=6))
+    assert plan.steps(5) == 2 * 6  # (15 records + 6 replayed) / batch 4 -> 6 batches per epoch
+
+
 def test_capacity_sweeps_then_carries_the_chosen_lr(capacity_runs, tiny_dir, retention_file, tmp_path):
     base, runs = capacity_runs
     template = {k: v for k, v in CAPACITY_TEMPLATE.items() if k not in ("n_facts", "steps", "forgetting")}

@@ -64,8 +64,10 @@ class CapacityPlan:
         return min(self.ns)
 
     def steps(self, n: int) -> int:
-        """`epochs` passes over the `n` facts' training records (the last batch of an epoch may be short)."""
-        return math.ceil(self.epochs * math.ceil(train_records(n) / self.template["batch_size"]))
+        """`epochs` passes over the `n` facts' training records and the replayed ones (`RunSpec.replay`; the
+        last batch of an epoch may be short)."""
+        records = train_records(n) + self.template.get("replay", 0)
+        return math.ceil(self.epochs * math.ceil(records / self.template["batch_size"]))
 
     def spec(self, method: str, n: int, seed: int, lr: float) -> RunSpec:
         router = {"router_lr": self.router_lr} if method.startswith("meft") else {}

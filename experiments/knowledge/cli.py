@@ -110,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retention-limit", type=int, default=200, help="retention questions scored")
     p.add_argument("--ppl-texts", type=int, default=64, help="pydoc topics scored for perplexity")
     p.add_argument("--ppl-tokens", type=int, default=256, help="tokens per pydoc topic, at most")
+    p.add_argument("--replay", type=int, default=0,
+                   help="self-replay (meft train --replay): the base model's answers to this many world-fact "
+                        "questions about countries outside the retention set join every method's training data")
     p.add_argument("--device", default="cpu",
                    help="where every run trains and is scored, e.g. cuda (MEFT's rows stay on the host); part of "
                         "each run's identity in --out, so CPU and GPU results never mix")
@@ -200,7 +203,7 @@ def _template(args, *, lr: bool = True) -> dict:
                expert_size=args.expert_size, state_dtype=args.state_dtype, chat=args.chat,
                eval_limit=args.eval_limit, model=args.model, retention_file=_retention_file(args) if forgetting else "",
                retention_limit=args.retention_limit, ppl_texts=args.ppl_texts, ppl_tokens=args.ppl_tokens,
-               device=args.device)
+               device=args.device, **({"replay": args.replay} if args.replay else {}))
     return dict(out, backbone_lr=args.backbone_lr) if lr else out
 
 

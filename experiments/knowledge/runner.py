@@ -50,6 +50,8 @@ class RunSpec:
     ppl_texts: int = 64            # pydoc topics scored for perplexity
     ppl_tokens: int = 256          # tokens per topic, at most
     device: str = "cpu"            # where the model trains and is scored ("cuda": MEFT's rows stay on the host)
+    replay: int = 0                # self-replay: the base model's answers to this many world-fact questions
+                                   # (none about a country of the retention set) join the training records
 
 
 def spec_key(spec: dict) -> tuple:
@@ -92,11 +94,25 @@ def _load(spec: RunSpec):
     return load_model(spec.model, dtype=torch.float32, device=spec.device)
 
 
-def _batches(facts, tok, spec: RunSpec):
+def _batches(facts, tok, spec: RunSpec, extra: list[dict] = ()):
     from meft.data import BatchIterator, build_examples
 
-    examples = build_examples(facts.train, tok, chat=spec.chat)
+    examples = build_examples(list(facts.train) + list(extra), tok, chat=spec.chat)
     return BatchIterator(examples, spec.batch_size, tok.pad_token_id, seed=spec.seed)
+
+
+def _replay(model, tok, spec: RunSpec) -> list[dict]:
+    """`spec.replay` self-answers of the untrained `model` (`meft.data.replay`), asked in the run's format,
+    about countries in neither the retention set nor the quick start's probe (the facts are fictional)."""
+    if not spec.replay:
+        return []
+    from experiments.knowledge.forgetting import load_retention
+    from meft.data import replay_prompts, self_replay_records
+
+    probe = {q["subject"] for q in load_retention(spec.retention_file, spec.model)["questions"]} \
+        if spec.retention_file else set()
+    prompts = replay_prompts(spec.replay, exclude=probe, seed=0)
+    return self_replay_records(model, tok, prompts, chat=spec.chat)
 
 
 def _forgetting(model, tok, spec: RunSpec) -> dict:
@@ -124,7 +140,8 @@ def run_one(spec: RunSpec) -> dict:
 
     model, tok = _load(spec)
     facts = load_facts(spec)
-    batches = _batches(facts, tok, spec)
+    replayed = _replay(model, tok, spec)  # asked before any adapter exists
+    batches = _batches(facts, tok, spec, replayed)
     tr = build_trainer(spec.method, model, seed=spec.seed, rows=spec.rows, max_active_rows=spec.max_active_rows,
                        expert_size=spec.expert_size, lr=spec.lr, backbone_lr=spec.backbone_lr,
                        state_dtype=spec.state_dtype, router_lr=spec.router_lr)
@@ -152,7 +169,8 @@ def run_one(spec: RunSpec) -> dict:
     tr.close()
     timed = step_s[2:] if len(step_s) > 4 else step_s  # first steps warm up (numba, allocator)
     return {"spec": asdict(spec), "n_facts": facts.n_facts, "n_train_records": len(facts.train),
-            "epochs": spec.steps * spec.batch_size / len(facts.train), "labelled_tokens": labelled,
+            "n_replayed": len(replayed), "epochs": spec.steps * spec.batch_size / (len(facts.train) + len(replayed)),
+            "labelled_tokens": labelled,
             "input_tokens": input_tokens, "first_loss": losses[0], "last_loss": statistics.fmean(losses[-5:]),
             "step_s_median": statistics.median(timed), "train_s": train_s, "device": mem,
             "host_stores_bytes": host_stores, "peak_rss_bytes": _peak_rss(), "eval": ev, **_gpu(spec),

@@ -2,7 +2,8 @@
 prompt/completion, text), record files with file:line errors (`files`: .jsonl, .json, .parquet),
 tokenization and batching (`records`), the built-in datasets (`builtin`), turning `--data` /
 `--eval-data` into batches and evaluation splits (`sources`), and the facts the default model already
-knows plus free prompts that `meft train` probes before and after training (`retention`).
+knows plus free prompts that `meft train` probes before and after training (`retention`), and the base
+model's own answers that `--replay` mixes into training (`replay`).
 """
 
 from meft._faces import lazy_face
@@ -20,6 +21,9 @@ _WHERE = {
     "detect_format": "meft.data.formats",
     "to_canonical": "meft.data.formats",
     "retention_records": "meft.data.retention",
+    "with_system_prompt": "meft.data.records",
+    "replay_prompts": "meft.data.replay",
+    "self_replay_records": "meft.data.replay",
 }
 __all__ = list(_WHERE)
 

@@ -59,15 +59,16 @@ def _first_sentence(text: str) -> str:
 
 
 def self_replay_records(model, tokenizer, prompts: Sequence[dict], *, system_prompt: str | None = None,
-                        batch_size: int = 32, max_new_tokens: int = REPLAY_MAX_NEW_TOKENS) -> list[dict]:
+                        batch_size: int = 32, max_new_tokens: int = REPLAY_MAX_NEW_TOKENS,
+                        chat: bool | None = None) -> list[dict]:
     """The model's greedy first-sentence answers to `prompts` as prompt/completion records (asked as the run
-    asks: `system_prompt`). Answers that come out empty are dropped."""
+    asks: `system_prompt`, and `chat` as in `prompt_ids`). Answers that come out empty are dropped."""
     asked = with_system_prompt([{"prompt": p["prompt"], "completion": "-"} for p in prompts], system_prompt)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            answers = generate_answers(model, tokenizer, [prompt_ids(r, tokenizer) for r in asked],
+            answers = generate_answers(model, tokenizer, [prompt_ids(r, tokenizer, chat) for r in asked],
                                        batch_size=batch_size, max_new_tokens=max_new_tokens)
     finally:
         model.train(was_training)
