@@ -128,9 +128,8 @@ def setup_run(args: TrainArgs, cfg: MeftConfig):
         replayed = self_replay_records(model, tokenizer, prompts, system_prompt=data.system_prompt,
                                        batch_size=args.eval_batch_size)
         data = load_run_data(args, tokenizer, seed=cfg.seed, extra_records=replayed)
-        ex = replayed[0]
-        print(f"meft: replay: {len(replayed)} answers of the base model join the training data, e.g. "
-              f"{ex['prompt']!r} -> {ex['completion']!r}", flush=True)
+        example = f", e.g. {replayed[0]['prompt']!r} -> {replayed[0]['completion']!r}" if replayed else ""
+        print(f"meft: replay: {len(replayed)} answers of the base model join the training data{example}", flush=True)
     print(data.description, flush=True)
     if args.gradient_checkpointing:
         enable_checkpointing(model)
