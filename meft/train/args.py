@@ -32,8 +32,8 @@ class TrainArgs:
     output_dir: str = opt("runs/meft", "Run folder: metrics.jsonl, loss.png, checkpoints/, adapter/, summary.")
     system_prompt: str = opt("auto", "System message of every training and scoring conversation that has none "
                              "(chat models): 'auto' = an empty system turn for the built-in sets (their questions "
-                             "are ~14 tokens; the default model's own system prompt would add 20 more to every "
-                             "example, about 40 percent of the step time) and the chat template's default for files; "
+                             "are ~14 tokens; the default model's own system prompt adds 20 more to every "
+                             "example, a third of the step time) and the chat template's default for files; "
                              "'model' = the chat template's default always; any other text = that message "
                              "('' = an empty one). Use the same with `meft generate --system-prompt` / `meft eval`.")
     replay: int = opt(0, "Self-replay against forgetting: before training, the base model answers this many "
