@@ -9,7 +9,6 @@ wait through the test hook and expects the mismatch (proof the comparison is sen
 import threading
 import time
 
-import numba
 import pytest
 import torch
 
@@ -23,14 +22,7 @@ N_ROWS, WIDTH, N_LAYERS, MAX_ROWS = 48, 8, 3, 16
 WIRE = torch.bfloat16
 
 
-@pytest.fixture(autouse=True)
-def _one_numba_thread():
-    """Tiny shapes: serial kernels (numba threads are per calling thread; the schedulers here get
-    host_threads=1). Parallel regions on an oversubscribed 2-core box cost a time slice each."""
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")  # tests/offload/conftest.py
 
 
 def sched(opts, **kw):

@@ -3,7 +3,6 @@ gradients. Masked rows keep their weights, moments and step counts bit for bit (
 step); the fused kernel equals its plain twin; TransferScheduler (fused, accumulate, step union, clipping)
 equals ResidentScheduler; an all-True mask is bitwise the same as no mask."""
 
-import numba
 import pytest
 import torch
 
@@ -15,13 +14,7 @@ from offload.store import RowStore
 N, W = 64, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_numba_thread():
-    """Tiny shapes: serial kernels (a parallel region on an oversubscribed 2-core box costs a time slice)."""
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")  # tests/offload/conftest.py
 
 
 def _init(seed=0):

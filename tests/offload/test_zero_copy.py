@@ -8,7 +8,6 @@ equal the fp32 master rows cast to the wire dtype after every run, and removing 
 adds (a fetch waits for its layer's queued updates to write the mirror) must be detected.
 """
 
-import numba
 import pytest
 import torch
 
@@ -29,13 +28,7 @@ from tests.offload.test_scheduler import (
     sched,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_numba_thread():
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")  # tests/offload/conftest.py
 
 
 def assert_mirrors_current(opts, wire=torch.bfloat16):
