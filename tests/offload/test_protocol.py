@@ -14,13 +14,14 @@ from offload.scheduler import TransferScheduler
 from tests.offload.test_scheduler import (
     MAX_ROWS,
     WIDTH,
-    _one_numba_thread,  # noqa: F401 - autouse fixture
     assert_stores_equal,
     make_opts,
     make_script,
     sched,
 )
 from tests.offload.test_scheduler_lookahead import predictions, run_lookahead
+
+pytestmark = pytest.mark.usefixtures("one_numba_thread")  # tests/offload/conftest.py
 
 
 def _members(proto) -> list[str]:

@@ -17,7 +17,6 @@ from tests.offload.test_scheduler import (
     MAX_ROWS,
     N_ROWS,
     WIDTH,
-    _one_numba_thread,  # noqa: F401 - autouse fixture
     assert_stores_equal,
     grads_of,
     make_opts,
@@ -26,6 +25,8 @@ from tests.offload.test_scheduler import (
     run_sync,
     sched,
 )
+
+pytestmark = pytest.mark.usefixtures("one_numba_thread")  # tests/offload/conftest.py
 
 
 def predictions(script, seed: int):
