@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from meft.gguf_llama import GGUFUnsupported, llama_from_gguf
+
 __all__ = [
     "DEFAULT_MODEL",
     "CHATML_TEMPLATE",
@@ -126,8 +128,6 @@ def _convert_gguf(gguf: Path):
     """`(model, tokenizer)` of the GGUF: one pass through `meft.gguf_llama` (about a second plus
     dequantization), or transformers' `gguf_file=` route (about half a minute) for a file it does not read."""
     from transformers import AutoTokenizer
-
-    from meft.gguf_llama import GGUFUnsupported, llama_from_gguf
 
     try:
         config, state, tokenizer = llama_from_gguf(gguf)

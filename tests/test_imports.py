@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Function-local imports are allowed only for these: optional extras and heavy libraries loaded on use.
 OPTIONAL = {"matplotlib", "yaml", "countryinfo", "peft", "psutil", "numba", "transformers", "accelerate",
-            "gguf", "safetensors", "tqdm", "torch", "tensorboard", "wandb", "pyarrow"}
+            "gguf", "safetensors", "tokenizers", "tqdm", "torch", "tensorboard", "wandb", "pyarrow"}
 
 
 def _run(code: str) -> str:
