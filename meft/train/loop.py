@@ -121,6 +121,10 @@ def setup_run(args: TrainArgs, cfg: MeftConfig):
     device = "cpu" if device == "auto" else device
     dtype = parse_backbone_dtype("--dtype", args.dtype)
     torch.manual_seed(cfg.seed)
+    if not args.progress:  # transformers' own bars (loading, converting and writing weights) follow --progress
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     data = load_run_data(args, tokenizer, seed=cfg.seed)
     if args.replay:  # the untrained model answers: asked once here, before any adapter exists

@@ -43,6 +43,7 @@ def test_train_writes_run_folder_and_summary(tiny, tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert all(r["active_rows"] > 0 and r["mb_down"] > 0 for r in recs)
     assert "exact_match" in res.stdout and "before" in res.stdout
+    assert "Loading weights" not in res.stdout + res.stderr  # --progress false silences transformers' bars too
 
 
 def test_resume_continues_exactly(tiny, tmp_path):
