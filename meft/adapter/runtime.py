@@ -4,15 +4,15 @@ Owns, for one wrapped model: the adapters, the per-layer RowStores and SparseAda
 scheduler (TransferScheduler or the resident twin), the adapter-side optimizer, and the bookkeeping
 that makes a plain PyTorch loop correct:
 
-* a forward pre-hook on the top model records which positions are real tokens (the 2-D
-  `attention_mask` of that forward, by keyword or position; see `token_mask`) for every forward, and
-  opens a micro-batch when training (training mode and grad enabled): `begin_step` on the first one
-  after `optimizer.step()`, then `begin_micro_batch`. Padding never routes, never counts toward the
-  row budget, and gets no adapter output;
+* a forward pre-hook on the decoder stack (`model.get_decoder()`, else the top model) records which
+  positions are real tokens (the 2-D `attention_mask` of that forward, by keyword or position; see
+  `token_mask`) for every forward, and opens a micro-batch when training (training mode and grad
+  enabled): `begin_step` on the first one after `optimizer.step()`, then `begin_micro_batch`. Padding
+  never routes, never counts toward the row budget, and gets no adapter output;
 * `request_rows(adapter, x)` routes and issues the fetch once per (step, micro-batch, layer) during that
   forward and returns a `wait` the adapter calls after its base FFN (the rows travel meanwhile); the
   (routing, rows leaf) pair is cached, and gradient-checkpoint recomputation (which runs outside the
-  top-level forward) reuses it -- no second fetch, no re-routing. A post-accumulate-grad hook on the
+  decoder's forward) reuses it -- no second fetch, no re-routing. A post-accumulate-grad hook on the
   rows leaf pushes the row gradient `[R, 2d]` to the scheduler and drops the cache entry. Routing has
   fixed shapes (row ids [R] with -1 padding for unused slots): nothing here makes the host wait for
   the device; the ids reach the host through the scheduler's asynchronous copy;
@@ -52,7 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from meft.adapter.inference import InferenceRows
 from meft.adapter.router import Routing, route, update_balance_bias
@@ -70,6 +70,20 @@ def _mask_position(model) -> int | None:
         return None
     names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return names.index("attention_mask") if "attention_mask" in names else None
+
+
+def _hooked_module(model, adapters):
+    """The module whose forward the micro-batch hooks watch: the model's decoder stack when it has one
+    holding every adapter (`meft.lomo.lm_loss` calls the decoder directly, past the top model's forward),
+    else the model itself."""
+    try:
+        decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        decoder = None
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        return model
+    inside = {id(m) for m in decoder.modules()}
+    return decoder if all(id(a) in inside for a in adapters) else model
 
 
 def _forward_params(model) -> set[str]:
@@ -114,7 +128,7 @@ class MeftRuntime:
         self._step = 0                             # optimizer steps begun
         self._micro = 0                            # micro-batches of the current step
         self._step_open = False
-        self._in_forward = False                   # inside a training forward of the top model
+        self._in_forward = False                   # inside a training forward of the hooked module
         self.fetches = 0                          # scheduler.fetch / fetch_more calls of the adapters
         self.lookahead = {"needed": 0, "hit": 0, "prefetched": 0}  # rows: needed, of them prefetched, prefetched
         self._cache: dict[int, list[_Entry]] = {}  # entries live until their grads are pushed
@@ -126,12 +140,13 @@ class MeftRuntime:
         self._capture: dict[int, list[Tensor]] | None = None  # capture_background is running
         self._idf: dict[int, tuple[int, Tensor]] = {}  # layer -> (step, [E] fp32 idf of that step)
         self._updated: dict[int, Tensor] = {}  # layer -> [] rows the latest micro-batch updates (sparse_update)
-        self._mask_arg = _mask_position(model)
+        hooked = _hooked_module(model, adapters)
+        self._mask_arg = _mask_position(hooked)
         self._inference = (InferenceRows(config.inference_rows, scheduler, self.stores, self.device,
                                          scheduler.wire_dtype) if config.offload else None)
         self._hooks = [
-            model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True),
-            model.register_forward_hook(self._on_forward_post, always_call=True),
+            hooked.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True),
+            hooked.register_forward_hook(self._on_forward_post, always_call=True),
         ]
         self._wire = scheduler.wire_dtype
         if config.prefetch == "lookahead":
@@ -230,8 +245,8 @@ class MeftRuntime:
         if adapter.training and torch.is_grad_enabled() and not self._in_forward:
             raise RuntimeError(
                 f"adapter {idx}: a training forward with gradients that did not go through the wrapped "
-                f"model's forward (no micro-batch is open, so row gradients would be lost); call the model "
-                f"given to meft.wrap, or run this forward under torch.no_grad() / model.eval()")
+                f"model's forward (nor its decoder's: no micro-batch is open, so row gradients would be lost); "
+                f"call the model given to meft.wrap, or run this forward under torch.no_grad() / model.eval()")
         if adapter.training and self._in_forward:
             key = (self._step, self._micro)
             for e in self._cache.get(idx, ()):

@@ -10,6 +10,7 @@ _WHERE = {
     "Lomo": "meft.lomo.optimizers",
     "AdaLomo": "meft.lomo.optimizers",
     "lm_loss": "meft.lomo.head",
+    "lm_loss_supported": "meft.lomo.head",
     "head_loss": "meft.lomo.head",
 }
 __all__ = list(_WHERE)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["lm_loss", "head_loss", "IGNORE_INDEX", "HEAD_CHUNK_BYTES"]
+__all__ = ["lm_loss", "lm_loss_supported", "head_loss", "IGNORE_INDEX", "HEAD_CHUNK_BYTES"]
 
 IGNORE_INDEX = -100
 HEAD_CHUNK_BYTES = 8 * 2**20  # fp32 bytes of one chunk's logits (and of a bf16 weight chunk's fp32 copy)
@@ -246,6 +246,17 @@ def _plain_embedding(model) -> nn.Embedding:
                          f"scale_grad_by_freq or sparse); this model has {type(emb).__name__}: use "
                          "model(input_ids, labels=labels).loss")
     return emb
+
+
+def lm_loss_supported(model) -> bool:
+    """Whether `lm_loss` takes this model (plain bias-free head without logit scaling; tied, a plain embedding)."""
+    try:
+        head = _plain_head(model)
+        if head.weight is model.get_input_embeddings().weight:
+            _plain_embedding(model)
+    except (ValueError, AttributeError, NotImplementedError):
+        return False
+    return callable(getattr(model, "get_decoder", None))
 
 
 def lm_loss(model, input_ids: Tensor, labels: Tensor | None = None, *, attention_mask: Tensor | None = None,

@@ -9,6 +9,10 @@ step -- forward, backward with the chosen backbone treatment, the optimizer step
 into parameters, gradients, optimizer state, activations, active adapter rows (+ their gradient) and
 device row buffers; a stated margin is added for the CUDA context and the caching allocator. Host RAM
 for the stores is `RowStore.bytes_needed` per layer plus pinned staging slots and pending gradients.
+The fake step takes the plain HF loss over every position. With backbone lomo / adalomo `meft train`
+takes `meft.lomo.lm_loss` instead (the head in vocabulary chunks; under Lomo no [V, d] head gradient),
+whose chunk loop is data-dependent and cannot run on fake tensors: there the estimate is an upper bound
+(tests/meft/plan/test_planner.py measures both).
 
 Data parallel (`--gpus N --nodes M`, torchrun's --nproc_per_node / --nnodes): the GPU estimate is per
 rank (each rank runs the same step on its own micro-batch; a trained bf16 backbone adds the fp32 copy of

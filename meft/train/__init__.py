@@ -12,6 +12,7 @@ _WHERE = {
     "setup_run": "meft.train.loop",
     "TrainArgs": "meft.train.args",
     "causal_lm_loss": "meft.train.loss",
+    "step_loss": "meft.train.loss",
     "MeftCallback": "meft.train.hf_callback",
     "open_tracker": "meft.train.tracking",
     "parse_report_to": "meft.train.tracking",

@@ -31,7 +31,7 @@ from meft.pretrained import enable_checkpointing, load_model
 from meft.train.args import LR_SCHEDULES, TrainArgs
 from meft.train.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from meft.train.distributed import Ranks
-from meft.train.loss import causal_lm_loss
+from meft.train.loss import step_loss
 from meft.train.run_log import MetricsLog, plot_loss_curve
 from meft.train.tracking import open_tracker, parse_report_to, step_traffic
 from offload.text import format_table
@@ -101,7 +101,7 @@ def train_step(model, rt, batches, accum: int) -> tuple[float, int]:
     device = rt.device
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss = causal_lm_loss(model, batch) / accum
+        loss = step_loss(model, batch, rt.backbone_optimizer) / accum
         if rt.backbone_optimizer is not None:
             rt.backbone_optimizer.backward(loss)
         else:

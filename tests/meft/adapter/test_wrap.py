@@ -202,10 +202,14 @@ def test_too_many_micro_batches_is_an_error():
 def test_training_forward_outside_wrapped_model_is_an_error():
     model = meft.wrap(tiny_model("llama"), small_config())
     model.train()
+    ffn = model.model.layers[0].mlp
     with pytest.raises(RuntimeError, match="did not go through the wrapped model's forward"):
-        model.model(input_ids=batch())  # the inner model: no micro-batch opened
+        ffn(torch.randn(2, 5, D))  # one adapted FFN alone: no micro-batch opened
     with torch.no_grad():
-        model.model(input_ids=batch())  # fine without gradients
+        ffn(torch.randn(2, 5, D))  # fine without gradients
+    # the decoder stack itself opens one (meft.lomo.lm_loss runs it without the LM head's forward)
+    model.model(input_ids=batch()).last_hidden_state.sum().backward()
+    model.meft.optimizer.step()
 
 
 def test_generate_on_wrapped_model():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from meft.lomo.head import IGNORE_INDEX, head_loss, lm_loss
+from meft.lomo.head import IGNORE_INDEX, head_loss, lm_loss, lm_loss_supported
 from meft.lomo.optimizers import AdaLomo, Lomo
 
 transformers = pytest.importorskip("transformers")
@@ -158,7 +158,9 @@ def test_second_backward_before_step_is_refused():
 
 def test_refuses_a_head_it_cannot_reproduce():
     model = llama(False)
+    assert lm_loss_supported(model) and lm_loss_supported(llama(True))
     model.lm_head = torch.nn.Linear(32, V, bias=True)
+    assert not lm_loss_supported(model)  # what `meft train` asks before it takes lm_loss
     ids, labels = data(1)[0]
     with pytest.raises(ValueError, match="plain bias-free"):
         lm_loss(model, ids, labels)
