@@ -23,6 +23,7 @@ from meft.data.retention import (
     RETENTION_QUOTA,
     RETENTION_SYSTEM_PROMPT,
     retention_candidates,
+    retention_phrasing_records,
     retention_records,
 )
 from meft.evaluate import generate_answers, qa_accuracy
@@ -85,16 +86,18 @@ def trade_off_summary(before: dict, after: dict) -> dict:
 
 def verify_retention_set(model, tokenizer, records: list[dict] | None = None, *, batch_size: int = 32,
                          system_prompt: str | None = RETENTION_SYSTEM_PROMPT) -> dict:
-    """Score `records` (default: the built-in set) as the trade-off probe does; `qa_accuracy`'s result."""
-    records = records if records is not None else retention_records()
+    """Score `records` (default: every phrasing of the built-in set's facts) as the trade-off probe scores
+    its questions; `qa_accuracy`'s result."""
+    records = records if records is not None else retention_phrasing_records()
     return qa_accuracy(model, tokenizer, with_system_prompt(records, system_prompt), batch_size=batch_size,
                        max_new_tokens=RETENTION_MAX_NEW_TOKENS, chat=True)
 
 
 def build_retention_set(model, tokenizer, *, seed: int = 0, batch_size: int = 32,
                         system_prompt: str | None = RETENTION_SYSTEM_PROMPT) -> list[tuple]:
-    """Choose a set as `RETENTION_QUESTIONS` was chosen: candidates in seeded order, scored a batch at a
-    time, keeping per relation the first ones `model` answers (contains) until `RETENTION_QUOTA` is met."""
+    """Choose a set as `RETENTION_QUESTIONS` was chosen: candidates in seeded order, a batch at a time,
+    keeping per relation the first facts `model` answers (contains) under every one of their phrasings
+    until `RETENTION_QUOTA` is met."""
     need, kept = dict(RETENTION_QUOTA), []
     pending = retention_candidates(seed)
     while pending and any(need.values()):
@@ -102,9 +105,11 @@ def build_retention_set(model, tokenizer, *, seed: int = 0, batch_size: int = 32
         if not batch:
             break
         pending = [r for r in pending if r not in batch]
-        scored = verify_retention_set(model, tokenizer, batch, system_prompt=system_prompt)["items"]
-        for rec, item in zip(batch, scored):
-            if item["contains"] and need[rec["relation"]] > 0:
+        asked = [p for rec in batch for p in rec["phrasings"]]
+        scored = iter(verify_retention_set(model, tokenizer, asked, system_prompt=system_prompt)["items"])
+        for rec in batch:
+            known = all([next(scored)["contains"] for _ in rec["phrasings"]])  # consume every phrasing's item
+            if known and need[rec["relation"]] > 0:
                 need[rec["relation"]] -= 1
                 kept.append((rec["prompt"], tuple(rec["answers"]), rec["relation"], rec["subject"]))
     if any(need.values()):
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     missed = [i for i in res["items"] if not i["contains"]]
     for i in missed:
         print(f"not answered: {i['prompt']!r} -> {i['prediction']!r} (expected {i['answers']})")
-    print(f"retention set: {res['n'] - len(missed)}/{res['n']} answered (contains) by {args.model}")
+    print(f"retention set: {res['n'] - len(missed)}/{res['n']} phrasings of its {len(retention_records())} facts "
+          f"answered (contains) by {args.model}")
     return 1 if missed else 0
 
 
