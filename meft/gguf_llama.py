@@ -117,13 +117,19 @@ def _tensor(gf: GGUFFile, info: TensorInfo) -> torch.Tensor:
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
-    qtype = GGMLQuantizationType(info.ggml_type)
-    block, nbytes = GGML_QUANT_SIZES[qtype]
+    try:
+        qtype = GGMLQuantizationType(info.ggml_type)
+        block, nbytes = GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise GGUFUnsupported(f"tensor {info.name}: ggml type {info.ggml_type} unknown to the gguf package") from None
     rows, inner = int(np.prod(info.shape[:-1], dtype=np.int64)), info.shape[-1]
     if inner % block:
         raise GGUFUnsupported(f"tensor {info.name}: row of {inner} is not a multiple of block {block}")
     raw = np.frombuffer(gf.data, dtype=np.uint8, count=rows * inner // block * nbytes, offset=info.offset)
-    values = dequantize(raw.reshape(rows, inner // block * nbytes), qtype)  # [rows, inner] float32
+    try:
+        values = dequantize(raw.reshape(rows, inner // block * nbytes), qtype)  # [rows, inner] float32
+    except NotImplementedError:
+        raise GGUFUnsupported(f"tensor {info.name}: the gguf package cannot dequantize {qtype.name}") from None
     if not values.flags.writeable:  # F32 tensors come back as views of the read-only file map
         values = values.copy()
     return torch.from_numpy(values.astype(np.float32, copy=False).reshape(info.shape))
@@ -227,6 +233,16 @@ def _tokenizer(md: dict):
 def llama_from_gguf(path: str | Path):
     """`(config, state_dict, tokenizer)` of a llama GGUF, each tensor dequantized to fp32, in HF layout."""
     gf = read_gguf(path)
+    try:
+        return _llama(gf)
+    finally:
+        try:
+            gf.data.close()  # every tensor was copied out of the map
+        except BufferError:  # a view still lives (in an exception's traceback): the map closes when it goes
+            pass
+
+
+def _llama(gf: GGUFFile):
     md = gf.metadata
     if md.get("general.architecture") != "llama":
         raise GGUFUnsupported(f"architecture {md.get('general.architecture')!r} (this reader handles llama)")
