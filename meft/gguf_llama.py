@@ -187,25 +187,15 @@ def _config(md: dict):
         tie_word_embeddings=True, **special)  # set from the tensor table below
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of each byte (the alphabet of a byte-level BPE vocabulary)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in chars:
-            chars[b], extra = chr(256 + extra), extra + 1
-    return chars
-
-
 def _tokenizer(md: dict):
     """The byte-level BPE fast tokenizer the metadata describes, control tokens added as special."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's printable spelling of each byte
 
     if md.get("tokenizer.ggml.model") != "gpt2":
         raise GGUFUnsupported(f"tokenizer model {md.get('tokenizer.ggml.model')!r} (this reader handles gpt2)")
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     tokens = md["tokenizer.ggml.tokens"]
     vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i

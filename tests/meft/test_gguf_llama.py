@@ -19,9 +19,9 @@ _CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _vocab() -> tuple[list[str], list[str], list[int]]:
-    from meft.gguf_llama import _bytes_to_unicode
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    bytes_ = list(_bytes_to_unicode().values())
+    bytes_ = list(bytes_to_unicode().values())
     tokens = _CONTROL + bytes_ + ["he", "hel", "<think>"]
     types = [3] * len(_CONTROL) + [1] * (len(bytes_) + 2) + [4]
     return tokens, ["h e", "he l"], types
