@@ -260,11 +260,12 @@ def lm_loss_supported(model) -> bool:
 
 
 def lm_loss(model, input_ids: Tensor, labels: Tensor | None = None, *, attention_mask: Tensor | None = None,
-            opt=None, chunk_bytes: int = HEAD_CHUNK_BYTES) -> Tensor:
+            position_ids: Tensor | None = None, opt=None, chunk_bytes: int = HEAD_CHUNK_BYTES) -> Tensor:
     """`model(input_ids, attention_mask=..., labels=labels).loss` of an HF causal LM (mean next-token
     cross-entropy, labels default to input_ids, IGNORE_INDEX skipped) with the head's memory of this
-    module's docstring. input_ids / labels / attention_mask: [B, T]. Pass the step's `opt` when it is a
-    meft.Lomo, so that the head's (tied) rows are updated inside backward without a [V, d] gradient."""
+    module's docstring. input_ids / labels / attention_mask: [B, T] (or a 4-D mask and position_ids [B, T]:
+    a packed batch, `meft.data.packed`). Pass the step's `opt` when it is a meft.Lomo, so that the head's
+    (tied) rows are updated inside backward without a [V, d] gradient."""
     head = _plain_head(model)
     labels = input_ids if labels is None else labels
     w = head.weight  # [V, d]
@@ -273,9 +274,9 @@ def lm_loss(model, input_ids: Tensor, labels: Tensor | None = None, *, attention
     plan = _Plan(w, opt if w.requires_grad else None, input_ids if tied else None, pad)
     if tied:
         out = model.get_decoder()(inputs_embeds=_TiedEmbedding.apply(w, input_ids, plan),
-                                  attention_mask=attention_mask)
+                                  attention_mask=attention_mask, position_ids=position_ids)
     else:
-        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     hidden = out.last_hidden_state[:, :-1].reshape(-1, w.shape[1])  # [B * (T-1), d]: position p predicts p+1
     targets = labels[:, 1:].reshape(-1)  # [B * (T-1)]
     keep = targets != IGNORE_INDEX

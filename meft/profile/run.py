@@ -25,9 +25,10 @@ import torch
 from meft.adapter.runtime import in_backward
 from meft.adapter.targets import find_targets
 from meft.config import MeftConfig
+from meft.data.packed import resolve_packing
 from meft.profile.report import build_report, format_report, plot_profile
 from meft.train.args import TrainArgs
-from meft.train.loop import setup_run, train_step
+from meft.train.loop import lay_out, setup_run, train_step
 
 __all__ = ["profile", "LayerTimer", "ActiveSetCounter"]
 
@@ -106,9 +107,10 @@ def _attach(model, rt):
 
 def _run_steps(model, rt, data, args, cfg) -> dict:
     accum, tokens, step_s = cfg.grad_accum_steps, 0, []
-    input_tokens = 0
+    input_tokens = 0  # positions computed: padding included, a packed batch's shared prefix once
+    pack = resolve_packing(args.packing, model)
     for _ in range(args.steps):
-        batches = [next(data.batches) for _ in range(accum)]
+        batches = [lay_out(model, next(data.batches), pack) for _ in range(accum)]  # as meft train computes them
         input_tokens += sum(int(b["input_ids"].numel()) for b in batches)
         t0 = time.perf_counter()
         _, n = train_step(model, rt, batches, accum)

@@ -48,6 +48,12 @@ class TrainArgs:
                                 "epoch still sees each example once. Off by default: on the quick start it saved 5 "
                                 "percent of the training time and cost 15.6 points of held-out exact match (a "
                                 "batch of one length is mostly one relation).")
+    packing: str = opt("auto", "Micro-batch layout: 'auto' = packed where the model supports it (llama, mistral, "
+                       "qwen2, qwen3): the examples of a micro-batch run as one sequence without padding, their "
+                       "shared prompt prefix (the chat template's header) computed once, each example attending only "
+                       "to the prefix and itself; the same loss and gradients as padded (routing counts the shared "
+                       "prefix once), and on the quick start 38 percent fewer positions; 'on' = packed or an error; "
+                       "'off' = right-padded batches.")
     max_length: int = opt(128, "Longest tokenized example (longer ones are truncated).")
     block_size: int = opt(256, "Block length when packing {text} data.")
     lr_schedule: str = opt("constant", f"Learning-rate schedule after warm-up: one of {LR_SCHEDULES}.")

@@ -23,6 +23,7 @@ import torch
 import meft
 from meft.adapter.saving import save_adapter
 from meft.config import MeftConfig, parse_backbone_dtype
+from meft.data.packed import check_packing_mode, pack_batch, resolve_packing
 from meft.data.records import IGNORE_INDEX
 from meft.data.replay import replay_prompts, self_replay_records
 from meft.data.sources import RunData, load_run_data
@@ -36,7 +37,7 @@ from meft.train.run_log import MetricsLog, plot_loss_curve
 from meft.train.tracking import open_tracker, parse_report_to, step_traffic
 from offload.text import format_table
 
-__all__ = ["train", "train_step", "setup_run", "lr_lambda"]
+__all__ = ["train", "train_step", "lay_out", "setup_run", "lr_lambda"]
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -95,12 +96,22 @@ def _evaluate(model, tokenizer, data: RunData, args: TrainArgs, label: str) -> d
     return out
 
 
-def train_step(model, rt, batches, accum: int) -> tuple[float, int]:
-    """Run `accum` micro-batches and the optimizer step; returns (mean loss, labelled tokens)."""
+def lay_out(model, batch: dict, pack: bool) -> dict:
+    """A micro-batch as the step computes it: its packed layout (`meft.data.packed`) where `pack` and it
+    packs, else as given."""
+    if not pack:
+        return batch
+    return pack_batch(batch, dtype=model.get_input_embeddings().weight.dtype) or batch  # mask dtype = scores'
+
+
+def train_step(model, rt, batches, accum: int, *, pack: bool = False) -> tuple[float, int]:
+    """Run `accum` micro-batches and the optimizer step; returns (mean loss, labelled tokens).
+    `pack`: each micro-batch runs in its packed layout (`meft.data.packed`: no padding, the shared prompt
+    prefix once) where it packs; the same loss and gradients as its padded layout."""
     loss_sum, tokens = 0.0, 0
     device = rt.device
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in lay_out(model, batch, pack).items()}
         loss = step_loss(model, batch, rt.backbone_optimizer) / accum
         if rt.backbone_optimizer is not None:
             rt.backbone_optimizer.backward(loss)
@@ -144,6 +155,7 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
     """Run one fine-tune as described by `args` and `cfg`; returns the summary dict (also saved)."""
     cfg.validate()
     parse_report_to(args.report_to)  # a bad value fails before the model loads
+    check_packing_mode(args.packing)
     _check_backbone_accumulation(cfg)
     # torchrun: data parallel, rank 0 writes, a dead rank stops the others loudly (meft.train.distributed)
     ranks = Ranks(args.batch_size, args.device, output_dir=args.output_dir)
@@ -170,6 +182,7 @@ def _check_backbone_accumulation(cfg: MeftConfig) -> None:
 def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks) -> dict:
     out, main = Path(args.output_dir), ranks.main
     meft, model, tokenizer, data = setup_run(args, cfg)
+    pack = resolve_packing(args.packing, model)
     total = args.steps or max(1, math.ceil(args.epochs * data.batches.batches_per_epoch / cfg.grad_accum_steps))
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
@@ -210,7 +223,7 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks) -> dict:
             t0 = time.perf_counter()
             batches = [ranks.shard(next(data.batches)) for _ in range(cfg.grad_accum_steps)]
             tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # input tokens, padding excluded
-            loss, _labelled = train_step(model, rt, batches, cfg.grad_accum_steps)
+            loss, _labelled = train_step(model, rt, batches, cfg.grad_accum_steps, pack=pack)
             for s in scheds:
                 s.step()
             loss, tokens, stop_now = ranks.reduce(loss, tokens, stop.requested)  # every rank decides alike

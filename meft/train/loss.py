@@ -38,7 +38,8 @@ def _accepts_logits_to_keep(model) -> bool:
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled tokens (labels == IGNORE_INDEX are skipped).
 
-    `batch`: input_ids / attention_mask / labels, each [B, T]. Equal (to fp32 rounding) to
+    `batch`: input_ids / attention_mask / labels, each [B, T] (or a packed batch, `meft.data.packed`:
+    a 4-D attention mask and position_ids as well). Equal (to fp32 rounding) to
     `model(**batch).loss` for HF causal LMs.
     """
     labels = batch["labels"]                                  # [B, T]
@@ -62,5 +63,5 @@ def step_loss(model, batch: dict[str, torch.Tensor], backbone_optimizer=None) ->
     head = model.get_output_embeddings() if backbone_optimizer is not None else None
     if head is not None and head.weight.requires_grad and lm_loss_supported(model):
         return lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
-                       opt=backbone_optimizer)
+                       position_ids=batch.get("position_ids"), opt=backbone_optimizer)
     return causal_lm_loss(model, batch)
