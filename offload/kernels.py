@@ -47,6 +47,8 @@ __all__ = [
     "first_bad_id",
     "plan_slots",
     "release_slots",
+    "load_f32",
+    "run_kernel",
 ]
 
 PARALLEL_MIN_BYTES = 1 << 20  # calls touching less than this run on the calling thread only
@@ -87,6 +89,9 @@ def _run(kernel, work_bytes: int, *args):
         return kernel(*args)
     finally:
         numba.set_num_threads(prev)
+
+
+run_kernel = _run  # for kernels elsewhere: launch with the configured thread count (1 for small work)
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -143,6 +148,9 @@ def _ld_impl(a, i, j):
     if a.dtype == types.uint16:
         return lambda a, i, j: _u32_as_f32(np.uint32(np.uint32(a[i, j]) << np.uint32(16)))
     return None
+
+
+load_f32 = _ld  # for kernels elsewhere (njit): a[i, j] as float32, a float32 or bf16 bits (uint16)
 
 
 @overload(_st)

@@ -54,7 +54,13 @@ class InferenceRows:
         """Rows [R, W] in the wire dtype on the device for ids [R] (-1: an unused slot)."""
         if not self.resident():
             return self.scheduler.read_rows(idx, ids).to(self.wire)
+        return self.table(idx).index_select(0, ids.clamp(min=0))  # [R, W]
+
+    @torch.no_grad()
+    def table(self, idx: int) -> Tensor:
+        """Every row of layer `idx`, [N, W] in the wire dtype on the device (the resident copy; call only
+        when `resident()`)."""
         if self._rows is None:  # the runtime has flushed delayed (staleness 1) updates before asking
             self._rows = [s.weights.to(self.wire).to(self.device) for s in self.stores]  # one bulk copy each
             self.builds += 1
-        return self._rows[idx].index_select(0, ids.clamp(min=0))  # [R, W]
+        return self._rows[idx]

@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from meft.adapter.cpu_inference import token_rows_delta
 from meft.adapter.functional import sparse_adapter
-from meft.adapter.router import gate_weights
+from meft.adapter.router import gate_weights, token_gate_weights
 
 __all__ = ["SparseFFNAdapter"]
 
@@ -69,7 +70,8 @@ class SparseFFNAdapter(nn.Module):
         return out + y.to(out.dtype)
 
     def _request_rows(self, x: Tensor):
-        """(x2 [T, d], routing, wait) with the fetch issued, or None when there is nothing to add."""
+        """(x2 [T, d], routing, wait, per_token) with the fetch issued, or None when there is nothing to add.
+        per_token: wait() gives the layer's whole row table and each token reads its own rows (CPU inference)."""
         if not self.enabled or self.runtime is None:
             return None
         x2 = x.reshape(-1, self.d)  # [T, d]
@@ -78,15 +80,24 @@ class SparseFFNAdapter(nn.Module):
         if self.runtime.capturing:  # background text for sparse_update's idf: record the input, add nothing
             self.runtime.capture(self, x2)
             return None
-        return (x2, *self.runtime.request_rows(self, x2))
+        per_token = self.runtime.per_token_rows(self, x2)  # CPU inference: (routing, the whole row table)
+        if per_token is not None:
+            routing, table = per_token
+            return x2, routing, lambda: table, True
+        return (x2, *self.runtime.request_rows(self, x2), False)
 
     def delta(self, x: Tensor) -> Tensor:
         """scale * sum_i coef_i relu(k_i . x) v_i over this micro-batch's active rows. x [..., d]."""
         request = self._request_rows(x)
         return torch.zeros_like(x) if request is None else self._delta(x, *request)
 
-    def _delta(self, x: Tensor, x2: Tensor, routing, wait) -> Tensor:
+    def _delta(self, x: Tensor, x2: Tensor, routing, wait, per_token: bool) -> Tensor:
         shape = x.shape
+        if per_token:  # no gradient, CPU: each token reads its own rows of the table [N, 2d]
+            weights = token_gate_weights(x2, self.gate, routing)  # [T, k] fp32; 0 for padding
+            y = token_rows_delta(x2, wait(), routing.top_idx, weights, expert_size=self.expert_size,
+                                 scale=self.scale)  # [T, d] fp32
+            return y.to(x.dtype).reshape(shape)
         rows = wait()  # [R, 2d] compute dtype, device: the only point that waits for the fetch
         xc = x2.to(rows.dtype)
         coef = gate_weights(x2, self.gate, routing)  # [T, n_kept] fp32, grads to x and G; 0 for padding

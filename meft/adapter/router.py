@@ -23,7 +23,8 @@ halves so that gradient checkpointing can recompute the differentiable half with
   ids. Nothing is removed, so no `.item()`, `nonzero` or boolean-mask index is needed; the host learns
   how many slots are used from the ids themselves when they reach it (asynchronously).
 * `gate_weights(x, gate, routing)` (differentiable in x and G): each token's softmax over its routed
-  experts, placed in the kept-expert columns, `[T, B]`; zero rows for padding.
+  experts, placed in the kept-expert columns, `[T, B]`; zero rows for padding. `token_gate_weights`: the
+  same weights per token, `[T, k]` in `top_idx` order (CPU inference reads each token's own rows).
 * **Balance** (`MeftConfig.balance="bias"`, DeepSeek-V3's auxiliary-loss-free balancing): a per-expert
   bias `b` [E] is added to the scores for *choosing* experts only (top-k, the re-routing); gate weights
   stay the softmax of the unbiased scores. `Routing.load` (real tokens choosing each expert) is what the
@@ -44,7 +45,8 @@ from torch import Tensor
 
 from meft.config import budget_experts
 
-__all__ = ["Routing", "route", "gate_weights", "expert_weights", "init_gate", "update_balance_bias"]
+__all__ = ["Routing", "route", "gate_weights", "token_gate_weights", "expert_weights", "init_gate",
+           "update_balance_bias"]
 
 
 @dataclass
@@ -144,13 +146,19 @@ def route(x: Tensor, gate: Tensor, *, experts_per_token: int, expert_size: int,
                    load=load)
 
 
-def gate_weights(x: Tensor, gate: Tensor, routing: Routing) -> Tensor:
-    """Differentiable gate weights [T, B] fp32: each token's softmax over its routed experts that have a
-    slot, placed in their kept-expert columns. Padding rows (and slot-less experts) get 0."""
+def token_gate_weights(x: Tensor, gate: Tensor, routing: Routing) -> Tensor:
+    """Differentiable gate weights [T, k] fp32 of each token's routed experts (`routing.top_idx`): the
+    softmax over those that have a slot; 0 for the others and for padding rows."""
     scores = x.float() @ gate.float().t()  # [T, E]
     on = routing.pos >= 0  # [T, k]
     # a finite floor, not -inf: a row with no slot (padding) stays finite, so no nan reaches backward
     s = torch.where(on, scores.gather(1, routing.top_idx), torch.finfo(torch.float32).min)  # [T, k]
-    g = torch.where(on, torch.softmax(s, dim=1), 0.0)  # [T, k]
+    return torch.where(on, torch.softmax(s, dim=1), 0.0)  # [T, k]
+
+
+def gate_weights(x: Tensor, gate: Tensor, routing: Routing) -> Tensor:
+    """Differentiable gate weights [T, B] fp32: each token's softmax over its routed experts that have a
+    slot, placed in their kept-expert columns. Padding rows (and slot-less experts) get 0."""
+    g = token_gate_weights(x, gate, routing)  # [T, k]
     out = torch.zeros(x.shape[0], routing.kept.numel(), dtype=g.dtype, device=g.device)  # [T, B]
     return out.scatter_add(1, routing.pos.clamp(min=0), g)

@@ -29,7 +29,8 @@ that makes a plain PyTorch loop correct:
   forward. Nothing is cached or pushed; the rows (the union, up to every row of the layer: more than a
   training fetch's `max_rows`, so never through `scheduler.fetch`) come from `InferenceRows` (a
   resident wire-dtype copy on the device, rebuilt after the rows change) with offloaded rows, else
-  from the resident twin's device tensors.
+  from the resident twin's device tensors. On the CPU without gradients each token reads only its own
+  rows from that copy instead (`per_token_rows`, `meft.adapter.cpu_inference`).
 * `sparse_update=t` (sparse memory finetuning, arXiv 2510.15103; DESIGN.md "The adapter"): each training
   micro-batch updates only the rows of the t active experts per layer with the highest tf x idf, where tf
   = the micro-batch's real tokens routed to the expert (after the budget's re-routing: the assignments that
@@ -144,6 +145,9 @@ class MeftRuntime:
         self._mask_arg = _mask_position(hooked)
         self._inference = (InferenceRows(config.inference_rows, scheduler, self.stores, self.device,
                                          scheduler.wire_dtype) if config.offload else None)
+        # no-grad CPU forwards read each token's own rows from the resident copy (`per_token_rows`); False:
+        # the general gathered-union path, the twin the tests compare it with
+        self.per_token_inference = True
         self._hooks = [
             hooked.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True),
             hooked.register_forward_hook(self._on_forward_post, always_call=True),
@@ -423,6 +427,21 @@ class MeftRuntime:
         self.lookahead["hit"] += hit
         if self.meter is not None:
             self.meter.record_lookahead(self._step, idx, needed, hit)
+
+    def per_token_rows(self, adapter, x2: Tensor) -> tuple[Routing, Tensor] | None:
+        """Inference on the CPU (no gradient, resident rows, no active_per_token top-K): (routing, the
+        layer's whole row table [N, 2d] in the wire dtype), from which each token reads its own rows
+        (`meft.adapter.cpu_inference`); None: take `request_rows` (the general path, its tested twin)."""
+        inf = self._inference
+        if (not self.per_token_inference or torch.is_grad_enabled() or self.device.type != "cpu" or inf is None
+                or adapter.active_per_token is not None or not inf.resident()):
+            return None
+        if adapter.training and (self._in_forward or in_backward()):
+            return None  # a training micro-batch's layer run without grad (reentrant checkpointing): its rows
+        routing = self._route(adapter, x2, self.token_mask(adapter, x2), budget=False)  # no budget
+        if self.config.staleness and not self._step_open:
+            self.scheduler.flush()  # delayed (staleness 1) updates land before inference reads rows
+        return routing, inf.table(adapter.index)
 
     def _infer_rows(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
         routing = self._route(adapter, x2, self.token_mask(adapter, x2), budget=False)  # no budget

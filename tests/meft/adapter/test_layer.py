@@ -94,7 +94,8 @@ def test_lookahead_is_exact_and_reports_hits(offload):
 
 def test_inference_matches_training_forward():
     """With a budget that does not bind, a training forward (budgeted union) and an inference forward
-    (each token its own experts, no budget) route every token alike: same logits, bit for bit."""
+    (each token its own experts, no budget) route every token alike: same logits, bit for bit through the
+    general path; the CPU per-token path sums the same terms in another order (fp32 rounding)."""
     ids = batch(2, 12)
     model = meft.wrap(tiny_model("llama"), small_config(**ALL_ROWS))
     train(model, ids, 2)
@@ -103,8 +104,11 @@ def test_inference_matches_training_forward():
     model.meft.optimizer.step()  # nothing pushed: the step changes no row
     model.eval()
     with torch.no_grad():
+        per_token = model(input_ids=ids).logits  # each token reads its own rows (meft.adapter.cpu_inference)
+        model.meft.per_token_inference = False
         eval_logits = model(input_ids=ids).logits  # rows read directly from the store
     torch.testing.assert_close(eval_logits, train_logits, rtol=0, atol=0)
+    torch.testing.assert_close(per_token, train_logits, rtol=1e-5, atol=1e-6)
 
 
 def test_adapter_module_repr_and_disable():
