@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from meft.adapter.router import Routing, gate_weights
+from meft.adapter.token_rows import token_rows_adapter
 
 __all__ = ["SparseAdapterFunction", "sparse_adapter", "dense_adapter", "topk_mask"]
 
@@ -82,11 +83,17 @@ class SparseAdapterFunction(torch.autograd.Function):
 
 
 def sparse_adapter(x: Tensor, rows: Tensor, coef: Tensor, *, expert_size: int, scale: float = 1.0,
-                   active_per_token: int | None = None, train_keys: bool = True) -> Tensor:
+                   active_per_token: int | None = None, train_keys: bool = True, slots: Tensor | None = None) -> Tensor:
     """Fast path. x [T, d], rows [R, 2d] (same dtype as x), coef [T, R / expert_size] -> [T, d].
-    `train_keys=False`: the row gradient's key half is zero (frozen keys)."""
+    `train_keys=False`: the row gradient's key half is zero (frozen keys). `slots` [T, k] (`Routing.pos`,
+    fp32 CPU tensors, no active_per_token): each token reads only its own slots' rows
+    (`meft.adapter.token_rows`; same values and gradients)."""
     if rows.shape[1] != 2 * x.shape[1]:
         raise ValueError(f"rows width {rows.shape[1]} != 2 * d = {2 * x.shape[1]}")
+    if slots is not None:
+        if active_per_token is not None:
+            raise ValueError("slots (per-token rows) with active_per_token: the top-K needs the dense path")
+        return token_rows_adapter(x, rows, coef, slots, expert_size=expert_size, scale=scale, train_keys=train_keys)
     return SparseAdapterFunction.apply(x, rows, coef, expert_size, float(scale), active_per_token, train_keys)
 
 

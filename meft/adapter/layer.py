@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from meft.adapter.cpu_inference import token_rows_delta
 from meft.adapter.functional import sparse_adapter
 from meft.adapter.router import gate_weights, token_gate_weights
+from meft.adapter.token_rows import token_rows_delta
 
 __all__ = ["SparseFFNAdapter"]
 
@@ -101,6 +101,7 @@ class SparseFFNAdapter(nn.Module):
         rows = wait()  # [R, 2d] compute dtype, device: the only point that waits for the fetch
         xc = x2.to(rows.dtype)
         coef = gate_weights(x2, self.gate, routing)  # [T, n_kept] fp32, grads to x and G; 0 for padding
+        slots = routing.pos if self.runtime.token_rows_apply(self, xc, rows) else None  # CPU: per-token rows
         y = sparse_adapter(xc, rows, coef, expert_size=self.expert_size, scale=self.scale,
-                           active_per_token=self.active_per_token, train_keys=self.train_keys)  # [T, d]
+                           active_per_token=self.active_per_token, train_keys=self.train_keys, slots=slots)  # [T, d]
         return y.reshape(shape)

@@ -30,7 +30,8 @@ that makes a plain PyTorch loop correct:
   training fetch's `max_rows`, so never through `scheduler.fetch`) come from `InferenceRows` (a
   resident wire-dtype copy on the device, rebuilt after the rows change) with offloaded rows, else
   from the resident twin's device tensors. On the CPU without gradients each token reads only its own
-  rows from that copy instead (`per_token_rows`, `meft.adapter.cpu_inference`).
+  rows from that copy instead (`per_token_rows`, `meft.adapter.token_rows`); on the CPU in training,
+  from the gathered rows (`token_rows_apply`).
 * `sparse_update=t` (sparse memory finetuning, arXiv 2510.15103; DESIGN.md "The adapter"): each training
   micro-batch updates only the rows of the t active experts per layer with the highest tf x idf, where tf
   = the micro-batch's real tokens routed to the expert (after the budget's re-routing: the assignments that
@@ -145,9 +146,10 @@ class MeftRuntime:
         self._mask_arg = _mask_position(hooked)
         self._inference = (InferenceRows(config.inference_rows, scheduler, self.stores, self.device,
                                          scheduler.wire_dtype) if config.offload else None)
-        # no-grad CPU forwards read each token's own rows from the resident copy (`per_token_rows`); False:
-        # the general gathered-union path, the twin the tests compare it with
-        self.per_token_inference = True
+        # CPU forwards read each token's own rows (`meft.adapter.token_rows`): in training from the gathered
+        # rows, without gradients from the resident copy (`per_token_rows`); False: the dense products over
+        # the gathered rows, the twin the tests compare with
+        self.token_rows = True
         self._hooks = [
             hooked.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True),
             hooked.register_forward_hook(self._on_forward_post, always_call=True),
@@ -431,9 +433,9 @@ class MeftRuntime:
     def per_token_rows(self, adapter, x2: Tensor) -> tuple[Routing, Tensor] | None:
         """Inference on the CPU (no gradient, resident rows, no active_per_token top-K): (routing, the
         layer's whole row table [N, 2d] in the wire dtype), from which each token reads its own rows
-        (`meft.adapter.cpu_inference`); None: take `request_rows` (the general path, its tested twin)."""
+        (`meft.adapter.token_rows`); None: take `request_rows` (the general path, its tested twin)."""
         inf = self._inference
-        if (not self.per_token_inference or torch.is_grad_enabled() or self.device.type != "cpu" or inf is None
+        if (not self.token_rows or torch.is_grad_enabled() or self.device.type != "cpu" or inf is None
                 or adapter.active_per_token is not None or not inf.resident()):
             return None
         if adapter.training and (self._in_forward or in_backward()):
@@ -442,6 +444,12 @@ class MeftRuntime:
         if self.config.staleness and not self._step_open:
             self.scheduler.flush()  # delayed (staleness 1) updates land before inference reads rows
         return routing, inf.table(adapter.index)
+
+    def token_rows_apply(self, adapter, x2: Tensor, rows: Tensor) -> bool:
+        """Whether a forward with gathered rows [R, 2d] computes through `meft.adapter.token_rows` (CPU, fp32,
+        no active_per_token top-K) instead of dense products."""
+        return (self.token_rows and x2.device.type == "cpu" and x2.dtype == rows.dtype == torch.float32
+                and adapter.active_per_token is None)
 
     def _infer_rows(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
         routing = self._route(adapter, x2, self.token_mask(adapter, x2), budget=False)  # no budget

@@ -99,16 +99,18 @@ def test_inference_matches_training_forward():
     ids = batch(2, 12)
     model = meft.wrap(tiny_model("llama"), small_config(**ALL_ROWS))
     train(model, ids, 2)
-    model.train()
-    train_logits = model(input_ids=ids).logits.detach()  # opens a micro-batch: fetched rows
-    model.meft.optimizer.step()  # nothing pushed: the step changes no row
-    model.eval()
-    with torch.no_grad():
-        per_token = model(input_ids=ids).logits  # each token reads its own rows (meft.adapter.cpu_inference)
-        model.meft.per_token_inference = False
-        eval_logits = model(input_ids=ids).logits  # rows read directly from the store
-    torch.testing.assert_close(eval_logits, train_logits, rtol=0, atol=0)
-    torch.testing.assert_close(per_token, train_logits, rtol=1e-5, atol=1e-6)
+    logits = {}
+    for per_token in (False, True):  # dense products (the device path), then each token's own rows (CPU)
+        model.meft.token_rows = per_token
+        model.train()
+        train_logits = model(input_ids=ids).logits.detach()  # opens a micro-batch: fetched rows
+        model.meft.optimizer.step()  # nothing pushed: the step changes no row
+        model.eval()
+        with torch.no_grad():
+            eval_logits = model(input_ids=ids).logits  # rows read directly from the store
+        torch.testing.assert_close(eval_logits, train_logits, rtol=0, atol=0)
+        logits[per_token] = eval_logits
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-6)
 
 
 def test_adapter_module_repr_and_disable():

@@ -57,7 +57,7 @@ def test_eval_forward_with_resident_rows_issues_no_sync_and_matches_fetch():
     res.eval()
     inf = res.meft._inference
     inf.mode = "resident"
-    res.meft.per_token_inference = False  # the device path (gathered rows); the CPU's per-token reads: below
+    res.meft.token_rows = False  # the device path (gathered rows); the CPU's per-token reads: below
     counter = SyncCounter()
     with torch.no_grad(), counter:
         a = res(input_ids=ids).logits
@@ -77,13 +77,13 @@ def test_eval_forward_with_resident_rows_issues_no_sync_and_matches_fetch():
     with torch.no_grad():
         res(input_ids=ids)
     assert inf.builds == 2  # rebuilt once after the step changed the rows
-    res.meft.per_token_inference = True  # CPU: each token reads its own rows of the same resident copy
+    res.meft.token_rows = True  # CPU: each token reads its own rows of the same resident copy
     counter = SyncCounter()
     with torch.no_grad(), counter:
         c = res(input_ids=ids).logits
     assert _ours(counter) == {}, _ours(counter)
     assert inf.builds == 2  # no rebuild: the same copy
-    res.meft.per_token_inference = False
+    res.meft.token_rows = False
     with torch.no_grad():
         torch.testing.assert_close(c, res(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     res.meft.close()
