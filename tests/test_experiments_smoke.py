@@ -320,3 +320,14 @@ def test_bench_distributed_quick_json_ends_with_the_three_verdicts(capsys):
     assert 0.9 < res["exchange_bytes_vs_analytic"] < 1.1
     assert res["host_ram_copies_per_node"] == 1
     assert res["exchanges_per_step"] == 2  # one per adapted layer
+
+
+def test_bench_cpu_step_json_on_tiny_model(tiny, capsys):
+    from experiments import bench_cpu_step
+
+    bench_cpu_step.main(["--json", "--model", str(tiny / "model"), "--data", str(tiny / "train.jsonl"),
+                         "--eval-data", str(tiny / "train.jsonl"), "--rounds", "1", "--eval-rounds", "1"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(res["step_median_s"]) == set(bench_cpu_step.VARIANTS)
+    assert all(v > 0 for v in res["step_median_s"].values()) and res["scored_questions"] == 24
+    assert set(res["scoring_median_s"]) == {"per-token rows (default)", "gathered rows, dense products"}

@@ -31,7 +31,7 @@ from meft.train.checkpoint import latest_checkpoint, load_training_state
 from meft.train.loop import train
 from offload.text import format_table
 
-__all__ = ["add_parser", "run", "ProbeArgs", "trade_off", "trade_off_table"]
+__all__ = ["add_parser", "run", "ProbeArgs", "trade_off", "in_place_probe", "trade_off_table"]
 
 EPILOG = """examples:
   meft train                                   # default model, built-in world facts, before/after accuracy
@@ -50,8 +50,9 @@ class ProbeArgs:
                           "'trade_off'). `--retention false` skips it.")
     generations: bool = opt(True, "After training, answer a few free prompts ('What is the capital of Peru?', "
                             "'Write one sentence about the sea.', ...) with the base and the fine-tuned model, "
-                            "side by side in the summary. `--generations false` skips it. Both probes reload "
-                            "the base model once (seconds for the default model).")
+                            "side by side in the summary. `--generations false` skips it. With a frozen backbone "
+                            "both probes use the trained model in memory (adapters off = the base model); with "
+                            "--backbone lomo/adalomo they reload the base model and the last checkpoint.")
 
 
 def add_parser(sub) -> None:
@@ -63,27 +64,59 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     targs, cfg, pargs = resolve_options(args, [TrainArgs, MeftConfig, ProbeArgs])
     args.debug = targs.debug
-    summary = train(targs, cfg)
-    if "rank" not in summary and not summary["interrupted"] and (pargs.retention or pargs.generations):
-        summary["trade_off"] = trade_off(targs, cfg, retention=pargs.retention, generations=pargs.generations)
-        _rewrite_json(Path(targs.output_dir) / "summary.json", summary)
+    wanted = pargs.retention or pargs.generations
+    # frozen backbone: the trained model in memory, its adapters switched off for the base (no reload)
+    in_place = in_place_probe(targs, retention=pargs.retention, generations=pargs.generations)
+    summary = train(targs, cfg, probe=in_place if wanted and cfg.backbone == "frozen" else None)
+    if "rank" not in summary and not summary["interrupted"] and wanted:
+        if "trade_off" not in summary:  # a trained backbone: base and fine-tuned model loaded afresh
+            summary["trade_off"] = trade_off(targs, cfg, retention=pargs.retention, generations=pargs.generations)
+            _rewrite_json(Path(targs.output_dir) / "summary.json", summary)
         print(trade_off_table(summary["trade_off"]), flush=True)
     return 130 if summary["interrupted"] else 0
 
 
+def _probe_kw(targs: TrainArgs, tokenizer, retention: bool, generations: bool) -> dict:
+    # asked as the run trained and scored (an empty system turn for the built-in data), as `meft generate` asks
+    system = resolve_system_prompt(targs.system_prompt, tokenizer, builtin=parse_data_spec(targs.data)[0] != "file")
+    return {"retention": retention, "generations": generations, "batch_size": targs.eval_batch_size,
+            "system_prompt": system}
+
+
+def in_place_probe(targs: TrainArgs, *, retention: bool = True, generations: bool = True):
+    """The trade-off probe on a run's trained model (frozen backbone) before the loop releases it: the base
+    model is that model with every adapter switched off (`SparseFFNAdapter.enabled`, exactly the base
+    model's forward), the fine-tuned one the same model with them on. Saves reloading the base model and
+    the adapter (about 10 s for the default model on two cores)."""
+    def probe(model, tokenizer) -> dict:
+        t0 = time.perf_counter()
+        kw = _probe_kw(targs, tokenizer, retention, generations)
+        adapters = model.meft.adapters
+        model.eval()
+        for ad in adapters:
+            ad.enabled = False
+        try:
+            base = trade_off_probe(model, tokenizer, **kw)
+        finally:
+            for ad in adapters:
+                ad.enabled = True
+        tuned = trade_off_probe(model, tokenizer, **kw)
+        return {**trade_off_summary(base, tuned), "seconds": round(time.perf_counter() - t0, 1)}
+
+    return probe
+
+
 def trade_off(targs: TrainArgs, cfg: MeftConfig, *, retention: bool = True, generations: bool = True) -> dict:
     """Probe the base model, then the run's fine-tuned model, loaded afresh from the run folder (the
-    training loop has released its model): `meft.trade_off.trade_off_summary` plus ``seconds``."""
+    training loop has released its model; `meft train` does this for a trained backbone, `in_place_probe`
+    otherwise): `meft.trade_off.trade_off_summary` plus ``seconds``."""
     t0 = time.perf_counter()
     gc.collect()  # the trained model (a reference cycle with its runtime) goes before a second one loads
     out = Path(targs.output_dir)
     device = "cuda" if targs.device == "auto" and torch.cuda.is_available() else targs.device
     device = "cpu" if device == "auto" else device
     model, tokenizer = load_model(targs.model, dtype=parse_backbone_dtype("--dtype", targs.dtype), device=device)
-    # asked as the run trained and scored (an empty system turn for the built-in data), as `meft generate` asks
-    system = resolve_system_prompt(targs.system_prompt, tokenizer, builtin=parse_data_spec(targs.data)[0] != "file")
-    kw = {"retention": retention, "generations": generations, "batch_size": targs.eval_batch_size,
-          "system_prompt": system}
+    kw = _probe_kw(targs, tokenizer, retention, generations)
     base = trade_off_probe(model, tokenizer, **kw)
     if cfg.backbone == "frozen":
         load_adapter(model, str(out / "adapter"), verbose=False)

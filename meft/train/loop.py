@@ -151,8 +151,11 @@ def setup_run(args: TrainArgs, cfg: MeftConfig):
     return meft, model, tokenizer, data
 
 
-def train(args: TrainArgs, cfg: MeftConfig) -> dict:
-    """Run one fine-tune as described by `args` and `cfg`; returns the summary dict (also saved)."""
+def train(args: TrainArgs, cfg: MeftConfig, *, probe=None) -> dict:
+    """Run one fine-tune as described by `args` and `cfg`; returns the summary dict (also saved).
+    `probe(model, tokenizer) -> dict`: called on the trained model of a completed run (rank 0, after scoring,
+    before the model is released); its result is the summary's ``trade_off`` entry (`meft train` passes
+    the trade-off probe)."""
     cfg.validate()
     parse_report_to(args.report_to)  # a bad value fails before the model loads
     check_packing_mode(args.packing)
@@ -160,7 +163,7 @@ def train(args: TrainArgs, cfg: MeftConfig) -> dict:
     # torchrun: data parallel, rank 0 writes, a dead rank stops the others loudly (meft.train.distributed)
     ranks = Ranks(args.batch_size, args.device, output_dir=args.output_dir)
     try:
-        return _train(args, cfg, ranks)
+        return _train(args, cfg, ranks, probe)
     except BaseException as exc:
         err = ranks.failed(exc)  # tells the other ranks; names a dead peer behind a failed collective
         if err is exc:
@@ -179,7 +182,7 @@ def _check_backbone_accumulation(cfg: MeftConfig) -> None:
                          "global batch is split across ranks), or --backbone frozen")
 
 
-def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks) -> dict:
+def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe=None) -> dict:
     out, main = Path(args.output_dir), ranks.main
     meft, model, tokenizer, data = setup_run(args, cfg)
     pack = resolve_packing(args.packing, model)
@@ -259,9 +262,11 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks) -> dict:
                                                else data.system_prompt})
     after = _evaluate(model, tokenizer, data, args, "after") if args.eval_after and not interrupted else {}
     summary = _summary(args, cfg, rt, records, before, after, train_s, interrupted)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(_summary_table(summary), flush=True)
     print(f"meft: run folder {out} (metrics.jsonl, loss.png, adapter/, checkpoints/, summary.json)")
+    if probe is not None and not interrupted:
+        summary["trade_off"] = probe(model, tokenizer)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     rt.close()
     return summary
 

@@ -21,6 +21,20 @@ def test_summary_shows_retention_and_side_by_side_generations(tiny, tmp_path):
     assert all(isinstance(g["base"], str) and isinstance(g["tuned"], str) for g in t["generations"])
     assert "retention contains" in res.stdout and "base model" in res.stdout and "fine-tuned" in res.stdout
     assert FREE_PROMPTS[0] in res.stdout
+    # the in-place probe (trained model in memory, adapters off for the base) == its plain twin, which loads
+    # the base model and the saved adapter afresh from the run folder
+    from meft.cli.train import trade_off
+    from meft.config import MeftConfig
+    from meft.train.args import TrainArgs
+
+    config = json.loads((out / "config.json").read_text())
+    targs, cfg = TrainArgs(**config["train"]), MeftConfig.from_dict(config["meft"])
+    fresh = trade_off(targs, cfg)
+    for key in ("exact_match_before", "exact_match_after", "before", "after"):
+        assert fresh["retention"][key] == r[key], key
+    assert [(i["before"], i["after"]) for i in fresh["retention"]["items"]] == [(i["before"], i["after"])
+                                                                                for i in r["items"]]
+    assert fresh["generations"] == t["generations"]
 
 
 def test_trade_off_probe_can_be_turned_off(tiny, tmp_path):
