@@ -75,6 +75,14 @@ class PlanRuntime:
         return Routing(top_idx=top_idx, pos=top_idx.remainder(n_kept), kept=kept,
                        ids=torch.arange(n_kept * c.expert_size), expert_size=c.expert_size)
 
+    def per_token_rows(self, adapter, x2: Tensor) -> None:
+        """As MeftRuntime.per_token_rows, for a device step: never (CPU inference only)."""
+        return None
+
+    def token_rows_apply(self, adapter, x2: Tensor, rows: Tensor) -> bool:
+        """As MeftRuntime.token_rows_apply, for a device step: the dense products, as a GPU computes them."""
+        return False
+
     def request_rows(self, adapter, x2: Tensor):
         """As MeftRuntime.request_rows: (routing, wait); nothing travels here, so wait returns at once."""
         routing, rows = self.rows_for(adapter, x2)
