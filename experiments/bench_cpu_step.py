@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.knowledge.report import machine_header
     from meft.config import MeftConfig
     from meft.evaluate import qa_accuracy
-    from meft.train.args import TrainArgs
-    from meft.train.loop import setup_run, train_step
+    from meft.train import TrainArgs, setup_run, train_step
 
     targs = TrainArgs(model=args.model, data=args.data, eval_data=args.eval_data, progress=False)
     cfg = MeftConfig()
