@@ -439,7 +439,7 @@ class MeftRuntime:
                 or adapter.active_per_token is not None or not inf.resident()):
             return None
         if adapter.training and (self._in_forward or in_backward()):
-            return None  # a training micro-batch's layer run without grad (reentrant checkpointing): its rows
+            return None  # a training micro-batch's layer run without grad (reentrant checkpointing) uses its fetch
         routing = self._route(adapter, x2, self.token_mask(adapter, x2), budget=False)  # no budget
         if self.config.staleness and not self._step_open:
             self.scheduler.flush()  # delayed (staleness 1) updates land before inference reads rows

@@ -99,7 +99,8 @@ def _evaluate(model, tokenizer, data: RunData, args: TrainArgs, label: str) -> d
 def lay_out(model, batch: dict, pack: bool) -> dict:
     """A micro-batch as the step computes it: its packed layout (`meft.data.packed`) where `pack` and it
     packs, else as given."""
-    if not pack:
+    window = getattr(model.config, "sliding_window", None)  # the packed mask has none: examples must fit in one
+    if not pack or (window and batch["input_ids"].shape[1] > window):
         return batch
     return pack_batch(batch, dtype=model.get_input_embeddings().weight.dtype) or batch  # mask dtype = scores'
 

@@ -104,3 +104,14 @@ def test_resolve_packing():
         resolve_packing("on", opt)
     with pytest.raises(ValueError, match="--packing 'yes': choose one of auto, on, off"):
         resolve_packing("yes", llama)
+
+
+def test_a_sliding_window_shorter_than_the_batch_keeps_it_padded():
+    """The packed mask has no sliding window: a batch wider than the model's window stays padded."""
+    from meft.train.loop import lay_out
+
+    model = tiny_model("mistral")
+    batch = _qa_batch()
+    assert lay_out(model, batch, True)["input_ids"].shape[0] == 1  # packed
+    model.config.sliding_window = max(LENGTHS) - 1
+    assert lay_out(model, batch, True) is batch
