@@ -48,7 +48,6 @@ __all__ = [
     "plan_slots",
     "release_slots",
     "load_f32",
-    "run_kernel",
 ]
 
 PARALLEL_MIN_BYTES = 1 << 20  # calls touching less than this run on the calling thread only
@@ -89,9 +88,6 @@ def _run(kernel, work_bytes: int, *args):
         return kernel(*args)
     finally:
         numba.set_num_threads(prev)
-
-
-run_kernel = _run  # for kernels elsewhere: launch with the configured thread count (1 for small work)
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:

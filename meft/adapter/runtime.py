@@ -440,10 +440,7 @@ class MeftRuntime:
             return None
         if adapter.training and (self._in_forward or in_backward()):
             return None  # a training micro-batch's layer run without grad (reentrant checkpointing) uses its fetch
-        routing = self._route(adapter, x2, self.token_mask(adapter, x2), budget=False)  # no budget
-        if self.config.staleness and not self._step_open:
-            self.scheduler.flush()  # delayed (staleness 1) updates land before inference reads rows
-        return routing, inf.table(adapter.index)
+        return self._infer_routing(adapter, x2), inf.table(adapter.index)
 
     def token_rows_apply(self, adapter, x2: Tensor, rows: Tensor) -> bool:
         """Whether a forward with gathered rows [R, 2d] computes through `meft.adapter.token_rows` (CPU, fp32,
@@ -451,11 +448,17 @@ class MeftRuntime:
         return (self.token_rows and x2.device.type == "cpu" and x2.dtype == rows.dtype == torch.float32
                 and adapter.active_per_token is None)
 
+    def _infer_routing(self, adapter, x2: Tensor) -> Routing:
+        """Inference routing (each token its own experts, no budget); with offloaded rows, delayed (staleness 1)
+        updates land first, so that inference reads current rows."""
+        routing = self._route(adapter, x2, self.token_mask(adapter, x2), budget=False)
+        if self._inference is not None and self.config.staleness and not self._step_open:
+            self.scheduler.flush()
+        return routing
+
     def _infer_rows(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
-        routing = self._route(adapter, x2, self.token_mask(adapter, x2), budget=False)  # no budget
+        routing = self._infer_routing(adapter, x2)
         if self._inference is not None:  # offloaded rows: resident copy on the device (or read per forward)
-            if self.config.staleness and not self._step_open:
-                self.scheduler.flush()  # delayed (staleness 1) updates land before inference reads rows
             rows = self._inference.rows(adapter.index, routing.ids)  # [R, 2d] wire dtype
         else:  # the resident twin: every row is on the device already
             rows = self.scheduler.read_rows(adapter.index, routing.ids).to(self._wire)  # [R, 2d]

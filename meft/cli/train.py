@@ -87,7 +87,7 @@ def in_place_probe(targs: TrainArgs, *, retention: bool = True, generations: boo
     """The trade-off probe on a run's trained model (frozen backbone) before the loop releases it: the base
     model is that model with every adapter switched off (`SparseFFNAdapter.enabled`, exactly the base
     model's forward), the fine-tuned one the same model with them on. Saves reloading the base model and
-    the adapter (about 10 s for the default model on two cores)."""
+    the adapter (the quick start's probe: 21 s in run K, 16 s in run L, BENCHMARKS.md)."""
     def probe(model, tokenizer) -> dict:
         t0 = time.perf_counter()
         kw = _probe_kw(targs, tokenizer, retention, generations)

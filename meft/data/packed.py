@@ -5,14 +5,14 @@ Owns `pack_batch(batch)` (the layout), `packing_supported(model)` (which models 
 `resolve_packing(mode, model)` (the `meft train --packing` choice).
 
 Why: a micro-batch of chat QA examples is mostly the same template tokens and padding. On the quick
-start (16 examples, ~28 real tokens each, padded to ~33) every example starts with the same 8 tokens
-(`<|im_start|>system\\n<|im_end|>\\n<|im_start|>user\\n`) and 14% of the cells are padding, so the
-forward and backward compute [16, 33] = 528 positions for 455 real tokens of which 16 x 8 are the same
+start (16 examples, ~28 real tokens each, padded to ~32) every example starts with the same 8 tokens
+(`<|im_start|>system\\n<|im_end|>\\n<|im_start|>user\\n`) and 13% of the cells are padding, so the
+forward and backward compute [16, 32] = 512 positions for 446 real tokens of which 16 x 8 are the same
 prefix again and again. Packed, the micro-batch is one sequence
 
     [ prefix (P tokens, once) | example 0 after the prefix | example 1 after the prefix | ... ]   [1, L]
 
-with L = P + sum_i (n_i - P) (326 instead of 528 on the quick start: the backbone's forward + backward
+with L = P + sum_i (n_i - P) (326 instead of 512 on the quick start's first batch: the backbone's forward + backward
 took 1.75 s instead of 2.58 s), an additive attention mask [1, 1, L, L] in which each example's tokens see
 the prefix and their own earlier tokens (the prefix sees itself, causally) and position ids that restart
 after the prefix for every example, i.e. every token has the position it has in the padded layout.

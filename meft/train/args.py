@@ -52,7 +52,7 @@ class TrainArgs:
                        "qwen2, qwen3): the examples of a micro-batch run as one sequence without padding, their "
                        "shared prompt prefix (the chat template's header) computed once, each example attending only "
                        "to the prefix and itself; the same loss and gradients as padded (routing counts the shared "
-                       "prefix once), and on the quick start 38 percent fewer positions; 'on' = packed or an error; "
+                       "prefix once), and on the quick start about a third fewer positions; 'on' = packed or an error; "
                        "'off' = right-padded batches.")
     max_length: int = opt(128, "Longest tokenized example (longer ones are truncated).")
     block_size: int = opt(256, "Block length when packing {text} data.")
