@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 
 from experiments.knowledge.runner import RunSpec, spec_key
@@ -224,9 +225,18 @@ def summarize(plan: CapacityPlan, results: list[dict]) -> dict:
     return {"plan": {**shared, "ns": sorted(plan.ns), "methods": list(plan.methods), "lrs": plan.lrs,
                      "seeds": plan.seeds, "epochs": plan.epochs, "steps": {n: plan.steps(n) for n in sorted(plan.ns)},
                      "train_records": {n: train_records(n) for n in sorted(plan.ns)}, "router_lr": plan.router_lr,
-                     "gpu_name": next((r["gpu"] for r in results if r.get("gpu")), None)},
+                     "gpu_name": _gpu_names(results)},
             "rule": RULE, "chosen": chosen, "sweep": sweep, "cells": cells, "base": base_cells,
             "missing": missing, "json": _json(cells, chosen, missing)}
+
+
+def _gpu_names(results: list[dict]) -> str | None:
+    """The GPUs the runs trained on, in order of first use, with run counts where there are several
+    ("NVIDIA H200: 20 runs, NVIDIA H100 80GB HBM3: 6 runs"): a file resumed on another lent machine says so."""
+    counts = Counter(r["gpu"] for r in results if r.get("gpu"))
+    if len(counts) <= 1:
+        return next(iter(counts), None)
+    return ", ".join(f"{name}: {k} runs" for name, k in counts.items())
 
 
 def _json(cells: dict, chosen: dict, missing: list[str]) -> dict:
