@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from meft.train.atomic import DiskFullError
 from meft.train.distributed import RankFailedError
 
 __all__ = ["main", "build_parser"]
@@ -25,7 +26,7 @@ SUBCOMMANDS = {
     "inspect": "meft.cli.inspect",
 }
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, MemoryError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, MemoryError, KeyError, DiskFullError)
 
 
 def build_parser() -> argparse.ArgumentParser:

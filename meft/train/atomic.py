@@ -9,13 +9,34 @@ either the previous complete folder or the new complete one, never a partial one
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "atomic_folder", "read_pointer", "write_pointer"]
+__all__ = ["DiskFullError", "atomic_write_text", "atomic_folder", "read_pointer", "write_pointer"]
+
+
+class DiskFullError(OSError):
+    """A write ran out of disk space. The partial result was removed and the previous one is intact."""
+
+
+def _disk_full(exc: BaseException) -> bool:
+    # safetensors' writer reports ENOSPC as its own error type, "... (os error 28)"
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
+
+
+def _disk_full_error(final: Path, exc: BaseException) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(final.parent).free / 2**30:.2f} GiB free there now"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(errno.ENOSPC, f"writing {str(final)!r} ran out of disk space ({free}). Nothing was lost: "
+                         "the partial write was removed and the previous version, if any, is intact. Fix: free "
+                         "disk space or write to a larger disk (--output-dir); for training checkpoints also "
+                         "--save-every (less often) or --keep-checkpoints 1, then continue with --resume.")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,9 +60,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if _disk_full(exc):
+            raise _disk_full_error(path, exc) from exc
         raise
     _fsync_dir(path.parent)
 
@@ -68,8 +91,10 @@ def atomic_folder(final: str | Path) -> Iterator[Path]:
         else:
             os.rename(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(exc):
+            raise _disk_full_error(final, exc) from exc
         raise
 
 
