@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from experiments import bench_step
+from experiments import bench_step, quickstart_sweep
 from experiments.knowledge import cli as knowledge
 from experiments.knowledge.capacity import RULE as CAPACITY_RULE
 from experiments.knowledge.capacity import CapacityPlan
@@ -331,3 +331,16 @@ def test_bench_cpu_step_json_on_tiny_model(tiny, capsys):
     assert set(res["step_median_s"]) == set(bench_cpu_step.VARIANTS)
     assert all(v > 0 for v in res["step_median_s"].values()) and res["scored_questions"] == 24
     assert set(res["scoring_median_s"]) == {"per-token rows (default)", "gathered rows, dense products"}
+
+
+def test_quickstart_sweep_report_means_over_seeds(tmp_path, capsys):
+    """experiments/quickstart_sweep.py --report: one row per run, then each setting's mean over its seeds."""
+    runs = [("lr2e-2_seed0", 0.9, 0.8, 0.6), ("lr2e-2_seed1", 0.7, 0.6, 0.5), ("lr1e-2_seed0", 0.5, 0.4, 0.7)]
+    out = tmp_path / "sweep.jsonl"
+    out.write_text("".join(json.dumps({"name": n, "args": [], "rc": 0, "trained": t, "held_out": h, "kept": k,
+                                       "train_s": 1.0, "last_loss": 0.1}) + "\n" for n, t, h, k in runs))
+    assert quickstart_sweep.main(["--report", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| lr2e-2 | 2 | 80.0 | 70.0 | 55.0 |" in text and "| lr1e-2 | 1 | 50.0 | 40.0 | 70.0 |" in text
+    with pytest.raises(SystemExit):
+        quickstart_sweep.main(["--out", str(out), "--only", "lr9"])  # an unknown variant is refused by name

@@ -1,0 +1,106 @@
+"""Quick-start variants: `meft train` (the README's main job, default model cached) once per variant and seed.
+
+Each finished run appends one JSON line to --out (resumable: variants already there are skipped):
+trained / held-out exact match after training, known facts kept (the trade-off probe), training seconds,
+last loss. The run folders' checkpoints and adapter (about 2 GB a run) are deleted after reading the
+summary. Runs go one at a time: on a 2-core machine two at once would only share the cores.
+
+    python experiments/quickstart_sweep.py --out experiments/results/quickstart_lr_seeds.jsonl
+    python experiments/quickstart_sweep.py --report --out experiments/results/quickstart_lr_seeds.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> extra `meft train` arguments (every other option at its default)
+VARIANTS = {
+    "lr1e-2_seed0": ["--adapter-lr", "1e-2", "--seed", "0"],
+    "lr2e-2_seed0": ["--adapter-lr", "2e-2", "--seed", "0"],
+    "lr3e-2_seed0": ["--adapter-lr", "3e-2", "--seed", "0"],
+    "lr3e-2_seed1": ["--adapter-lr", "3e-2", "--seed", "1"],
+    "lr2e-2_seed1": ["--adapter-lr", "2e-2", "--seed", "1"],
+    "lr3e-2_replay150_seed0": ["--adapter-lr", "3e-2", "--replay", "150", "--seed", "0"],
+    "lr2e-2_replay150_seed0": ["--adapter-lr", "2e-2", "--replay", "150", "--seed", "0"],
+    "lr1e-2_seed1": ["--adapter-lr", "1e-2", "--seed", "1"],
+    "lr3e-2_seed2": ["--adapter-lr", "3e-2", "--seed", "2"],
+    "lr2e-2_seed2": ["--adapter-lr", "2e-2", "--seed", "2"],
+    "lr1e-2_seed2": ["--adapter-lr", "1e-2", "--seed", "2"],
+}
+
+
+def run_one(name: str, args: list[str], workdir: Path) -> dict:
+    folder = workdir / name
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "meft.cli.main", "train", "--output-dir", str(folder),
+                        "--progress", "false", *args], capture_output=True, text=True)
+    (workdir / f"{name}.log").write_text(p.stdout + p.stderr)
+    rec = {"name": name, "args": args, "rc": p.returncode, "wall_s": round(time.time() - t0, 1)}
+    try:
+        s = json.loads((folder / "summary.json").read_text())
+        rec.update(trained=s["after"]["trained"]["exact_match"], held_out=s["after"]["held_out"]["exact_match"],
+                   kept=s["trade_off"]["retention"]["kept"], train_s=round(s["train_seconds_this_session"], 1),
+                   steps=s["steps"], last_loss=round(s["last_loss"], 4))
+    except (OSError, KeyError, ValueError) as exc:
+        rec["error"] = f"{type(exc).__name__}: {exc}; see {workdir / (name + '.log')}"
+    for sub in ("checkpoints", "adapter"):
+        shutil.rmtree(folder / sub, ignore_errors=True)
+    return rec
+
+
+def report(records: list[dict]) -> str:
+    """Markdown: every run, then the mean over seeds of each setting."""
+    rows = ["| run | trained EM % | held-out EM % | known facts kept % | train s | last loss |", "|---" * 6 + "|"]
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if "error" in r:
+            rows.append(f"| {r['name']} | failed: {r['error']} | | | | |")
+            continue
+        rows.append(f"| {r['name']} | {100 * r['trained']:.1f} | {100 * r['held_out']:.1f} | {100 * r['kept']:.1f} "
+                    f"| {r['train_s']} | {r['last_loss']} |")
+        groups.setdefault(r["name"].rsplit("_seed", 1)[0], []).append(r)
+    rows += ["", "| setting | seeds | mean trained EM % | mean held-out EM % | mean kept % |", "|---" * 5 + "|"]
+    for g, rs in groups.items():
+        mean = {k: 100 * statistics.mean(r[k] for r in rs) for k in ("trained", "held_out", "kept")}
+        rows.append(f"| {g} | {len(rs)} | {mean['trained']:.1f} | {mean['held_out']:.1f} | {mean['kept']:.1f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="results file (JSON lines), appended to and resumed from")
+    ap.add_argument("--workdir", default="runs/quickstart_sweep", help="run folders and logs")
+    ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
+    ap.add_argument("--report", action="store_true", help="print the tables of --out and exit")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    if a.report:
+        print(report(records))
+        return 0
+    unknown = sorted(set(a.only or []) - set(VARIANTS))
+    if unknown:
+        ap.error(f"--only: unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    done = {r["name"] for r in records if "error" not in r}
+    workdir = Path(a.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in a.only or VARIANTS:
+        if name in done:
+            continue
+        rec = run_one(name, VARIANTS[name], workdir)
+        print(json.dumps(rec), flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
