@@ -28,7 +28,7 @@ def _disk_full(exc: BaseException) -> bool:
     return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
 
 
-def _disk_full_error(final: Path, exc: BaseException) -> DiskFullError:
+def _disk_full_error(final: Path) -> DiskFullError:
     try:
         free = f"{shutil.disk_usage(final.parent).free / 2**30:.2f} GiB free there now"
     except OSError:
@@ -64,7 +64,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if _disk_full(exc):
-            raise _disk_full_error(path, exc) from exc
+            raise _disk_full_error(path) from exc
         raise
     _fsync_dir(path.parent)
 
@@ -94,7 +94,7 @@ def atomic_folder(final: str | Path) -> Iterator[Path]:
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if _disk_full(exc):
-            raise _disk_full_error(final, exc) from exc
+            raise _disk_full_error(final) from exc
         raise
 
 
