@@ -111,12 +111,10 @@ class MeftConfig:
     backbone: str = opt(
         "frozen", "Backbone treatment: 'frozen', or trained in backward by 'lomo' / 'adalomo'.")
     backbone_lr: float = opt(1e-5, "Learning rate of the backbone when backbone is 'lomo' or 'adalomo'.")
-    # Measured (BENCHMARKS.md, quick start and knowledge capacity): a row is updated only in the steps
-    # that route to it, so rows want ~10-30x LoRA's lr, while a router as fast as the rows keeps moving
-    # facts to rows that have not learned them (200 facts: 36% exact match with router lr 1e-2, 64% with 1e-3).
-    # 3e-2 over 1e-2 and 2e-2: the quick start's mean held-out exact match over seeds 0-2 (77.6% vs 62.0% and
-    # 75.0%), and the capacity curve's choice on fictional facts; it forgets more (known facts kept, mean over
-    # the seeds: 65.6% vs 71.1% at 1e-2).
+    # Measured (BENCHMARKS.md, quick start and knowledge capacity): a row is updated only in the steps that route
+    # to it, so rows want ~10-30x LoRA's lr (3e-2: best mean held-out EM of 1e-2 / 2e-2 / 3e-2 on the quick start
+    # over 3 seeds, 77.6 vs 62.0 / 75.0%, keeping fewer known facts, 65.6 vs 71.1%), while a router as fast as the
+    # rows keeps moving facts to rows that have not learned them (200 facts: 36% EM at router lr 1e-2, 64% at 1e-3).
     adapter_lr: float = opt(3e-2, "AdamW learning rate of the adapter rows (values start at zero).")
     router_lr: float = opt(1e-3, "AdamW learning rate of the router gates (on the device); keep it below "
                                 "adapter_lr so routing stays stable while rows learn.")
