@@ -38,6 +38,15 @@ VARIANTS = {
     "lr2e-2_replay150_epochs1.6_seed1": ["--adapter-lr", "2e-2", "--replay", "150", "--epochs", "1.6", "--seed", "1"],
     "lr3e-2_replay150_seed1": ["--adapter-lr", "3e-2", "--replay", "150", "--seed", "1"],
     "lr3e-2_replay150_seed2": ["--adapter-lr", "3e-2", "--replay", "150", "--seed", "2"],
+    # sparse update (issue 13 item 6) at the default lr 3e-2: T of the 64-expert budget updated per layer
+    "sparse8_seed0": ["--sparse-update", "8", "--seed", "0"],
+    "sparse16_seed0": ["--sparse-update", "16", "--seed", "0"],
+    # a frozen router (gates at their key-aligned init): training cannot move other text onto trained rows
+    "router0_seed0": ["--router-lr", "0", "--seed", "0"],
+    "sparse8_router0_seed0": ["--sparse-update", "8", "--router-lr", "0", "--seed", "0"],
+    # replay in the training data's short-answer form (`--replay-form answer`): only facts the base model knew
+    "replayanswer150_seed0": ["--replay", "150", "--replay-form", "answer", "--seed", "0"],
+    "replayanswer64_seed0": ["--replay", "64", "--replay-form", "answer", "--seed", "0"],
 }
 
 

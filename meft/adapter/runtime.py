@@ -32,18 +32,9 @@ that makes a plain PyTorch loop correct:
   from the resident twin's device tensors. On the CPU without gradients each token reads only its own
   rows from that copy instead (`per_token_rows`, `meft.adapter.token_rows`); on the CPU in training,
   from the gathered rows (`token_rows_apply`).
-* `sparse_update=t` (sparse memory finetuning, arXiv 2510.15103; DESIGN.md "The adapter"): each training
-  micro-batch updates only the rows of the t active experts per layer with the highest tf x idf, where tf
-  = the micro-batch's real tokens routed to the expert (after the budget's re-routing: the assignments that
-  produce its row gradients) and idf = log((B + 1) / (bg + 1)), bg = how many of B background tokens route
-  to it (eval routing, no budget). The background tokens' FFN inputs are captured once, at wrap, from the
-  model as it is then (`capture_background`; with values at 0 that is the base model), kept on the device
-  ([B, d] per layer), and routed through the *current* gate (and balance bias) at each step's first
-  routing of the layer, so the idf follows a training router; it does not follow how earlier layers'
-  trained adapters (or a trained backbone) move the background's hidden states. The mask [R] bool (fixed
-  shape, no host sync) travels with the row gradients (`push_grads(keep=)`); masked rows get no update
-  at all. With grad_accum_steps > 1 the mask is per micro-batch (a row is updated when any micro-batch of
-  the step keeps it). `routing_stats()["updated_rows"]` is the rows kept per layer.
+* `sparse_update=t`: each training micro-batch updates only the rows its `SparseUpdate`
+  (`meft.adapter.sparse_update`: tf x idf against background text) keeps; the mask travels with the row
+  gradients (`push_grads(keep=)`). `routing_stats()["updated_rows"]` is the rows kept per layer.
 Summary tables live in `meft.adapter.summary`.
 """
 
@@ -58,6 +49,7 @@ from torch import Tensor, nn
 
 from meft.adapter.inference import InferenceRows
 from meft.adapter.router import Routing, route, update_balance_bias
+from meft.adapter.sparse_update import SparseUpdate
 from meft.adapter.summary import summary, summary_table
 from offload.copies import host_copies
 
@@ -138,10 +130,9 @@ class MeftRuntime:
         self._route_stats: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (kept experts, dropped share)
         self._mask: Tensor | None = None  # [B, past + L] bool real positions of the running forward
         self._load: dict[int, Tensor] = {}  # layer -> [E] fp32 this step's demand per expert (balance)
-        self._background: dict[int, Tensor] = {}  # layer -> [B, d] background FFN inputs (sparse_update)
-        self._capture: dict[int, list[Tensor]] | None = None  # capture_background is running
-        self._idf: dict[int, tuple[int, Tensor]] = {}  # layer -> (step, [E] fp32 idf of that step)
-        self._updated: dict[int, Tensor] = {}  # layer -> [] rows the latest micro-batch updates (sparse_update)
+        # sparse_update: the background and the update masks (inert with sparse_update=0: nothing captured)
+        self.sparse = SparseUpdate(config.sparse_update,
+                                   lambda adapter, x: self._route(adapter, x, None, budget=False))
         hooked = _hooked_module(model, adapters)
         self._mask_arg = _mask_position(hooked)
         self._inference = (InferenceRows(config.inference_rows, scheduler, self.stores, self.device,
@@ -296,7 +287,7 @@ class MeftRuntime:
             self.lookahead["prefetched"] += nxt.numel()
             self._prefetch[idx + 1] = _Prefetch(key, nxt, self._fetch(idx + 1, nxt, prefetch=True))
         compute = self._compute_dtype(adapter, x2)
-        keep = self._update_mask(adapter, routing) if self.config.sparse_update else None  # [R] bool or None
+        keep = self.sparse.mask(adapter, routing, self._step) if self.config.sparse_update else None  # [R] bool
         push_kw = {} if keep is None else {"keep": keep[: ids.numel()]}  # compacted ids: the used prefix
 
         def wait() -> Tensor:
@@ -318,76 +309,21 @@ class MeftRuntime:
 
         return routing, wait
 
-    # ---- sparse update (MeftConfig.sparse_update) -----------------------------------------------
+    # ---- sparse update (MeftConfig.sparse_update; meft.adapter.sparse_update) ------------------
     @property
     def capturing(self) -> bool:
         """capture_background is running: adapters hand their FFN input here and add nothing."""
-        return self._capture is not None
+        return self.sparse.capturing
 
     def capture(self, adapter, x2: Tensor) -> None:
-        """During capture_background: keep adapter's FFN input x2 [T, d] (detached)."""
-        self._capture.setdefault(adapter.index, []).append(x2.detach().clone())
+        """During capture_background: keep adapter's FFN input x2 [T, d]."""
+        self.sparse.capture(adapter, x2)
 
-    @torch.no_grad()
     def capture_background(self, model, rows: list[Tensor]) -> None:
-        """Run `model` (eval mode, no grad) over the background token rows (each [1, L] int64) and keep every
-        adapted layer's FFN inputs, [B, d] per layer (B = the tokens), for sparse_update's idf. The adapters
-        add nothing meanwhile (they only capture), so this is the model as it is without its adapter."""
-        was = model.training
-        self._capture = {}
-        model.eval()
-        try:
-            kw = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}  # no LM head over B
-            for r in rows:
-                model(input_ids=r.to(self.device), **kw)
-            captured = self._capture
-        finally:
-            self._capture = None
-            model.train(was)
-        missing = [ad.index for ad in self.adapters if ad.index not in captured]
-        if missing:
-            raise RuntimeError(f"capture_background: adapters {missing} saw no background token; the model's "
-                               "forward did not reach their FFN")
-        self._background = {i: torch.cat(xs) for i, xs in captured.items()}  # [B, d] per layer
-        self._idf.clear()
-
-    def _background_idf(self, adapter) -> Tensor:
-        """[E] fp32 idf of the layer's experts: log((B + 1) / (bg_e + 1)), bg_e = background tokens routed
-        to e by the current gate and bias (eval routing: no budget). Once per step and layer; no sync."""
-        idx = adapter.index
-        cached = self._idf.get(idx)
-        if cached is not None and cached[0] == self._step:
-            return cached[1]
-        xb = self._background.get(idx)
-        if xb is None:
-            raise RuntimeError(
-                f"adapter {idx} (layer {adapter.layer}): sparse_update={self.config.sparse_update} needs the "
-                "background text's FFN inputs, and none were captured (meft.wrap found no tokenizer for this "
-                "model); fix: call model.meft.capture_background(model, meft.data.background.background_token_ids("
-                "tokenizer, config.sparse_background_tokens)) before training, or pass meft.wrap(model, config, "
-                "tokenizer=tok)")
-        bg = self._route(adapter, xb, None, budget=False).load  # [E] fp32 background tokens per expert
-        idf = torch.log((xb.shape[0] + 1.0) / (bg + 1.0))  # [E]
-        self._idf[idx] = (self._step, idf)
-        return idf
-
-    def _update_mask(self, adapter, routing: Routing) -> Tensor:
-        """[R] bool: the rows of the `sparse_update` kept experts with the highest tf x idf (tf > 0), in the
-        order of routing.ids. Fixed shapes: top-k over the B slots, scatter, repeat; no host sync."""
-        kept = routing.kept  # [B] experts of the slots, -1 unused
-        n_slots, used = kept.numel(), kept >= 0
-        on = routing.pos >= 0  # [T, k] assignments that reach a slot (real tokens, kept experts)
-        tf = torch.zeros(n_slots, dtype=torch.float32, device=kept.device)
-        tf.index_add_(0, routing.pos.clamp(min=0).reshape(-1), on.float().reshape(-1))  # [B] tokens per slot
-        idf = self._background_idf(adapter).index_select(0, kept.clamp(min=0))  # [B]
-        score = torch.where(used & (tf > 0), tf * idf, -1.0)  # [B]; unused or unrouted slots rank last
-        t = min(self.config.sparse_update, n_slots)
-        top = torch.topk(score, t).indices  # [t]
-        keep_slot = torch.zeros(n_slots, dtype=torch.bool, device=kept.device).scatter_(0, top, True)
-        keep_slot &= score >= 0  # never an unused or unrouted slot (their rows get no useful gradient)
-        keep = keep_slot.repeat_interleave(routing.expert_size)  # [B * S] as routing.ids
-        self._updated[adapter.index] = keep.sum()
-        return keep
+        """Run `model` over the background token rows (each [1, L] int64) and keep every adapted layer's FFN
+        inputs for sparse_update's idf (`SparseUpdate.capture_background`)."""
+        kw = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}  # no LM head over B
+        self.sparse.capture_background(model, rows, self.adapters, self.device, kw)
 
     def _start_fetch(self, idx: int, ids: Tensor, key):
         """Issue the fetch of `ids` for layer idx, using a lookahead prefetch in flight if there is one;
@@ -499,8 +435,7 @@ class MeftRuntime:
             dropped = torch.stack([d for _, d in self._route_stats.values()]).mean()
             out = {"distinct_experts": float(kept), "dropped_share": float(dropped)}
         if self.config.sparse_update:  # rows each layer's latest micro-batch updates (the rest stay as they are)
-            out["updated_rows"] = (float(torch.stack(list(self._updated.values())).float().mean())
-                                   if self._updated else 0.0)
+            out["updated_rows"] = self.sparse.updated_rows()
         return out
 
     def traffic_totals(self) -> tuple[int, int, int, float]:

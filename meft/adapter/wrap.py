@@ -163,7 +163,7 @@ def _saved_tokenizer(model):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - no tokenizer there: training asks for one (MeftRuntime._background_idf)
+    except Exception:  # noqa: BLE001 - no tokenizer there: training asks for one (SparseUpdate.idf)
         return None
 
 

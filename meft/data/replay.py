@@ -7,13 +7,20 @@ Owns what `meft train --replay N` mixes into the training data:
   (`exclude`: the subjects of its records), the trade-off probe's retention set nor its free prompts
   (`meft.data.retention`), in seeded order. The probe therefore still scores facts that no training
   example, replayed or taught, ever asked about.
-* `self_replay_records(model, tokenizer, prompts, ...)`: the untrained model's greedy answers to them,
-  cut to their first sentence, as prompt/completion records (a record marked ``"replay": True``).
+* `self_replay_records(model, tokenizer, prompts, ..., form=)`: the untrained model's greedy answers to them
+  as prompt/completion records (a record marked ``"replay": True``), in one of two forms (`REPLAY_FORMS`):
+  ``"sentence"``, the answer cut to its first sentence ("The capital of Peru is Lima."), or ``"answer"``,
+  the fact's short answer ("Lima") where the model's own answer contains it, the question dropped where it
+  does not. The short form is for training data whose answers are short (the built-in sets): sentence
+  replay there teaches two answer formats at once -- a short answer for the taught countries, a sentence
+  for the others -- and measured on the quick start it took held-out exact match (experiments/results/
+  quickstart_lr_seeds.jsonl).
 
 Training on them is rehearsal with self-generated targets (in the spirit of Self-Synthesized Rehearsal,
 arXiv 2403.01244): the adapter is taught to leave the model's answers alone where it was taught nothing,
 not to answer better (a wrong base answer is replayed as it is). Nothing is downloaded and nothing about
-the probe's questions enters training.
+the probe's questions enters training. The short form replays only what the model already knew: a fact the
+model got wrong is left out, never taught.
 """
 
 from __future__ import annotations
@@ -27,16 +34,18 @@ import torch
 from meft.data.builtin import WORLD_RELATIONS, world_facts
 from meft.data.records import prompt_ids, with_system_prompt
 from meft.data.retention import FREE_SUBJECTS, retention_records
-from meft.evaluate import generate_answers
+from meft.evaluate import contains_match, generate_answers
 
-__all__ = ["replay_prompts", "self_replay_records", "REPLAY_MAX_NEW_TOKENS"]
+__all__ = ["replay_prompts", "self_replay_records", "REPLAY_MAX_NEW_TOKENS", "REPLAY_FORMS"]
 
 REPLAY_MAX_NEW_TOKENS = 24  # one sentence of the base model ("The capital of X is Y." ~ 9 tokens)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+REPLAY_FORMS = ("sentence", "answer")
 
 
 def replay_prompts(n: int, exclude: Iterable[str] = (), *, seed: int = 0) -> list[dict]:
-    """`n` QA records (prompt, subject, relation) for replay; see the module docstring for what is left out."""
+    """`n` QA records (prompt, answers, subject, relation) for replay; see the module docstring for what is left
+    out."""
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"replay={n!r}: must be an int >= 0 (questions replayed); fix: e.g. --replay 150")
     banned = set(exclude) | {r["subject"] for r in retention_records()} | set(FREE_SUBJECTS)
@@ -44,8 +53,8 @@ def replay_prompts(n: int, exclude: Iterable[str] = (), *, seed: int = 0) -> lis
     for relation in WORLD_RELATIONS:
         for rec in world_facts((relation,), seed=0).train:  # 3 train phrasings per fact, in order: keep the first
             if rec["subject"] not in banned:
-                pool.setdefault((rec["subject"], relation), {"prompt": rec["prompt"], "subject": rec["subject"],
-                                                            "relation": relation})
+                pool.setdefault((rec["subject"], relation), {"prompt": rec["prompt"], "answers": rec["answers"],
+                                                            "subject": rec["subject"], "relation": relation})
     out = sorted(pool.values(), key=lambda r: (r["subject"], r["relation"]))
     random.Random(seed).shuffle(out)
     if n > len(out):
@@ -60,9 +69,13 @@ def _first_sentence(text: str) -> str:
 
 def self_replay_records(model, tokenizer, prompts: Sequence[dict], *, system_prompt: str | None = None,
                         batch_size: int = 32, max_new_tokens: int = REPLAY_MAX_NEW_TOKENS,
-                        chat: bool | None = None) -> list[dict]:
-    """The model's greedy first-sentence answers to `prompts` as prompt/completion records (asked as the run
-    asks: `system_prompt`, and `chat` as in `prompt_ids`). Answers that come out empty are dropped."""
+                        chat: bool | None = None, form: str = "sentence") -> list[dict]:
+    """The model's greedy answers to `prompts` as prompt/completion records (asked as the run asks:
+    `system_prompt`, and `chat` as in `prompt_ids`). `form` "sentence": the first sentence of each answer
+    (empty ones dropped); "answer": the first of the prompt's ``answers`` that the model's answer contains
+    (`contains_match`), the prompt dropped when it contains none."""
+    if form not in REPLAY_FORMS:
+        raise ValueError(f"replay form {form!r}: choose one of {', '.join(REPLAY_FORMS)}")
     asked = with_system_prompt([{"prompt": p["prompt"], "completion": "-"} for p in prompts], system_prompt)
     was_training = model.training
     model.eval()
@@ -72,6 +85,13 @@ def self_replay_records(model, tokenizer, prompts: Sequence[dict], *, system_pro
                                        batch_size=batch_size, max_new_tokens=max_new_tokens)
     finally:
         model.train(was_training)
-    return [{"prompt": p["prompt"], "completion": _first_sentence(a), "subject": p["subject"],
-             "relation": p["relation"], "replay": True}
-            for p, a in zip(prompts, answers) if _first_sentence(a)]
+    out = []
+    for p, a in zip(prompts, answers):
+        if form == "sentence":
+            completion = _first_sentence(a)
+        else:
+            completion = next((ans for ans in p["answers"] if contains_match(a, [ans])), "")
+        if completion:
+            out.append({"prompt": p["prompt"], "completion": completion, "subject": p["subject"],
+                        "relation": p["relation"], "replay": True})
+    return out

@@ -40,6 +40,10 @@ class TrainArgs:
                       "built-in world-fact questions about countries outside the training data and the trade-off "
                       "probe; its first-sentence answers join the training data (more steps per epoch), teaching the "
                       "adapter to leave what it was not taught alone. 0 = off.")
+    replay_form: str = opt("sentence", "What a replayed answer teaches: 'sentence' = the base model's first sentence "
+                           "(\"The capital of Peru is Lima.\"); 'answer' = the fact's short answer (\"Lima\") where "
+                           "the base model's answer contains it (questions it got wrong are dropped), for data whose "
+                           "answers are short, as the built-in sets'.")
     steps: int = opt(0, "Optimizer steps; 0 = derive from --epochs.")
     epochs: float = opt(2.0, "Passes over the training data when --steps is 0.")
     batch_size: int = opt(16, "Examples per micro-batch.")

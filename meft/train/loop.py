@@ -25,7 +25,7 @@ from meft.adapter.saving import save_adapter
 from meft.config import MeftConfig, parse_backbone_dtype
 from meft.data.packed import check_packing_mode, pack_batch, resolve_packing
 from meft.data.records import IGNORE_INDEX
-from meft.data.replay import replay_prompts, self_replay_records
+from meft.data.replay import REPLAY_FORMS, replay_prompts, self_replay_records
 from meft.data.sources import RunData, load_run_data
 from meft.evaluate import qa_accuracy
 from meft.pretrained import enable_checkpointing, load_model
@@ -142,7 +142,7 @@ def setup_run(args: TrainArgs, cfg: MeftConfig):
     if args.replay:  # the untrained model answers: asked once here, before any adapter exists
         prompts = replay_prompts(args.replay, exclude=data.train_subjects, seed=cfg.seed)
         replayed = self_replay_records(model, tokenizer, prompts, system_prompt=data.system_prompt,
-                                       batch_size=args.eval_batch_size)
+                                       batch_size=args.eval_batch_size, form=args.replay_form)
         data = load_run_data(args, tokenizer, seed=cfg.seed, extra_records=replayed)
         example = f", e.g. {replayed[0]['prompt']!r} -> {replayed[0]['completion']!r}" if replayed else ""
         print(f"meft: replay: {len(replayed)} answers of the base model join the training data{example}", flush=True)
@@ -160,6 +160,8 @@ def train(args: TrainArgs, cfg: MeftConfig, *, probe=None) -> dict:
     cfg.validate()
     parse_report_to(args.report_to)  # a bad value fails before the model loads
     check_packing_mode(args.packing)
+    if args.replay_form not in REPLAY_FORMS:  # before the model loads
+        raise ValueError(f"--replay-form {args.replay_form!r}: choose one of {', '.join(REPLAY_FORMS)}")
     _check_backbone_accumulation(cfg)
     # torchrun: data parallel, rank 0 writes, a dead rank stops the others loudly (meft.train.distributed)
     ranks = Ranks(args.batch_size, args.device, output_dir=args.output_dir)

@@ -40,9 +40,9 @@ def test_config_validation():
 def test_background_is_captured_per_layer_and_idf_follows_usage():
     model = _wrap(3)
     rt = model.meft
-    assert sorted(rt._background) == [0, 1] and rt._background[0].shape == (96, 32)
-    idf = rt._background_idf(rt.adapters[0])  # [E]
-    bg = rt._route(rt.adapters[0], rt._background[0], None, budget=False).load
+    assert sorted(rt.sparse.background) == [0, 1] and rt.sparse.background[0].shape == (96, 32)
+    idf = rt.sparse.idf(rt.adapters[0], rt._step)  # [E]
+    bg = rt._route(rt.adapters[0], rt.sparse.background[0], None, budget=False).load
     assert bg.sum() == 96 * 2  # every background token routes to its 2 experts, no budget
     torch.testing.assert_close(idf, torch.log(torch.tensor(97.0) / (bg + 1)))
     rt.close()

@@ -10,7 +10,7 @@ from meft.data.builtin import world_facts
 from meft.data.records import prompt_ids, with_system_prompt
 from meft.data.replay import replay_prompts, self_replay_records
 from meft.data.retention import FREE_SUBJECTS, retention_records
-from meft.evaluate import generate_answers
+from meft.evaluate import generate_answers, normalize_answer
 from tests.meft.cli.test_train import _cmd, _run
 from tests.meft.data.test_records import tiny_model, tiny_tokenizer
 
@@ -43,6 +43,28 @@ def test_self_replay_records_are_the_models_first_sentences():
     expected = [(p["prompt"], a.split(". ")[0].strip()) for p, a in zip(prompts, answers) if a.strip()]
     assert [(r["prompt"], r["completion"].rstrip(".")) for r in recs] == [(p, a.rstrip(".")) for p, a in expected]
     assert all(r["replay"] and r["subject"] and r["relation"] for r in recs)
+
+
+def test_answer_form_replays_the_short_answers_the_model_gave():
+    """form="answer": a question is replayed with its short answer only when the model's own answer contains it
+    (a fact it knew), and dropped otherwise. The tiny model knows no fact, so each question's accepted answers are
+    set here to a word of the model's own answer (kept) or to a word it did not say (dropped)."""
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_model(len(tok)).eval()
+    prompts = replay_prompts(6, seed=0)
+    asked = with_system_prompt([{"prompt": p["prompt"], "completion": "-"} for p in prompts], "")
+    answers = generate_answers(model, tok, [prompt_ids(r, tok) for r in asked], max_new_tokens=8)
+    said = [next((w for w in normalize_answer(a).split() if w.isalpha() and len(w) > 1), None) for a in answers]
+    assert sum(w is not None for w in said) >= 3, answers  # enough answers with a word to keep
+    for i, (p, w) in enumerate(zip(prompts, said)):
+        p["answers"] = ["zzzqqq", w] if w is not None and i % 2 == 0 else ["zzzqqq"]
+    recs = self_replay_records(model, tok, prompts, system_prompt="", max_new_tokens=8, form="answer")
+    kept = [(p["prompt"], w) for i, (p, w) in enumerate(zip(prompts, said)) if w is not None and i % 2 == 0]
+    assert [(r["prompt"], r["completion"]) for r in recs] == kept and kept
+    assert all(r["replay"] for r in recs)
+    with pytest.raises(ValueError, match="replay form 'short'.*sentence, answer"):
+        self_replay_records(model, tok, prompts, form="short")
 
 
 def test_train_with_replay(tiny, tmp_path):

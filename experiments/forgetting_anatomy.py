@@ -1,0 +1,117 @@
+"""Where a trained adapter's learning and forgetting live: by layer range and by position (issue 13).
+
+Loads the default model with a `meft train` adapter and scores the three sets of the quick start's summary --
+trained exact match (64 training questions), held-out exact match (64 unseen phrasings of the trained facts) and
+known facts kept (`meft.data.retention`, 30 facts the base model knows, contains match) -- with the adapter
+switched on only in parts of the model:
+
+* layer ranges: every adapted layer, or only the layers of one range (`--ranges`, e.g. 0-9 10-19 20-29);
+* positions: everywhere, only while the prompt is read (the prefill forward of generation), or only while the
+  answer is written (the decoding forwards: the prompt's hidden states, and so its KV cache, are the base
+  model's).
+
+The adapter is switched with `SparseFFNAdapter.enabled`; nothing is trained here. One JSON line per variant is
+appended to --out (resumable), and a table is printed.
+
+    python experiments/forgetting_anatomy.py --adapter runs/meft/adapter --out experiments/results/anatomy.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from meft.adapter.saving import load_adapter
+from meft.data.records import with_system_prompt
+from meft.data.retention import RETENTION_MAX_NEW_TOKENS, retention_records
+from meft.data.sources import load_run_data
+from meft.evaluate import qa_accuracy
+from meft.pretrained import load_model, load_tokenizer
+from meft.train.args import TrainArgs
+
+POSITIONS = ("all", "prompt", "answer")
+
+
+def _parse_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    return int(lo), int(hi or lo)
+
+
+def _switch(model, layers: tuple[int, int] | None, positions: str):
+    """Enable the adapters of `layers` (inclusive range of decoder-layer indices; None = all) and, with
+    `positions` 'prompt' / 'answer', only in the prefill / decoding forwards. Returns the hook handle."""
+    ads = model.meft.adapters
+    in_range = [layers is None or layers[0] <= ad.layer <= layers[1] for ad in ads]
+
+    def pre(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        prefill = ids is None or ids.shape[1] > 1  # generation feeds one token per decoding forward
+        on = positions == "all" or (positions == "prompt") == prefill
+        for ad, r in zip(ads, in_range):
+            ad.enabled = r and on
+
+    return model.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def score(model, tok, sets: dict) -> dict:
+    out = {}
+    for name, (records, max_new, key) in sets.items():
+        res = qa_accuracy(model, tok, records, batch_size=32, max_new_tokens=max_new, chat=None,
+                          share_prefix=False)  # one prefill per prompt: the position switch sees it whole
+        out[name] = round(100 * res[key], 1)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapter", required=True, help="adapter folder of a `meft train` run (run_dir/adapter)")
+    ap.add_argument("--out", required=True, help="results file (JSON lines), appended to and resumed from")
+    ap.add_argument("--ranges", nargs="*", default=["0-9", "10-19", "20-29"],
+                    help="decoder-layer ranges scored on their own (inclusive, e.g. 0-9)")
+    ap.add_argument("--tag", default="", help="label stored with each line (e.g. the run's settings)")
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    tok = load_tokenizer("default")
+    model = load_model("default")
+    data = load_run_data(TrainArgs(), tok, seed=0)  # the quick start's scoring sets (seed 0, 64 each)
+    sets = {"trained": (data.eval_splits["trained"], 12, "exact_match"),
+            "held_out": (data.eval_splits["held_out"], 12, "exact_match"),
+            "kept": (with_system_prompt(retention_records(), data.system_prompt), RETENTION_MAX_NEW_TOKENS, "contains")}
+    load_adapter(model, a.adapter, verbose=False)
+    model.eval()
+    done = set()
+    out = Path(a.out)
+    if out.exists():
+        done = {(r["tag"], r["layers"], r["positions"]) for r in map(json.loads, out.read_text().splitlines())}
+    variants = [("none", "all")] + [("all", p) for p in POSITIONS] + [(r, "all") for r in a.ranges]
+    for layers, positions in variants:
+        if (a.tag, layers, positions) in done:
+            continue
+        t0 = time.time()
+        rng = None if layers in ("all", "none") else _parse_range(layers)
+        handle = _switch(model, rng, positions)
+        if layers == "none":
+            handle.remove()
+            for ad in model.meft.adapters:
+                ad.enabled = False
+        try:
+            res = score(model, tok, sets)
+        finally:
+            handle.remove()
+            for ad in model.meft.adapters:
+                ad.enabled = True
+        rec = {"tag": a.tag, "layers": layers, "positions": positions, **res, "s": round(time.time() - t0, 1)}
+        with out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"{a.tag:>12} layers {layers:>6} positions {positions:>7}: trained {res['trained']:5.1f}  "
+              f"held-out {res['held_out']:5.1f}  kept {res['kept']:5.1f}  ({rec['s']} s)", flush=True)
+    model.meft.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
