@@ -10,6 +10,10 @@ switched on only in parts of the model:
   answer is written (the decoding forwards: the prompt's hidden states, and so its KV cache, are the base
   model's).
 
+`--sentence` adds one more line: the known facts asked with the base model's own sentence up to the answer
+already written ("The capital of Iran is" ...), with the adapter everywhere and nowhere: whether the fact is
+still there when the model is not asked to answer in the trained short form.
+
 The adapter is switched with `SparseFFNAdapter.enabled`; nothing is trained here. One JSON line per variant is
 appended to --out (resumable), and a table is printed.
 
@@ -26,11 +30,11 @@ from pathlib import Path
 import torch
 
 from meft.adapter.saving import load_adapter
-from meft.data.records import with_system_prompt
+from meft.data.records import prompt_ids, with_system_prompt
 from meft.data.retention import RETENTION_MAX_NEW_TOKENS, retention_records
 from meft.data.sources import load_run_data
-from meft.evaluate import qa_accuracy
-from meft.pretrained import load_model, load_tokenizer
+from meft.evaluate import contains_match, generate_answers, qa_accuracy
+from meft.pretrained import load_model
 from meft.train.args import TrainArgs
 
 POSITIONS = ("all", "prompt", "answer")
@@ -57,6 +61,34 @@ def _switch(model, layers: tuple[int, int] | None, positions: str):
     return model.register_forward_pre_hook(pre, with_kwargs=True)
 
 
+def _set_enabled(model, on: bool) -> None:
+    for ad in model.meft.adapters:
+        ad.enabled = on
+
+
+def sentence_prefix_kept(model, tok, records: list[dict]) -> dict:
+    """Known facts asked with the base model's answer written up to the fact: {"n", "base", "adapted"} (% whose
+    continuation contains the answer). Facts whose base answer does not spell the answer verbatim are left out."""
+    _set_enabled(model, False)
+    with torch.no_grad():
+        base = generate_answers(model, tok, [prompt_ids(r, tok) for r in records], batch_size=32,
+                                max_new_tokens=RETENTION_MAX_NEW_TOKENS)
+    prompts, answers = [], []
+    for rec, text in zip(records, base):
+        at = min((text.find(a) for a in rec["answers"] if a in text), default=-1)
+        if at > 0:
+            prompts.append(prompt_ids(rec, tok) + tok(text[:at].rstrip(), add_special_tokens=False)["input_ids"])
+            answers.append(rec["answers"])
+    out = {"n": len(prompts)}
+    for label, on in (("base", False), ("adapted", True)):
+        _set_enabled(model, on)
+        with torch.no_grad():
+            cont = generate_answers(model, tok, prompts, batch_size=32, max_new_tokens=8)
+        out[label] = round(100 * sum(contains_match(c, a) for c, a in zip(cont, answers)) / max(1, len(prompts)), 1)
+    _set_enabled(model, True)
+    return out
+
+
 def score(model, tok, sets: dict) -> dict:
     out = {}
     for name, (records, max_new, key) in sets.items():
@@ -73,10 +105,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ranges", nargs="*", default=["0-9", "10-19", "20-29"],
                     help="decoder-layer ranges scored on their own (inclusive, e.g. 0-9)")
     ap.add_argument("--tag", default="", help="label stored with each line (e.g. the run's settings)")
+    ap.add_argument("--sentence", action="store_true", help="also score the known facts after the base model's "
+                    "own sentence prefix (see the module docstring)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
-    tok = load_tokenizer("default")
-    model = load_model("default")
+    model, tok = load_model("default")
     data = load_run_data(TrainArgs(), tok, seed=0)  # the quick start's scoring sets (seed 0, 64 each)
     sets = {"trained": (data.eval_splits["trained"], 12, "exact_match"),
             "held_out": (data.eval_splits["held_out"], 12, "exact_match"),
@@ -96,19 +129,24 @@ def main(argv=None) -> int:
         handle = _switch(model, rng, positions)
         if layers == "none":
             handle.remove()
-            for ad in model.meft.adapters:
-                ad.enabled = False
+            _set_enabled(model, False)
         try:
             res = score(model, tok, sets)
         finally:
             handle.remove()
-            for ad in model.meft.adapters:
-                ad.enabled = True
+            _set_enabled(model, True)
         rec = {"tag": a.tag, "layers": layers, "positions": positions, **res, "s": round(time.time() - t0, 1)}
         with out.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         print(f"{a.tag:>12} layers {layers:>6} positions {positions:>7}: trained {res['trained']:5.1f}  "
               f"held-out {res['held_out']:5.1f}  kept {res['kept']:5.1f}  ({rec['s']} s)", flush=True)
+    if a.sentence and (a.tag, "all", "sentence-prefix") not in done:
+        res = sentence_prefix_kept(model, tok, sets["kept"][0])
+        rec = {"tag": a.tag, "layers": "all", "positions": "sentence-prefix", **res}
+        with out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"{a.tag:>12} known facts after the base model's sentence prefix (n={res['n']}): base {res['base']}, "
+              f"adapted {res['adapted']}", flush=True)
     model.meft.close()
     return 0
 

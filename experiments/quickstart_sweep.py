@@ -47,6 +47,15 @@ VARIANTS = {
     # replay in the training data's short-answer form (`--replay-form answer`): only facts the base model knew
     "replayanswer150_seed0": ["--replay", "150", "--replay-form", "answer", "--seed", "0"],
     "replayanswer64_seed0": ["--replay", "64", "--replay-form", "answer", "--seed", "0"],
+    # adapters in the first layers only (experiments/forgetting_anatomy.py: layers 20-29 alone learn nothing and
+    # cost known facts)
+    "layers0-19_seed0": ["--layers", json.dumps(list(range(20))), "--seed", "0"],
+    "layers0-14_seed0": ["--layers", json.dumps(list(range(15))), "--seed", "0"],
+    # sparse update against a background of questions (`--sparse-background questions`): the question template's
+    # experts count as general, so only what is specific to the batch is updated
+    "sparseq8_seed0": ["--sparse-update", "8", "--sparse-background", "questions", "--seed", "0"],
+    "sparseq16_seed0": ["--sparse-update", "16", "--sparse-background", "questions", "--seed", "0"],
+    "sparseq32_seed0": ["--sparse-update", "32", "--sparse-background", "questions", "--seed", "0"],
 }
 
 

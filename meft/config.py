@@ -42,6 +42,7 @@ _BACKBONES = ("frozen", "lomo", "adalomo")
 INFERENCE_ROWS = ("auto", "resident", "fetch")  # the modes of meft.adapter.inference.InferenceRows
 _PREFETCH = ("none", "lookahead")
 _BALANCE = ("none", "bias")  # router load balancing (meft.adapter.router)
+BACKGROUND_SOURCES = ("pydoc", "questions")  # sparse_update's background (meft.data.background)
 FETCH_MODES = ("staged", "zero_copy")  # how offloaded rows reach the device (offload.TransferScheduler)
 
 
@@ -167,9 +168,13 @@ class MeftConfig:
         "idf (log((B + 1) / (bg + 1)), bg = background tokens routed to it with the current gate); the other "
         "active rows get no update at all (weights, moments, step counts unchanged).")
     sparse_background_tokens: int = opt(
-        2048, "Background (general) text tokens for sparse_update's idf: pydoc_data topics (offline, the ones "
-        "the knowledge harness does not score perplexity on), tokenized at wrap; their FFN inputs stay on the "
+        2048, "Background tokens for sparse_update's idf, tokenized at wrap; their FFN inputs stay on the "
         "compute device ([tokens, d] per adapted layer) and are re-routed by the current gates every step.")
+    sparse_background: str = opt(
+        "pydoc", "What sparse_update's background is (meft.data.background): 'pydoc' = general English prose "
+        "(pydoc_data topics, offline; not the ones the knowledge harness scores perplexity on), 'questions' = "
+        "built-in world-fact questions through the chat template (none about the trade-off probe's countries), "
+        "so the experts every question uses count as general, not as specific to the training data.")
 
     # ---- validation -------------------------------------------------------------------------------
     def _problems(self) -> list[tuple[str, Any, str]]:
@@ -196,6 +201,9 @@ class MeftConfig:
             bad.append(("sparse_update", self.sparse_update,
                         f"fewer than the row budget in experts ({self.budget_experts} = max_active_rows // "
                         f"expert_size), else every active row is updated anyway; or 0 (off)"))
+        if self.sparse_background not in BACKGROUND_SOURCES:
+            bad.append(("sparse_background", self.sparse_background,
+                        "one of " + ", ".join(repr(b) for b in BACKGROUND_SOURCES)))
         if self._bad_int("sparse_background_tokens", 1):
             bad.append(("sparse_background_tokens", self.sparse_background_tokens,
                         "a positive int (background tokens for sparse_update's idf), e.g. 2048"))

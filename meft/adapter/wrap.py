@@ -170,7 +170,8 @@ def _saved_tokenizer(model):
 def _capture_background(model, rt: MeftRuntime, config: MeftConfig, tokenizer) -> None:
     tok = tokenizer if tokenizer is not None else _saved_tokenizer(model)
     if tok is not None:
-        rt.capture_background(model, background_token_ids(tok, config.sparse_background_tokens))
+        rt.capture_background(model, background_token_ids(tok, config.sparse_background_tokens,
+                                                          source=config.sparse_background))
 
 
 class _Undo:

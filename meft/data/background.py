@@ -1,20 +1,35 @@
 """Background (general) text for the sparse update's idf (MeftConfig.sparse_update; issue 13, item 6).
 
-Owns `background_token_ids(tok, n_tokens)`: `n_tokens` tokens of general English text that ships offline
-with Python (`pydoc_data.topics`), as fixed-length rows. The topics are taken in *reverse* name order
-(only those of at least 500 characters, whole, concatenated): experiments/knowledge/forgetting.py scores
-perplexity on the *first* topics in name order (64 by default, of 70), and 2048 background tokens come
-from the last two topics, so the text that decides which rows a sparse update leaves alone is not the
-text the forgetting probe measures (both are pydoc prose, though: the same domain).
+Owns `background_token_ids(tok, n_tokens, source=)`: `n_tokens` tokens of text that stands for what a fine-tune
+should leave alone, as rows of token ids. Two sources (`BACKGROUND_SOURCES`, `MeftConfig.sparse_background`):
+
+* ``"pydoc"``: general English prose that ships offline with Python (`pydoc_data.topics`), as fixed-length rows.
+  The topics are taken in *reverse* name order (only those of at least 500 characters, whole, concatenated):
+  experiments/knowledge/forgetting.py scores perplexity on the *first* topics in name order (64 by default, of
+  70), and 2048 background tokens come from the last two topics, so the text that decides which rows a sparse
+  update leaves alone is not the text the forgetting probe measures (both are pydoc prose, though).
+* ``"questions"``: questions as a chat model is asked them -- the built-in world-fact questions (every relation,
+  first training phrasing, seeded order), one row each, through the tokenizer's chat template with an empty
+  system turn and the generation prompt (plain text without a template). Measured on the quick start
+  (BENCHMARKS.md), prose marks exactly the wrong experts as specific: the question template's tokens, which
+  every question shares, never occur in prose, so their experts look specific to the training data and are
+  updated, and every other question then routes into them. Countries of the trade-off probe
+  (`meft.data.retention`) are left out, so the facts the probe scores never shape the update.
 """
 
 from __future__ import annotations
 
+import random
 from pydoc_data.topics import topics
 
 import torch
 
-__all__ = ["background_texts", "background_token_ids"]
+from meft.config import BACKGROUND_SOURCES
+from meft.data.builtin import WORLD_RELATIONS, world_facts
+from meft.data.records import prompt_ids, uses_chat_template
+from meft.data.retention import FREE_SUBJECTS, RETENTION_QUESTIONS
+
+__all__ = ["BACKGROUND_SOURCES", "background_texts", "background_questions", "background_token_ids"]
 
 _MIN_CHARS = 500  # shorter pydoc topics are mostly cross-references, not prose (as forgetting.py)
 
@@ -24,12 +39,21 @@ def background_texts() -> list[str]:
     return [t for t in (topics[name].strip() for name in sorted(topics, reverse=True)) if len(t) >= _MIN_CHARS]
 
 
-def background_token_ids(tok, n_tokens: int, row_tokens: int = 256) -> list[torch.Tensor]:
-    """`n_tokens` background tokens as rows [1, <= row_tokens] int64 (the last row may be shorter): the
-    topics of `background_texts()` tokenized without special tokens, concatenated, cut into rows, so no
-    row needs padding. Raises ValueError when the topics hold fewer tokens."""
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"n_tokens={n_tokens!r} must be a positive int")
+def background_questions(seed: int = 0) -> list[str]:
+    """Every built-in world-fact question (first training phrasing per relation and country) about a country
+    outside the trade-off probe and its free prompts, in seeded order."""
+    banned = {subject for *_, subject in RETENTION_QUESTIONS} | set(FREE_SUBJECTS)
+    first: dict[tuple[str, str], str] = {}
+    for relation in WORLD_RELATIONS:
+        for rec in world_facts((relation,), seed=0).train:  # the training phrasings of each fact, in order
+            if rec["subject"] not in banned:
+                first.setdefault((rec["subject"], relation), rec["prompt"])
+    out = sorted(first.values())
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def _pydoc_rows(tok, n_tokens: int, row_tokens: int) -> list[torch.Tensor]:
     stream: list[int] = []
     for text in background_texts():
         stream.extend(tok(text, add_special_tokens=False)["input_ids"])
@@ -40,3 +64,32 @@ def background_token_ids(tok, n_tokens: int, row_tokens: int = 256) -> list[torc
                          "MeftConfig.sparse_background_tokens")
     ids = torch.tensor(stream[:n_tokens], dtype=torch.int64)  # [n_tokens]
     return [row[None] for row in ids.split(row_tokens)]
+
+
+def _question_rows(tok, n_tokens: int) -> list[torch.Tensor]:
+    chat = uses_chat_template(tok)
+    rows, total = [], 0
+    for q in background_questions():
+        rec = {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": q},
+                            {"role": "assistant", "content": "-"}]} if chat else {"prompt": q}
+        ids = prompt_ids(rec, tok)[: n_tokens - total]
+        rows.append(torch.tensor(ids, dtype=torch.int64)[None])  # [1, L]
+        total += len(ids)
+        if total >= n_tokens:
+            return rows
+    raise ValueError(f"the built-in questions hold {total} tokens, fewer than {n_tokens}; lower "
+                     "MeftConfig.sparse_background_tokens")
+
+
+def background_token_ids(tok, n_tokens: int, row_tokens: int = 256, source: str = "pydoc") -> list[torch.Tensor]:
+    """`n_tokens` background tokens of `source` as rows [1, <= row_tokens] int64: "pydoc" prose tokenized
+    without special tokens, concatenated and cut into rows (the last may be shorter), so no row needs padding;
+    "questions" one row per question (the last cut to fit). Raises ValueError when the source holds fewer
+    tokens or is unknown."""
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens={n_tokens!r} must be a positive int")
+    if source == "pydoc":
+        return _pydoc_rows(tok, n_tokens, row_tokens)
+    if source == "questions":
+        return _question_rows(tok, n_tokens)
+    raise ValueError(f"background source {source!r}: choose one of {', '.join(BACKGROUND_SOURCES)}")

@@ -110,3 +110,22 @@ def test_mask_keeping_every_active_row_is_bitwise_sparse_update_0():
     for a, b in zip(g0, g7):
         assert torch.equal(a, b)
     assert "updated_rows" not in r0 and r7["updated_rows"] > 0
+
+
+def test_question_background_is_captured_at_wrap():
+    """sparse_background='questions': wrap captures the FFN inputs of exactly the built-in questions' rows."""
+    from meft.data.background import background_token_ids
+    from tests.meft.data.test_records import tiny_model as tiny_lm
+    from tests.meft.data.test_records import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = small_config(sparse_update=2, sparse_background="questions", sparse_background_tokens=80)
+    model = meft.wrap(tiny_lm(len(tok)), cfg, tokenizer=tok)
+    got = {i: x.clone() for i, x in model.meft.sparse.background.items()}
+    assert sorted(got) == [0, 1] and got[0].shape == (80, 32)
+    model.meft.capture_background(model, background_token_ids(tok, 80, source="questions"))
+    for i, x in model.meft.sparse.background.items():
+        torch.testing.assert_close(got[i], x, rtol=0, atol=0)
+    pydoc = background_token_ids(tok, 80)
+    model.meft.capture_background(model, pydoc)  # another text: other inputs
+    assert not torch.equal(got[0], model.meft.sparse.background[0])
