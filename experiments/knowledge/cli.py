@@ -180,7 +180,8 @@ def specs_for(args) -> list[RunSpec]:
             n = args.n_fictional if ds == "fictional" else (args.n_countries or 10_000)
             for method in ["base"] * (seed == args.seeds[0]) + list(args.methods):
                 # the untrained model has no lr: keep its spec (the --resume key) the same across sweeps
-                router = {"router_lr": args.router_lr} if method.startswith("meft") and args.router_lr else {}
+                router = ({"router_lr": args.router_lr}
+                          if method.startswith("meft") and args.router_lr is not None else {})  # 0 = frozen
                 lrs = [{}] if method == "base" else [dict(lr=lr, backbone_lr=args.backbone_lr, **router)
                                                      for lr in _lrs_for(args, method)]
                 out += [RunSpec(method=method, dataset=ds, n_facts=n, seed=seed, steps=args.steps,
