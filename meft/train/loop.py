@@ -294,7 +294,8 @@ def _step_record(rt, prev: dict, *, step: int, loss: float, tokens: int, dt: flo
     return {"step": step, "loss": loss, "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt,
             "active_rows": d["rows_down"], "rows_up": d["rows_up"], "mb_down": d["bytes_down"] / 1e6,
             "mb_up": d["bytes_up"] / 1e6, "cpu_update_ms": d["cpu_ms"], "lr": rt.optimizer.param_groups[0]["lr"],
-            "distinct_experts": routing["distinct_experts"], "dropped_share": routing["dropped_share"]}, now
+            "distinct_experts": routing["distinct_experts"], "dropped_share": routing["dropped_share"],
+            **({"updated_rows": routing["updated_rows"]} if "updated_rows" in routing else {})}, now  # sparse_update
 
 
 def _summary(args, cfg, rt, records, before, after, train_s, interrupted) -> dict:

@@ -293,3 +293,17 @@ def test_resume_on_another_number_of_ranks_reshards(tiny, tmp_path):
     assert _losses(split)[2] == pytest.approx(_losses(straight)[2], rel=1e-4)
     assert _losses(split)[3] == pytest.approx(_losses(straight)[3], rel=2e-2)
     assert json.loads((split / "config.json").read_text())["world_size"] == 1
+
+
+def test_sparse_update_against_questions_from_the_command_line(tiny, tmp_path):
+    """`--sparse-update 2 --sparse-background questions`: the background comes from the model folder's tokenizer,
+    and every step's record says how many rows per layer its micro-batch updated (at most 2 experts' rows)."""
+    out = tmp_path / "run"
+    res = _run(_cmd(tiny, out, "--steps", "3", "--sparse-update", "2", "--sparse-background", "questions",
+                    "--sparse-background-tokens", "64", "--eval-before", "false", "--eval-after", "false"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg = json.loads((out / "config.json").read_text())["meft"]
+    assert cfg["sparse_update"] == 2 and cfg["sparse_background"] == "questions"
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and all(0 < r["updated_rows"] <= 2 * cfg["expert_size"] for r in recs)
+    assert all(r["updated_rows"] < r["distinct_experts"] * cfg["expert_size"] for r in recs)
