@@ -6,7 +6,8 @@ last loss. The run folders' checkpoints and adapter (about 2 GB a run) are delet
 summary. Runs go one at a time: on a 2-core machine two at once would only share the cores.
 
     python experiments/quickstart_sweep.py --out experiments/results/quickstart_lr_seeds.jsonl
-    python experiments/quickstart_sweep.py --report --out experiments/results/quickstart_lr_seeds.jsonl
+    python experiments/quickstart_sweep.py --report --out experiments/results/quickstart_lr_seeds.jsonl \
+        --plot experiments/results/quickstart_tradeoff.png
 """
 
 from __future__ import annotations
@@ -88,19 +89,50 @@ def run_one(name: str, args: list[str], workdir: Path) -> dict:
 def report(records: list[dict]) -> str:
     """Markdown: every run, then the mean over seeds of each setting."""
     rows = ["| run | trained EM % | held-out EM % | known facts kept % | train s | last loss |", "|---" * 6 + "|"]
-    groups: dict[str, list[dict]] = {}
     for r in records:
         if "error" in r:
             rows.append(f"| {r['name']} | failed: {r['error']} | | | | |")
             continue
         rows.append(f"| {r['name']} | {100 * r['trained']:.1f} | {100 * r['held_out']:.1f} | {100 * r['kept']:.1f} "
                     f"| {r['train_s']} | {r['last_loss']} |")
-        groups.setdefault(r["name"].rsplit("_seed", 1)[0], []).append(r)
     rows += ["", "| setting | seeds | mean trained EM % | mean held-out EM % | mean kept % |", "|---" * 5 + "|"]
-    for g, rs in groups.items():
-        mean = {k: 100 * statistics.mean(r[k] for r in rs) for k in ("trained", "held_out", "kept")}
-        rows.append(f"| {g} | {len(rs)} | {mean['trained']:.1f} | {mean['held_out']:.1f} | {mean['kept']:.1f} |")
+    for g, m in _setting_means(records).items():
+        rows.append(f"| {g} | {m['n']} | {m['trained']:.1f} | {m['held_out']:.1f} | {m['kept']:.1f} |")
     return "\n".join(rows)
+
+
+def _setting_means(records: list[dict]) -> dict[str, dict]:
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if "error" not in r:
+            groups.setdefault(r["name"].rsplit("_seed", 1)[0], []).append(r)
+    keys = ("trained", "held_out", "kept")
+    return {g: {"n": len(rs), **{k: 100 * statistics.mean(r[k] for r in rs) for k in keys}} for g, rs in groups.items()}
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Learned against kept: each run a small dot, each setting's mean over its seeds a labelled marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 6))
+    ok = [r for r in records if "error" not in r]
+    ax.scatter([100 * r["held_out"] for r in ok], [100 * r["kept"] for r in ok], s=10, c="0.7", label="one run")
+    for g, m in _setting_means(ok).items():
+        ax.scatter(m["held_out"], m["kept"], s=30 + 15 * m["n"], marker="o" if m["n"] > 1 else "x")
+        ax.annotate(f"{g} ({m['n']})", (m["held_out"], m["kept"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.axhline(80, ls="--", c="r", lw=0.8, label="issue 13: keep >= 80%")
+    ax.axvline(71.9, ls=":", c="b", lw=0.8, label="issue 13: held-out >= 71.9%")
+    ax.set_xlabel("held-out exact match after training (%)")
+    ax.set_ylabel("known facts kept (%)")
+    ax.set_title("Quick start: learned vs kept (setting (seeds): mean; grey: single runs)")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -109,11 +141,14 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="runs/quickstart_sweep", help="run folders and logs")
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     ap.add_argument("--report", action="store_true", help="print the tables of --out and exit")
+    ap.add_argument("--plot", default=None, metavar="PNG", help="with --report: also draw learned vs kept")
     a = ap.parse_args(argv)
     out = Path(a.out)
     records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     if a.report:
         print(report(records))
+        if a.plot:
+            plot(records, Path(a.plot))
         return 0
     unknown = sorted(set(a.only or []) - set(VARIANTS))
     if unknown:

@@ -342,5 +342,8 @@ def test_quickstart_sweep_report_means_over_seeds(tmp_path, capsys):
     assert quickstart_sweep.main(["--report", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| lr2e-2 | 2 | 80.0 | 70.0 | 55.0 |" in text and "| lr1e-2 | 1 | 50.0 | 40.0 | 70.0 |" in text
+    png = tmp_path / "tradeoff.png"
+    assert quickstart_sweep.main(["--report", "--out", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # learned vs kept drawn
     with pytest.raises(SystemExit):
         quickstart_sweep.main(["--out", str(out), "--only", "lr9"])  # an unknown variant is refused by name
