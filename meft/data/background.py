@@ -10,11 +10,12 @@ should leave alone, as rows of token ids. Two sources (`BACKGROUND_SOURCES`, `Me
   update leaves alone is not the text the forgetting probe measures (both are pydoc prose, though).
 * ``"questions"``: questions as a chat model is asked them -- the built-in world-fact questions (every relation,
   first training phrasing, seeded order), one row each, through the tokenizer's chat template with an empty
-  system turn and the generation prompt (plain text without a template). Measured on the quick start
-  (BENCHMARKS.md), prose marks exactly the wrong experts as specific: the question template's tokens, which
-  every question shares, never occur in prose, so their experts look specific to the training data and are
-  updated, and every other question then routes into them. Countries of the trade-off probe
-  (`meft.data.retention`) are left out, so the facts the probe scores never shape the update.
+  system turn and the generation prompt (plain text without a template). Why: the question template's tokens,
+  which every question shares, never occur in prose, so against prose their experts look specific to the
+  training data and are updated, and every other question routes into them. Measured on the quick start
+  (BENCHMARKS.md, eighth session) it kept no more known facts than prose did (60.0% at t = 16 with either).
+  Countries of the trade-off probe (`meft.data.retention`) are left out, so the facts the probe scores never
+  shape the update.
 """
 
 from __future__ import annotations

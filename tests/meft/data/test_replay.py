@@ -77,3 +77,10 @@ def test_train_with_replay(tiny, tmp_path):
     assert 0 < n <= 8
     steps = json.loads((out / "summary.json").read_text())["steps"]
     assert steps == -(-(24 + n) // 4)  # one epoch over the 24 training records and the replayed ones, batch 4
+
+
+def test_bad_replay_form_is_refused_before_the_model_loads(tiny, tmp_path):
+    res = _run(_cmd(tiny, tmp_path / "run", "--replay", "4", "--replay-form", "short"))
+    assert res.returncode != 0
+    assert "--replay-form 'short': choose one of sentence, answer" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
