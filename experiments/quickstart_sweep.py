@@ -129,7 +129,7 @@ def plot(records: list[dict], path: Path) -> None:
     ax.set_xlabel("held-out exact match after training (%)")
     ax.set_ylabel("known facts kept (%)")
     ax.set_title("Quick start: learned vs kept (setting (seeds): mean; grey: single runs)")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
