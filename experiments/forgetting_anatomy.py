@@ -29,13 +29,11 @@ from pathlib import Path
 
 import torch
 
-from meft.adapter.saving import load_adapter
-from meft.data.records import prompt_ids, with_system_prompt
-from meft.data.retention import RETENTION_MAX_NEW_TOKENS, retention_records
-from meft.data.sources import load_run_data
+from meft.adapter import load_adapter
+from meft.data import RETENTION_MAX_NEW_TOKENS, load_run_data, prompt_ids, retention_records, with_system_prompt
 from meft.evaluate import contains_match, generate_answers, qa_accuracy
 from meft.pretrained import load_model
-from meft.train.args import TrainArgs
+from meft.train import TrainArgs
 
 POSITIONS = ("all", "prompt", "answer")
 

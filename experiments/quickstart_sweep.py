@@ -37,6 +37,8 @@ VARIANTS = {
     # replay at the quick start's step count: 750 records x 1.6 epochs / 16 = 75 steps (76 without replay)
     "lr2e-2_replay150_epochs1.6_seed0": ["--adapter-lr", "2e-2", "--replay", "150", "--epochs", "1.6", "--seed", "0"],
     "lr2e-2_replay150_epochs1.6_seed1": ["--adapter-lr", "2e-2", "--replay", "150", "--epochs", "1.6", "--seed", "1"],
+    "lr2e-2_replay150_seed1": ["--adapter-lr", "2e-2", "--replay", "150", "--seed", "1"],
+    "lr2e-2_replay150_seed2": ["--adapter-lr", "2e-2", "--replay", "150", "--seed", "2"],
     "lr3e-2_replay150_seed1": ["--adapter-lr", "3e-2", "--replay", "150", "--seed", "1"],
     "lr3e-2_replay150_seed2": ["--adapter-lr", "3e-2", "--replay", "150", "--seed", "2"],
     # sparse update (issue 13 item 6) at the default lr 3e-2: T of the 64-expert budget updated per layer

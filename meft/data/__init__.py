@@ -22,6 +22,8 @@ _WHERE = {
     "to_canonical": "meft.data.formats",
     "retention_records": "meft.data.retention",
     "with_system_prompt": "meft.data.records",
+    "prompt_ids": "meft.data.records",
+    "RETENTION_MAX_NEW_TOKENS": "meft.data.retention",
     "replay_prompts": "meft.data.replay",
     "self_replay_records": "meft.data.replay",
 }

@@ -9,6 +9,7 @@ import torch
 from meft.config import MeftConfig
 
 BAD = [  # (field, bad value, words the fix must contain)
+    ("sparse_background", "web", "one of 'pydoc', 'questions'"),
     ("adapter_rows", 0, "positive int"),
     ("adapter_rows", 10.5, "positive int"),
     ("expert_size", 0, "positive int"),
