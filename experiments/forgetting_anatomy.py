@@ -105,12 +105,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="label stored with each line (e.g. the run's settings)")
     ap.add_argument("--sentence", action="store_true", help="also score the known facts after the base model's "
                     "own sentence prefix (see the module docstring)")
+    ap.add_argument("--model", default="default", help="the base model the adapter was trained on")
+    ap.add_argument("--eval-limit", type=int, default=64, help="questions per trained / held-out set (the quick "
+                    "start's 64)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
-    model, tok = load_model("default")
-    data = load_run_data(TrainArgs(), tok, seed=0)  # the quick start's scoring sets (seed 0, 64 each)
-    sets = {"trained": (data.eval_splits["trained"], 12, "exact_match"),
-            "held_out": (data.eval_splits["held_out"], 12, "exact_match"),
+    model, tok = load_model(a.model)
+    args = TrainArgs(eval_limit=a.eval_limit)
+    data = load_run_data(args, tok, seed=0)  # the quick start's scoring sets (seed 0)
+    sets = {"trained": (data.eval_splits["trained"], args.max_new_tokens, "exact_match"),
+            "held_out": (data.eval_splits["held_out"], args.max_new_tokens, "exact_match"),
             "kept": (with_system_prompt(retention_records(), data.system_prompt), RETENTION_MAX_NEW_TOKENS, "contains")}
     load_adapter(model, a.adapter, verbose=False)
     model.eval()
@@ -123,15 +127,16 @@ def main(argv=None) -> int:
         if (a.tag, layers, positions) in done:
             continue
         t0 = time.time()
-        rng = None if layers in ("all", "none") else _parse_range(layers)
-        handle = _switch(model, rng, positions)
         if layers == "none":
-            handle.remove()
+            handle = None
             _set_enabled(model, False)
+        else:
+            handle = _switch(model, None if layers == "all" else _parse_range(layers), positions)
         try:
             res = score(model, tok, sets)
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
             _set_enabled(model, True)
         rec = {"tag": a.tag, "layers": layers, "positions": positions, **res, "s": round(time.time() - t0, 1)}
         with out.open("a") as f:

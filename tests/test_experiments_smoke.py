@@ -347,3 +347,27 @@ def test_quickstart_sweep_report_means_over_seeds(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # learned vs kept drawn
     with pytest.raises(SystemExit):
         quickstart_sweep.main(["--out", str(out), "--only", "lr9"])  # an unknown variant is refused by name
+
+
+def test_forgetting_anatomy_scores_every_part_once(tiny_dir, tmp_path):
+    """experiments/forgetting_anatomy.py on a tiny model and an adapter with nonzero values: one line per variant
+    (nowhere, everywhere, prompt, answer, each layer range, the sentence prefix), each score a percentage, and
+    resumable (a second run adds nothing)."""
+    import meft
+    from experiments import forgetting_anatomy
+
+    model, _ = meft.load_model(tiny_dir)
+    meft.wrap(model, meft.MeftConfig(adapter_rows=64, expert_size=8, max_active_rows=32, wire_dtype="float32"))
+    for store in model.meft.stores:
+        store.set_weights(torch.randn(store.weights.shape, generator=torch.Generator().manual_seed(0)))
+    meft.save_adapter(model, str(tmp_path / "adapter"), verbose=False)
+    out = tmp_path / "anatomy.jsonl"
+    argv = ["--adapter", str(tmp_path / "adapter"), "--out", str(out), "--model", tiny_dir, "--eval-limit", "4",
+            "--ranges", "0-0", "1-1", "--tag", "t", "--sentence"]
+    assert forgetting_anatomy.main(argv) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["layers"], r["positions"]) for r in lines] == [
+        ("none", "all"), ("all", "all"), ("all", "prompt"), ("all", "answer"), ("0-0", "all"), ("1-1", "all"),
+        ("all", "sentence-prefix")]
+    assert all(0 <= r[k] <= 100 for r in lines[:-1] for k in ("trained", "held_out", "kept"))
+    assert forgetting_anatomy.main(argv) == 0 and len(out.read_text().splitlines()) == 7  # resumed: nothing new
