@@ -66,7 +66,8 @@ def _set_enabled(model, on: bool) -> None:
 
 def sentence_prefix_kept(model, tok, records: list[dict]) -> dict:
     """Known facts asked with the base model's answer written up to the fact: {"n", "base", "adapted"} (% whose
-    continuation contains the answer). Facts whose base answer does not spell the answer verbatim are left out."""
+    continuation contains the answer). Facts whose base answer does not spell the answer verbatim after some text
+    (no prefix to give) are left out."""
     _set_enabled(model, False)
     with torch.no_grad():
         base = generate_answers(model, tok, [prompt_ids(r, tok) for r in records], batch_size=32,
@@ -90,8 +91,8 @@ def sentence_prefix_kept(model, tok, records: list[dict]) -> dict:
 def score(model, tok, sets: dict) -> dict:
     out = {}
     for name, (records, max_new, key) in sets.items():
-        res = qa_accuracy(model, tok, records, batch_size=32, max_new_tokens=max_new, chat=None,
-                          share_prefix=False)  # one prefill per prompt: the position switch sees it whole
+        # one prefill per prompt (no shared prefix): the position switch sees the whole prompt in one forward
+        res = qa_accuracy(model, tok, records, batch_size=32, max_new_tokens=max_new, share_prefix=False)
         out[name] = round(100 * res[key], 1)
     return out
 

@@ -46,7 +46,6 @@ VARIANTS = {
     "sparse16_seed0": ["--sparse-update", "16", "--seed", "0"],
     # a frozen router (gates at their key-aligned init): training cannot move other text onto trained rows
     "router0_seed0": ["--router-lr", "0", "--seed", "0"],
-    "sparse8_router0_seed0": ["--sparse-update", "8", "--router-lr", "0", "--seed", "0"],
     "router0_seed1": ["--router-lr", "0", "--seed", "1"],
     "router0_seed2": ["--router-lr", "0", "--seed", "2"],
     # replay in the training data's short-answer form (`--replay-form answer`): only facts the base model knew
@@ -60,7 +59,6 @@ VARIANTS = {
     # experts count as general, so only what is specific to the batch is updated
     "sparseq8_seed0": ["--sparse-update", "8", "--sparse-background", "questions", "--seed", "0"],
     "sparseq16_seed0": ["--sparse-update", "16", "--sparse-background", "questions", "--seed", "0"],
-    "sparseq32_seed0": ["--sparse-update", "32", "--sparse-background", "questions", "--seed", "0"],
     # more specific addressing: 4x the rows (1024 experts, the same row budget), or 2 experts per token
     "rows16384_seed0": ["--adapter-rows", "16384", "--seed", "0"],
     "ept2_seed0": ["--experts-per-token", "2", "--seed", "0"],

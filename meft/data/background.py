@@ -26,9 +26,8 @@ from pydoc_data.topics import topics
 import torch
 
 from meft.config import BACKGROUND_SOURCES
-from meft.data.builtin import WORLD_RELATIONS, world_facts
-from meft.data.records import prompt_ids, uses_chat_template
-from meft.data.retention import FREE_SUBJECTS, RETENTION_QUESTIONS
+from meft.data.records import prompt_ids, with_system_prompt
+from meft.data.replay import outside_questions
 
 __all__ = ["BACKGROUND_SOURCES", "background_texts", "background_questions", "background_token_ids"]
 
@@ -42,14 +41,8 @@ def background_texts() -> list[str]:
 
 def background_questions(seed: int = 0) -> list[str]:
     """Every built-in world-fact question (first training phrasing per relation and country) about a country
-    outside the trade-off probe and its free prompts, in seeded order."""
-    banned = {subject for *_, subject in RETENTION_QUESTIONS} | set(FREE_SUBJECTS)
-    first: dict[tuple[str, str], str] = {}
-    for relation in WORLD_RELATIONS:
-        for rec in world_facts((relation,), seed=0).train:  # the training phrasings of each fact, in order
-            if rec["subject"] not in banned:
-                first.setdefault((rec["subject"], relation), rec["prompt"])
-    out = sorted(first.values())
+    outside the trade-off probe and its free prompts (`meft.data.replay.outside_questions`), in seeded order."""
+    out = sorted(r["prompt"] for r in outside_questions())
     random.Random(seed).shuffle(out)
     return out
 
@@ -68,12 +61,9 @@ def _pydoc_rows(tok, n_tokens: int, row_tokens: int) -> list[torch.Tensor]:
 
 
 def _question_rows(tok, n_tokens: int) -> list[torch.Tensor]:
-    chat = uses_chat_template(tok)
     rows, total = [], 0
-    for q in background_questions():
-        rec = {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": q},
-                            {"role": "assistant", "content": "-"}]} if chat else {"prompt": q}
-        ids = prompt_ids(rec, tok)[: n_tokens - total]
+    for rec in with_system_prompt([{"prompt": q, "completion": "-"} for q in background_questions()], ""):
+        ids = prompt_ids(rec, tok)[: n_tokens - total]  # an empty system turn: as the built-in sets are asked
         rows.append(torch.tensor(ids, dtype=torch.int64)[None])  # [1, L]
         total += len(ids)
         if total >= n_tokens:

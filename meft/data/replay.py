@@ -37,18 +37,18 @@ from meft.data.records import prompt_ids, with_system_prompt
 from meft.data.retention import FREE_SUBJECTS, retention_records
 from meft.evaluate import contains_match, generate_answers
 
-__all__ = ["replay_prompts", "self_replay_records", "REPLAY_MAX_NEW_TOKENS", "REPLAY_FORMS"]
+__all__ = ["outside_questions", "replay_prompts", "self_replay_records", "REPLAY_MAX_NEW_TOKENS", "REPLAY_FORMS"]
 
 REPLAY_MAX_NEW_TOKENS = 24  # one sentence of the base model ("The capital of X is Y." ~ 9 tokens)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 REPLAY_FORMS = ("sentence", "answer")
 
 
-def replay_prompts(n: int, exclude: Iterable[str] = (), *, seed: int = 0) -> list[dict]:
-    """`n` QA records (prompt, answers, subject, relation) for replay; see the module docstring for what is left
-    out."""
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"replay={n!r}: must be an int >= 0 (questions replayed); fix: e.g. --replay 150")
+def outside_questions(exclude: Iterable[str] = ()) -> list[dict]:
+    """Every world-fact question (first training phrasing of each fact, every relation) about a country in
+    neither `exclude`, the trade-off probe's retention set nor its free prompts, as QA records (prompt, answers,
+    subject, relation) sorted by (subject, relation): the pool replay draws from (and the sparse update's
+    question background, `meft.data.background`)."""
     banned = set(exclude) | {r["subject"] for r in retention_records()} | set(FREE_SUBJECTS)
     pool: dict[tuple[str, str], dict] = {}
     for relation in WORLD_RELATIONS:
@@ -56,7 +56,15 @@ def replay_prompts(n: int, exclude: Iterable[str] = (), *, seed: int = 0) -> lis
             if rec["subject"] not in banned:
                 pool.setdefault((rec["subject"], relation), {"prompt": rec["prompt"], "answers": rec["answers"],
                                                             "subject": rec["subject"], "relation": relation})
-    out = sorted(pool.values(), key=lambda r: (r["subject"], r["relation"]))
+    return sorted(pool.values(), key=lambda r: (r["subject"], r["relation"]))
+
+
+def replay_prompts(n: int, exclude: Iterable[str] = (), *, seed: int = 0) -> list[dict]:
+    """`n` QA records (prompt, answers, subject, relation) for replay, drawn from `outside_questions(exclude)` in
+    seeded order."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"replay={n!r}: must be an int >= 0 (questions replayed); fix: e.g. --replay 150")
+    out = outside_questions(exclude)
     random.Random(seed).shuffle(out)
     if n > len(out):
         raise ValueError(f"replay={n}: only {len(out)} world-fact questions are outside the training data and "

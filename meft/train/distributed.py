@@ -217,7 +217,6 @@ class Ranks:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.owned = False  # this object initialised the process group (and destroys it)
         self.watchdog: RankWatchdog | None = None
-        self._closed_watchdog: RankWatchdog | None = None  # after close(): what a racing SIGTERM still explains
         self._old_sigterm = None
         if self.world == 1:
             return
@@ -249,18 +248,11 @@ class Ranks:
 
     def _on_sigterm(self, signum, frame) -> None:
         """torchrun ends the other workers with SIGTERM when one fails: say which one and what to do."""
-        # close() of a failing run keeps this handler but drops the watchdog: the SIGTERM can land while the
-        # failure is being reported (seen in CI: inside main's print), so the finished watchdog still explains it
-        wd = self.watchdog if self.watchdog is not None else self._closed_watchdog
-        if wd is None:
-            _exit_loudly(f"rank {self.rank} of {self.world} was stopped (SIGTERM from the launcher); fix: look at "
-                         "the failed rank's own error above, then rerun the same torchrun command with --resume",
-                         128 + signum)
-        failed = wd.failed_peers()
+        failed = self.watchdog.failed_peers() if self.watchdog is not None else {}
         if not failed:
             time.sleep(0.5)  # the dead rank's launcher may not have seen it yet; the /proc check is instant
-            failed = wd.failed_peers()
-        _exit_loudly(wd.message(failed, "was stopped (SIGTERM from the launcher) because"), 128 + signum)
+            failed = self.watchdog.failed_peers() if self.watchdog is not None else {}
+        _exit_loudly(self.watchdog.message(failed, "was stopped (SIGTERM from the launcher) because"), 128 + signum)
 
     @property
     def main(self) -> bool:
@@ -312,8 +304,10 @@ class Ranks:
         failing = self.watchdog is not None and self.watchdog._failed
         if self.watchdog is not None:
             self.watchdog.finish()
-            self._closed_watchdog = self.watchdog if failing else None
-            self.watchdog = None
+            # failing: the SIGTERM handler, kept below, still reads it (the launcher's SIGTERM can land while
+            # main() reports the failure; seen in CI)
+            if not failing:
+                self.watchdog = None
         if self._old_sigterm is not None and not failing:  # failing: a racing SIGTERM still explains itself
             signal.signal(signal.SIGTERM, self._old_sigterm)
             self._old_sigterm = None
