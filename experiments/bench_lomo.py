@@ -29,12 +29,12 @@ tied embedding/head weight's gradient in one buffer (AdamW, AdaLomo) or, for Lom
 updated inside the head's backward). Each row's "/ AdamW" is against AdamW on the same loss; "/ AdamW hf"
 against AdamW on the plain loss.
 
-    python experiments/bench_lomo.py [--quick] [--json] [--write-benchmarks]
+    python experiments/bench_lomo.py [--quick] [--json] [--write]
 
 Targets: Lomo and AdaLomo peak <= 0.4x AdamW's (headline: the +head rows against AdamW+head, the same
 loss, the worse of fp32 and bf16; the plain-loss ratios are printed too); Lomo backward / plain backward
 <= 1.3x. `--json` prints a JSON object as the last stdout line, ending with `lomo_peak_ratio_vs_adamw`,
-`adalomo_peak_ratio_vs_adamw`, `hook_overhead_ratio`. `--write-benchmarks`
+`adalomo_peak_ratio_vs_adamw`, `hook_overhead_ratio`. `--write`
 replaces (or appends) this benchmark's section of BENCHMARKS.md.
 """
 
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 layers, 26-layer hook model, fewer samples")
     ap.add_argument("--json", action="store_true", help="print a JSON object as the last stdout line")
-    ap.add_argument("--write-benchmarks", action="store_true", help="write this section of BENCHMARKS.md")
+    ap.add_argument("--write", action="store_true", help="also write its section of BENCHMARKS.md")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see the docstring)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = report(res)
     print(text)
     print(f"(wall time {res['config']['wall_s']:.0f} s)")
-    if args.write_benchmarks:
+    if args.write:
         write_benchmarks(text, sys.argv[1:] if argv is None else argv)
         print(f"wrote section to {ROOT / 'BENCHMARKS.md'}")
     if args.json:

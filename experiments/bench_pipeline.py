@@ -26,7 +26,7 @@ shared); medians are reported. `--quick`: batch 4, one warm-up, one counted and 
 accumulation, 8 new tokens (about 30 s of CPU time once the GGUF conversion of the default model is
 cached -- the first conversion, a minute, is not included; wall time grows with the machine's load).
 
-    python experiments/bench_pipeline.py [--quick] [--json] [--write-benchmarks] [--model PATH]
+    python experiments/bench_pipeline.py [--quick] [--json] [--write] [--model PATH]
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="batch 4, 1 step per accumulation, 8 new tokens, 1 round")
     p.add_argument("--json", action="store_true", help="print the result as JSON (last stdout line)")
-    p.add_argument("--write-benchmarks", action="store_true", help="write this section of BENCHMARKS.md")
+    p.add_argument("--write", action="store_true", help="also write its section of BENCHMARKS.md")
     p.add_argument("--model", default="default")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
@@ -297,7 +297,7 @@ def main(argv=None) -> dict:
     res = measure(args)
     text = format_md(res, "python experiments/bench_pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv))
     print(text)
-    if args.write_benchmarks:
+    if args.write:
         write_benchmarks(text)
         print(f"wrote section to {ROOT / 'BENCHMARKS.md'}")
     if args.json:

@@ -13,7 +13,8 @@ compute, H2D link, D2H link, host CPU work (gather + accumulate + AdamW update).
     sum = compute + h2d + d2h + cpu        (no overlap at all)
     max = max(compute, h2d, d2h, cpu)      (perfect overlap; stricter than max(compute, h2d+d2h, cpu))
     overlap efficiency = (sum - measured) / (sum - max)     target >= 0.8
-Run: python experiments/bench_scheduler.py [--quick] [--json] [--write-md]
+Run: python experiments/bench_scheduler.py [--quick] [--json] [--write]   (--write: also write its section
+of BENCHMARKS.md; without it the table is only printed)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments.benchmarks_md import replace_section  # noqa: E402
 from offload.engine import ThreadCopyEngine  # noqa: E402
 from offload.optim import SparseAdamW  # noqa: E402
 from offload.scheduler import TransferScheduler  # noqa: E402
@@ -125,7 +127,7 @@ def table(results) -> str:
     return "\n".join(rows)
 
 
-def write_md(path: str, args, link: float, here: float, results) -> None:
+def write_md(args, link: float, here: float, results) -> None:
     cmd = "python experiments/bench_scheduler.py " + " ".join(sys.argv[1:])
     body = [SECTION, "",
             f"Command: `{cmd.strip()}`  ", f"Date: {datetime.date.today().isoformat()}  ",
@@ -144,15 +146,7 @@ def write_md(path: str, args, link: float, here: float, results) -> None:
             "measured, so preemption on the oversubscribed box inflates them (sleeps overshoot, copies take "
             "longer than bytes/link: see the achieved H2D GB/s); expect run-to-run spread of about +-0.05.", "",
             table(results), ""]
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(body)
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + "\n".join(body) + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    with open(path, "w") as f:
-        f.write(text if text.endswith("\n") else text + "\n")
+    replace_section(SECTION, "\n".join(body))
 
 
 def _cpu_model() -> str:
@@ -189,8 +183,7 @@ def main(argv=None) -> dict:
     p.add_argument("--staleness", default="0,1", help="comma-separated list of 0/1")
     p.add_argument("--quick", action="store_true", help="small and short (smoke test)")
     p.add_argument("--json", action="store_true", help="print a final JSON line")
-    p.add_argument("--write-md", nargs="?", const="BENCHMARKS.md", default=None,
-                   help="write the table into this file's section (default BENCHMARKS.md)")
+    p.add_argument("--write", action="store_true", help="also write its section of BENCHMARKS.md")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.rows, args.n_rows, args.steps, args.warmup = 4, 512, 2048, 4, 2
@@ -199,8 +192,8 @@ def main(argv=None) -> dict:
     results = [run(args, int(s), link) for s in args.staleness.split(",")]
     print(f"link {link:.2f} GB/s (25 GB/s x {here:.1f}/{REF_CORE_COPY_GBPS:.0f}); ms per step:")
     print(table(results))
-    if args.write_md:
-        write_md(args.write_md, args, link, here, results)
+    if args.write:
+        write_md(args, link, here, results)
     by = {str(r["staleness"]): r["overlap_efficiency"] for r in results}
     out = {"link_gbps": link, "results": results, "overlap_efficiency_by_staleness": by,
            "overlap_efficiency": results[0]["overlap_efficiency"]}  # the first listed (default: staleness 0)

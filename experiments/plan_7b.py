@@ -5,11 +5,11 @@ E = 368 ~ 4*sqrt(N)) and 4x / 16x more rows (expert size scaled to keep E ~ 4*sq
 frozen and a Lomo backbone (this project: rows on the host, <= 1,012 active rows per layer on the
 GPU), the same adapters as a dense parallel adapter resident on the GPU (AdamW, fp32 moments, frozen
 backbone: MEFT's baseline), and AdamW full fine-tuning. Every number is `meft.plan.plan` (a fake-tensor step
-under MemTracker + stated margins), nothing is allocated. Writes its table into BENCHMARKS.md
-(section "## Memory plan (experiments/plan_7b.py)"); `--json` prints the results, ending with
+under MemTracker + stated margins), nothing is allocated. Prints its table; `--write` also writes its section of
+BENCHMARKS.md ("## Memory plan (experiments/plan_7b.py)"); `--json` prints the results, ending with
 `llama2_7b_meft_lomo_fits_24gb` and `peak_gib`.
 
-    python experiments/plan_7b.py [--quick] [--json] [--no-write]
+    python experiments/plan_7b.py [--quick] [--json] [--write]
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ import time
 import warnings
 from pathlib import Path
 
-from meft.config import MeftConfig
-from meft.plan import PlanOptions, plan
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from experiments.benchmarks_md import replace_section  # noqa: E402
+from meft.config import MeftConfig  # noqa: E402
+from meft.plan import PlanOptions, plan  # noqa: E402
 
 GiB = 2**30
 SECTION = "## Memory plan (experiments/plan_7b.py)"
@@ -68,17 +73,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path) -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("\n" + old[nxt:] if nxt >= 0 else "\n")
-    path.write_text(new)
-
-
 def section(results: list[dict]) -> str:
     return "\n".join([
         SECTION, "",
@@ -89,7 +83,7 @@ def section(results: list[dict]) -> str:
         "experts) in bf16 on the GPU, 64 active per token; dense: the same rows as a parallel adapter on the "
         "GPU (bf16 weights, AdamW fp32 moments, frozen backbone); full: AdamW on every weight (bf16 weights "
         "and grads, fp32 moments, no fp32 master copy -- a lower bound). Host RAM: fp32 rows + fp32 moments "
-        "+ staging + pending grads. Regenerate: `python experiments/plan_7b.py`.", "",
+        "+ staging + pending grads. Regenerate: `python experiments/plan_7b.py --write`.", "",
         table(results), "",
         "Plan vs a real measured step: on a tiny Llama (CPU, real `meft.wrap`, real TransferScheduler) the "
         "estimate is within 10% of the MemTracker-measured peak for frozen / Lomo / AdaLomo backbones, fp32 "
@@ -101,12 +95,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only MEFT's best adapter size (+ full fine-tuning)")
     ap.add_argument("--json", action="store_true", help="print results as JSON (last keys: the verdict, peak_gib)")
-    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    ap.add_argument("--write", action="store_true", help="also write its section of BENCHMARKS.md")
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     results = run(a.quick)
-    if not a.no_write:
-        write_section(section(results), Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    if a.write:
+        replace_section(SECTION, section(results))
     lomo = next(r for r in results if r["method"] == "meft" and r["backbone"] == "lomo")
     if a.json:
         rows = [{k: r[k] for k in ("method", "backbone", "label", "breakdown", "tracked_peak", "gpu_total",
