@@ -129,11 +129,11 @@ class FetchLink:
     __slots__ = ("check", "end_chain", "blocked", "skip_waits")
 
     def __init__(self, check: Callable[[], None], end_chain: Callable[[LayerState], None],
-                 blocked: Callable[[int, float, float], None]):
+                 blocked: Callable[[int, float, float], None], skip_waits: set[str]):
         self.check = check  # raises a host-worker error in the caller
         self.end_chain = end_chain  # ends a layer's live fetch (queues the update it held back)
         self.blocked = blocked  # (step, start, end): the caller's thread waited on rows (for the meter)
-        self.skip_waits: set[str] = set()  # test hook: {"h2d", "d2h", "mirror", "slots"} disables that wait
+        self.skip_waits = skip_waits  # test hook (shared with the scheduler): {"h2d", ...} disables that wait
 
 
 class LayerState:

@@ -1,6 +1,6 @@
 """TransferScheduler: rows down, row gradients back, CPU updates, all asynchronous and metered.
 
-Owns DESIGN.md "One training step". For each adapter layer (one SparseAdamW over one RowStore):
+Owns docs/design.md "One training step". For each adapter layer (one SparseAdamW over one RowStore):
 
     fetch(l, ids)       ids -> host (ids_host), host worker gathers rows (wire dtype) into a staging
                         slot, H2D into the layer's rows_dev buffer; handle.wait() -> rows on device
@@ -24,14 +24,8 @@ the step, summed in layer order on the host in finish_step; the updates then sta
 cost). Staging slots and device buffers come from fixed pools; a full pool blocks the caller. A worker
 exception is re-raised in the caller at the next call with its original traceback.
 
-Zero-copy (`zero_copy=True`, MeftConfig.fetch_mode="zero_copy"): each store gets a wire-dtype mirror in
-pinned, device-mapped host memory (`engine.alloc_mapped`), kept by the row update in the same pass as
-the fp32 master. `fetch` then reads the rows straight from the mirror by the caller's ids on the copy
-stream (`engine.gather_mapped`): no ids round trip and no CPU gather before the adapter can run. The
-ids still cross to the host asynchronously (push_grads needs them); the host worker only counts the
-valid rows and waits for the read before a staleness-1 update may rewrite them. A fetch waits until every
-update already queued for its layer has written the mirror (`UpdatePolicy.wait_applied`: staleness 0
-never waits there, finish_step already did). No H2D staging pool is allocated.
+Zero-copy (`zero_copy=True`, MeftConfig.fetch_mode="zero_copy"): the device reads the rows from a pinned,
+device-mapped mirror of each store instead (`offload.zero_copy.ZeroCopyFetch`); no H2D staging pool.
 
 Data parallel (`process_group`, torch.distributed, staleness 0): each rank fetches and pushes its own rows;
 at finish_step every layer's pending gradients are averaged across ranks over the union of their rows
@@ -40,9 +34,7 @@ shared by the ranks of a node (`RowStore(..., node=...)`, one host copy per node
 updates the rows it owns, then a node barrier (`updates.UpdatePolicy`); zero-copy mirrors are shared too.
 
 Gradient accumulation (accum_steps > 1): each layer's rows and gradients cross once per step, for the
-union of its micro-batches' rows (`offload.union.StepUnion`): rows already sent this step are taken
-from the device's copy of the union (staleness 0, staged fetches), and pushes are summed on the device
-in fp32 and cross once, rounded to the wire dtype once, at the layer's last push (or finish_step).
+union of its micro-batches' rows (`offload.union`).
 
 Sparse update (`update_mask=True`, MeftConfig.sparse_update > 0): `push_grads(..., keep=)` carries a
 fixed-shape per-row mask [K] bool on the device with the gradients. Masked rows' gradients are zeroed on
@@ -51,21 +43,22 @@ those rows whole (`SparseAdamW.step_rows(keep=)` / `accumulate(keep=)`): no pend
 or step-count change. Under accumulation the step union ORs the micro-batches' masks on the device
 (a row is updated when any micro-batch kept it, with the sum of the gradients of those that did).
 
-Composed of: `fetch.LayerState` / `fetch.FetchHandle` (live rows and handles, linked back through a
-`FetchLink`), `staging.SlotPool` (staging slots), `worker.HostWorker` (the host thread),
-`updates.UpdatePolicy` (staleness, clipping, parked updates) and `union.UnionTraffic` (rows and gradients
-under accumulation). Implements `protocol.RowScheduler`.
+Composed of: one `context.SchedulerContext` shared by the parts (engine, host worker, meter, pools,
+error check), `fetch.LayerState` / `fetch.FetchHandle` (live rows and handles, linked back through a
+`FetchLink`), `staged.StagedFetch` or `zero_copy.ZeroCopyFetch` (rows down), `union.UnionTraffic` (rows
+and gradients under accumulation) and `updates.UpdateRunner` (staleness, clipping, parked updates).
+Implements `protocol.RowScheduler`.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 
 import torch
 
 from offload.collective import RowGradReducer
+from offload.context import SchedulerContext
 from offload.engine import CopyEngine, make_engine
 from offload.fetch import (
     FetchHandle,
@@ -76,16 +69,17 @@ from offload.fetch import (
     check_ids,
     check_keep,
     check_live_rows,
-    check_subset,
-    valid_prefix,
 )
 from offload.meter import TrafficMeter
+from offload.push import GradPush
 from offload.node import shared_node
 from offload.protocol import check_scheduler_args
-from offload.staging import SlotPool, check_n_slots
+from offload.staged import StagedFetch
+from offload.staging import SlotPool, check_n_slots, staging_bytes
 from offload.steps import StepClock, check_layer
 from offload.union import StepUnion, UnionTraffic
-from offload.updates import UpdatePolicy, check_update_args
+from offload.updates import UpdateRunner, check_update_args
+from offload.zero_copy import ZeroCopyFetch
 from offload.worker import HostWorker, numba_threads_setter, threads_left_for_kernels, wait_for
 
 __all__ = ["TransferScheduler", "FetchHandle"]
@@ -135,59 +129,35 @@ class TransferScheduler:
         self._accumulating = False  # this step has several micro-batches: rows and gradients go by the step union
         self._cache_rows = staleness == 0 and not zero_copy  # the union also keeps the step's rows on the device
         self.zero_copy = zero_copy
-        # rows down: staging slots, or (zero-copy) each store's mirror [N, W] wire, as the device sees it
+        # rows down: staging slots, or (zero-copy) each store's mirror; gradients back: staging slots
         self.h2d_pool = None if zero_copy else SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype)
-        self._mirrors_dev = [self._attach_mirror(opt.store) for opt in self.optimizers] if zero_copy else []
-        self.d2h_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype, keep=update_mask)  # grads back
+        self.d2h_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype, keep=update_mask)
         self.worker = HostWorker(init=init)
-        self._link = FetchLink(self._check, self._end_chain, self.meter.record_blocked)
-        self._test_skip_waits = self._link.skip_waits  # test hook: add "h2d" / "d2h" to disable that wait
-        self._wire_bytes = torch.empty((), dtype=wire_dtype).element_size()
+        self.ctx = ctx = SchedulerContext(self.optimizers, self.engine, self.worker, self.meter, self.device,
+                                          wire_dtype, max_rows, self.d2h_pool, self.h2d_pool)
+        self._test_skip_waits = ctx.skip_waits  # test hook: add "h2d" / "d2h" / ... to disable that wait
         state_bytes = torch.empty((), dtype=self.optimizers[0].store.state_dtype).element_size()
-        self.updates = UpdatePolicy(self.optimizers, self.worker, self.meter, self._check, staleness=staleness,
-                                    clip=clip, max_norm=max_norm, width=self.width, state_bytes=state_bytes,
-                                    reducer=reducer, node=node, skip_waits=self._link.skip_waits)
+        self.updates = UpdateRunner(ctx, staleness=staleness, clip=clip, max_norm=max_norm,
+                                    state_bytes=state_bytes, reducer=reducer, node=node)
+        self._link = FetchLink(ctx.check, self.updates.end_chain, self.meter.record_blocked, ctx.skip_waits)
         self.clock = StepClock()
-        self.union_traffic = UnionTraffic(self.optimizers, self.engine, self.d2h_pool, self.worker, self.updates,
-                                          self.meter, self._link, self._check, self._meter_copy, self._end_chain,
-                                          max_rows=max_rows, wire_dtype=wire_dtype, device=self.device)
+        self.union_traffic = UnionTraffic(ctx, self.updates)
+        if zero_copy:
+            self._fetcher = ZeroCopyFetch(ctx, self._link, self.union_traffic, self.updates)
+            self._mirrors_dev = self._fetcher.mirrors_dev  # [N, W] wire per layer, as the device sees it
+        else:
+            self._fetcher = StagedFetch(ctx, self._link, self.union_traffic)
+            self._mirrors_dev = []
+        self._push = GradPush(ctx, self.updates)  # gradients back without accumulation
         self._read_buf: torch.Tensor | None = None  # [>= R, width] fp32 host buffer of read_rows
-        self._error_reported = False
         self._closed = False
 
-    def _attach_mirror(self, store) -> torch.Tensor:
-        shared = store.alloc_mirror(self.wire_dtype)  # a shared store: the node's one mirror; else None
-        mirror_host, mirror_dev = self.engine.alloc_mapped((store.n_rows, store.width), self.wire_dtype, host=shared)
-        store.attach_mirror(mirror_host, filled=shared is not None)  # [N, W] wire, equal to the master rows
-        return mirror_dev
-
-    @staticmethod
-    def staging_bytes(n_layers: int, max_rows: int, width: int, wire_dtype: torch.dtype, n_slots: int = 2,
-                      max_live_rows: int | None = None, zero_copy_rows: int = 0, update_mask: bool = False) -> int:
-        """Host bytes the device reads or writes that this scheduler allocates (pinned, at exact size, on
-        CUDA): two pools (H2D, D2H) of `n_slots` slots of rows [max_rows, width] + ids [max_rows], and each
-        layer's ids and union-slots buffers [max_live_rows] int64; zero-copy (`zero_copy_rows` = rows per
-        store > 0): no H2D pool, and each layer's mirror [zero_copy_rows, width] wire. The RAM check of
-        `meft.wrap` and `meft plan` count exactly this. `update_mask`: the D2H slots also hold a row mask
-        [max_rows] bool each (a sparse update)."""
-        wire = torch.empty((), dtype=wire_dtype).element_size()
-        live = max_rows if max_live_rows is None else max_live_rows
-        pools = 1 if zero_copy_rows else 2
-        mirrors = n_layers * zero_copy_rows * width * wire
-        masks = n_slots * max_rows if update_mask else 0
-        return pools * n_slots * max_rows * (width * wire + 8) + n_layers * live * 16 + mirrors + masks
+    staging_bytes = staticmethod(staging_bytes)  # host bytes the pools and layer buffers pin (offload.staging)
 
     # ------------------------------------------------------------------------------ errors
     def _check(self) -> None:
         """Raise a worker's exception in the caller (once, original object and traceback)."""
-        err = self.worker.error
-        if err is None:
-            return
-        if not self._error_reported:
-            self._error_reported = True
-            raise err
-        raise RuntimeError("TransferScheduler stopped after a worker error (raised earlier); close() it "
-                           "and build a new one") from err
+        self.ctx.check()
 
     def _entry(self, what: str) -> None:
         if self._closed:
@@ -273,55 +243,8 @@ class TransferScheduler:
         return self._start_part(st, ids, m, base)
 
     def _start_part(self, st: LayerState, ids, n: int, base: FetchHandle | None) -> FetchHandle:
-        if self.zero_copy:
-            return self._start_mapped_part(st, ids, n, base)
-        slot = self.h2d_pool.acquire(self._check)  # backpressure: blocks while every slot is busy
-        marker = self.engine.mark_compute()  # H2D into rows_dev waits for compute issued so far
-        meta = (self.step, self.micro_batch, st.index)
-        h = st.stage_ids(self._link, self.engine, ids, n, base, marker, (self.step, self.micro_batch),
-                         lambda ev: self._meter_copy(ev, "ids", meta))
-        h.in_union = self._accumulating
-        if self._accumulating and self._cache_rows:
-            h.union_rows = st.union.rows_dev  # wait() takes the part's rows from the step union by slot
-        st.handle = st.last_gather = h
-        self.worker.submit(lambda: self._gather_task(st, h, slot, marker), st.index)
-        return h
-
-    def _start_mapped_part(self, st: LayerState, ids, n: int, base: FetchHandle | None) -> FetchHandle:
-        """Zero-copy fetch part: the device reads the rows from the layer's mirror by the caller's ids."""
-        if "mirror" not in self._link.skip_waits:
-            # protects the read: an update of this layer already queued (staleness 1, or an earlier
-            # micro-batch's) must have written the mirror rows first, as the FIFO worker orders staged gathers
-            self.updates.wait_applied(st.index)
-        marker = self.engine.mark_compute()  # the ids, and compute still reading rows_dev, come first
-        meta = (self.step, self.micro_batch, st.index)
-        h = st.stage_ids(self._link, self.engine, ids, n, base, marker, (self.step, self.micro_batch),
-                         lambda ev: self._meter_copy(ev, "ids", meta))
-        off = h.offset
-        # host ids: their H2D into ids_dev was queued on the same copy stream, so it lands first
-        h.copy_event = self.engine.gather_mapped(self._mirrors_dev[st.index], h._ids_dev,
-                                                 st.rows_dev[off:off + n], rows=n, after=marker)
-        st.handle = st.last_gather = h
-        h.in_union = self._accumulating
-        self.worker.submit(lambda: self._mapped_task(st, h, marker), st.index)
-        return h
-
-    def _mapped_task(self, st: LayerState, h: FetchHandle, marker) -> None:
-        """Host side of a zero-copy fetch part: count its valid rows (and give them union slots under
-        accumulation), wait for the device's read (a staleness-1 update queued behind this task rewrites
-        mirror rows), meter the rows that crossed."""
-        off, end = h.offset, h.n_rows
-        if h.ids_event is not None and h.ids_event.direction == "d2h":
-            h.ids_event.wait()  # protects the count: the ids D2H into ids_host must have landed
-        n = h.n_valid = valid_prefix(st.ids_host[off:end])
-        if h.in_union:
-            self.union_traffic.assign_slots(st, h, n, marker)
-        ev = h.copy_event
-        ev.wait()  # protects the mirror: the device has read these rows before anything queued later runs
-        self.meter.record_transfer(step=h.step, micro_batch=h.micro_batch, layer=st.index, direction="h2d",
-                                   nbytes=n * self.width * self._wire_bytes, rows=n, start=ev.start_s,
-                                   end=ev.end_s, engine=self.engine.name, pageable=False)
-        h.gathered.set()
+        return self._fetcher.start_part(st, ids, n, base, (self.step, self.micro_batch),
+                                        accumulating=self._accumulating, cache_rows=self._cache_rows)
 
     def reserve_live_rows(self, rows: int) -> None:
         """Size each layer's live buffers (rows_dev [rows, width], ids) for `rows` >= max_rows rows, so a
@@ -335,43 +258,6 @@ class TransferScheduler:
             if st.capacity < rows:
                 st.alloc(self.engine, rows, self.width, self.wire_dtype, self.device.type == "cpu")
                 st.last_gather = st.handle = None
-
-    def _gather_task(self, st: LayerState, h: FetchHandle, slot, marker) -> None:
-        off, end, first = h.offset, h.n_rows, 0
-        union = h.in_union  # fixed at fetch (the caller may be in the next step by now)
-        try:
-            if h.ids_event is not None and h.ids_event.direction == "d2h":
-                h.ids_event.wait()  # protects the gather from reading ids_host before the ids D2H landed
-            n = h.n_valid = valid_prefix(st.ids_host[off:end])  # rows before the -1 padding
-            ids = st.ids_host[off:off + n]  # [n] the rows to send
-            if union:
-                new_ids, first = self.union_traffic.assign_slots(st, h, n, marker)
-                if h.union_rows is not None:  # rows sent earlier this step stay on the device: only new ones
-                    ids = torch.from_numpy(new_ids)
-            m = ids.numel()
-            t0 = time.perf_counter()
-            self.optimizers[st.index].store.gather(ids, slot.rows)
-            self.meter.record_cpu(step=h.step, layer=st.index, op="gather", rows=m,
-                                  nbytes=m * self.width * (4 + self._wire_bytes), start=t0,
-                                  end=time.perf_counter())
-        except BaseException:
-            self.h2d_pool.release(slot)
-            raise
-        meta = (h.step, h.micro_batch, st.index)
-        dst = st.union.rows_dev[first:first + m] if h.union_rows is not None else st.rows_dev[off:off + m]
-        h.copy_event = self.engine.h2d(slot.rows[:m], dst, rows=m, after=marker,
-                                       on_done=lambda ev: self._h2d_done(ev, slot, meta))
-        h.gathered.set()
-
-    def _h2d_done(self, ev, slot, meta) -> None:
-        self.h2d_pool.release(slot)  # the H2D has read the slot: it may be refilled
-        self._meter_copy(ev, "h2d", meta)
-
-    def _meter_copy(self, ev, direction: str, meta) -> None:
-        step, mb, layer = meta
-        self.meter.record_transfer(step=step, micro_batch=mb, layer=layer, direction=direction,
-                                   nbytes=ev.nbytes, rows=ev.rows, start=ev.start_s, end=ev.end_s,
-                                   engine=self.engine.name, pageable=ev.pageable)
 
     # ------------------------------------------------------------------------------ gradients
     def push_grads(self, layer: int, ids: torch.Tensor, grads: torch.Tensor, keep: torch.Tensor | None = None) -> None:
@@ -404,86 +290,8 @@ class TransferScheduler:
                                     last=self.clock.last_micro_batch, keep=keep)
             self.meter.record_blocked(self.step, t0, time.perf_counter())
             return
-        if full and h.base is None:
-            k = h.n_valid  # a padded fetch: only its valid rows' gradients cross back
-        slot = self.d2h_pool.acquire(self._check)  # backpressure
-        self.meter.record_blocked(self.step, t0, time.perf_counter())  # the caller's thread waited so long
-        meta = (self.step, self.micro_batch, st.index)
-        ids_check = None
-        if full:
-            slot.ids[:k].copy_(st.ids_host[:k])
-        elif ids.device.type == "cpu":
-            slot.ids[:k].copy_(ids)  # checked by _push_is_full
-        else:  # partial push with device ids: D2H them, the worker checks them against ids_host
-            ids_ev = self.engine.d2h(ids, slot.ids[:k], rows=k, after=self.engine.mark_compute(),
-                                     on_done=lambda e: self._meter_copy(e, "ids", meta))
-            st.ids_reader = threading.Event()
-            ids_check = (ids_ev, h.n_rows, st.ids_reader)
-        src = self._grads_source(st, grads[:k], k)
-        ev = self.engine.d2h(src, slot.rows[:k], rows=k, after=self.engine.mark_compute(),
-                             on_done=lambda e: self._meter_copy(e, "d2h", meta))
-        keep_ev = None if keep is None else self.engine.d2h(  # the mask crosses beside its gradients
-            keep[:k], slot.keep[:k], rows=k, after=self.engine.mark_compute(),
-            on_done=lambda e: self._meter_copy(e, "ids", meta))
-        if src is not grads:
-            st.last_d2h = ev
-        self._end_chain(st)  # an owed staleness-1 update is queued before the accumulation (as at fetch)
-        step = self.step
-        if self.clock.last_micro_batch and self.updates.fuses():
-            hp = self.updates.fuse(layer, step)  # one pass from the staging slot: no accumulate, no 2nd pass
-            self.worker.submit(lambda: self._accumulate_task(st, slot, ev, k, step, ids_check, hp, keep_ev), st.index)
-            return
-        self.updates.grads_pushed(layer, self.step)
-        self.worker.submit(lambda: self._accumulate_task(st, slot, ev, k, step, ids_check, None, keep_ev), st.index)
-        if self.clock.last_micro_batch:
-            self.updates.grads_complete(layer, step)
-
-    def _end_chain(self, st: LayerState) -> None:
-        """End the layer's live fetch (all parts); queue the staleness-1 update it held back, if any."""
-        root = st.end_chain()
-        if root is not None:
-            self.updates.park(st.index, *root.take_owed())
-
-    def _grads_source(self, st: LayerState, grads, n: int) -> torch.Tensor:
-        if grads.dtype == self.wire_dtype and grads.is_contiguous():
-            return grads  # copied as is (on CUDA, record_stream keeps its memory alive)
-        if st.grads_dev is None:
-            st.grads_dev = self.engine.alloc_device((self.max_rows, self.width), self.wire_dtype)
-        if st.last_d2h is not None:
-            # protects grads_dev: the previous D2H out of it must have read it before we overwrite it
-            st.last_d2h.wait_device()
-        st.grads_dev[:n].copy_(grads)  # cast to the wire dtype on the compute stream
-        return st.grads_dev[:n]
-
-    def _accumulate_task(self, st: LayerState, slot, ev, n: int, step: int, ids_check=None, fused=None,
-                         keep_ev=None) -> None:
-        """Gradients of one push, from the staging slot into the layer's optimizer: accumulated, or (`fused`
-        = the update's hyper-parameters) applied at once by the layer's whole row update. `keep_ev`: the
-        D2H of the push's row mask into slot.keep (a sparse update), None without one."""
-        try:
-            if ids_check is not None:
-                ids_ev, live, reader = ids_check
-                try:
-                    ids_ev.wait()  # protects the check: the pushed ids' D2H must have landed
-                    check_subset(slot.ids[:n], st.ids_host[:live], st.index)
-                finally:
-                    reader.set()  # ids_host may be refilled by the layer's next fetch
-            if "d2h" not in self._link.skip_waits:
-                ev.wait()  # protects the slot: the grads' D2H must have landed before we read it
-            keep = None
-            if keep_ev is not None:
-                keep_ev.wait()  # protects the mask: its D2H must have landed before we read it
-                keep = slot.keep[:n]
-            if fused is not None:
-                self.updates.fused_update(st.index, step, fused, slot.ids[:n], slot.rows[:n], keep=keep)
-                return
-            t0 = time.perf_counter()
-            self.optimizers[st.index].accumulate(slot.ids[:n], slot.rows[:n], *(() if keep is None else (keep,)))
-            self.meter.record_cpu(step=step, layer=st.index, op="accumulate", rows=n,
-                                  nbytes=n * self.width * (self._wire_bytes + 8), start=t0,
-                                  end=time.perf_counter())
-        finally:
-            self.d2h_pool.release(slot)
+        self._push.send(st, h, ids, grads, full, k, t0, step=self.step, micro_batch=self.micro_batch,
+                        last=self.clock.last_micro_batch, keep=keep)
 
     # ------------------------------------------------------------------------------ step end
     def finish_step(self) -> None:
@@ -545,7 +353,7 @@ class TransferScheduler:
             self.worker.stop()
             if self._own_engine:
                 self.engine.close()
-        if not self._error_reported:
+        if not self.ctx.error_reported:
             self._check()  # a worker error nobody has seen yet is raised, never swallowed
 
     def __enter__(self) -> TransferScheduler:

@@ -4,6 +4,8 @@
 buffer [max_rows] int64 (plus, with `keep=True`, a sparse update's row mask [max_rows] bool), allocated
 (and touched) once through the copy engine (pinned on CUDA).
 `acquire()` blocks while every slot is busy: a full pool is backpressure, never an unbounded queue.
+`staging_bytes` counts, before anything is allocated, every host byte a TransferScheduler's pools and
+per-layer buffers pin (what `meft.wrap`'s RAM check and `meft plan` count).
 """
 
 from __future__ import annotations
@@ -15,12 +17,27 @@ import torch
 
 from offload.worker import POLL_S
 
-__all__ = ["StagingSlot", "SlotPool", "check_n_slots"]
+__all__ = ["StagingSlot", "SlotPool", "check_n_slots", "staging_bytes"]
 
 
 def check_n_slots(n_slots) -> None:
     if not isinstance(n_slots, int) or n_slots < 1:
         raise ValueError(f"n_slots={n_slots!r} must be an int >= 1 (staging slots per direction)")
+
+
+def staging_bytes(n_layers: int, max_rows: int, width: int, wire_dtype: torch.dtype, n_slots: int = 2,
+                  max_live_rows: int | None = None, zero_copy_rows: int = 0, update_mask: bool = False) -> int:
+    """Host bytes the device reads or writes that a TransferScheduler allocates (pinned, at exact size, on
+    CUDA): two pools (H2D, D2H) of `n_slots` slots of rows [max_rows, width] + ids [max_rows], and each
+    layer's ids and union-slots buffers [max_live_rows] int64; zero-copy (`zero_copy_rows` = rows per
+    store > 0): no H2D pool, and each layer's mirror [zero_copy_rows, width] wire. `update_mask`: the D2H
+    slots also hold a row mask [max_rows] bool each (a sparse update)."""
+    wire = torch.empty((), dtype=wire_dtype).element_size()
+    live = max_rows if max_live_rows is None else max_live_rows
+    pools = 1 if zero_copy_rows else 2
+    mirrors = n_layers * zero_copy_rows * width * wire
+    masks = n_slots * max_rows if update_mask else 0
+    return pools * n_slots * max_rows * (width * wire + 8) + n_layers * live * 16 + mirrors + masks
 
 
 class StagingSlot:

@@ -1,8 +1,8 @@
 """The union of a layer's rows over the micro-batches of one step (gradient accumulation).
 
 With `accum_steps > 1` a layer's active sets overlap from one micro-batch to the next. `TransferScheduler`
-then moves each row of the step's union once (DESIGN.md "One training step", traffic at the analytic
-minimum):
+then moves each row of the step's union once (docs/design.md "One training step", traffic at the
+analytic minimum):
 
 * rows down: a row already sent this step is not gathered or copied again; the device keeps the step's
   rows in `rows_dev` [U + 1, W] (wire dtype) and a fetch's rows are taken from there by slot
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -110,25 +109,22 @@ class StepUnion:
 
 
 class UnionTraffic:
-    """The step union's traffic for a TransferScheduler, given its collaborators (see module docstring):
-    `meter_copy(event, kind, (step, micro_batch, layer))` meters a copy, `end_chain(layer_state)` ends a
-    layer's live fetch, `check()` raises a host-worker error in the caller, `link.skip_waits` is the test hook."""
+    """The step union's traffic for a TransferScheduler (see module docstring), given the scheduler's shared
+    `offload.context.SchedulerContext` and its `offload.updates.UpdateRunner`."""
 
-    def __init__(self, optimizers, engine, d2h_pool, worker, updates, meter, link, check: Callable[[], None],
-                 meter_copy: Callable, end_chain: Callable, *, max_rows: int, wire_dtype: torch.dtype, device):
-        self.optimizers, self.engine, self.d2h_pool, self.worker = optimizers, engine, d2h_pool, worker
-        self.updates, self.meter, self.link, self.check = updates, meter, link, check
-        self.meter_copy, self.end_chain = meter_copy, end_chain
-        self.max_rows, self.wire_dtype, self.device = max_rows, wire_dtype, device
-        self.width = optimizers[0].store.width
-        self.wire_bytes = torch.empty((), dtype=wire_dtype).element_size()
+    def __init__(self, ctx, updates):
+        self.ctx, self.updates = ctx, updates
+        self.optimizers, self.engine, self.d2h_pool, self.worker = ctx.optimizers, ctx.engine, ctx.d2h_pool, ctx.worker
+        self.meter, self.check, self.meter_copy = ctx.meter, ctx.check, ctx.meter_copy
+        self.max_rows, self.wire_dtype, self.device = ctx.max_rows, ctx.wire_dtype, ctx.device
+        self.width, self.wire_bytes, self.skip_waits = ctx.width, ctx.wire_bytes, ctx.skip_waits
 
     def assign_slots(self, st, h, n: int, marker) -> tuple:
         """Host worker, accumulation: slots of the part's valid ids in the step union, staged in slots_host
         (padding -> the union's dummy slot) and sent to slots_dev; returns (ids new to the union, first slot)."""
         off, end, un = h.offset, h.n_rows, st.union
         slots, new_ids, first = un.assign(h.step, st.ids_host[off:off + n].numpy())
-        if st.last_slots_h2d is not None and "slots" not in self.link.skip_waits:
+        if st.last_slots_h2d is not None and "slots" not in self.skip_waits:
             # protects slots_host: the previous slots H2D, queued behind compute, may not have read it yet
             st.last_slots_h2d.wait()
         st.slots_host[off:off + n].copy_(torch.from_numpy(slots))
@@ -146,7 +142,7 @@ class UnionTraffic:
         `keep` [K] bool on the device (a sparse update's mask; None: all kept) is ORed into the union."""
         un, layer = st.union, st.index
         for p in h.parts():
-            if p.slots_event is not None and "slots" not in self.link.skip_waits:
+            if p.slots_event is not None and "slots" not in self.skip_waits:
                 p.slots_event.wait_device()  # protects the slot lookups: the part's slots H2D must have landed
         if full and h.base is None:  # the fetch's own ids: its slots, padding -> the dummy slot
             slots_dev = st.slots_dev[: h.n_rows]
@@ -168,7 +164,7 @@ class UnionTraffic:
                     else keep.to(torch.int32))  # [K]
             un.keep_dev.index_add_(0, slots_dev.to(grads.device), kept)
         un.pending = True
-        self.end_chain(st)  # an owed staleness-1 update is queued before the step's gradients (as at fetch)
+        self.updates.end_chain(st)  # an owed staleness-1 update is queued before the step's gradients (as at fetch)
         self.updates.grads_pushed(layer, step)
         if last:
             self.send(st, step=step, micro_batch=micro_batch, last=True)
@@ -251,7 +247,7 @@ class UnionTraffic:
         slots [c0, c1), of which only those marked pushed (by the worker's checks, all run before this
         task) are applied. `keep_ev`: the D2H of the chunk's sparse-update mask into slot.keep (None: no mask)."""
         try:
-            if "d2h" not in self.link.skip_waits:
+            if "d2h" not in self.skip_waits:
                 ev.wait()  # protects the slot: the grads' D2H must have landed before we read it
             ids, rows = slot.ids[:n], slot.rows[:n]
             kept = None

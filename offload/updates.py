@@ -1,7 +1,7 @@
 """Update policy of the schedulers: when a layer's row update runs, how it is clipped, what is parked.
 
 Owns the rules both schedulers share -- `clip_scale` (the clip factor, defined once), `CLIP_MODES` and
-`check_update_args` -- and `UpdatePolicy`, the object `TransferScheduler` owns for its host-side
+`check_update_args` -- and `UpdateRunner`, the object `TransferScheduler` owns for its host-side
 updates: deciding that a layer's gradients of the step are complete (`grads_complete`), fixing the
 update's hyper-parameters on the caller's thread, the update itself on the host worker (clip scale,
 fused SparseAdamW step, metering), global-norm clipping, staleness 1 (a computed update waits for the
@@ -14,8 +14,9 @@ by the ranks of a node (`node`, an `offload.node.NodeGroup`): every rank holds t
 and updates only the rows it owns (id % local_world == local_rank), then the node's ranks meet at a
 barrier before anyone reads a row again.
 
-It talks to its scheduler only through what it is given: the optimizers, the host worker, the meter,
-and `check` (raises a worker error in the caller). Per-layer update state lives in `LayerUpdate`.
+It talks to its scheduler only through the shared `offload.context.SchedulerContext` (optimizers, host
+worker, meter, `check`). Ending a layer's live fetch (`end_chain`) queues the update the fetch held back.
+Per-layer update state lives in `LayerUpdate`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
 
 from offload.worker import POLL_S
 
-__all__ = ["CLIP_MODES", "LayerUpdate", "UpdatePolicy", "check_update_args", "clip_scale"]
+__all__ = ["CLIP_MODES", "LayerUpdate", "UpdateRunner", "check_update_args", "clip_scale"]
 
 CLIP_MODES = ("none", "layer", "global")
 
@@ -64,23 +64,24 @@ class LayerUpdate:
         self.global_scale = 1.0  # clip="global": scale of the pending update (written by the worker)
 
 
-class UpdatePolicy:
-    """Staleness, clipping and parked updates of a TransferScheduler (see module docstring)."""
+class UpdateRunner:
+    """Queues and runs a TransferScheduler's row updates: staleness, clipping, parked updates (see module
+    docstring)."""
 
-    def __init__(self, optimizers: Sequence, worker, meter, check: Callable[[], None], *, staleness: int,
-                 clip: str, max_norm: float, width: int, state_bytes: int, reducer=None, node=None,
-                 skip_waits: set | None = None):
+    def __init__(self, ctx, *, staleness: int, clip: str, max_norm: float, state_bytes: int, reducer=None,
+                 node=None):
         check_update_args(staleness, clip, max_norm, data_parallel=reducer is not None)
         if node is not None and reducer is None:
-            raise ValueError("UpdatePolicy: stores shared by a node's ranks need a reducer (data parallel): each "
+            raise ValueError("UpdateRunner: stores shared by a node's ranks need a reducer (data parallel): each "
                              "rank updates its own share of the rows from the all-reduced gradients")
         self.reducer = reducer
         self.node = node  # offload.node.NodeGroup of shared stores: rows split by ownership, then a node barrier
-        self.skip_waits = set() if skip_waits is None else skip_waits  # test hook: "node" skips the node barrier
+        self.skip_waits = ctx.skip_waits  # test hook: "node" skips the node barrier
         self.test_update_delay_s = 0.0  # test hook: this rank sleeps so long before its row updates (a slow owner)
-        self.optimizers, self.worker, self.meter, self.check = optimizers, worker, meter, check
+        self.optimizers, self.worker, self.meter, self.check = ctx.optimizers, ctx.worker, ctx.meter, ctx.check
         self.staleness, self.clip, self.max_norm = staleness, clip, float(max_norm)
-        self.width, self.state_bytes = width, state_bytes
+        self.width, self.state_bytes = ctx.width, state_bytes
+        optimizers = self.optimizers
         self.layers = [LayerUpdate(i) for i in range(len(optimizers))]
         self._applied = threading.Condition()  # guards the two counts below
         self._n_queued = [0] * len(optimizers)  # updates handed to the worker (run or parked), per layer
@@ -156,6 +157,12 @@ class UpdatePolicy:
         # bytes touched: weights fp32 + both moments, read and written, plus the wire-dtype grads once
         nbytes = rows * self.width * (2 * (4 + 2 * self.state_bytes) + grads.element_size())
         self.meter.record_update(step=step, layer=layer, rows=rows, nbytes=nbytes, start=t0, end=time.perf_counter())
+
+    def end_chain(self, st) -> None:
+        """End layer state `st`'s live fetch (all parts); queue the staleness-1 update it held back, if any."""
+        root = st.end_chain()
+        if root is not None:
+            self.park(st.index, *root.take_owed())
 
     def take_pending(self, layer: int, step: int) -> tuple[int, tuple] | None:
         """Staleness 1: the layer's computed update, which must follow the gather of the fetch now being
