@@ -13,9 +13,11 @@
   d pinned      pinned host tensors reachable from model.meft (stores, staging slots, ids buffers): exact
                 bytes vs what the pinned allocator holds (power-of-two rounding), host RSS of wrap; staged
                 and zero-copy (the mirrors pinned at their exact size)
-  e step_time   MEFT (frozen backbone; staged, and zero-copy as meft_zc) vs LoRA r=16 (peft) on the
-                SmolLM2-135M and TinyLlama-1.1B shapes
-                (from configs, random weights, bf16, batch 8 x 256): median of timed steps after warm-ups
+  e step_time   MEFT (frozen backbone; staged, and zero-copy as meft_zc) vs LoRA r=16 (peft, bf16 adapter
+                weights: autocast_adapter_dtype=False) on the SmolLM2-135M and TinyLlama-1.1B shapes (from
+                configs, random weights, bf16, batch 8 x 256) and TinyLlama-1.1B at 8 x 1024 (a compute-bound
+                point: a host-bound step barely grows with the batch): 5 warm-up and 20 timed steps with the
+                garbage collector frozen and disabled, each step synchronised; median
 
     PYTHONPATH=. python3 experiments/gpu_check.py --out $OUT/gpu.json [--quick] [--only a,b,...]
     python3 experiments/gpu_check.py --device cpu --quick    # dry run without a GPU: b, c, d, e (tiny)
@@ -58,12 +60,13 @@ import offload  # noqa: E402
 # element, bounded by ~lr = 1e-2: measured on the CPU, 6 steps, max row diff 1e-4 (bf16 and fp32 wire).
 # Stale or not-yet-landed rows would move whole rows by ~lr and the losses by ~1e-3.
 TOL = {"loss": {"rtol": 1e-4, "atol": 1e-4}, "rows": {"rtol": 1e-3, "atol": 1e-3}}
-BUDGET_S, TOTAL_S = {"a": 150, "b": 60, "c": 45, "d": 60, "e": 180}, 420  # soft limits (b-e halved by --quick)
+BUDGET_S, TOTAL_S = {"a": 150, "b": 60, "c": 45, "d": 60, "e": 240}, 480  # soft limits (b-e halved by --quick)
 SECTIONS = {"a": "cuda_tests", "b": "twin", "c": "syncs", "d": "pinned", "e": "step_time"}
 TINY = dict(hidden=64, inter=128, layers=2, heads=4, kv=2, vocab=256, tie=True)
 SHAPES = {"smollm2_135m": dict(hidden=576, inter=1536, layers=30, heads=9, kv=3, vocab=49152, tie=True),
           "tinyllama_1.1b": dict(hidden=2048, inter=5632, layers=22, heads=32, kv=4, vocab=32000, tie=False)}
 ROWS = {"smollm2_135m": 16384, "tinyllama_1.1b": 8192}  # adapter_rows per layer in e (--quick: 4096)
+LARGE = ("tinyllama_1.1b", 8, 1024)  # e's larger-batch point: shape, batch, tokens per sequence
 SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "equal", "is_nonzero", "masked_select", "_unique2",
             "unique_dim", "unique_consecutive", "allclose"}
 
@@ -432,23 +435,32 @@ def _run_method(method, dev, shape, data, rows, warm, timed, deadline) -> dict:
     else:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0),
+                               autocast_adapter_dtype=False)  # adapters in the model's dtype, like MEFT's rows
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     res = {"setup_s": round(time.perf_counter() - t0, 2), "adapter_rows": rows if method != "lora16" else None}
     model.train()
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for i in range(warm + timed):
-        if times and time.monotonic() > deadline:
-            break
-        t0 = time.perf_counter()
-        model(**data).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(dev)
-        if i >= warm:
-            times.append(time.perf_counter() - t0)
+    gc.collect()
+    gc.freeze()  # no collector pauses inside timed steps
+    gc.disable()
+    try:
+        for i in range(warm + timed):
+            if times and time.monotonic() > deadline:
+                break
+            sync(dev)
+            t0 = time.perf_counter()
+            model(**data).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(dev)
+            if i >= warm:
+                times.append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
+        gc.unfreeze()
     res.update(median_ms=round(1e3 * statistics.median(times), 2), min_ms=round(1e3 * min(times), 2),
                steps=len(times))
     if dev == "cuda":
@@ -462,31 +474,35 @@ def sec_step_time(a, dev, deadline):
     shapes = {k: dict(TINY, hidden=64 * (i + 1), inter=128 * (i + 1)) for i, k in enumerate(SHAPES)} if cpu \
         else SHAPES
     b, t = (2, 32) if cpu else ((8, 128) if a.quick else (8, 256))
-    warm, timed = (1, 2) if cpu else ((2, 5) if a.quick else (3, 10))
+    large, lb, lt = LARGE if not cpu else (LARGE[0], 2, 128)
+    points = {s: (s, b, t) for s in shapes} | {f"{large}_{lb}x{lt}": (large, lb, lt)}
+    warm, timed = (1, 2) if cpu else (5, 20)
     lora_skip = None if importlib.util.find_spec("peft") else "peft is not importable"
-    runs = [(s, m) for s in shapes for m in ("meft", "meft_zc", "lora16")]
-    out = {"batch": [b, t], "warmup": warm, "timed": timed, "dtype": "float32" if cpu else "bfloat16"}
-    for i, (s, m) in enumerate(runs):
+    runs = [(p, m) for p in points for m in ("meft", "meft_zc", "lora16")]
+    out = {"batch": [b, t], "points": {p: [pb, pt] for p, (_, pb, pt) in points.items()}, "warmup": warm,
+           "timed": timed, "gc": "frozen and disabled while stepping", "dtype": "float32" if cpu else "bfloat16"}
+    for i, (p, m) in enumerate(runs):
+        s, pb, pt = points[p]
         left = deadline - time.monotonic()
         if m == "lora16" and lora_skip or left <= 0:
-            out.setdefault(s, {})[m] = {"skipped": lora_skip if m == "lora16" and lora_skip else "time budget"}
+            out.setdefault(p, {})[m] = {"skipped": lora_skip if m == "lora16" and lora_skip else "time budget"}
             continue
         rows = 512 if cpu else (4096 if a.quick else ROWS[s])
         try:
-            res = _run_method(m, dev, shapes[s], batch(dev, shapes[s]["vocab"], b, t), rows, warm, timed,
+            res = _run_method(m, dev, shapes[s], batch(dev, shapes[s]["vocab"], pb, pt), rows, warm, timed,
                               time.monotonic() + left / (len(runs) - i))
         except Exception:  # noqa: BLE001 - recorded; the other runs go on
             res = {"error": traceback.format_exc()[-1500:]}
         release()  # what the run left in reference cycles (host stores, pinned blocks, device memory)
-        out.setdefault(s, {})[m] = res
+        out.setdefault(p, {})[m] = res
     parts = []
-    for s in shapes:
+    for s in points:
         mm, zm, lm = (out[s][m].get("median_ms") for m in ("meft", "meft_zc", "lora16"))
         out[s]["meft_vs_lora16"] = round(mm / lm, 2) if mm and lm else None
         out[s]["meft_zc_vs_lora16"] = round(zm / lm, 2) if zm and lm else None
         parts.append(f"{s}: meft {mm} ms, meft_zc {zm} ms, lora16 {lm} ms, ratios {out[s]['meft_vs_lora16']} / "
                      f"{out[s]['meft_zc_vs_lora16']}")
-    out["passed"] = all("error" not in out[s][m] for s, m in runs)
+    out["passed"] = all("error" not in out[p][m] for p, m in runs)
     out["summary"] = "; ".join(parts)
     return out
 
