@@ -1,4 +1,4 @@
-"""GPU validation kit: the first thing to run on a machine with a CUDA device (DESIGN.md, "Devices").
+"""GPU validation kit: the first thing to run on a machine with a CUDA device (docs/design.md "Devices").
 
   a cuda_tests  `pytest -q -m cuda tests/` in a subprocess: passed / failed / skipped, failing test names
   b twin        tiny Llama (LlamaConfig, seeded random fp32 weights) trained a few steps with
@@ -8,8 +8,8 @@
                 staleness 1 + accumulation 2), each with a bf16 and an fp32 wire
   c syncs       forward, backward and optimizer step of the wrapped model under
                 torch.cuda.set_sync_debug_mode("warn") (warnings counted, top call sites) and a
-                TorchDispatchMode counting sync-class aten ops with their call sites (DESIGN: none in the
-                adapter path); staged and zero-copy fetch
+                TorchDispatchMode counting sync-class aten ops with their call sites (docs/design.md: none in
+                the adapter path); staged and zero-copy fetch
   d pinned      pinned host tensors reachable from model.meft (stores, staging slots, ids buffers): exact
                 bytes vs what the pinned allocator holds (power-of-two rounding), host RSS of wrap; staged
                 and zero-copy (the mirrors pinned at their exact size)
@@ -323,7 +323,7 @@ def sec_syncs(a, dev, deadline):
         parts.append(f"{mode}: sync-class ops fwd {r['forward']['dispatch_total']} bwd "
                      f"{r['backward']['dispatch_total']} (in meft/offload: {r['adapter_path_sync_ops']}); "
                      f"sync-debug warnings {w}")
-    # DESIGN: no host sync in the adapter path
+    # docs/design.md "One training step": no host sync in the adapter path
     out.update(passed=all(out[m]["adapter_path_sync_ops"] == 0 for m in ("staged", "zero_copy")),
                summary="; ".join(parts))
     return out
@@ -414,7 +414,7 @@ def _pinned_of_wrap(a, dev, fetch_mode):
     out["staging_bytes_counted"] = _staging_counted(rt)  # what wrap's RAM check and `meft plan` count
     release(model)
     stores_pinned = any(k.startswith("rt.stores") and not k.endswith(".mirror") for k in owners)
-    # DESIGN: pinned only what the device reads (staging, zero-copy mirror), at its exact size, as counted
+    # docs/design.md "Devices": pinned only what the device reads (staging, zero-copy mirror), exact size, as counted
     out["passed"] = None if dev != "cuda" else (not stores_pinned and (out["rounding"] or 1.0) < 1.05
                                                 and out["engine_pinned_bytes"] == out["staging_bytes_counted"])
     mib = 2**20

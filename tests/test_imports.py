@@ -1,4 +1,4 @@
-"""Dependency direction and import hygiene (DESIGN.md "Layout": meft -> offload -> torch/numpy/numba).
+"""Dependency direction and import hygiene (docs/design.md "Layout": meft -> offload -> torch/numpy/numba).
 
 The import graph is read from the source (every `import` statement, module-level or inside a function),
 so a deferred import that would close a cycle is caught as well as a module-level one.
