@@ -2,9 +2,14 @@
 SparseAdamW vs the best plain-PyTorch path on the same rows (index_select into preallocated buffers,
 torch's fused / foreach AdamW on them, index_copy_ back).
 
-    python experiments/bench_offload.py            # full run; prints the table, writes BENCHMARKS.md
-    python experiments/bench_offload.py --quick    # < 1 minute, prints only (add --write to record)
+    python experiments/bench_offload.py --write    # full run; prints the tables and writes BENCHMARKS.md
+    python experiments/bench_offload.py --quick    # about a minute, prints only
     python experiments/bench_offload.py --json     # last stdout line: one JSON object
+
+Stores: today's default model width (65,536 rows x 2 x 576) and the 7B row width (Llama-2-7B / Mistral-7B,
+d = 4096): [K | V] rows (width 8,192) and values-only rows (width 4,096, the rows that cross when frozen keys
+are generated on the device), 16,384 rows each (8,192 with --quick). The JSON's `gather_7b` gives, per 7B
+width and active-row count, the bf16 gather's GB/s beside the contiguous copy's and their ratio.
 
 Two tables. (1) SparseAdamW: bandwidth = bytes touched / time, reads + writes counted once each:
 copy 8 B/elem (torch `copy_` of a large preallocated buffer: read 4 + write 4), accumulate 8
@@ -30,7 +35,6 @@ copy GB/s at 6 B/elem (medians; the best-sample value is reported beside it).
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -47,6 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from offload import kernels  # noqa: E402
 from offload.optim import SparseAdamW  # noqa: E402
 from offload.store import RowStore  # noqa: E402
+
+from experiments.bench_gather import D_7B, gather_7b, gather_table, measure_gather, roofline_lines  # noqa: E402
+from experiments.bench_gather import MIN_SAMPLE_S, lines_7b, summarize_gather  # noqa: E402
+from experiments.benchmarks_md import replace_section  # noqa: E402
 
 __all__ = ["main"]
 
@@ -121,113 +129,6 @@ class Case:
                lambda: self._torch(times, "fused"), lambda: self._torch(times, "foreach")]
         for k in range(len(ops)):
             ops[(k + turn) % len(ops)]()
-
-
-GATHER_OPS = ("copy", "numba bf16", "numba bf16 sequential ids", "torch index_select + to(bf16)", "numba fp32")
-GATHER_BYTES = {"numba fp32": 8}  # credited bytes per element; every other gather op: 6 (see the docstring)
-MIN_SAMPLE_S = 0.05  # each sample runs K calls, K sized so the copy alone takes at least this long
-
-
-class GatherCase:
-    """One store and one active-row count: every gather method with its buffers preallocated."""
-
-    def __init__(self, store: RowStore, n_active: int, gen: torch.Generator):
-        self.store, self.r, self.gen, w = store, n_active, gen, store.width
-        self.out_bf16 = torch.zeros(n_active, w, dtype=torch.bfloat16)  # [R, W] wire buffer
-        self.out_f32 = torch.zeros(n_active, w)                          # [R, W] fp32 (numba fp32, torch)
-        self.copy_dst = torch.zeros(n_active, w)                         # [R, W] copy destination
-        self.k = 1
-
-    def ids(self, op: str) -> torch.Tensor:
-        """Fresh ids for one call: random unique sorted rows, or (copy / sequential) a random start row."""
-        n, r = self.store.n_rows, self.r
-        if op in ("copy", "numba bf16 sequential ids"):
-            start = int(torch.randint(0, n - r + 1, (1,), generator=self.gen))
-            return torch.arange(start, start + r)
-        return torch.randperm(n, generator=self.gen)[:r].sort().values
-
-    def call(self, op: str, ids: torch.Tensor) -> None:
-        s = self.store
-        if op == "copy":
-            self.copy_dst.copy_(s.weights[int(ids[0]): int(ids[0]) + self.r])
-        elif op == "numba fp32":
-            s.gather(ids, self.out_f32)
-        elif op.startswith("numba bf16"):
-            s.gather(ids, self.out_bf16)
-        else:
-            torch.index_select(s.weights, 0, ids, out=self.out_f32)
-            self.out_bf16.copy_(self.out_f32)
-
-    def sample(self, op: str) -> tuple[float, float]:
-        """(wall, process CPU) seconds per call, over K calls with ids made before the clock starts."""
-        idss = [self.ids(op) for _ in range(self.k)]
-        c0, t0 = time.process_time(), time.perf_counter()
-        for ids in idss:
-            self.call(op, ids)
-        t1, c1 = time.perf_counter(), time.process_time()
-        return (t1 - t0) / self.k, (c1 - c0) / self.k
-
-    def calibrate(self) -> None:
-        for op in GATHER_OPS:  # compile, first touch of the buffers
-            self.call(op, self.ids(op))
-        self.k = 1
-        self.k = max(1, math.ceil(MIN_SAMPLE_S / min(self.sample("copy")[0] for _ in range(3))))
-
-
-def measure_gather(store: RowStore, actives, t: int, samples: int, gen: torch.Generator) -> list:
-    """Rows of the gather table for one store and thread count: all ops interleaved sample by sample."""
-    cases = [GatherCase(store, r, gen) for r in actives]
-    for case in cases:
-        case.calibrate()
-    times = {(i, op): [] for i in range(len(cases)) for op in GATHER_OPS}
-    for rep in range(samples):
-        for i, case in enumerate(cases):
-            for k in range(len(GATHER_OPS)):
-                op = GATHER_OPS[(k + rep) % len(GATHER_OPS)]
-                times[(i, op)].append(case.sample(op))
-    rows = []
-    for (i, op), ts in times.items():
-        wall, cpu = [w for w, _ in ts], [c for _, c in ts]
-        rows.append({"threads": t, "shape": f"{store.n_rows}x{store.width}", "rows": cases[i].r, "op": op,
-                     "calls": cases[i].k, "ms": 1e3 * statistics.median(wall), "best_ms": 1e3 * min(wall),
-                     "cpu_ms": 1e3 * statistics.median(cpu), "elems": cases[i].r * store.width})
-    by = {(r["rows"], r["op"]): r for r in rows}
-    for row in rows:
-        credit = GATHER_BYTES.get(row["op"], 6)
-        copy = by[(row["rows"], "copy")]
-        for key in ("ms", "best_ms", "cpu_ms"):
-            row[f"gbs_{key}"] = credit * row["elems"] / (row[key] / 1e3) / 1e9
-            row[f"frac_{key}"] = copy[key] / row[key]  # = GB/s / copy GB/s at the same credited bytes
-    return rows
-
-
-def summarize_gather(rows: list) -> dict:
-    """Worst case over shapes and active-row counts (one thread count), medians and best samples."""
-    by = {(r["shape"], r["rows"], r["op"]): r for r in rows}
-    keys = sorted({(r["shape"], r["rows"]) for r in rows})
-    torch_op = "torch index_select + to(bf16)"
-    out = {}
-    for key, tag in (("ms", "median"), ("best_ms", "best"), ("cpu_ms", "cpu_median")):
-        frac = {op: round(min(by[(*k, op)][f"frac_{key}"] for k in keys), 3)
-                for op in ("numba bf16", "numba fp32", "numba bf16 sequential ids")}
-        out[f"gather_bandwidth_fraction_{tag}"] = frac["numba bf16"]
-        out[f"gather_fp32_bandwidth_fraction_{tag}"] = frac["numba fp32"]
-        out[f"gather_sequential_ids_fraction_{tag}"] = frac["numba bf16 sequential ids"]
-        out[f"gather_speedup_vs_torch_{tag}"] = round(min(by[(*k, torch_op)][key] / by[(*k, "numba bf16")][key]
-                                                          for k in keys), 3)
-    out["gather_copy_gbs_median"] = round(min(by[(*k, "copy")]["gbs_ms"] for k in keys), 3)
-    return out
-
-
-def gather_table(rows: list) -> str:
-    lines = ["| threads | store (rows x width) | active rows | op | calls/sample | median ms | best ms | "
-             "CPU ms (median) | B/elem credited | GB/s median | GB/s best | of copy (median) | of copy (best) |",
-             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['threads']} | {r['shape']} | {r['rows']} | {r['op']} | {r['calls']} | {r['ms']:.2f} | "
-                     f"{r['best_ms']:.2f} | {r['cpu_ms']:.2f} | {GATHER_BYTES.get(r['op'], 6)} | "
-                     f"{r['gbs_ms']:.2f} | {r['gbs_best_ms']:.2f} | {r['frac_ms']:.0%} | {r['frac_best_ms']:.0%} |")
-    return "\n".join(lines)
 
 
 def _set_threads(n: int) -> None:
@@ -320,22 +221,6 @@ def targets_line(t: int, sm: dict, best: dict) -> str:
             f"the torch path.")
 
 
-def roofline_lines(rows: list) -> list:
-    """Per store and active-row count: where the gather's time goes (random rows vs the same call on
-    consecutive ids vs the contiguous copy), from the median times."""
-    by = {(r["threads"], r["shape"], r["rows"], r["op"]): r for r in rows}
-    out = []
-    for t, shape, n, _ in sorted({k for k in by if k[3] == "copy"}):
-        rnd, seq, cp = (by[(t, shape, n, op)]["ms"] for op in ("numba bf16", "numba bf16 sequential ids", "copy"))
-        width = int(shape.split("x")[1])
-        out.append(f"{t} thread(s), {shape}, {n} rows ({4 * width} B per fp32 row, "
-                   f"{math.ceil(4 * width / 4096) + 1} 4-KiB pages touched per random row at most): copy {cp:.2f} ms, "
-                   f"bf16 gather on consecutive ids {seq:.2f} ms ({cp / seq:.0%} of copy: the cast pass itself), "
-                   f"on random ids {rnd:.2f} ms ({cp / rnd:.0%}); random-row cost {1e6 * (rnd - seq) / 1e3 / n:.3f} us "
-                   f"per row above sequential")
-    return out
-
-
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -346,20 +231,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, {platform.system()} {platform.release()}"
 
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(HEADING) + r".*?(?=^## |\Z)", re.S | re.M)
-    section = f"{HEADING}\n\n{body}\n\n"
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rows / repeats; finishes in < 1 minute")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    ap.add_argument("--write", action="store_true", help="write BENCHMARKS.md even with --quick")
-    ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
+    ap.add_argument("--write", action="store_true", help="write the tables into BENCHMARKS.md")
     ap.add_argument("--threads", default=None,
                     help="comma-separated thread counts to compare, e.g. 1,2 (default: offload's default "
                          "thread count, plus all cores without --quick); the JSON summary is for the first "
@@ -371,7 +247,8 @@ def main(argv=None) -> dict:
     else:  # --quick: offload's default only; full run: compare with all cores
         threads = [default] if args.quick else sorted({default, numba.config.NUMBA_NUM_THREADS})
     main_t = default if default in threads else threads[0]
-    shapes = [(65536, 2 * 576), (8192 if args.quick else 16384, 2 * 4096)]
+    n7b = 8192 if args.quick else 16384
+    shapes = [(65536, 2 * 576), (n7b, 2 * D_7B), (n7b, D_7B)]
     repeats, copy_mib, gather_samples = (5, 256, 5) if args.quick else (11, 512, 11)
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     rows, copy_gbs, grows = measure(shapes, (1024, 4096), threads, repeats, copy_mib, gather_samples)
@@ -390,9 +267,11 @@ def main(argv=None) -> dict:
     out = (table(rows, copy_gbs) + "\n\nGather + cast (cold rows, " + f"{gather_samples} samples of >= "
            f"{MIN_SAMPLE_S * 1e3:.0f} ms per op, interleaved; load average {load0:.1f} at start, {load1:.1f} at end):"
            "\n\n" + gather_table(grows) + "\n\n" + "\n".join(f"- {line}" for line in roofline_lines(grows))
-           + "\n\n" + "\n".join(f"- {targets_line(t, summaries[t], bests[t])}" for t in threads))
+           + "\n\n" + "\n".join(f"- {targets_line(t, summaries[t], bests[t])}" for t in threads)
+           + "\n\n" + "\n".join(f"- {t} thread(s), {line}" for t in threads
+                                  for line in lines_7b(gather_7b([r for r in grows if r["threads"] == t]))))
     print(out)
-    if (not args.quick or args.write) and not args.no_write:
+    if args.write:
         cmd = "python experiments/bench_offload.py" + (" --quick" if args.quick else "")
         meta = (f"Command: `{cmd}` ({'quick' if args.quick else 'full'}: {repeats} interleaved repeats, "
                 f"medians; {wall:.0f} s)  \nDate: {datetime.datetime.now().isoformat(timespec='minutes')}  \n"
@@ -400,10 +279,10 @@ def main(argv=None) -> dict:
                 f"{load0:.1f}, at end {load1:.1f} (shared machine, other jobs running)  \n"
                 f"Versions: python {platform.python_version()}, torch {torch.__version__}, "
                 f"numba {numba.__version__} ({numba.threading_layer()} threading layer), numpy {np.__version__}")
-        write_section(Path(__file__).resolve().parents[1] / "BENCHMARKS.md",
-                      meta + "\n\n" + "\n\n".join(__doc__.split("\n\n")[2:4]) + "\n\n" + out + "\n\n" + NOTES)
+        replace_section(HEADING, f"{HEADING}\n\n{meta}\n\n" + "\n\n".join(__doc__.split("\n\n")[2:5]) + "\n\n"
+                        + out + "\n\n" + NOTES + "\n")
     summary = dict(summaries[main_t], threads=main_t, load_avg=[round(load0, 2), round(load1, 2)],
-                   best_repeats=bests[main_t],
+                   best_repeats=bests[main_t], gather_7b=gather_7b([r for r in grows if r["threads"] == main_t]),
                    by_threads={str(t): sm for t, sm in summaries.items()})
     if args.json:
         print(json.dumps(summary))
