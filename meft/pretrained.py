@@ -209,6 +209,13 @@ def resolve_model(model: str | os.PathLike | None = None, *, cache: str | os.Pat
                 f"--model {name!r}: folder exists but has no config.json, so it is not a HuggingFace "
                 "model folder. Fix: point --model at a folder written by save_pretrained, or at a hub id."
             )
+        weights = [p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+                   or p.name.endswith(".safetensors.index.json")]
+        if not weights:
+            raise ModelError(
+                f"--model {name!r}: the folder has a config.json but no weights (no *.safetensors or "
+                "pytorch_model*.bin). Fix: copy the weight files in (save_pretrained writes them), or point "
+                "--model at a complete model folder.")
         return str(path)
     if path.exists():
         raise ModelError(f"--model {name!r} is a file, not a model folder. Fix: pass the folder holding "

@@ -6,13 +6,19 @@ Owns the adapter folder format (full training-state checkpoints are a separate m
                                          "layers": [decoder layer per adapter], "hidden_size", "row_width",
                                          "model_type", "targets": [module paths], "sizes": {...},
                                          "training": {...} what the trainer chose to record, e.g.
-                                         {"system_prompt": ""} (`meft generate` / `meft eval` reuse it)}
+                                         {"system_prompt": ""} (`meft generate` / `meft eval` reuse it),
+                                         "base_model": the base model's identity (`meft.adapter.base_identity`)}
     <dir>/adapter_model.safetensors    "layers.<l>.rows" [N, 2d] fp32 (keys | values of layer l)
                                        "layers.<l>.router" [E, d] fp32 router gate of layer l
                                        "layers.<l>.expert_bias" [E] fp32 routing balance bias (balance="bias")
 
 Optimizer moments are not part of an adapter (as in PEFT). Loading into a fresh copy of the base model
-reproduces the wrapped model's logits exactly (fp32 rows and gates are stored bit for bit).
+reproduces the wrapped model's logits exactly (fp32 rows and gates are stored bit for bit). Loading onto
+another base model (a different identity) is refused unless `force=True`.
+
+The folder is written atomically (a temp folder renamed into place): a kill or a full disk leaves the
+previous adapter, never a half-written one; a full disk is a `DiskFullError` naming the folder. A missing,
+malformed or truncated file is a ValueError naming the file.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from meft.adapter.base_identity import base_identity, identity_mismatch
 from meft.adapter.wrap import (
     unwrap,
     wrap,  # late: meft.adapter.wrap imports this package's siblings
@@ -51,7 +59,6 @@ def save_adapter(model, path: str, *, verbose: bool = True, training: dict | Non
     `training`: JSON-able facts about how it was trained, kept as ``"training"`` in adapter_config.json."""
     rt = _runtime(model)
     rt.sync_to_host()  # staleness 1 pending updates applied; resident rows copied back to the stores
-    os.makedirs(path, exist_ok=True)
     tensors = {}
     for ad, store in zip(rt.adapters, rt.stores):
         tensors[f"layers.{ad.layer}.rows"] = store.weights  # [N, 2d] fp32, contiguous host tensor
@@ -66,14 +73,18 @@ def save_adapter(model, path: str, *, verbose: bool = True, training: dict | Non
         "row_width": rt.stores[0].width,
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "sizes": {"params": params, "bytes": nbytes},
+        "base_model": base_identity(model),
     }
     if training:
         meta["training"] = training
+    from meft.train.atomic import atomic_folder  # late: meft.train imports this module
+
+    with atomic_folder(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(tmp / CONFIG_NAME, "w") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
     weights_path = os.path.join(path, WEIGHTS_NAME)
-    save_file(tensors, weights_path, metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
     msg = (f"saved meft adapter: {len(rt.adapters)} layers x {rt.config.adapter_rows} rows x "
            f"{rt.stores[0].width} + router gates = {params:,} params, "
            f"{os.path.getsize(weights_path) / 2**20:.1f} MiB -> {path}")
@@ -88,10 +99,19 @@ def _read_config(path: str) -> dict:
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{path!r} is not a meft adapter folder: {CONFIG_NAME} is missing "
                          f"(write one with meft.save_adapter(model, dir))")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != "meft-adapter":
-        raise ValueError(f"{cfg_path}: format is {meta.get('format')!r}, expected 'meft-adapter'")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg_path}: not valid JSON ({exc}); the adapter folder is damaged: fix: save the "
+                         "adapter again (a run folder's adapter/ is rewritten by meft train --resume)") from None
+    if not isinstance(meta, dict) or meta.get("format") != "meft-adapter":
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{cfg_path}: format is {got!r}, expected 'meft-adapter'")
+    missing = [k for k in ("config", "layers", "row_width", "sizes") if k not in meta]
+    if missing:
+        raise ValueError(f"{cfg_path}: missing {missing}; the adapter folder is damaged or not meft's: fix: "
+                         "save the adapter again with meft.save_adapter")
     return meta
 
 
@@ -111,13 +131,20 @@ def _merge_config(saved: MeftConfig, config: MeftConfig | None) -> MeftConfig:
     return config
 
 
-def load_adapter(model, path: str, config: MeftConfig | None = None, *, verbose: bool = True):
+def load_adapter(model, path: str, config: MeftConfig | None = None, *, verbose: bool = True,
+                 force: bool = False):
     """Wrap a fresh base `model` with the adapter saved in `path`; returns the wrapped model.
 
     `config` may change runtime fields (offload, wire_dtype, lrs, ...) but not the adapter's shape.
+    `force`: load even when `model` is not the base model the adapter was trained on.
     """
 
     meta = _read_config(path)
+    differs = identity_mismatch(meta.get("base_model"), base_identity(model))
+    if differs and not force:
+        raise ValueError(f"adapter {path!r} was trained on another base model ({differs}); its rows would "
+                         "add to the wrong features. Fix: load it onto the base model it was trained on, or pass "
+                         "force=True to load it anyway")
     cfg = _merge_config(MeftConfig.from_dict(meta["config"]), config)
     wrap(model, cfg)
     rt = model.meft
@@ -127,12 +154,19 @@ def load_adapter(model, path: str, config: MeftConfig | None = None, *, verbose:
         raise ValueError(f"adapter in {path!r} has layers {meta['layers']} and row width {meta['row_width']}; "
                          f"this model gives layers {got} and row width {rt.stores[0].width}: "
                          f"load it into the base model it was trained on")
-    with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f, torch.no_grad():
-        for ad, store in zip(rt.adapters, rt.stores):
-            store.set_weights(f.get_tensor(f"layers.{ad.layer}.rows"))  # the zero-copy mirror too
-            ad.gate.copy_(f.get_tensor(f"layers.{ad.layer}.router"))
-            if f"layers.{ad.layer}.expert_bias" in f.keys():
-                ad.expert_bias.copy_(f.get_tensor(f"layers.{ad.layer}.expert_bias"))
+    weights = Path(path) / WEIGHTS_NAME
+    try:
+        with safe_open(str(weights), framework="pt") as f, torch.no_grad():
+            for ad, store in zip(rt.adapters, rt.stores):
+                store.set_weights(f.get_tensor(f"layers.{ad.layer}.rows"))  # the zero-copy mirror too
+                ad.gate.copy_(f.get_tensor(f"layers.{ad.layer}.router"))
+                if f"layers.{ad.layer}.expert_bias" in f.keys():
+                    ad.expert_bias.copy_(f.get_tensor(f"layers.{ad.layer}.expert_bias"))
+    except Exception as exc:  # noqa: BLE001 - safetensors' error type, a missing key, a shape mismatch
+        unwrap(model)
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise ValueError(f"{weights}: cannot be read ({type(exc).__name__}: {first}); the file is missing, "
+                         "truncated or damaged: fix: save the adapter again") from None
     rt.stores_changed()  # device copies of the stores (resident twin, inference rows) follow
     msg = (f"loaded meft adapter from {path}: {len(got)} layers, {meta['sizes']['params']:,} params, "
            f"{meta['sizes']['bytes'] / 2**20:.1f} MiB")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-__all__ = ["FFNTarget", "TARGETS", "find_targets", "hidden_size_of"]
+__all__ = ["FFNTarget", "TARGETS", "find_targets", "hidden_size_of", "check_layer_choice"]
 
 # model_type -> (path of the decoder-layer list, FFN attribute in a layer[, output attribute])
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -69,6 +69,27 @@ def _n_layers(model: nn.Module) -> int | None:
         if isinstance(getattr(cfg, name, None), int):
             return getattr(cfg, name)
     return None
+
+
+def check_layer_choice(layers, model: nn.Module) -> None:
+    """`layers` (MeftConfig.layers) against the model's decoder layers: an int is a stride (every k-th layer
+    from layer 0), so one as large as the layer count would adapt layer 0 only; an index list must be in
+    range. Raises a ValueError naming the field, the value and the valid range."""
+    n = _n_layers(model)
+    if n is None or layers == "all":
+        return
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        if layers >= n > 1:
+            raise ValueError(f"layers = {layers}: an int is a stride (an adapter on every {layers}th decoder "
+                             f"layer from layer 0), and this model has {n} layers, so only layer 0 would get one; "
+                             f"fix: a stride in 1..{n - 1}, a list of layer indices in 0..{n - 1} (e.g. [{n - 1}]), "
+                             "or 'all'")
+        return
+    if isinstance(layers, (list, tuple)):
+        bad = [i for i in layers if isinstance(i, int) and not 0 <= i < n]
+        if bad:
+            raise ValueError(f"layers = {list(layers)}: index {bad[0]} is out of range; this model has {n} decoder "
+                             f"layers (0..{n - 1}); fix: indices in 0..{n - 1}")
 
 
 def hidden_size_of(model: nn.Module) -> int:

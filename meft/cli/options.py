@@ -3,7 +3,10 @@
 Every option of a subcommand is a field of a dataclass with a `help` string in its metadata; this
 module turns such dataclasses into argparse options (so `--help` documents each one) and merges,
 in order of precedence: command line > config file (`--config run.yaml`) > dataclass default.
-Unknown keys in a config file are an error that names the key and lists the valid ones.
+Unknown keys in a config file are an error that names the key and lists the valid ones. A run folder's own
+`config.json` (`{"train": {...}, "meft": {...}}`, what `meft train` writes) is read as those options, so a
+run can be repeated or continued with `--config runs/x/config.json` (its resume / overwrite choices are not
+taken from it).
 """
 
 from __future__ import annotations
@@ -105,7 +108,21 @@ def read_config_file(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise OptionsError(f"--config: {str(path)!r} must hold a mapping of option: value, got {type(data).__name__}")
+    if _is_run_config(data):  # a run folder's own config.json: its options, in two parts
+        data = {**data["train"], **data["meft"]}
+        for name in RUN_SPECIFIC:  # this command says whether it resumes / overwrites, not the old run
+            data.pop(name, None)
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+# written by `meft train` into a run's config.json, besides the options: not taken from it by --config
+RUN_SPECIFIC = ("resume", "overwrite")
+
+
+def _is_run_config(data: dict) -> bool:
+    """`meft train` writes {"train": {...}, "meft": {...}, "world_size": N} into a run folder's config.json."""
+    return isinstance(data.get("train"), dict) and isinstance(data.get("meft"), dict) and (
+        set(data) <= {"train", "meft", "world_size"})
 
 
 def resolve_options(args: argparse.Namespace, classes: list[type]) -> list[Any]:

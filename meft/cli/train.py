@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
             summary["trade_off"] = trade_off(targs, cfg, retention=pargs.retention, generations=pargs.generations)
             _rewrite_json(Path(targs.output_dir) / "summary.json", summary)
         print(trade_off_table(summary["trade_off"]), flush=True)
-    return 130 if summary["interrupted"] else 0
+    if summary["interrupted"]:  # stopped by a signal after saving: the conventional 128 + signal number
+        return 128 + (summary.get("signal") or 2)
+    return 0
 
 
 def _probe_kw(targs: TrainArgs, tokenizer, retention: bool, generations: bool) -> dict:

@@ -31,15 +31,31 @@ _ERROR = object()  # marks a raw entry that is a parse error message, not a reco
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, object]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, (_ERROR, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                     "fix: save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 yield where, (_ERROR, f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _utf8_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError([f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); fix: save the file as "
+                         "UTF-8"], what=str(path)) from None
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -68,7 +84,7 @@ def _array_start(text: str, path: Path) -> int:
 
 
 def _json(path: Path) -> Iterator[tuple[str, object]]:
-    text = path.read_text(encoding="utf-8")
+    text = _utf8_text(path)
     try:
         json.loads(text)
     except json.JSONDecodeError as e:
@@ -103,6 +119,9 @@ def read_raw(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     """``(where, raw record)`` for every record of a file; a line that is not JSON comes as
     ``(where, (_ERROR, reason))``. Raises `DataError` for a missing or unreadable file."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError([f"{path}: is a folder, not a data file; fix: pass one .jsonl, .json or .parquet file "
+                         "inside it"], what=str(path))
     if not path.is_file():
         raise DataError([f"{path}: no such file"], what=str(path))
     reader = {".json": _json, ".parquet": _parquet}.get(path.suffix.lower(), _jsonl)

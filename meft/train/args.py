@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meft.config import opt
+from meft.train.resume import may_change_help
 
 __all__ = ["TrainArgs", "LR_SCHEDULES"]
 
@@ -67,9 +68,20 @@ class TrainArgs:
     max_new_tokens: int = opt(12, "Tokens generated per evaluation answer.")
     eval_before: bool = opt(True, "Score the base model before training.")
     eval_after: bool = opt(True, "Score the adapted model after training.")
-    save_every: int = opt(100, "Save a resumable checkpoint every N steps (0 = only at the end).")
-    keep_checkpoints: int = opt(2, "Resumable checkpoints kept in output_dir/checkpoints (older are removed).")
-    resume: bool = opt(False, "Continue exactly from output_dir/checkpoints/latest (same options required).")
+    save_every: int = opt(0, "Save a resumable checkpoint every N steps, and one at the end (so --resume with a "
+                          "larger --steps can train the finished run further). 0 = no periodic checkpoints and none "
+                          "kept at the end: a completed run keeps its adapter/ only (a trained --backbone lomo/adalomo "
+                          "keeps its final checkpoint: the adapter does not hold the backbone). Ctrl-C and SIGTERM "
+                          "always save one.")
+    keep_checkpoints: int = opt(2, "Resumable checkpoints kept in output_dir/checkpoints (older are removed; "
+                                "0 = keep all). When the disk has less room than a checkpoint takes, the older "
+                                "ones are removed before the next one is written.")
+    resume: bool = opt(False, "Continue exactly from the newest complete checkpoint in output_dir/checkpoints "
+                       "(a damaged one is skipped, with the reason). The options that define the run must be the "
+                       "same (a difference is an error naming it); these may change: " + may_change_help() + ".")
+    overwrite: bool = opt(False, "Replace a run already in --output-dir: its metrics, summary, adapter and "
+                          "checkpoints are removed first. Without it (or --resume), an occupied --output-dir is "
+                          "an error.")
     device: str = opt("auto", "Compute device: 'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:i]'.")
     dtype: str = opt("float32", "Backbone weight dtype: float32 or bfloat16.")
     gradient_checkpointing: bool = opt(False, "Recompute decoder-layer activations in backward "

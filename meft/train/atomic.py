@@ -16,11 +16,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["DiskFullError", "atomic_write_text", "atomic_folder", "read_pointer", "write_pointer"]
+__all__ = ["DiskFullError", "atomic_write_text", "atomic_folder", "read_pointer", "read_pointer_name",
+           "write_pointer", "is_disk_full"]
 
 
 class DiskFullError(OSError):
     """A write ran out of disk space. The partial result was removed and the previous one is intact."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """`exc` says the disk is full (ENOSPC, whoever raised it)."""
+    return _disk_full(exc)
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -103,10 +109,19 @@ def write_pointer(folder: str | Path, target_name: str, pointer: str = "latest")
     atomic_write_text(Path(folder) / pointer, target_name + "\n")
 
 
+def read_pointer_name(folder: str | Path, pointer: str = "latest") -> str | None:
+    """The name `folder/pointer` holds (whether or not that folder exists), or None without a pointer."""
+    ptr = Path(folder) / pointer
+    try:
+        return ptr.read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def read_pointer(folder: str | Path, pointer: str = "latest") -> Path | None:
     """The folder that `folder/pointer` names, or None when there is no complete one yet."""
-    ptr = Path(folder) / pointer
-    if not ptr.is_file():
+    name = read_pointer_name(folder, pointer)
+    if name is None:
         return None
-    target = Path(folder) / ptr.read_text().strip()
+    target = Path(folder) / name
     return target if target.is_dir() else None

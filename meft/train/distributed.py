@@ -18,7 +18,10 @@ what to do (the latest complete checkpoint, `--resume`) and exit with status 1 -
 thread is blocked in (an NCCL or gloo collective would otherwise wait for the process-group timeout,
 30 minutes). Under torchrun on one node the agent notices a dead worker first (within its 0.1 s monitor
 interval) and SIGTERMs the others; their SIGTERM handler prints the same message, naming the dead rank
-(a rank on this node whose process is gone) before exiting. An exception in a rank (a user error, a
+(a rank on this node whose process is gone) before exiting. A SIGTERM during the step loop with no failed
+rank (a scheduler or `kill` stopping the job; torchrun passes its own SIGTERM on to every worker) is a stop
+request instead: the loop's handler sets it, the ranks agree on it in the step's reduction, every rank
+stops after the same step and rank 0 saves a checkpoint (`Ranks.exit_if_peer_failed`). An exception in a rank (a user error, a
 collective that failed because its peer closed the connection) is recorded in the store for the others'
 watchdogs, and re-raised as `RankFailedError` naming the dead peer when one is known (after a failed
 collective, once the peer's heartbeat has gone stale: at most the timeout). Nodes are told apart by
@@ -246,13 +249,28 @@ class Ranks:
             return f" (no complete checkpoint under {self.output_dir} yet: that restarts the run from step 0)"
         return f" to continue from {ckpt} (the latest complete checkpoint)"
 
+    def _sigterm_failed_peers(self) -> dict[int, str]:
+        failed = self.watchdog.failed_peers() if self.watchdog is not None else {}
+        if not failed and self.watchdog is not None:
+            time.sleep(0.5)  # the dead rank's launcher may not have seen it yet; the /proc check is instant
+            failed = self.watchdog.failed_peers()
+        return failed
+
     def _on_sigterm(self, signum, frame) -> None:
         """torchrun ends the other workers with SIGTERM when one fails: say which one and what to do."""
-        failed = self.watchdog.failed_peers() if self.watchdog is not None else {}
-        if not failed:
-            time.sleep(0.5)  # the dead rank's launcher may not have seen it yet; the /proc check is instant
-            failed = self.watchdog.failed_peers() if self.watchdog is not None else {}
+        failed = self._sigterm_failed_peers()
         _exit_loudly(self.watchdog.message(failed, "was stopped (SIGTERM from the launcher) because"), 128 + signum)
+
+    def exit_if_peer_failed(self, signum: int) -> None:
+        """In the step loop a SIGTERM is a request to save and stop (a scheduler, `kill`, torchrun passing on its
+        own SIGTERM), unless it is torchrun ending the survivors of a failed rank: then no collective can
+        complete, and this rank exits at once with the message naming the failed rank."""
+        if self.watchdog is None:
+            return
+        failed = self._sigterm_failed_peers()
+        if failed:
+            _exit_loudly(self.watchdog.message(failed, "was stopped (SIGTERM from the launcher) because"),
+                         128 + signum)
 
     @property
     def main(self) -> bool:

@@ -4,8 +4,9 @@ Owns: loading model + data for a run, evaluation before/after, the step loop (mi
 optimizer steps, learning-rate schedule), per-step metrics (loss, lr, tokens/s, rows and bytes moved
 each way, CPU update time, routing: distinct experts and budget-dropped share) into a progress bar,
 `metrics.jsonl` and the `--report-to` trackers (`meft.train.tracking`), resumable checkpoints
-(`meft.train.checkpoint`; resuming on another number of ranks reshards), Ctrl-C (finish the step, save, exit
-cleanly), a rank of a torchrun run that dies (`meft.train.distributed`: the others stop loudly), and the
+(`meft.train.checkpoint`; resuming on another number of ranks reshards; which one and whether the options
+match: `meft.train.resume`), the run folder's ownership (`meft.train.run_folder`: lock, no overwrite),
+Ctrl-C and SIGTERM (finish the step, save, exit with 130 / 143), a rank of a torchrun run that dies (`meft.train.distributed`: the others stop loudly), and the
 end-of-run summary table and loss plot. Everything model-specific lives in `meft.adapter.wrap` / `meft.adapter.runtime`.
 """
 
@@ -30,12 +31,17 @@ from meft.data.sources import RunData, load_run_data
 from meft.evaluate import qa_accuracy
 from meft.pretrained import enable_checkpointing, load_model
 from meft.train.args import LR_SCHEDULES, TrainArgs
-from meft.train.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from meft.train.atomic import atomic_write_text
+from meft.adapter.targets import check_layer_choice
+from meft.train.checkpoint import CheckpointError, load_training_state, save_training_state
 from meft.train.distributed import Ranks
 from meft.train.loss import step_loss
+from meft.train.resume import ResumeError, defining_options, plan_resume
+from meft.train.run_folder import claim_run_folder
+from meft.train.run_args import check_train_args
 from meft.train.run_log import MetricsLog, plot_loss_curve
+from meft.train.run_summary import run_summary, summary_table
 from meft.train.tracking import open_tracker, parse_report_to, step_traffic
-from offload.text import format_table
 
 __all__ = ["train", "train_step", "lay_out", "setup_run", "lr_lambda"]
 
@@ -59,28 +65,41 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the current step, save, exit cleanly. Second Ctrl-C: stop at once."""
-    def __init__(self):
+    """First Ctrl-C or SIGTERM: finish the current step, save, exit with 128 + the signal (130 / 143).
+    The same signal again: stop at once. Under torchrun a SIGTERM that ends the survivors of a failed rank
+    exits at once instead (`Ranks.exit_if_peer_failed`): no collective could complete a save."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, ranks: Ranks | None = None):
         self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._ranks = ranks
+        self._old: dict = {}
+
+    def _handler(self, signum, frame):
+        if signum == signal.SIGTERM and self._ranks is not None:
+            self._ranks.exit_if_peer_failed(signum)
+        if self.requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.requested, self.signum = True, signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\nmeft: {name}: finishing this step, saving a checkpoint, then stopping "
+              f"({name} again to stop at once)", flush=True)
 
     def __enter__(self):
-        def handler(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            print("\nmeft: Ctrl-C: finishing this step, saving a checkpoint, then stopping "
-                  "(Ctrl-C again to stop at once)", flush=True)
-
-        try:
-            self._old = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread: keep the default behaviour
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: keep the default behaviour
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
         return False
 
 
@@ -158,6 +177,7 @@ def train(args: TrainArgs, cfg: MeftConfig, *, probe=None) -> dict:
     before the model is released); its result is the summary's ``trade_off`` entry (`meft train` passes
     the trade-off probe)."""
     cfg.validate()
+    check_train_args(args)  # numbers and the device, before anything loads
     parse_report_to(args.report_to)  # a bad value fails before the model loads
     check_packing_mode(args.packing)
     if args.replay_form not in REPLAY_FORMS:  # before the model loads
@@ -165,8 +185,13 @@ def train(args: TrainArgs, cfg: MeftConfig, *, probe=None) -> dict:
     _check_backbone_accumulation(cfg)
     # torchrun: data parallel, rank 0 writes, a dead rank stops the others loudly (meft.train.distributed)
     ranks = Ranks(args.batch_size, args.device, output_dir=args.output_dir)
+    lock = None
     try:
-        return _train(args, cfg, ranks, probe)
+        if ranks.main:  # the run folder is rank 0's: refuse another run's folder, lock it, clear orphan temps
+            lock = claim_run_folder(args.output_dir, resume=args.resume, overwrite=args.overwrite)
+        options = defining_options(args, cfg)
+        candidates = plan_resume(args.output_dir, options, verbose=ranks.main) if args.resume else []
+        return _train(args, cfg, ranks, probe, candidates, options)
     except BaseException as exc:
         err = ranks.failed(exc)  # tells the other ranks; names a dead peer behind a failed collective
         if err is exc:
@@ -174,6 +199,8 @@ def train(args: TrainArgs, cfg: MeftConfig, *, probe=None) -> dict:
         raise err from exc
     finally:
         ranks.close()
+        if lock is not None:
+            lock.release()
 
 
 def _check_backbone_accumulation(cfg: MeftConfig) -> None:
@@ -185,16 +212,33 @@ def _check_backbone_accumulation(cfg: MeftConfig) -> None:
                          "global batch is split across ranks), or --backbone frozen")
 
 
-def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe=None) -> dict:
+def _load_newest(candidates: list[Path], model, main: bool) -> tuple[Path, dict]:
+    """Load the newest checkpoint that loads; one that fails is skipped with the reason."""
+    for folder in candidates:
+        try:
+            return folder, load_training_state(folder, model)
+        except CheckpointError as exc:
+            if main:
+                print(f"meft: --resume: skipping checkpoint {folder.name}: {exc}", flush=True)
+    raise ResumeError(f"--resume: none of the {len(candidates)} checkpoint(s) under {str(candidates[0].parent)!r} "
+                      "loads (reasons above); fix: start over with --overwrite, or resume with the options the run "
+                      "was started with")
+
+
+def _keeps_final_checkpoint(args: TrainArgs, cfg: MeftConfig) -> bool:
+    """A completed run keeps a checkpoint at its last step when periodic checkpoints were asked for, or when
+    the backbone was trained (only a checkpoint holds it: the trade-off probe and --resume read it)."""
+    return args.save_every > 0 or cfg.backbone != "frozen"
+
+
+def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe, candidates: list[Path], options: dict) -> dict:
     out, main = Path(args.output_dir), ranks.main
     meft, model, tokenizer, data = setup_run(args, cfg)
+    check_layer_choice(cfg.layers, model)
     pack = resolve_packing(args.packing, model)
     total = args.steps or max(1, math.ceil(args.epochs * data.batches.batches_per_epoch / cfg.grad_accum_steps))
-    resume_from = latest_checkpoint(out) if args.resume else None
-    if args.resume and resume_from is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {str(out / 'checkpoints')!r}; "
-                                "fix: drop --resume to start a new run, or point --output-dir at the run")
-    evaluate_before = args.eval_before and not resume_from and main
+    resuming = bool(candidates)
+    evaluate_before = args.eval_before and not resuming and main
     before = _evaluate(model, tokenizer, data, args, "before") if evaluate_before else {}
     ranks.barrier()  # the other ranks wait for rank 0's evaluation before the collectives of training
     model.train()
@@ -205,9 +249,16 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe=None) -> dict:
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(args.lr_schedule, args.warmup_steps, total))
               for o in (rt.optimizer, rt.backbone_optimizer) if o is not None]
     start = 0
-    if resume_from is not None:
-        st = load_training_state(resume_from, model)
+    if resuming:
+        resume_from, st = _load_newest(candidates, model, main)
         start, before = st["step"], st["extra"].get("before", {})
+        if start >= total:
+            rt.close()
+            raise ResumeError(
+                f"--resume: checkpoint {resume_from.name} is at step {start} and this run ends at step {total} "
+                f"(--steps {args.steps}" + (f", from --epochs {args.epochs}" if not args.steps else "") + "): nothing "
+                f"left to train. Fix: pass --steps larger than {start} to train further; the trained adapter of a "
+                "completed run is in its adapter/")
         data.batches.load_state_dict(st["data"])
         for s in scheds:
             s.last_epoch = start - 1
@@ -217,14 +268,15 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe=None) -> dict:
     run_config = {"train": asdict(args), "meft": cfg.to_dict(), "world_size": ranks.world}
     if main:
         log = MetricsLog(out, resume_step=start)
-        (out / "config.json").write_text(json.dumps(run_config, indent=2))
+        atomic_write_text(out / "config.json", json.dumps(run_config, indent=2))
         tracker = open_tracker(args.report_to, out, run_config)
     interrupted, t_train = False, time.perf_counter()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=start, desc="train", disable=not (args.progress and main), dynamic_ncols=True)
     prev = step_traffic(rt)
-    with _StopFlag() as stop:
+    keep_final = _keeps_final_checkpoint(args, cfg)
+    with _StopFlag(ranks) as stop:
         for step in range(start + 1, total + 1):
             t0 = time.perf_counter()
             batches = [ranks.shard(next(data.batches)) for _ in range(cfg.grad_accum_steps)]
@@ -243,18 +295,19 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe=None) -> dict:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", rows=rec["active_rows"],
                                 down=f"{rec['mb_down']:.1f}MB", up=f"{rec['mb_up']:.1f}MB",
                                 upd=f"{rec['cpu_update_ms']:.0f}ms")
-                if stop_now or last or (args.save_every and step % args.save_every == 0):
+                if stop_now or (last and keep_final) or (args.save_every and step % args.save_every == 0):
                     save_training_state(out, step, model, data_state=data.batches.state_dict(),
                                         extra={"before": before, "world_size": ranks.world},
-                                        keep=args.keep_checkpoints)
+                                        keep=args.keep_checkpoints, options=options)
             if stop_now and not last:
                 interrupted = True
                 break
     bar.close()
     train_s = time.perf_counter() - t_train
+    signum = stop.signum if interrupted else None
     if not main:  # the replicas are rank 0's: it writes the run folder and evaluates
         rt.close()
-        return {"rank": ranks.rank, "interrupted": interrupted}
+        return {"rank": ranks.rank, "interrupted": interrupted, "signal": signum}
     tracker.close()
     records = log.read()
     log.close()
@@ -264,12 +317,14 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe=None) -> dict:
     save_adapter(model, adapter_dir, training={"system_prompt": "model" if data.system_prompt is None
                                                else data.system_prompt})
     after = _evaluate(model, tokenizer, data, args, "after") if args.eval_after and not interrupted else {}
-    summary = _summary(args, cfg, rt, records, before, after, train_s, interrupted)
-    print(_summary_table(summary), flush=True)
-    print(f"meft: run folder {out} (metrics.jsonl, loss.png, adapter/, checkpoints/, summary.json)")
+    summary = run_summary(args, cfg, rt, records, before, after, train_s, interrupted)
+    summary["signal"] = signum
+    print(summary_table(summary), flush=True)
+    kept = "checkpoints/, " if (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*")) else ""
+    print(f"meft: run folder {out} (metrics.jsonl, loss.png, adapter/, {kept}summary.json)")
     if probe is not None and not interrupted:
         summary["trade_off"] = probe(model, tokenizer)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     rt.close()
     return summary
 
@@ -296,52 +351,3 @@ def _step_record(rt, prev: dict, *, step: int, loss: float, tokens: int, dt: flo
             "mb_up": d["bytes_up"] / 1e6, "cpu_update_ms": d["cpu_ms"], "lr": rt.optimizer.param_groups[0]["lr"],
             "distinct_experts": routing["distinct_experts"], "dropped_share": routing["dropped_share"],
             **({"updated_rows": routing["updated_rows"]} if "updated_rows" in routing else {})}, now  # sparse_update
-
-
-def _summary(args, cfg, rt, records, before, after, train_s, interrupted) -> dict:
-    rep = rt.meter.report() if rt.meter is not None else {}
-    tot = rep.get("totals", {})
-    tokens = sum(r["tokens"] for r in records)
-    return {
-        "steps": records[-1]["step"] if records else 0, "interrupted": interrupted,
-        "first_loss": records[0]["loss"] if records else None,
-        "last_loss": records[-1]["loss"] if records else None,
-        "train_seconds_this_session": train_s, "tokens": tokens,
-        "bytes_down": tot.get("h2d", {}).get("bytes", 0), "bytes_up": tot.get("d2h", {}).get("bytes", 0),
-        "before": {k: {m: v[m] for m in ("exact_match", "contains", "n", "examples")} for k, v in before.items()},
-        "after": {k: {m: v[m] for m in ("exact_match", "contains", "n", "examples")} for k, v in after.items()},
-        "parameters": rt.summary(),
-    }
-
-
-def _summary_table(s: dict) -> str:
-    rows = []
-    for split in sorted(set(s["before"]) | set(s["after"])):
-        for metric in ("exact_match", "contains"):
-            b = s["before"].get(split, {}).get(metric)
-            a = s["after"].get(split, {}).get(metric)
-            rows.append([f"{split} {metric}", "-" if b is None else f"{b:.1%}", "-" if a is None else f"{a:.1%}"])
-    rows.append(["loss (first -> last step)", _num(s["first_loss"]), _num(s["last_loss"])])
-    head = format_table(rows, ["metric", "before", "after"]) + _examples_table(s)
-    info = format_table([
-        ["steps", s["steps"]], ["tokens (padding excluded)", s["tokens"]],
-        ["train time (s)", round(s["train_seconds_this_session"], 1)],
-        ["MB rows down (host->device)", round(s["bytes_down"] / 1e6, 1)],
-        ["MB grads up (device->host)", round(s["bytes_up"] / 1e6, 1)],
-    ], ["run", "value"])
-    return "\n" + head + "\n\n" + info + ("\n(interrupted: resume with --resume)" if s["interrupted"] else "")
-
-
-def _examples_table(s: dict, n: int = 5) -> str:
-    """A few evaluation questions with the expected answer and the model's answer before and after."""
-    split = "held_out" if "held_out" in s["after"] else next(iter(s["after"]), None)
-    if split is None or split not in s["before"]:
-        return ""
-    before, after = s["before"][split]["examples"], s["after"][split]["examples"]
-    rows = [[str(b["prompt"])[:48], b["answers"][0][:20], str(b["prediction"])[:36], str(a["prediction"])[:36]]
-            for b, a in zip(before[:n], after[:n])]
-    return f"\n\nexamples ({split}):\n" + format_table(rows, ["question", "expected", "before", "after"])
-
-
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.4f}"

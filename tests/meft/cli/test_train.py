@@ -11,6 +11,7 @@ import time
 import pytest
 
 from meft.train.checkpoint import latest_checkpoint, load_training_state
+from meft.train.manifest import write_manifest
 
 MEFT = [sys.executable, "-m", "meft.cli.main"]
 SMALL = ["--adapter-rows", "256", "--expert-size", "16", "--max-active-rows", "64", "--batch-size", "4",
@@ -77,6 +78,7 @@ def test_resume_refuses_a_checkpoint_that_carries_pickled_code(tiny, tmp_path):
     state = torch.load(state_pt, weights_only=True)  # what meft writes loads without pickled code
     state["extra"]["note"] = _RunsCodeWhenUnpickled(marker)
     torch.save(state, state_pt)
+    write_manifest(state_pt.parent)  # a tamperer who also rewrote the checksums: the load itself must refuse
     res = _run(_cmd(tiny, out, "--steps", "4", "--resume", *common))
     assert res.returncode != 0
     assert not marker.exists()  # nothing in the file ran
