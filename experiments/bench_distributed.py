@@ -1,4 +1,4 @@
-"""Data parallel on CPU gloo (issue 16): 1 vs 2 ranks on the same global batch -- step time, the bytes the
+"""Data parallel on CPU gloo: 1 vs 2 ranks on the same global batch -- step time, the bytes the
 ranks exchange per step against the analytic minimum, host RAM per node, and whether 2 ranks equal 1.
 
 Setup: a small Llama built from a config (no download: `--hidden` d, `--layers`, `--vocab`, seeded weights,

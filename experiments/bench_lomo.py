@@ -1,6 +1,6 @@
 """Lomo / AdaLomo: peak memory and step time against AdamW and SGD, and the cost of the fused hooks.
 
-Part 1 (issue 15): a model of SmolLM2-135M's size from its config (hidden 576, intermediate 1536, 30
+Part 1: a model of SmolLM2-135M's size from its config (hidden 576, intermediate 1536, 30
 layers, 9 heads, 3 kv heads, vocab 49152, tied embeddings; random weights, seed 0, no hub), fp32 and bf16.
 For one step of torch.optim.AdamW, torch.optim.SGD, meft.Lomo and meft.AdaLomo: the peak of parameters +
 gradients + optimizer state + activations, measured on the real tensors by torch's MemTracker (model,

@@ -1,4 +1,4 @@
-"""The GPU step pipeline, measured on this CPU (issue 14): host syncs, exposed fetch latency, traffic
+"""The GPU step pipeline, measured on this CPU: host syncs, exposed fetch latency, traffic
 against the analytic minimum, and generation speed, on the real wrapped default model.
 
 Setup: `meft.load_model(--model)` (SmolLM2-135M-Instruct by default, fp32), `meft.wrap` with MeftConfig

@@ -1,5 +1,5 @@
 """Step time of MEFT vs a dense adapter of the same active size vs LoRA r=16, and MEFT's PCIe traffic
-against MEFT's original transfer scheme (issue 8).
+against MEFT's original transfer scheme.
 
 Same model (SmolLM2-135M-Instruct, fp32, this CPU), same batch (fictional facts, `--batch-size`
 records) for every method. Methods come from `experiments/knowledge/methods.py`: "meft" (rows on the
@@ -16,7 +16,7 @@ and `meft.profile.build_report` -- the same code as `meft profile`.
     python experiments/bench_step.py [--quick] [--json]
 
 `--json` prints one JSON object whose last two keys are `meft_vs_lora_step_ratio` and
-`traffic_vs_meft_original`. The issue-8 targets (ratio <= 1.5, traffic <= 0.5) are judged in
+`traffic_vs_meft_original`. The targets (ratio <= 1.5, traffic <= 0.5) are judged in
 BENCHMARKS.md's prose; this script prints the numbers.
 """
 

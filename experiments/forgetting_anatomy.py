@@ -1,4 +1,4 @@
-"""Where a trained adapter's learning and forgetting live: by layer range and by position (issue 13).
+"""Where a trained adapter's learning and forgetting live: by layer range and by position.
 
 Loads the default model with a `meft train` adapter and scores the three sets of the quick start's summary --
 trained exact match (64 training questions), held-out exact match (64 unseen phrasings of the trained facts) and

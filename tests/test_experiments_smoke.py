@@ -2,7 +2,7 @@
 method trains on the same tokens, the device-memory accounting adds up, the dense baseline starts equal
 to the base model, the report compares methods under one stated lr selection rule without verdicts,
 the capacity protocol measures forgetting, sweeps before it carries the chosen lr and ends its report
-with the issue-13 JSON, and bench_step's JSON ends with the two ratios. Seconds, not minutes."""
+with the JSON summary, and bench_step's JSON ends with the two ratios. Seconds, not minutes."""
 
 import dataclasses
 import json

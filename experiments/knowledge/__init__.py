@@ -1,7 +1,7 @@
-"""Knowledge capacity: does the big sparse adapter learn more than LoRA, and at what cost? (issues 8, 13)
+"""Knowledge capacity: does the big sparse adapter learn more than LoRA, and at what cost?
 
     python -m experiments.knowledge --quick             # run from the repository root; see cli.py
-    python -m experiments.knowledge --capacity --quick  # the issue-13 capacity curve, end to end in minutes
+    python -m experiments.knowledge --capacity --quick  # the capacity curve, end to end in minutes
 
 Files: `cli` (options, the list of runs, one subprocess per run, results JSONL), `runner` (one
 (method, dataset, seed) run), `methods` (the trainers compared and their device-resident state),

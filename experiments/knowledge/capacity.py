@@ -1,4 +1,4 @@
-"""The capacity-curve protocol (issue 13, items 8-12): which runs, which lr each method is compared at,
+"""The capacity-curve protocol: which runs, which lr each method is compared at,
 and the numbers the report, the plots and the JSON line are made of.
 
 Owns `CapacityPlan` (fictional facts at each N of `ns`, 3 training phrasings + 1 held-out phrasing per
@@ -25,7 +25,7 @@ __all__ = ["CAPACITY_METHODS", "CAPACITY_NS", "CAPACITY_LRS", "RULE", "CapacityP
 
 CAPACITY_METHODS = ("meft", "lora8", "lora64", "dense", "meft_adalomo")  # meft and lora8 first: the headline
 CAPACITY_NS = (300, 1000, 3000)
-# 3 log-spaced AdamW lrs per method (factor ~3) around its best lr in the issue-8 sweeps (BENCHMARKS.md,
+# 3 log-spaced AdamW lrs per method (factor ~3) around its best lr in the fixed-size sweeps (BENCHMARKS.md,
 # "Knowledge capacity", settings A and B): meft 1e-2, lora8 3e-3, lora64 3e-4, dense 1e-3 (B) / 3e-3 (A);
 # meft_adalomo only ever ran at 1e-3 and frozen MEFT's rows want 1e-2, so its grid spans both.
 CAPACITY_LRS = {"meft": (3e-3, 1e-2, 3e-2), "lora8": (1e-3, 3e-3, 1e-2), "lora64": (1e-4, 3e-4, 1e-3),
@@ -240,7 +240,7 @@ def _gpu_names(results: list[dict]) -> str | None:
 
 
 def _json(cells: dict, chosen: dict, missing: list[str]) -> dict:
-    """The issue-13 JSON summary at `capacity_n`, the largest N with both meft and lora8 results."""
+    """The JSON summary at `capacity_n`, the largest N with both meft and lora8 results."""
     both = sorted(set(cells.get("meft", {})) & set(cells.get("lora8", {})))
     n = both[-1] if both else None
     at = lambda m, key: None if n is None or n not in cells.get(m, {}) else cells[m][n][key]  # noqa: E731

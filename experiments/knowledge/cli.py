@@ -1,4 +1,4 @@
-"""Does the big sparse adapter learn more than LoRA, and at what cost? (issues 8, 13)
+"""Does the big sparse adapter learn more than LoRA, and at what cost?
 
 Trains SmolLM2-135M-Instruct (the default model) on the built-in world facts and on synthetic
 fictional facts with every method of `experiments/knowledge/methods.py` -- (a) meft: MEFT sparse
@@ -18,11 +18,11 @@ root:
     python -m experiments.knowledge --seeds 1 --lr-for meft=1e-2 lora8=1e-3 ...  # more seeds at chosen lrs
     python -m experiments.knowledge --report --out F     # tables from an existing results file
 
-Capacity curve (issue 13; `capacity.py` owns the protocol and its lr rule): fictional facts at N in
+Capacity curve (`capacity.py` owns the protocol and its lr rule): fictional facts at N in
 --ns, --epochs passes over the same batches for meft, lora8, lora64, dense and meft_adalomo; 3 lrs per
 method on the smallest N first, then each method's chosen lr carried to the larger N; every run and
 the base model also scored for forgetting (`forgetting.py`: retention of known facts, perplexity on
-pydoc text). The report names the missing cells; `--json` ends with the issue-13 summary line; the two
+pydoc text). The report names the missing cells; `--json` ends with the summary line; the two
 PNGs are written next to --out. `--quick` proves the pipeline in minutes (N 5 and 10, 1-2 steps, 2 lrs
 per method, tiny adapter and probes: not a measurement). The full run is hours of CPU (on the 2-core
 box about 14 h of training: 15 sweep runs of 228 steps, 5 of 752, 5 of 2252, at 1.5-4 s a step; plus
@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, default=200, help="questions scored per split")
     p.add_argument("--model", default="default", help="model (see meft.pretrained); default SmolLM2-135M-Instruct")
     p.add_argument("--capacity", action="store_true",
-                   help="capacity curve (issue 13): lr sweep at the smallest --ns, chosen lrs carried to the larger; "
+                   help="capacity curve: lr sweep at the smallest --ns, chosen lrs carried to the larger; "
                         "defaults " + json.dumps({k: v for k, v in CAPACITY.items()}) + "; grids per method "
                         + json.dumps(CAPACITY_LRS) + " unless --lrs / --lr-for; --quick: " + json.dumps(QUICK_CAPACITY))
     p.add_argument("--ns", type=int, nargs="+", help="capacity: numbers of fictional facts")

@@ -1,7 +1,7 @@
-"""What a run forgot: retention of facts the base model knows, and perplexity on general text (issue 13, item 9).
+"""What a run forgot: retention of facts the base model knows, and perplexity on general text.
 
 Owns the two forgetting probes every capacity run (and its base model) is scored on, both fixed so
-that every run and every session scores exactly the same thing:
+that every run scores exactly the same thing:
 
 * **Retention**: a committed JSON set (`RETENTION_FILE`, built once by `build_retention_set`) of at
   most 200 world-fact questions (`meft.data.world_facts`, relations capital / region / currency /

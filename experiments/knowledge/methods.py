@@ -6,7 +6,7 @@ Owns one small `Trainer` per method, all driving the same HF causal LM with one 
 * "meft"          MEFT sparse adapter, rows on the host (`meft.wrap`, backbone frozen); the step is
                   `meft.train.train_step`, exactly what `meft train` runs.
 * "meft_sparse"   "meft" with sparse memory finetuning (`MeftConfig.sparse_update` = SPARSE_UPDATE_EXPERTS
-                  experts per layer per step, a quarter of the default 32-expert budget; issue 13 item 6).
+                  experts per layer per step, a quarter of the default 32-expert budget).
 * "meft_adalomo"  the same plus an AdaLomo backbone fused into backward (`MeftConfig.backbone`).
 * "lora8/16/64"   LoRA r=8/16/64 on every linear layer of the decoder through the real `peft`
                   (`target_modules="all-linear"`, alpha = 2r, no dropout), torch AdamW.

@@ -3,7 +3,7 @@
 Owns the Markdown output (header with command, date, machine and versions; one table per dataset with
 every run; a per-(method, lr) mean table; the methods compared under one stated lr selection rule
 (`RULE`), with the number of tuning trials each had; the differences between MEFT and the baselines at
-the compared lrs) and the JSON summary. Numbers only: whether a difference meets an issue target is
+the compared lrs) and the JSON summary. Numbers only: whether a difference meets a target is
 judged in BENCHMARKS.md's prose, not here. Also `format_capacity_report` (the capacity curve's tables,
 from `capacity.summarize`) and `machine_header()`, reused by experiments/bench_step.py.
 """
@@ -347,7 +347,7 @@ def format_capacity_report(summary: dict, *, command: str) -> str:
                          f"| {_mib(d['cuda_peak_allocated']) if 'cuda_peak_allocated' in d else '-'} "
                          f"| {c['peak_rss_bytes'] / GiB:.2f} "
                          f"| {c['host_stores_bytes'] / GiB:.2f} | {c['step_s']:.2f} | {c['last_loss']:.3f} |")
-    parts += ["", "**Differences** (numbers only; verdicts against the issue targets are BENCHMARKS.md's prose)", ""]
+    parts += ["", "**Differences** (numbers only; verdicts against the targets are BENCHMARKS.md's prose)", ""]
     for n in ns:
         a = cells.get("meft", {}).get(n)
         if a is None:
