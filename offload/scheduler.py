@@ -71,16 +71,16 @@ from offload.fetch import (
     check_live_rows,
 )
 from offload.meter import TrafficMeter
-from offload.push import GradPush
 from offload.node import shared_node
 from offload.protocol import check_scheduler_args
+from offload.push import GradPush
 from offload.staged import StagedFetch
 from offload.staging import SlotPool, check_n_slots, staging_bytes
 from offload.steps import StepClock, check_layer
 from offload.union import StepUnion, UnionTraffic
 from offload.updates import UpdateRunner, check_update_args
-from offload.zero_copy import ZeroCopyFetch
 from offload.worker import HostWorker, numba_threads_setter, threads_left_for_kernels, wait_for
+from offload.zero_copy import ZeroCopyFetch
 
 __all__ = ["TransferScheduler", "FetchHandle"]
 

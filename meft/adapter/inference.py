@@ -1,4 +1,11 @@
-"""InferenceRows: the adapter rows that forwards outside training read (eval, `generate()`, no_grad).
+"""The adapter rows that forwards outside training read (eval, `generate()`, no_grad).
+
+`InferencePath` is the runtime's inference side: how a forward outside training routes (each token its
+own experts, no row budget, delayed staleness-1 updates landed first) and where its rows come from -- the
+resident copy below with offloaded rows, the resident twin's device tensors otherwise, and on the CPU
+without gradients each token's own rows straight from that copy (`meft.adapter.token_rows`).
+
+`InferenceRows`:
 
 With rows offloaded (TransferScheduler) inference would otherwise read each layer's rows through the host
 at every forward, which synchronises with the device per layer per token. Here every layer's rows are
@@ -19,7 +26,9 @@ import psutil
 import torch
 from torch import Tensor
 
-__all__ = ["InferenceRows"]
+from meft.adapter.router import Routing
+
+__all__ = ["InferencePath", "InferenceRows"]
 _AUTO_SHARE = 0.25  # 'auto': resident when the rows take at most this share of the free device memory
 
 
@@ -64,3 +73,48 @@ class InferenceRows:
             self._rows = [s.weights.to(self.wire).to(self.device) for s in self.stores]  # one bulk copy each
             self.builds += 1
         return self._rows[idx]
+
+
+class InferencePath:
+    """Rows and routing of forwards outside training, for one runtime (see module docstring).
+
+    `route(adapter, x2)` is the runtime's inference routing (token mask applied, no budget)."""
+
+    def __init__(self, config, scheduler, stores, device: torch.device, route):
+        self.config, self.scheduler, self.device, self._route = config, scheduler, device, route
+        self.wire = scheduler.wire_dtype
+        self.copy = (InferenceRows(config.inference_rows, scheduler, stores, device, self.wire)
+                     if config.offload else None)  # None: the resident twin holds every row on the device
+
+    def invalidate(self) -> None:
+        if self.copy is not None:
+            self.copy.invalidate()
+
+    def routing(self, adapter, x2: Tensor, step_open: bool) -> Routing:
+        """Each token its own experts, no budget; with offloaded rows, delayed (staleness 1) updates land
+        first, so that inference reads current rows."""
+        routing = self._route(adapter, x2)
+        if self.copy is not None and self.config.staleness and not step_open:
+            self.scheduler.flush()
+        return routing
+
+    def per_token_rows(self, adapter, x2: Tensor, *, token_rows: bool, step_open: bool,
+                       in_training_pass: bool) -> tuple[Routing, Tensor] | None:
+        """CPU inference without gradients: (routing, the layer's whole row table [N, 2d] wire dtype), from
+        which each token reads its own rows; None: take the general path (its tested twin)."""
+        copy = self.copy
+        if (not token_rows or torch.is_grad_enabled() or self.device.type != "cpu" or copy is None
+                or adapter.active_per_token is not None or not copy.resident()):
+            return None
+        if adapter.training and in_training_pass:
+            return None  # a training micro-batch's layer run without grad (reentrant checkpointing) uses its fetch
+        return self.routing(adapter, x2, step_open), copy.table(adapter.index)
+
+    def rows(self, adapter, x2: Tensor, compute: torch.dtype, step_open: bool) -> tuple[Routing, Tensor]:
+        """(routing, rows [R, 2d] in `compute` dtype) of an inference forward through the general path."""
+        routing = self.routing(adapter, x2, step_open)
+        if self.copy is not None:  # offloaded rows: resident copy on the device (or read per forward)
+            rows = self.copy.rows(adapter.index, routing.ids)  # [R, 2d] wire dtype
+        else:  # the resident twin: every row is on the device already
+            rows = self.scheduler.read_rows(adapter.index, routing.ids).to(self.wire)  # [R, 2d]
+        return routing, rows.to(compute)

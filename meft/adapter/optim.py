@@ -3,9 +3,9 @@
 Owns the optimizer a plain PyTorch loop (and any `torch.optim.lr_scheduler`) drives:
 
 * param group 0 ("router"): the router gates G_l, updated here on the device with AdamW;
-* param group 1 ("adapter_rows"): no tensors; its `lr` / `weight_decay` are copied into every layer's
-  `offload.SparseAdamW` when a step opens (`sync_hyperparams`, called by the runtime at the step's
-  first training forward), and the scheduler fixes them per update when it queues that update.
+* param group 1 ("adapter_rows"): no tensors; the runtime copies its `lr` / `weight_decay` / betas / eps
+  into every layer's `offload.SparseAdamW` when a step opens (its first training forward), and the
+  scheduler fixes them per update when it queues that update.
 
 `step()` updates the gates, then calls the runtime's `end_step()` (-> `scheduler.finish_step()`); the
 next training forward begins the next step. `state_dict()` holds the router AdamW state plus each
@@ -27,7 +27,7 @@ __all__ = ["MeftOptimizer"]
 class MeftOptimizer(torch.optim.Optimizer):
     """See the module docstring. Built by `meft.wrap`."""
 
-    def __init__(self, runtime, gates, *, router_lr: float, adapter_lr: float, weight_decay: float,
+    def __init__(self, runtime, sparse_optimizers, gates, *, router_lr: float, adapter_lr: float, weight_decay: float,
                  betas=(0.9, 0.999), eps: float = 1e-8, clip: str = "none", max_norm: float = 1.0):
         defaults = dict(lr=router_lr, betas=tuple(betas), eps=eps, weight_decay=0.0)
         groups = [
@@ -35,7 +35,8 @@ class MeftOptimizer(torch.optim.Optimizer):
             dict(params=[], lr=adapter_lr, weight_decay=weight_decay, name="adapter_rows"),
         ]
         super().__init__(groups, defaults)
-        self.runtime = runtime
+        self.runtime = runtime  # its end_step() ends the step; sync_to_host / stores_changed around state
+        self.sparse_optimizers = list(sparse_optimizers)  # SparseAdamW per adapter layer (their state_dicts)
         self.clip, self.max_norm = clip, float(max_norm)
 
     @property
@@ -55,17 +56,6 @@ class MeftOptimizer(torch.optim.Optimizer):
         self._router_step(self.router_group)
         self.runtime.end_step()
         return loss
-
-    def sync_hyperparams(self) -> None:
-        """Copy the rows group's lr / betas / eps / weight_decay into every layer's SparseAdamW.
-
-        Called by the runtime when a step opens (its first training forward), so a learning-rate
-        scheduler stepped after `step()` drives the next step. Row updates start during backward,
-        before `step()` runs, so setting them in `step()` would be one step late (and racy)."""
-        g = self.rows_group
-        for opt in self.runtime.sparse_optimizers:
-            opt.lr, opt.weight_decay = float(g["lr"]), float(g["weight_decay"])
-            opt.betas, opt.eps = (float(g["betas"][0]), float(g["betas"][1])), float(g["eps"])
 
     def _router_step(self, group: dict) -> None:
         average_gradients(group["params"])  # data parallel: the ranks' mean (no-op in one process)
@@ -99,7 +89,7 @@ class MeftOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         self.runtime.sync_to_host()
         sd = super().state_dict()
-        sd["adapter_rows"] = [opt.state_dict() for opt in self.runtime.sparse_optimizers]
+        sd["adapter_rows"] = [opt.state_dict() for opt in self.sparse_optimizers]
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -107,7 +97,7 @@ class MeftOptimizer(torch.optim.Optimizer):
         rows = sd.pop("adapter_rows", None)
         super().load_state_dict(sd)
         if rows is not None:
-            opts = self.runtime.sparse_optimizers
+            opts = self.sparse_optimizers
             if len(rows) != len(opts):
                 raise ValueError(f"state_dict has {len(rows)} adapter layers, this model has {len(opts)}; "
                                  f"load a state_dict saved from the same MeftConfig.layers")

@@ -18,73 +18,39 @@ that makes a plain PyTorch loop correct:
   the device; the ids reach the host through the scheduler's asynchronous copy;
 * `balance="bias"`: each training routing adds its per-expert demand (`Routing.load`, device tensors)
   to the step's total per layer; `end_step` moves each adapter's `expert_bias` by it (no sync);
-* `prefetch="lookahead"`: layer l also routes its input through gate l+1 and starts that fetch; layer
-  l+1 uses the rows in flight and fetches only what is missing (`fetch_more`, exact), pushes gradients
-  for the rows it used only, and the hit rate is recorded (see `_start_fetch`). The scheduler's layer
-  row buffers are then sized for 2 * max_rows (`reserve_live_rows`): a prefetch plus its misses;
-  (This path compares ids on the host, so it synchronises once per layer.)
+* `prefetch="lookahead"`: layer l also routes its input through gate l+1 and starts that fetch
+  (`meft.adapter.lookahead`); the scheduler's layer row buffers are then sized for 2 * max_rows;
 * outside training -- a forward in eval mode **or** without gradients (eval, `generate()`, no_grad;
   the same test that opens no micro-batch) -- there is no row budget: each token routes to its own top
   experts, so a sequence's output never depends on its batch, and KV-cache decoding equals a full
-  forward. Nothing is cached or pushed; the rows (the union, up to every row of the layer: more than a
-  training fetch's `max_rows`, so never through `scheduler.fetch`) come from `InferenceRows` (a
-  resident wire-dtype copy on the device, rebuilt after the rows change) with offloaded rows, else
-  from the resident twin's device tensors. On the CPU without gradients each token reads only its own
-  rows from that copy instead (`per_token_rows`, `meft.adapter.token_rows`); on the CPU in training,
-  from the gathered rows (`token_rows_apply`).
+  forward. Nothing is cached or pushed; routing and rows come from `meft.adapter.inference`;
 * `sparse_update=t`: each training micro-batch updates only the rows its `SparseUpdate`
   (`meft.adapter.sparse_update`: tf x idf against background text) keeps; the mask travels with the row
   gradients (`push_grads(keep=)`). `routing_stats()["updated_rows"]` is the rows kept per layer.
-Summary tables live in `meft.adapter.summary`.
+The runtime builds the adapter-side optimizer (`meft.adapter.optim.MeftOptimizer`) and, at each step's
+first training forward, pushes the rows group's hyper-parameters into every layer's SparseAdamW.
+Statistics live in `meft.adapter.stats`, summary tables in `meft.adapter.summary`.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from meft.adapter.inference import InferenceRows
+from meft.adapter.hooked import forward_params, hooked_module, mask_position
+from meft.adapter.inference import InferencePath
+from meft.adapter.lookahead import Lookahead
+from meft.adapter.optim import MeftOptimizer
 from meft.adapter.router import Routing, route, update_balance_bias
 from meft.adapter.sparse_update import SparseUpdate
+from meft.adapter.stats import RoutingStats, traffic_totals
 from meft.adapter.summary import summary, summary_table
 from offload.copies import host_copies
 
 __all__ = ["MeftRuntime", "in_backward"]
-
-
-def _mask_position(model) -> int | None:
-    """Index of `attention_mask` among the positional parameters of model.forward (None: not one)."""
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):  # a forward without an introspectable signature: keyword only
-        return None
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return names.index("attention_mask") if "attention_mask" in names else None
-
-
-def _hooked_module(model, adapters):
-    """The module whose forward the micro-batch hooks watch: the model's decoder stack when it has one
-    holding every adapter (`meft.lomo.lm_loss` calls the decoder directly, past the top model's forward),
-    else the model itself."""
-    try:
-        decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
-    except (AttributeError, NotImplementedError, TypeError, ValueError):
-        decoder = None
-    if not isinstance(decoder, nn.Module) or decoder is model:
-        return model
-    inside = {id(m) for m in decoder.modules()}
-    return decoder if all(id(a) in inside for a in adapters) else model
-
-
-def _forward_params(model) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 def in_backward() -> bool:
@@ -100,16 +66,10 @@ class _Entry:
     n_tokens: int
 
 
-@dataclass(eq=False)
-class _Prefetch:
-    key: tuple[int, int]
-    ids: Tensor            # [P] int64 sorted, device
-    handle: object
-
-
 class MeftRuntime:
     """See the module docstring. Built by `meft.wrap`; reach it as `model.meft`."""
-    def __init__(self, model, config, adapters, optimizers, scheduler, *, device, meter=None):
+    def __init__(self, model, config, adapters, optimizers, scheduler, *, device, meter=None, undo=None,
+                 backbone_params=(), backbone_optimizer=None):
         self.config = config
         self.adapters = adapters                  # list[SparseFFNAdapter], position = scheduler layer
         self.stores = [o.store for o in optimizers]
@@ -117,26 +77,30 @@ class MeftRuntime:
         self.scheduler = scheduler
         self.meter = meter
         self.device = torch.device(device)
-        self.optimizer = None                     # MeftOptimizer, set by wrap
-        self.backbone_optimizer = None            # Lomo / AdaLomo when config.backbone trains it
+        self.undo = undo                          # what wrap changed in the model (meft.unwrap reverts it)
+        self.backbone_params = list(backbone_params)
+        self.backbone_optimizer = backbone_optimizer  # Lomo / AdaLomo when config.backbone trains it
+        self.optimizer = MeftOptimizer(self, optimizers, [ad.gate for ad in adapters], router_lr=config.router_lr,
+                                       adapter_lr=config.adapter_lr, weight_decay=config.weight_decay,
+                                       clip=config.clip, max_norm=config.max_norm)
         self._step = 0                             # optimizer steps begun
         self._micro = 0                            # micro-batches of the current step
         self._step_open = False
         self._in_forward = False                   # inside a training forward of the hooked module
         self.fetches = 0                          # scheduler.fetch / fetch_more calls of the adapters
-        self.lookahead = {"needed": 0, "hit": 0, "prefetched": 0}  # rows: needed, of them prefetched, prefetched
+        self._lookahead = Lookahead(scheduler, meter, self._fetch)
         self._cache: dict[int, list[_Entry]] = {}  # entries live until their grads are pushed
-        self._prefetch: dict[int, _Prefetch] = {}
-        self._route_stats: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (kept experts, dropped share)
+        self._route_stats = RoutingStats()
         self._mask: Tensor | None = None  # [B, past + L] bool real positions of the running forward
         self._load: dict[int, Tensor] = {}  # layer -> [E] fp32 this step's demand per expert (balance)
         # sparse_update: the background and the update masks (inert with sparse_update=0: nothing captured)
         self.sparse = SparseUpdate(config.sparse_update,
                                    lambda adapter, x: self._route(adapter, x, None, budget=False))
-        hooked = _hooked_module(model, adapters)
-        self._mask_arg = _mask_position(hooked)
-        self._inference = (InferenceRows(config.inference_rows, scheduler, self.stores, self.device,
-                                         scheduler.wire_dtype) if config.offload else None)
+        hooked = hooked_module(model, adapters)
+        self._mask_arg = mask_position(hooked)
+        self._infer = InferencePath(config, scheduler, self.stores, self.device,
+                                    lambda ad, x: self._route(ad, x, self.token_mask(ad, x), budget=False))
+        self._inference = self._infer.copy  # InferenceRows with offloaded rows, else None
         # CPU forwards read each token's own rows (`meft.adapter.token_rows`): in training from the gathered
         # rows, without gradients from the resident copy (`per_token_rows`); False: the dense products over
         # the gathered rows, the twin the tests compare with
@@ -149,6 +113,24 @@ class MeftRuntime:
         if config.prefetch == "lookahead":
             # a prefetch (<= max_rows) plus the rows it missed (<= max_rows) live in one layer buffer
             scheduler.reserve_live_rows(2 * scheduler.max_rows)
+        for ad in adapters:
+            ad.runtime = self
+
+    @property
+    def lookahead(self) -> dict:
+        """Lookahead rows so far: needed, of them prefetched (hit), prefetched."""
+        return self._lookahead.stats
+
+    def _push_row_hyperparams(self) -> None:
+        """Copy the optimizer's rows group (lr / betas / eps / weight_decay) into every layer's SparseAdamW.
+
+        Done when a step opens (its first training forward), so a learning-rate scheduler stepped after
+        `step()` drives the next step. Row updates start during backward, before `step()` runs, so setting
+        them in `step()` would be one step late (and racy)."""
+        g = self.optimizer.rows_group
+        for opt in self.sparse_optimizers:
+            opt.lr, opt.weight_decay = float(g["lr"]), float(g["weight_decay"])
+            opt.betas, opt.eps = (float(g["betas"][0]), float(g["betas"][1])), float(g["eps"])
 
     # ---- micro-batch detection ----------------------------------------------------------------
     def _on_forward_pre(self, module, args, kwargs) -> None:
@@ -162,8 +144,7 @@ class MeftRuntime:
             return
         k = self.config.grad_accum_steps
         if not self._step_open:
-            if self.optimizer is not None:
-                self.optimizer.sync_hyperparams()  # this step's lr, before any row update can start
+            self._push_row_hyperparams()  # this step's lr, before any row update can start
             self.scheduler.begin_step(accum_steps=k)
             self._step += 1
             self._micro = 0
@@ -175,7 +156,7 @@ class MeftRuntime:
                 f"MeftConfig.grad_accum_steps to the number of forwards per optimizer step")
         self.scheduler.begin_micro_batch()
         self._micro += 1
-        self._prefetch.clear()
+        self._lookahead.clear()
         self._in_forward = True
 
     def _on_forward_post(self, module, args, output) -> None:
@@ -189,14 +170,13 @@ class MeftRuntime:
                 update_balance_bias(self.adapters[idx].expert_bias, load, self.config.balance_rate)
             self._load.clear()
             self.scheduler.finish_step()
-            if self._inference is not None:
-                self._inference.invalidate()  # this step's row updates make the inference copy stale
+            self._infer.invalidate()  # this step's row updates make the inference copy stale
         self._step_open = False
         for entries in self._cache.values():  # forwards without backward: free their rows now
             for e in entries:
                 e.rows = None
         self._cache.clear()
-        self._prefetch.clear()
+        self._lookahead.clear()
 
     # ---- rows for one adapter call ------------------------------------------------------------
     def token_mask(self, adapter, x2: Tensor) -> Tensor | None:
@@ -274,18 +254,17 @@ class MeftRuntime:
         valid = self.token_mask(adapter, x2)
         routing = self._route(adapter, x2, valid, budget=True)
         # statistics of this layer's latest training routing, read by routing_stats() (no sync here)
-        self._route_stats[idx] = ((routing.kept >= 0).sum(), routing.dropped)
+        self._route_stats.record(idx, routing)
         if self.config.balance == "bias":
             self._load[idx] = routing.load + self._load[idx] if idx in self._load else routing.load
         lookahead = self.config.prefetch == "lookahead"
         # the fixed-shape ids [R] (-1 padding) cross to the host asynchronously; lookahead compares ids
         # on the host (its hit test), so it compacts them: the one training path that synchronises
         ids = routing.active_ids() if lookahead else routing.ids
-        start = self._start_fetch(idx, ids, key)
+        start = self._lookahead.start(idx, ids, key, self._step)
         if lookahead and idx + 1 < len(self.adapters):
             nxt = self._route(self.adapters[idx + 1], x2, valid, budget=True).active_ids()  # gate l+1, input l
-            self.lookahead["prefetched"] += nxt.numel()
-            self._prefetch[idx + 1] = _Prefetch(key, nxt, self._fetch(idx + 1, nxt, prefetch=True))
+            self._lookahead.prefetch(idx + 1, nxt, key)
         compute = self._compute_dtype(adapter, x2)
         keep = self.sparse.mask(adapter, routing, self._step) if self.config.sparse_update else None  # [R] bool
         push_kw = {} if keep is None else {"keep": keep[: ids.numel()]}  # compacted ids: the used prefix
@@ -322,61 +301,20 @@ class MeftRuntime:
     def capture_background(self, model, rows: list[Tensor]) -> None:
         """Run `model` over the background token rows (each [1, L] int64) and keep every adapted layer's FFN
         inputs for sparse_update's idf (`SparseUpdate.capture_background`)."""
-        kw = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}  # no LM head over B
+        kw = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}  # no LM head over B
         self.sparse.capture_background(model, rows, self.adapters, self.device, kw)
 
-    def _start_fetch(self, idx: int, ids: Tensor, key):
-        """Issue the fetch of `ids` for layer idx, using a lookahead prefetch in flight if there is one;
-        return a callable giving rows [R, 2d] in the wire dtype, in the order of `ids`.
-
-        Exact either way: the rows come from the same store state as a plain fetch. With a prefetch,
-        `fetch_more` appends only the missing rows to the prefetch and the needed rows are gathered
-        from [prefetched | missing] by position on the device; push_grads then sends the needed rows'
-        gradients only (a subset of the chain: prefetched rows not needed get no gradient and no
-        update). Both schedulers keep this contract (offload.RowScheduler)."""
-        pf = self._prefetch.pop(idx, None)
-        if pf is None or pf.key != key:
-            return self._fetch(idx, ids).wait
-        hit = torch.isin(ids, pf.ids)  # [R] bool
-        n_hit = int(hit.sum())
-        self._record_lookahead(idx, ids.numel(), n_hit)
-        if torch.equal(ids, pf.ids):
-            return pf.handle.wait
-        return self._complete_prefetch(idx, ids, pf, hit, n_hit)
-
-    def _complete_prefetch(self, idx: int, ids: Tensor, pf: _Prefetch, hit: Tensor, n_hit: int):
-        """`fetch_more` the misses onto the prefetch; rows for `ids` [R] are gathered
-        by position from the chain's rows [P + M, 2d] = [prefetched (sorted) | missing (sorted)]."""
-        pos = torch.empty_like(ids)  # [R] position of each needed row in the chain
-        pos[hit] = torch.searchsorted(pf.ids, ids[hit])
-        handle, n_miss = pf.handle, ids.numel() - n_hit
-        if n_miss:
-            pos[~hit] = pf.ids.numel() + torch.arange(n_miss, device=ids.device)
-            self.fetches += 1
-            handle = self.scheduler.fetch_more(idx, ids[~hit])  # exact: only the rows not in flight
-        return lambda: handle.wait().index_select(0, pos)  # [R, 2d] copied out of the layer's buffer
-
-    def _fetch(self, idx: int, ids: Tensor, *, prefetch: bool = False):
+    def _fetch(self, idx: int, ids: Tensor, *, prefetch: bool = False, more: bool = False):
         self.fetches += 1
+        if more:
+            return self.scheduler.fetch_more(idx, ids)  # rows a lookahead prefetch missed
         return self.scheduler.fetch(idx, ids, extendable=prefetch)  # a prefetch may be completed by fetch_more
 
-    def _record_lookahead(self, idx: int, needed: int, hit: int) -> None:
-        self.lookahead["needed"] += needed
-        self.lookahead["hit"] += hit
-        if self.meter is not None:
-            self.meter.record_lookahead(self._step, idx, needed, hit)
-
     def per_token_rows(self, adapter, x2: Tensor) -> tuple[Routing, Tensor] | None:
-        """Inference on the CPU (no gradient, resident rows, no active_per_token top-K): (routing, the
-        layer's whole row table [N, 2d] in the wire dtype), from which each token reads its own rows
-        (`meft.adapter.token_rows`); None: take `request_rows` (the general path, its tested twin)."""
-        inf = self._inference
-        if (not self.token_rows or torch.is_grad_enabled() or self.device.type != "cpu" or inf is None
-                or adapter.active_per_token is not None or not inf.resident()):
-            return None
-        if adapter.training and (self._in_forward or in_backward()):
-            return None  # a training micro-batch's layer run without grad (reentrant checkpointing) uses its fetch
-        return self._infer_routing(adapter, x2), inf.table(adapter.index)
+        """Inference on the CPU: (routing, the layer's whole row table [N, 2d] wire dtype), from which each
+        token reads its own rows; None: take `request_rows` (`InferencePath.per_token_rows`)."""
+        return self._infer.per_token_rows(adapter, x2, token_rows=self.token_rows, step_open=self._step_open,
+                                          in_training_pass=self._in_forward or in_backward())
 
     def token_rows_apply(self, adapter, x2: Tensor, rows: Tensor) -> bool:
         """Whether a forward with gathered rows [R, 2d] computes through `meft.adapter.token_rows` (CPU, fp32,
@@ -384,28 +322,14 @@ class MeftRuntime:
         return (self.token_rows and x2.device.type == "cpu" and x2.dtype == rows.dtype == torch.float32
                 and adapter.active_per_token is None)
 
-    def _infer_routing(self, adapter, x2: Tensor) -> Routing:
-        """Inference routing (each token its own experts, no budget); with offloaded rows, delayed (staleness 1)
-        updates land first, so that inference reads current rows."""
-        routing = self._route(adapter, x2, self.token_mask(adapter, x2), budget=False)
-        if self._inference is not None and self.config.staleness and not self._step_open:
-            self.scheduler.flush()
-        return routing
-
     def _infer_rows(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
-        routing = self._infer_routing(adapter, x2)
-        if self._inference is not None:  # offloaded rows: resident copy on the device (or read per forward)
-            rows = self._inference.rows(adapter.index, routing.ids)  # [R, 2d] wire dtype
-        else:  # the resident twin: every row is on the device already
-            rows = self.scheduler.read_rows(adapter.index, routing.ids).to(self._wire)  # [R, 2d]
-        return routing, rows.to(self._compute_dtype(adapter, x2))
+        return self._infer.rows(adapter, x2, self._compute_dtype(adapter, x2), self._step_open)
 
     def stores_changed(self) -> None:
         """The RowStores were written outside training (an adapter or checkpoint was loaded): device
         copies (the resident twin's, the inference rows) are refreshed from them."""
         self.scheduler.load_from_host()
-        if self._inference is not None:
-            self._inference.invalidate()
+        self._infer.invalidate()
 
     def sync_to_host(self) -> None:
         """Make the RowStores current (resident twin on a GPU keeps device copies)."""
@@ -423,29 +347,24 @@ class MeftRuntime:
         self.remove_hooks()
         self.scheduler.close()
 
+    def detach(self) -> None:
+        """Close, and let go of the adapters (meft.unwrap, or a wrap that failed)."""
+        self.close()
+        for ad in self.adapters:
+            ad.runtime = None
+
     def routing_stats(self) -> dict:
-        """Routing of the latest training micro-batch, averaged over adapted layers: `distinct_experts`
-        (experts kept per layer), `dropped_share` (share of real tokens' token->expert assignments the
-        row budget dropped; those tokens were re-routed among the kept experts). Reading it synchronises
-        with the device once; call it when logging, not per layer."""
-        if not self._route_stats:
-            out = {"distinct_experts": 0.0, "dropped_share": 0.0}
-        else:
-            kept = torch.stack([k for k, _ in self._route_stats.values()]).float().mean()
-            dropped = torch.stack([d for _, d in self._route_stats.values()]).mean()
-            out = {"distinct_experts": float(kept), "dropped_share": float(dropped)}
+        """Routing of the latest training micro-batch, averaged over adapted layers (`RoutingStats.read`:
+        `distinct_experts`, `dropped_share`; with sparse_update also `updated_rows`). Reading it
+        synchronises with the device once; call it when logging, not per layer."""
+        out = self._route_stats.read()
         if self.config.sparse_update:  # rows each layer's latest micro-batch updates (the rest stay as they are)
             out["updated_rows"] = self.sparse.updated_rows()
         return out
 
     def traffic_totals(self) -> tuple[int, int, int, float]:
         """(bytes down, bytes up, rows down, CPU update ms) so far, from the meter (zeros without one)."""
-        if self.meter is None:
-            return 0, 0, 0, 0.0
-        rep = self.meter.report()
-        h2d, d2h = rep["totals"].get("h2d", {}), rep["totals"].get("d2h", {})
-        return (h2d.get("bytes", 0), d2h.get("bytes", 0), h2d.get("rows", 0),
-                rep["cpu"].get("update", {}).get("ms", 0.0))
+        return traffic_totals(self.meter)
 
     def host_copies(self) -> dict:
         """Host copies of the row stores per node, measured from the processes' memory mappings

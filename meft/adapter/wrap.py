@@ -23,7 +23,6 @@ import torch.nn as nn
 
 from meft.adapter.distributed import data_parallel_group
 from meft.adapter.layer import SparseFFNAdapter
-from meft.adapter.optim import MeftOptimizer
 from meft.adapter.router import init_gate
 from meft.adapter.runtime import MeftRuntime
 from meft.adapter.targets import find_targets, hidden_size_of
@@ -125,6 +124,7 @@ def wrap(model: nn.Module, config: MeftConfig | None = None, *, tokenizer=None) 
     device = next(model.parameters()).device
     undo = _Undo({n: p.requires_grad for n, p in model.named_parameters()})
     backbone = list(model.parameters())
+    rt = scheduler = None
     try:
         if config.backbone == "frozen":
             for p in backbone:
@@ -134,20 +134,17 @@ def wrap(model: nn.Module, config: MeftConfig | None = None, *, tokenizer=None) 
             ad, opt = _attach(t, i, d, config, device, undo, node)
             adapters.append(ad)
             opts.append(opt)
+        backbone_optimizer = _backbone_optimizer(config, backbone)
         scheduler, meter = _build_scheduler(config, opts, device, group)
-        rt = MeftRuntime(model, config, adapters, opts, scheduler, device=device, meter=meter)
-        undo.runtime = rt
-        rt.undo = undo
-        for ad in adapters:
-            ad.runtime = rt
-        rt.optimizer = MeftOptimizer(rt, [ad.gate for ad in adapters], router_lr=config.router_lr,
-                                     adapter_lr=config.adapter_lr, weight_decay=config.weight_decay,
-                                     clip=config.clip, max_norm=config.max_norm)
-        rt.backbone_params = backbone
-        rt.backbone_optimizer = _backbone_optimizer(config, backbone)
+        rt = MeftRuntime(model, config, adapters, opts, scheduler, device=device, meter=meter, undo=undo,
+                         backbone_params=backbone, backbone_optimizer=backbone_optimizer)
         if config.sparse_update:
             _capture_background(model, rt, config, tokenizer)
     except BaseException:
+        if rt is not None:
+            rt.detach()
+        elif scheduler is not None:
+            scheduler.close()
         undo(model)  # leave the model as it was given
         raise
     model.meft = rt
@@ -175,15 +172,11 @@ def _capture_background(model, rt: MeftRuntime, config: MeftConfig, tokenizer) -
 
 
 class _Undo:
-    """What wrap changed: replaced modules, input taps, requires_grad flags, the runtime."""
+    """What wrap changed in the model: replaced modules, input taps, requires_grad flags."""
     def __init__(self, grad_flags: dict[str, bool]):
-        self.grad_flags, self.modules, self.taps, self.runtime = grad_flags, [], [], None
+        self.grad_flags, self.modules, self.taps = grad_flags, [], []
 
     def __call__(self, model: nn.Module) -> None:
-        if self.runtime is not None:
-            self.runtime.close()
-            for ad in self.runtime.adapters:
-                ad.runtime = None
         for h in self.taps:
             h.remove()
         for parent, name, base in self.modules:
@@ -216,6 +209,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     rt = getattr(model, "meft", None)
     if rt is None:
         raise ValueError("model is not wrapped (no model.meft); nothing to unwrap")
+    rt.detach()
     rt.undo(model)
     del model.meft
     return model
