@@ -1,18 +1,20 @@
 """MeftConfig: every knob of the sparse FFN adapter, with a help string per field and full validation.
 
 Owns the dataclass, its validation (every bad field reported at once, each with field, value and fix,
-in one ValueError) and its JSON round trip (dtypes are stored as strings such as "bfloat16").
-Style follows peft's tuner configs (a help string per field in `metadata`).
+in one ValueError), the sizes derived from it (experts, the row budget) and its JSON round trip (dtypes
+are stored as strings such as "bfloat16"). Fields are declared with `meft.option_field.opt` (a help
+string per field in `metadata`, as peft's tuner configs do), which is also what the CLI reads;
+dtype names are parsed by `meft.dtypes`.
 
 Defaults are sized for SmolLM2-135M (d=576, 30 layers, FFN width 1536):
-* adapter_rows=16384 per layer: ~10x the FFN's own 1536 neurons; rows are [k | v] of width 2d=1152, so
-  one layer is 75 MB of fp32 weights (+2x moments) and the whole adapter (566M params, 4x the model)
-  lives in host RAM (~6.8 GB with fp32 moments, ~4.5 GB with bf16 moments), never on the GPU.
-* expert_size=32 -> E=512 experts, MEFT's best "about 4*sqrt(N)" (4*sqrt(16384) = 512).
-* experts_per_token=4: each token sees 4*32 = 128 candidate rows, softmax-weighted.
-* max_active_rows=1024 (6.25% of the rows, 32 experts): the adapter then costs about as many FLOPs as
-  the base FFN (T*1024*2d vs T*1536*3d per layer), and moves 1024*1152*2 B = 2.4 MB per layer each
-  way in bf16 (~70 MB per micro-batch for 30 layers: a few ms over PCIe 4).
+* adapter_rows=4096 per layer: 2.7x the FFN's own 1536 neurons; rows are [k | v] of width 2d=1152, so
+  one layer is 19 MB of fp32 weights (+2x moments) and the whole adapter (142M params, more than the
+  backbone) lives in host RAM (~1.6 GiB with fp32 moments), never on the GPU.
+* expert_size=16 -> E=256 experts, MEFT's best "about 4*sqrt(N)" (4*sqrt(4096) = 256).
+* experts_per_token=4: each token sees 4*16 = 64 candidate rows, softmax-weighted.
+* max_active_rows=1024 (a quarter of the rows, 64 experts): the adapter then costs fewer FLOPs than the
+  base FFN (T*1024*2d vs T*1536*3d per layer), and moves 1024*1152*2 B = 2.4 MB per layer each way in
+  bf16 (~70 MB per micro-batch for 30 layers: a few ms over PCIe 4).
 """
 
 from __future__ import annotations
@@ -20,24 +22,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from offload.dtypes import STATE_DTYPE_NAMES, WIRE_DTYPE_NAMES
+from meft.dtypes import (
+    BACKBONE_DTYPES,
+    COMPUTE_DTYPES,
+    DTYPES,
+    STATE_DTYPES,
+    WIRE_DTYPES,
+    dtype_name,
+    parse_backbone_dtype,
+    parse_dtype,
+)
+from meft.option_field import opt
 from offload.updates import CLIP_MODES
 
 __all__ = ["MeftConfig", "DTYPES", "WIRE_DTYPES", "STATE_DTYPES", "COMPUTE_DTYPES", "BACKBONE_DTYPES", "parse_dtype",
            "dtype_name", "parse_backbone_dtype", "budget_experts", "opt"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The dtypes each field accepts: wire = what the copy engines move (offload.WIRE_DTYPES), state = what a
-# RowStore keeps its moments in; fp16 is left out of the wire on purpose (no loss scaling on row grads).
-WIRE_DTYPES = tuple(WIRE_DTYPE_NAMES)
-STATE_DTYPES = tuple(STATE_DTYPE_NAMES)
-COMPUTE_DTYPES = ("auto", "bfloat16", "float32", "float16")
-BACKBONE_DTYPES = ("float32", "bfloat16")
 _BACKBONES = ("frozen", "lomo", "adalomo")
 INFERENCE_ROWS = ("auto", "resident", "fetch")  # the modes of meft.adapter.inference.InferenceRows
 _PREFETCH = ("none", "lookahead")
@@ -46,43 +51,10 @@ BACKGROUND_SOURCES = ("pydoc", "questions")  # sparse_update's background (meft.
 FETCH_MODES = ("staged", "zero_copy")  # how offloaded rows reach the device (offload.TransferScheduler)
 
 
-def parse_dtype(value: Any) -> torch.dtype | None:
-    """'bfloat16' | torch.bfloat16 | 'auto'/None -> dtype (None for auto); unknown -> ValueError."""
-    if value is None or value == "auto":
-        return None
-    if isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
-        return DTYPES[value.removeprefix("torch.")]
-    raise ValueError(f"unknown dtype {value!r}; use one of {sorted(DTYPES)}")
-
-
-def dtype_name(value: Any) -> str:
-    """Canonical string form ('bfloat16', 'auto') of a dtype-like value."""
-    dt = parse_dtype(value)
-    return "auto" if dt is None else str(dt).removeprefix("torch.")
-
-
 def budget_experts(max_active_rows: int, expert_size: int, n_experts: int) -> int:
     """The row budget in whole experts: max_active_rows // expert_size, at least 1, at most n_experts.
     The one definition of the budget (the router and every size computed from a config use it)."""
     return min(n_experts, max(1, max_active_rows // expert_size))
-
-
-def parse_backbone_dtype(field_name: str, value: Any) -> torch.dtype:
-    """A backbone weight dtype option (`meft train --dtype`, `meft plan --dtype`): float32 or bfloat16."""
-    if value not in BACKBONE_DTYPES:
-        raise ValueError(f"{field_name} = {value!r}: choose one of {', '.join(BACKBONE_DTYPES)}")
-    return DTYPES[value]
-
-
-def opt(default, help: str):
-    """A dataclass field carrying its `--help` text (what the CLI turns into an option); a list default
-    gets a fresh copy per instance. Every options dataclass (MeftConfig, TrainArgs, PlanOptions, the
-    CLI's own) declares its fields with this one helper."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -112,10 +84,9 @@ class MeftConfig:
     backbone: str = opt(
         "frozen", "Backbone treatment: 'frozen', or trained in backward by 'lomo' / 'adalomo'.")
     backbone_lr: float = opt(1e-5, "Learning rate of the backbone when backbone is 'lomo' or 'adalomo'.")
-    # Measured (BENCHMARKS.md, quick start and knowledge capacity): a row is updated only in the steps that route
-    # to it, so rows want ~10-30x LoRA's lr (3e-2: best mean held-out EM of 1e-2 / 2e-2 / 3e-2 on the quick start
-    # over 3 seeds, 77.6 vs 62.0 / 75.0%, keeping fewer known facts, 65.6 vs 71.1%), while a router as fast as the
-    # rows keeps moving facts to rows that have not learned them (200 facts: 36% EM at router lr 1e-2, 64% at 1e-3).
+    # A row is updated only in the steps that route to it, so rows want ~10-30x LoRA's lr (the quick start's lr
+    # sweep in BENCHMARKS.md), while a router as fast as the rows keeps moving facts to rows that have not
+    # learned them: hence router_lr well below adapter_lr.
     adapter_lr: float = opt(3e-2, "AdamW learning rate of the adapter rows (values start at zero).")
     router_lr: float = opt(1e-3, "AdamW learning rate of the router gates (on the device); keep it below "
                                 "adapter_lr so routing stays stable while rows learn.")
@@ -145,8 +116,8 @@ class MeftConfig:
         False, "Time every row copy with CUDA events (exact copy durations for the traffic meter; "
         "`meft profile` turns it on). Off: copies carry host-side time stamps only.")
     seed: int = opt(0, "Seed of the key and router-gate initialisation.")
-    # Stable addressing (issue 13): at adapter_lr 1e-2 keys moved ~40% of their init scale per step, so
-    # which rows fire for a token was redrawn every few steps. MEFT's CPU path freezes them.
+    # Stable addressing: trained at the rows' lr, keys move a large share of their init scale per step, so which
+    # rows fire for a token is redrawn every few steps. MEFT's CPU path freezes them.
     # float or None, typed Any so that the command line reads JSON: `--key-lr null` gives None
     key_lr: Any = opt(
         0.0, "Learning rate of the rows' keys (the first d columns of each row): 0.0 freezes them (MEFT; "
@@ -159,9 +130,9 @@ class MeftConfig:
     balance_rate: float = opt(
         1e-2, "Step of the per-expert routing bias per optimizer step with balance='bias'; scores are x . G "
         "with unit-norm gate rows at init (about one unit of spread), so 1e-2 moves an expert by that in ~100 steps.")
-    # Sparse memory finetuning (Lin et al. 2025, arXiv 2510.15103; issue 13 item 6): measured, every token of
-    # general text routes into freshly trained rows, so MEFT forgets; updating only the experts the training
-    # data uses much more than general text keeps general text on rows that training did not move.
+    # Sparse memory finetuning (Lin et al. 2025, arXiv 2510.15103): every token of general text routes into
+    # freshly trained rows, so MEFT forgets; updating only the experts the training data uses much more than
+    # general text keeps general text on rows that training did not move.
     sparse_update: int = opt(
         0, "0: off (every active row is updated). t > 0: each micro-batch updates only the rows of the t "
         "active experts per layer most specific to it: tf (the batch's real tokens routed to the expert) x "

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 from meft.adapter.saving import adapter_training_info, load_adapter
 from meft.cli.options import add_command, resolve_options
-from meft.config import opt
 from meft.data.builtin import load_builtin
 from meft.data.files import load_records
 from meft.data.records import records_kind, with_system_prompt
 from meft.data.sources import parse_data_spec, resolve_system_prompt
 from meft.evaluate import perplexity, qa_accuracy
+from meft.option_field import opt
 from meft.pretrained import load_model
 from offload.text import format_table
 

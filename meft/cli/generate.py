@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from meft.cli.eval import SYSTEM_PROMPT_HELP, load_scored_model, scoring_system_prompt
 from meft.cli.options import add_command, resolve_options
-from meft.config import opt
 from meft.data.records import prompt_ids, with_system_prompt
 from meft.evaluate import generate_answers
+from meft.option_field import opt
 
 __all__ = ["add_parser", "run", "GenerateArgs"]
 

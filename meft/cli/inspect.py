@@ -21,11 +21,11 @@ from pathlib import Path
 from meft.adapter.inspect import adapter_stats, plot_usage, report_tables, route_examples
 from meft.adapter.saving import CONFIG_NAME, load_adapter
 from meft.cli.options import add_command, resolve_options
-from meft.config import opt
 from meft.data.builtin import load_builtin
 from meft.data.files import load_records
 from meft.data.records import collate, encode_record
 from meft.data.sources import parse_data_spec
+from meft.option_field import opt
 from meft.pretrained import load_model
 from meft.train.checkpoint import latest_checkpoint
 

@@ -36,8 +36,10 @@ from dataclasses import dataclass
 import torch
 
 from meft.adapter.dense import attach_dense
-from meft.config import BACKBONE_DTYPES, MeftConfig, opt, parse_dtype
+from meft.config import MeftConfig
+from meft.dtypes import BACKBONE_DTYPES, parse_dtype
 from meft.lomo.optimizers import AdaLomo, Lomo
+from meft.option_field import opt
 from meft.plan.configs import load_model_config
 from meft.plan.fake_step import adamw_states, adamw_step, attach_meft, build_model
 from meft.plan.search import format_plan as fmt
