@@ -23,22 +23,23 @@ import torch
 
 import meft
 from meft.adapter.saving import save_adapter
+from meft.adapter.targets import check_layer_choice
 from meft.config import MeftConfig, parse_backbone_dtype
 from meft.data.packed import check_packing_mode, pack_batch, resolve_packing
 from meft.data.records import IGNORE_INDEX
-from meft.data.replay import REPLAY_FORMS, replay_prompts, self_replay_records
+from meft.data.replay import REPLAY_FORMS, replay_prompts
 from meft.data.sources import RunData, load_run_data
 from meft.evaluate import qa_accuracy
 from meft.pretrained import enable_checkpointing, load_model
 from meft.train.args import LR_SCHEDULES, TrainArgs
 from meft.train.atomic import atomic_write_text
-from meft.adapter.targets import check_layer_choice
 from meft.train.checkpoint import CheckpointError, load_training_state, save_training_state
 from meft.train.distributed import Ranks
 from meft.train.loss import step_loss
-from meft.train.resume import ResumeError, defining_options, plan_resume
-from meft.train.run_folder import claim_run_folder
+from meft.train.replay import self_replay_records
+from meft.train.resume import ResumeError, completed_run, defining_options, plan_resume
 from meft.train.run_args import check_train_args
+from meft.train.run_folder import claim_run_folder
 from meft.train.run_log import MetricsLog, plot_loss_curve
 from meft.train.run_summary import run_summary, summary_table
 from meft.train.tracking import open_tracker, parse_report_to, step_traffic
@@ -252,7 +253,7 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe, candidates: li
     if resuming:
         resume_from, st = _load_newest(candidates, model, main)
         start, before = st["step"], st["extra"].get("before", {})
-        if start >= total:
+        if start > total or (start == total and completed_run(out) is not None):
             rt.close()
             raise ResumeError(
                 f"--resume: checkpoint {resume_from.name} is at step {start} and this run ends at step {total} "

@@ -138,7 +138,12 @@ def _complete(out: Path, ref: list[float], code: int, text: str, how: str) -> Ve
 
 
 def _continue(tiny: Path, out: Path, *extra: str) -> tuple[int, str]:
-    """Continue a run after a fault: --resume, or start over when no checkpoint was written yet."""
+    """Continue a run after a fault: --resume, or start over when no checkpoint was written yet (nothing, when
+    the kill came after the run had completed)."""
+    from meft.train.resume import completed_run
+
+    if completed_run(out) is not None:
+        return 0, "(completed before the kill)"
     has = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*"))
     return run(tiny, out, "--resume" if has else "--overwrite", *extra)
 
