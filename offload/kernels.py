@@ -9,7 +9,7 @@ even with NaN mapped to 0x7FC0, bit-identical to `torch.Tensor.to(torch.bfloat16
 Every row kernel is `parallel=True` over rows and `cache=True` (the O(R) id bookkeeping is serial);
 none allocates a temporary larger than a few scalars per row (fresh memory is slow to touch).
 Each docstring gives the plain-PyTorch code that it equals; `offload.optim.reference_adamw_rows`
-is the tested twin of `adamw_rows`.
+is the tested twin of `adamw_rows`. The bf16 bit handling shared by the kernels is `offload.bits`.
 Idea of documenting the equivalent plain op: xformers `ops/indexing.py`.
 
 Threading: kernels release the GIL (`nogil=True`) so a scheduler's worker thread can update rows while
@@ -28,10 +28,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from llvmlite import ir  # noqa: E402
-from numba import njit, prange, types  # noqa: E402
-from numba.core import cgutils  # noqa: E402
-from numba.extending import intrinsic, overload  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+from offload.bits import ABS_MASK as _ABS_MASK  # noqa: E402
+from offload.bits import f32_as_u32 as _f32_as_u32  # noqa: E402
+from offload.bits import load_f32 as _ld  # noqa: E402
+from offload.bits import prefetch as _prefetch  # noqa: E402
+from offload.bits import put_bits as _put  # noqa: E402
+from offload.bits import store_f32 as _st  # noqa: E402
 
 __all__ = [
     "PARALLEL_MIN_BYTES",
@@ -50,13 +54,13 @@ __all__ = [
     "load_f32",
 ]
 
+load_f32 = _ld  # for kernels elsewhere (njit): a[i, j] as float32, a float32 or bf16 bits (uint16)
+
 PARALLEL_MIN_BYTES = 1 << 20  # calls touching less than this run on the calling thread only
 # Default: all cores but one, which is left to the Python / GPU-driving main thread that runs beside the
 # host worker calling these kernels (on a 2-core machine: 1 thread). Env OFFLOAD_NUM_THREADS overrides.
 _DEFAULT_THREADS = max(1, numba.config.NUMBA_NUM_THREADS - 1)
 _threads = min(max(int(os.environ.get("OFFLOAD_NUM_THREADS", "0") or 0), 0), numba.config.NUMBA_NUM_THREADS)
-_EXP_MASK = np.uint32(0x7F800000)
-_ABS_MASK = np.uint32(0x7FFFFFFF)
 
 
 def set_num_threads(n: int | None) -> None:
@@ -97,113 +101,7 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-# ---------------------------------------------------------------- scalar bit casts (inlined)
-
-
-@intrinsic
-def _u32_as_f32(typingctx, x):
-    if x != types.uint32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.uint32), codegen
-
-
-@intrinsic
-def _f32_as_u32(typingctx, x):
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
-
-
-@njit
-def _bits_to_bf16(b):
-    """fp32 bits (uint32) -> bf16 bits (uint16), round to nearest even, NaN -> 0x7FC0 (as torch)."""
-    rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    return np.uint16(0x7FC0) if (b & _ABS_MASK) > _EXP_MASK else np.uint16(rounded)
-
-
-def _ld(a, i, j):  # a[i, j] as float32 (a: float32 or bf16-as-uint16)
-    pass
-
-
-def _st(a, i, j, x):  # a[i, j] = x (float32), rounding to bf16 when a is uint16
-    pass
-
-
-@overload(_ld)
-def _ld_impl(a, i, j):
-    if a.dtype == types.float32:
-        return lambda a, i, j: a[i, j]
-    if a.dtype == types.uint16:
-        return lambda a, i, j: _u32_as_f32(np.uint32(np.uint32(a[i, j]) << np.uint32(16)))
-    return None
-
-
-load_f32 = _ld  # for kernels elsewhere (njit): a[i, j] as float32, a float32 or bf16 bits (uint16)
-
-
-@overload(_st)
-def _st_impl(a, i, j, x):
-    if a.dtype == types.float32:
-
-        def st_f32(a, i, j, x):
-            a[i, j] = x
-
-        return st_f32
-    if a.dtype == types.uint16:
-
-        def st_bf16(a, i, j, x):
-            a[i, j] = _bits_to_bf16(_f32_as_u32(x))
-
-        return st_bf16
-    return None
-
-
 # ---------------------------------------------------------------- gather
-
-
-@intrinsic
-def _prefetch(typingctx, addr):
-    """Software prefetch (read, keep in all cache levels) of the cache line at integer address `addr`."""
-    if addr not in (types.int64, types.uint64):
-        return None
-
-    def codegen(context, builder, sig, args):
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [builder.inttoptr(args[0], i8p), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return types.none(addr), codegen
-
-
-def _put(o, j, b):  # o[j] = b (uint32 bits of an fp32), rounded to bf16 bits when o is uint16
-    pass
-
-
-@overload(_put)
-def _put_impl(o, j, b):
-    if o.dtype == types.uint16:
-
-        def put_bf16(o, j, b):
-            o[j] = _bits_to_bf16(b)
-
-        return put_bf16
-    if o.dtype == types.uint32:
-
-        def put_u32(o, j, b):
-            o[j] = b
-
-        return put_u32
-    return None
 
 
 # Row gather, measured on cold rows (experiments/bench_offload.py): the cost is memory-level parallelism,
