@@ -93,17 +93,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--offload", action="store_true", help="rows on the host (TransferScheduler); default: "
                     "resident rows (the same adapter path, no copy threads)")
     a = ap.parse_args(argv)
-    model, batch = tiny_llama()
     cfg = meft.MeftConfig(adapter_rows=256, expert_size=16, experts_per_token=4, max_active_rows=64,
                           offload=a.offload)
-    res = adapter_ops_per_layer(model, batch, lambda m: meft.wrap(m, cfg))
-    print(f"aten ops per adapted layer in a training forward: {res['per_layer']:.1f} "
-          f"(plain forward {res['plain']}, wrapped {res['wrapped']}, {res['layers']} adapted layers)")
-    for name, n in res["top"].items():
-        print(f"  {name:<28}{n:>6}")
+    out = {}
+    # general: dense products over the micro-batch's rows (what a GPU runs); token_rows: the CPU's per-token
+    # numba path for fp32 activations (MeftRuntime.token_rows, on by default on a CPU)
+    for path in ("general", "token_rows"):
+        model, batch = tiny_llama()
+
+        def wrap(m, path=path):
+            meft.wrap(m, cfg)
+            m.meft.token_rows = path == "token_rows"
+
+        res = out[path] = adapter_ops_per_layer(model, batch, wrap)
+        print(f"{path}: aten ops per adapted layer in a training forward: {res['per_layer']:.1f} "
+              f"(plain forward {res['plain']}, wrapped {res['wrapped']}, {res['layers']} adapted layers)")
+        for name, n in res["top"].items():
+            print(f"  {name:<28}{n:>6}")
     if a.json:
-        print(json.dumps(res))
-    return res
+        print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

@@ -46,13 +46,16 @@ class SparseAdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rows, coef, expert_size: int, scale: float, active_per_token, train_keys: bool = True):
         d = x.shape[1]
-        coef_c = _expand(coef.to(x.dtype), expert_size)  # [T, R]
         h = x @ rows[:, :d].t()  # [T, R]
-        a = torch.relu(h) * coef_c  # [T, R]
+        T, R = h.shape
+        # relu(h) * coef.repeat_interleave(S, dim=1), without materialising the repeated coef
+        a = (torch.relu(h).view(T, R // expert_size, expert_size) * coef.to(x.dtype)[:, :, None]).view(T, R)
         mask = topk_mask(a, active_per_token)
         if mask is not None:
             a = a * mask
-        y = (a @ rows[:, d:]) * scale  # [T, d]
+        y = a @ rows[:, d:]  # [T, d]
+        if scale != 1.0:
+            y = y * scale
         ctx.save_for_backward(x, rows, coef, h, mask)
         ctx.expert_size, ctx.scale, ctx.train_keys = expert_size, scale, train_keys
         return y

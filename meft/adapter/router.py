@@ -25,6 +25,13 @@ halves so that gradient checkpointing can recompute the differentiable half with
 * `gate_weights(x, gate, routing)` (differentiable in x and G): each token's softmax over its routed
   experts, placed in the kept-expert columns, `[T, B]`; zero rows for padding. `token_gate_weights`: the
   same weights per token, `[T, k]` in `top_idx` order (CPU inference reads each token's own rows).
+* **Scores once**: `route` computes the expert scores (`router_scores`, no grad) and keeps them on the
+  Routing for the gate weights of the same forward (`Routing.take_scores`: only for the same x and gate,
+  once); `gate_weights` reads its [T, k] scores from them through an autograd Function whose backward is
+  that of `x @ G.T` (no second [T, d] x [d, E] product; a checkpoint recomputation, which re-uses the
+  cached Routing, computes them again). On CUDA with a bf16 / fp16 model the product runs in the model's
+  dtype with fp32 accumulation and output (`torch.mm(..., out_dtype=float32)`: no fp32 copy of x, G
+  rounded to the model's dtype); elsewhere in fp32. Tested against the fp32 scores.
 * **Balance** (`MeftConfig.balance="bias"`, DeepSeek-V3's auxiliary-loss-free balancing): a per-expert
   bias `b` [E] is added to the scores for *choosing* experts only (top-k, the re-routing); gate weights
   stay the softmax of the unbiased scores. `Routing.load` (real tokens choosing each expert) is what the
@@ -38,7 +45,7 @@ Plain-torch equivalent, for reference (real = valid tokens, budget binding):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -46,7 +53,9 @@ from torch import Tensor
 from meft.config import budget_experts
 
 __all__ = ["Routing", "route", "gate_weights", "token_gate_weights", "expert_weights", "init_gate",
-           "update_balance_bias"]
+           "update_balance_bias", "router_scores"]
+
+_LOW = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -60,6 +69,13 @@ class Routing:
     expert_size: int
     dropped: Tensor | None = None  # [] fp32 share of real tokens' top-k assignments the budget dropped
     load: Tensor | None = None     # [E] fp32 real tokens that chose each expert (before the budget)
+    # (x, gate, scores [T, E] fp32, no grad) of the route call, for the same forward's gate weights
+    _scores: tuple | None = field(default=None, repr=False, compare=False)
+
+    def take_scores(self, x: Tensor, gate: Tensor) -> Tensor | None:
+        """The scores `route` computed for exactly this x and gate, once (then None: recompute)."""
+        kept, self._scores = self._scores, None
+        return kept[2] if kept is not None and kept[0] is x and kept[1] is gate else None
 
     @property
     def n_rows(self) -> int:
@@ -73,6 +89,32 @@ class Routing:
     def active_ids(self) -> Tensor:
         """[n * expert_size] the active row ids, ascending (synchronises, as active_kept)."""
         return self.ids[self.ids >= 0]
+
+
+def router_scores(x: Tensor, gate: Tensor) -> Tensor:
+    """x [T, d], gate [E, d] fp32 -> scores [T, E] fp32. CUDA with a bf16 / fp16 x: in x's dtype, fp32
+    accumulation and output; otherwise fp32."""
+    if x.is_cuda and x.dtype in _LOW:
+        return torch.mm(x, gate.to(x.dtype).t(), out_dtype=torch.float32)
+    return x.float() @ gate.float().t()
+
+
+class _TopScores(torch.autograd.Function):
+    """(x [T, d], gate [E, d], top_idx [T, k], scores [T, E] or None) -> scores gathered at top_idx [T, k]
+    fp32, with the gradients of `router_scores(x, gate).gather(1, top_idx)` (fp32 backward, as autograd of
+    `x.float() @ gate.float().t()` computes them)."""
+    @staticmethod
+    def forward(ctx, x, gate, top_idx, scores):
+        ctx.save_for_backward(x, gate, top_idx)
+        return (router_scores(x, gate) if scores is None else scores).gather(1, top_idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, gate, top_idx = ctx.saved_tensors
+        ds = torch.zeros(x.shape[0], gate.shape[0], dtype=g.dtype, device=g.device).scatter_add_(1, top_idx, g)
+        dx = (ds @ gate.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dgate = (x.float().t() @ ds).t().to(gate.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dgate, None, None
 
 
 def init_gate(keys: Tensor, expert_size: int) -> Tensor:
@@ -108,17 +150,18 @@ def route(x: Tensor, gate: Tensor, *, experts_per_token: int, expert_size: int,
     n_tok, n_experts = x.shape[0], gate.shape[0]
     dev = x.device
     k = min(experts_per_token, n_experts)
-    scores = x.float() @ gate.float().t()  # [T, E] fp32 routing, whatever the compute dtype
+    scores = router_scores(x, gate)  # [T, E] fp32
     choice = scores if bias is None else scores + bias.float()  # [T, E] what experts are chosen by
-    top_idx = torch.topk(choice, k, dim=1).indices  # [T, k] descending; ties -> lower index
-    top_s = scores.gather(1, top_idx)  # [T, k] the unbiased scores give the weights
+    top_s, top_idx = torch.topk(choice, k, dim=1)  # [T, k] descending; ties -> lower index
+    if bias is not None:
+        top_s = scores.gather(1, top_idx)  # [T, k] the unbiased scores give the weights
     real = (torch.ones(n_tok, dtype=torch.bool, device=dev) if valid is None
             else valid.to(device=dev, dtype=torch.bool))  # [T]
-    real_tk = real[:, None].expand(n_tok, k)  # [T, k]
-    # where, not a product: a padding position's scores may be non-finite, and 0 * nan = nan
-    g = torch.where(real_tk, torch.softmax(top_s, dim=1), 0.0)  # [T, k]
+    pad = ~real[:, None]  # [T, 1]
+    # a fill, not a product: a padding position's scores may be non-finite, and 0 * nan = nan
+    g = torch.softmax(top_s, dim=1).masked_fill(pad, 0.0)  # [T, k]
     w = expert_weights(top_idx, g, n_experts)  # [E] total weight of the real tokens
-    load = expert_weights(top_idx, real_tk.float(), n_experts)  # [E] real tokens choosing each expert
+    load = expert_weights(top_idx, real[:, None].expand(n_tok, k).float(), n_experts)  # [E] real tokens per expert
     chosen = load > 0  # [E]
     if max_active_rows is None:
         n_slots = min(n_experts, n_tok * k)  # room for every token's own experts
@@ -129,31 +172,31 @@ def route(x: Tensor, gate: Tensor, *, experts_per_token: int, expert_size: int,
     order = torch.sort(torch.where(chosen, w, -1.0), descending=True, stable=True).indices[:n_slots]  # [B]
     used = chosen.index_select(0, order)  # [B] a used slot (an unused one otherwise)
     slots = torch.sort(torch.where(used, order, n_experts)).values  # [B] used ascending, then E
-    kept = torch.where(slots < n_experts, slots, -1)  # [B]
+    kept = slots.masked_fill(slots == n_experts, -1)  # [B]
     col = torch.full((n_experts + 1,), -1, dtype=torch.int64, device=dev)  # [E + 1], E: the unused
     col.scatter_(0, slots, torch.arange(n_slots, device=dev))  # unused slots land in column E
     slot_of = col[:n_experts]  # [E] slot of each expert, -1 when not kept
     pos = slot_of[top_idx]  # [T, k] (a Python-scalar store into col would be a synced H2D copy)
-    n_real = real.sum().float() * k
-    dropped = (real_tk & (pos < 0)).sum().float() / n_real.clamp(min=1.0)  # [] share of real assignments
+    # [] share of real assignments whose expert was not kept (load counts each real token's k assignments)
+    dropped = load.masked_fill(slot_of >= 0, 0.0).sum() / load.sum().clamp(min=1.0)
     if n_slots < min(n_experts, n_tok * k):  # the budget can bind: re-route among the kept experts
-        top_idx = torch.topk(torch.where(slot_of >= 0, choice, float("-inf")), k, dim=1).indices  # [T, k]
+        top_idx = torch.topk(choice.masked_fill(slot_of < 0, float("-inf")), k, dim=1).indices  # [T, k]
         pos = slot_of[top_idx]  # -1 only where fewer than k experts are kept
-    pos = torch.where(real_tk, pos, -1)  # padding routes nowhere
-    rows = kept[:, None] * expert_size + torch.arange(expert_size, device=dev)  # [B, S]
-    ids = torch.where(kept[:, None] >= 0, rows, -1).reshape(-1)  # [B * S]
+    pos = pos.masked_fill(pad, -1)  # padding routes nowhere
+    # kept * S + j is negative exactly for unused slots (kept = -1, j < S): clamp them to -1
+    ids = torch.arange(expert_size, device=dev).add(kept[:, None], alpha=expert_size).clamp_(min=-1).view(-1)
     return Routing(top_idx=top_idx, pos=pos, kept=kept, ids=ids, expert_size=expert_size, dropped=dropped,
-                   load=load)
+                   load=load, _scores=(x, gate, scores))
 
 
 def token_gate_weights(x: Tensor, gate: Tensor, routing: Routing) -> Tensor:
     """Differentiable gate weights [T, k] fp32 of each token's routed experts (`routing.top_idx`): the
     softmax over those that have a slot; 0 for the others and for padding rows."""
-    scores = x.float() @ gate.float().t()  # [T, E]
-    on = routing.pos >= 0  # [T, k]
+    top_s = _TopScores.apply(x, gate, routing.top_idx, routing.take_scores(x, gate))  # [T, k]
+    off = routing.pos < 0  # [T, k]
     # a finite floor, not -inf: a row with no slot (padding) stays finite, so no nan reaches backward
-    s = torch.where(on, scores.gather(1, routing.top_idx), torch.finfo(torch.float32).min)  # [T, k]
-    return torch.where(on, torch.softmax(s, dim=1), 0.0)  # [T, k]
+    s = top_s.masked_fill(off, torch.finfo(torch.float32).min)  # [T, k]
+    return torch.softmax(s, dim=1).masked_fill(off, 0.0)  # [T, k]
 
 
 def gate_weights(x: Tensor, gate: Tensor, routing: Routing) -> Tensor:
