@@ -52,7 +52,8 @@ import math
 import torch
 from torch import Tensor
 
-from meft.lomo.fused import CHUNK_BYTES, Chunks, FusedBackwardOptimizer
+from meft.lomo.chunks import Chunks
+from meft.lomo.fused import CHUNK_BYTES, FusedBackwardOptimizer
 
 __all__ = ["Lomo", "AdaLomo"]
 

@@ -1,4 +1,4 @@
-"""Chunked updates (meft.lomo.fused.Chunks) against whole-tensor plain twins, and the memory they save."""
+"""Chunked updates (meft.lomo.chunks.Chunks) against whole-tensor plain twins, and the memory they save."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from meft.lomo.fused import Chunks
+from meft.lomo.chunks import Chunks
 from meft.lomo.optimizers import AdaLomo, Lomo
 from meft.lomo.rounding import bf16_noise, rounding_generator, stochastic_round_bf16
 from tests.meft.lomo.test_optimizers import batches, lomo_steps, loss_of, tiny_llama
