@@ -14,12 +14,7 @@ in the plain layout ``[left padding | prefix | suffix]`` (`share_prefix=False`, 
 agree with it (tested; logits agree to fp32 rounding, as between any two batch compositions). Models whose
 forward takes no KV cache argument, or caches without `batch_repeat_interleave`, use the plain path.
 
-Answer normalisation (`normalize_answer`, SQuAD-style plus accent folding): Unicode NFKD with
-combining marks dropped ("Bogotá" -> "bogota"), lower case, every punctuation/symbol character
-replaced by a space ("+33" -> "33", ".fr" -> "fr"), the articles "a", "an", "the" dropped, whitespace
-collapsed. ``exact``: normalised prediction equals a normalised accepted answer. ``contains``: a
-normalised accepted answer occurs in the normalised prediction as whole words ("paris" is contained in
-"the capital is paris", "1" is not contained in "+12").
+Answers are scored by `meft.data.answers` (`exact_match`, `contains_match`, re-exported here).
 """
 
 from __future__ import annotations
@@ -27,39 +22,18 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import re
-import unicodedata
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from meft.data.answers import contains_match, exact_match, normalize_answer
 from meft.data.records import IGNORE_INDEX, prompt_ids, reference_answers
 
 __all__ = ["normalize_answer", "exact_match", "contains_match", "generate_answers", "qa_accuracy",
            "perplexity", "common_prefix_length"]
 
 _MIN_SHARED_PREFIX = 8  # below this the prefix saves little compute, so the plain path runs
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-    """Accent-fold, lower-case, punctuation -> space, drop articles, collapse whitespace."""
-    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
-    text = "".join(" " if unicodedata.category(c)[0] in "PS" else c for c in text.lower())
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> bool:
-    pred = normalize_answer(prediction)
-    return any(pred == normalize_answer(a) for a in answers)
-
-
-def contains_match(prediction: str, answers: Sequence[str]) -> bool:
-    pred = f" {normalize_answer(prediction)} "
-    return any(normalize_answer(a) and f" {normalize_answer(a)} " in pred for a in answers)
-
 
 def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)

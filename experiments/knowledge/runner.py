@@ -107,7 +107,8 @@ def _replay(model, tok, spec: RunSpec) -> list[dict]:
     if not spec.replay:
         return []
     from experiments.knowledge.forgetting import load_retention
-    from meft.data import replay_prompts, self_replay_records
+    from meft.data import replay_prompts
+    from meft.train import self_replay_records
 
     probe = {q["subject"] for q in load_retention(spec.retention_file, spec.model)["questions"]} \
         if spec.retention_file else set()

@@ -2,8 +2,8 @@
 prompt/completion, text), record files with file:line errors (`files`: .jsonl, .json, .parquet),
 tokenization and batching (`records`), the built-in datasets (`builtin`), turning `--data` /
 `--eval-data` into batches and evaluation splits (`sources`), and the facts the default model already
-knows plus free prompts that `meft train` probes before and after training (`retention`), and the base
-model's own answers that `--replay` mixes into training (`replay`).
+knows plus free prompts that `meft train` probes before and after training (`retention`), the questions
+whose base-model answers `--replay` mixes into training (`replay`), and answer scoring (`answers`).
 """
 
 from meft._faces import lazy_face
@@ -25,7 +25,6 @@ _WHERE = {
     "prompt_ids": "meft.data.records",
     "RETENTION_MAX_NEW_TOKENS": "meft.data.retention",
     "replay_prompts": "meft.data.replay",
-    "self_replay_records": "meft.data.replay",
 }
 __all__ = list(_WHERE)
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import random
 
+from meft.data.answers import contains_match
 from meft.data.builtin import world_facts
-from meft.evaluate import contains_match
 
 __all__ = ["RETENTION_QUESTIONS", "RETENTION_MAX_NEW_TOKENS", "RETENTION_QUOTA", "FREE_PROMPTS",
            "FREE_MAX_NEW_TOKENS", "FREE_SUBJECTS", "RETENTION_SYSTEM_PROMPT", "retention_records",

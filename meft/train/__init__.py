@@ -1,7 +1,8 @@
 """The training loop `meft train` runs (`loop`), its options (`args`), the resumable checkpoint
 (`checkpoint`), the run log (`run_log`), the loss (`loss`), the HF Trainer callback (`hf_callback`),
 experiment tracking for --report-to (`tracking`), atomic file writes (`atomic`) and the ranks of a torchrun
-run with their failure handling (`distributed`).
+run with their failure handling (`distributed`), and the base model's answers that --replay trains on
+(`replay`).
 """
 
 from meft._faces import lazy_face
@@ -11,6 +12,7 @@ _WHERE = {
     "train_step": "meft.train.loop",
     "setup_run": "meft.train.loop",
     "TrainArgs": "meft.train.args",
+    "self_replay_records": "meft.train.replay",
     "causal_lm_loss": "meft.train.loss",
     "step_loss": "meft.train.loss",
     "MeftCallback": "meft.train.hf_callback",

@@ -8,9 +8,10 @@ import torch
 
 from meft.data.builtin import world_facts
 from meft.data.records import prompt_ids, with_system_prompt
-from meft.data.replay import replay_prompts, self_replay_records
+from meft.data.replay import replay_prompts
 from meft.data.retention import FREE_SUBJECTS, retention_records
 from meft.evaluate import generate_answers, normalize_answer
+from meft.train.replay import self_replay_records
 from tests.meft.cli.test_train import _cmd, _run
 from tests.meft.data.test_records import tiny_model, tiny_tokenizer
 
