@@ -1,7 +1,7 @@
 """How many host copies of the row stores each node holds, measured from the processes' memory mappings.
 
 Owns `host_copies(stores, group)`, the measurement behind "one host copy of the stores per node"
-(DESIGN.md "Distributed"): it does not trust a flag, it asks the kernel. For every tensor of every store
+(docs/design.md "Distributed"): it does not trust a flag, it asks the kernel. For every tensor of every store
 (fp32 rows, both moments, step counts, and the zero-copy mirror when attached) each rank finds the
 mapping that holds the tensor's first byte in /proc/self/maps: memory of a shared segment is identified
 by (device, inode, offset in the file), which is the same on every rank that maps it; private memory by

@@ -1,7 +1,7 @@
 """Named shared host memory of one node: created by local rank 0, mapped by the node's other ranks.
 
 Owns `alloc_shared(node, nbytes, fill)`, how a node holds one host copy of its row stores (and of their
-zero-copy mirrors) whatever its number of ranks (DESIGN.md "Distributed"). Standard library and torch
+zero-copy mirrors) whatever its number of ranks (docs/design.md "Distributed"). Standard library and torch
 only: a file in /dev/shm (POSIX shared memory, as `multiprocessing.shared_memory` uses), mapped with
 `torch.from_file(..., shared=True)` (MAP_SHARED; the tensor's storage owns the mapping and unmaps it
 when its last view dies).

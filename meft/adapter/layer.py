@@ -59,7 +59,7 @@ class SparseFFNAdapter(nn.Module):
             x, request = self._tapped, self._request
         else:
             x = args[0]
-            request = self._request_rows(x)  # routing and fetch issued before the base FFN (DESIGN.md)
+            request = self._request_rows(x)  # routing and fetch issued before the base FFN (docs/design.md)
         self._tapped = self._request = None
         out = self.base(*args, **kwargs)  # the FFN computes while the rows travel
         if request is None:

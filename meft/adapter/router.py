@@ -1,6 +1,6 @@
 """Key-Experts router: per-token expert scores -> the experts each real token uses and the rows they need.
 
-Owns the routing rule (MEFT, arXiv 2406.04984, "Key-Experts"; DESIGN.md "The adapter"), split in two
+Owns the routing rule (MEFT, arXiv 2406.04984, "Key-Experts"; docs/design.md "The adapter"), split in two
 halves so that gradient checkpointing can recompute the differentiable half without re-routing:
 
 * `route(x, gate, ..., valid=...)` (discrete, no grad): each token scores the E experts (`x @ G.T`) and
@@ -17,7 +17,7 @@ halves so that gradient checkpointing can recompute the differentiable half with
   - **Outside training** (`max_active_rows=None`): no budget. Each token keeps its own top experts
     whatever else is in the batch, so its output never depends on its batch; the rows used are the union.
 
-* **Fixed shapes, no host synchronisation** (DESIGN.md "One training step"): the kept set always has
+* **Fixed shapes, no host synchronisation** (docs/design.md "One training step"): the kept set always has
   `B` slots (the budget in experts, or min(E, T * k) without a budget, both known on the host from
   shapes). Used slots come first, ascending by expert id; unused slots hold -1, and so do their rows'
   ids. Nothing is removed, so no `.item()`, `nonzero` or boolean-mask index is needed; the host learns

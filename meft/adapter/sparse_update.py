@@ -1,6 +1,6 @@
 """SparseUpdate: which active rows a training micro-batch may update (`MeftConfig.sparse_update`).
 
-Owns sparse memory finetuning (Lin et al. 2025, arXiv 2510.15103; issue 13 item 6; DESIGN.md "The adapter") for
+Owns sparse memory finetuning (Lin et al. 2025, arXiv 2510.15103; docs/design.md "The adapter") for
 one wrapped model: each training micro-batch updates only the rows of the t active experts per layer with the
 highest tf x idf, where
 

@@ -7,10 +7,10 @@ adapter-side optimizer and, for backbone="lomo"/"adalomo", the backbone optimize
 Rows: row i of layer l is [k_i | v_i] (2d wide); keys ~ U(-1/sqrt(d), 1/sqrt(d)) seeded per layer,
 values 0, so the wrapped model starts exactly equal to the base model. Each router gate starts aligned
 with its layer's keys (`router.init_gate`: gate row e = unit-norm mean of expert e's keys), and the keys
-are frozen unless `MeftConfig.key_lr` is None (stable addressing, DESIGN.md "The adapter").
+are frozen unless `MeftConfig.key_lr` is None (stable addressing, docs/design.md "The adapter").
 Under torch.distributed (torchrun, several ranks) the ranks' configs are checked first, then the stores of a
 node's ranks are built in the node's shared memory (`offload.node`, `offload.shared`): one host copy per
-node, whose rows the node's ranks update by ownership (DESIGN.md "Distributed").
+node, whose rows the node's ranks update by ownership (docs/design.md "Distributed").
 With `sparse_update > 0` wrap also captures the background text's FFN inputs for the sparse update's idf
 (`MeftRuntime.capture_background`): the tokenizer is the one given, else the one saved beside the model
 (`model.config._name_or_path`); without either, training refuses to start until the background is captured.

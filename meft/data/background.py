@@ -1,4 +1,4 @@
-"""Background (general) text for the sparse update's idf (MeftConfig.sparse_update; issue 13, item 6).
+"""Background (general) text for the sparse update's idf (MeftConfig.sparse_update).
 
 Owns `background_token_ids(tok, n_tokens, source=)`: `n_tokens` tokens of text that stands for what a fine-tune
 should leave alone, as rows of token ids. Two sources (`BACKGROUND_SOURCES`, `MeftConfig.sparse_background`):
@@ -12,8 +12,8 @@ should leave alone, as rows of token ids. Two sources (`BACKGROUND_SOURCES`, `Me
   first training phrasing, seeded order), one row each, through the tokenizer's chat template with an empty
   system turn and the generation prompt (plain text without a template). Why: the question template's tokens,
   which every question shares, never occur in prose, so against prose their experts look specific to the
-  training data and are updated, and every other question routes into them. Measured on the quick start
-  (BENCHMARKS.md, eighth session) it kept no more known facts than prose did (60.0% at t = 16 with either).
+  training data and are updated, and every other question routes into them (BENCHMARKS.md, "Quick start",
+  compares the two).
   Countries of the trade-off probe (`meft.data.retention`) are left out, so the facts the probe scores never
   shape the update.
 """

