@@ -21,7 +21,7 @@ fp32, 512 rows per layer): a smoke run of the same code; the GPU keys are null t
 `--json` prints one JSON object as the last line: {"device", "layers", "batch", ..., "shapes": {name: {...}}}
 with, per shape:
   tokens_per_s         per method: real tokens / median step seconds
-  meft_vs_lora16       per MEFT method: its median step / LoRA r=16's (the issue's "<= 1.1x")
+  meft_vs_lora16       per MEFT method: its median step / LoRA r=16's (target: <= 1.1)
   gpu_busy_fraction    per method: union of kernel intervals / span from first kernel start to last kernel end,
                        over 3 steps under torch.profiler (null on CPU)
   peak_gpu_gib         per method: torch.cuda.max_memory_allocated over warm-up and timed steps (null on CPU)
