@@ -81,4 +81,5 @@ def identity_mismatch(saved: dict | None, now: dict) -> str | None:
     diffs = [label for key, label in what.items() if saved.get(key) and now.get(key) and saved[key] != now[key]]
     if not diffs:
         return None
-    return f"trained on {saved.get('name')!r}, loading onto {now.get('name')!r}: {', '.join(diffs)} differ"
+    names = f"trained on {saved.get('name')!r}, loading onto {now.get('name')!r}: " if saved.get("name") else ""
+    return f"{names}{', '.join(diffs)} differ"

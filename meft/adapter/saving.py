@@ -140,11 +140,7 @@ def load_adapter(model, path: str, config: MeftConfig | None = None, *, verbose:
     """
 
     meta = _read_config(path)
-    differs = identity_mismatch(meta.get("base_model"), base_identity(model))
-    if differs and not force:
-        raise ValueError(f"adapter {path!r} was trained on another base model ({differs}); its rows would "
-                         "add to the wrong features. Fix: load it onto the base model it was trained on, or pass "
-                         "force=True to load it anyway")
+    identity = base_identity(model)
     cfg = _merge_config(MeftConfig.from_dict(meta["config"]), config)
     wrap(model, cfg)
     rt = model.meft
@@ -154,6 +150,12 @@ def load_adapter(model, path: str, config: MeftConfig | None = None, *, verbose:
         raise ValueError(f"adapter in {path!r} has layers {meta['layers']} and row width {meta['row_width']}; "
                          f"this model gives layers {got} and row width {rt.stores[0].width}: "
                          f"load it into the base model it was trained on")
+    differs = identity_mismatch(meta.get("base_model"), identity)
+    if differs and not force:
+        unwrap(model)
+        raise ValueError(f"adapter {path!r} was trained on another base model ({differs}); its rows would "
+                         "add to the wrong features. Fix: load it onto the base model it was trained on, or pass "
+                         "force=True to load it anyway")
     weights = Path(path) / WEIGHTS_NAME
     try:
         with safe_open(str(weights), framework="pt") as f, torch.no_grad():
