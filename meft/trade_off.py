@@ -1,11 +1,12 @@
 """What fine-tuning kept and what it lost: the trade-off probe `meft train` runs before and after training.
 
 Owns `trade_off_probe` (a model's answers to the built-in retention set of `meft.data.retention`, facts the
-default model knows that are not in the quick start's training data, and its greedy answers to the free
-prompts), `trade_off_summary` (two probes, base and fine-tuned, side by side: the ``trade_off`` entry of a
-run's summary.json), and the set's upkeep: `verify_retention_set` (which questions a model answers),
-`build_retention_set` (how the set was chosen: per relation, the first candidates in seeded order that the
-model answers, contains match). `python -m meft.trade_off` re-verifies the set on the default model
+default model knows that are not in the quick start's training data, its greedy answers to the free
+prompts, and its agreement with the base model on general prompts, `meft.agreement`), `trade_off_summary`
+(two probes, base and fine-tuned, side by side: the ``trade_off`` entry of a run's summary.json), and the
+set's upkeep: `verify_retention_set` (which questions a model answers), `build_retention_set` (how the set
+was chosen: per relation, the first candidates in seeded order that the model answers, contains match).
+`python -m meft.trade_off` re-verifies the set on the default model
 (exit 1 if any question is no longer answered); `--build` prints a freshly chosen set as Python.
 """
 
@@ -15,6 +16,7 @@ import argparse
 
 import torch
 
+from meft.agreement import general_agreement, general_reference
 from meft.data.records import prompt_ids, with_system_prompt
 from meft.data.retention import (
     FREE_MAX_NEW_TOKENS,
@@ -32,15 +34,24 @@ from meft.pretrained import load_model
 __all__ = ["trade_off_probe", "trade_off_summary", "verify_retention_set", "build_retention_set", "main"]
 
 
-def trade_off_probe(model, tokenizer, *, retention: bool = True, generations: bool = True,
-                    batch_size: int = 32, system_prompt: str | None = None) -> dict:
+def trade_off_probe(model, tokenizer, *, retention: bool = True, generations: bool = True, general: bool = False,
+                    reference: dict | None = None, batch_size: int = 32, system_prompt: str | None = None) -> dict:
     """What a model knows and how it writes, to compare before and after fine-tuning (`meft.data.retention`).
 
     Returns ``{"retention": {"exact_match", "contains", "n", "items": [{"prompt", "answers", "prediction",
     "contains"}]}, "generations": [{"prompt", "answer"}]}`` (a part left out is absent): the built-in
     retention set scored with its token budget, and greedy answers to `FREE_PROMPTS`, each one batch.
-    `system_prompt`: the system message of every question (`with_system_prompt`; None = the template's)."""
+    `system_prompt`: the system message of every question (`with_system_prompt`; None = the template's).
+    `general`: also the general-prompt agreement (`meft.agreement`): without `reference` this model is the
+    base and its continuations become the reference (``{"general": {"reference": ...}}``); with the base
+    probe's ``general["reference"]`` this model's agreement with it (``{"general": {"agreement", ...}}``)."""
     out: dict = {}
+    if general:
+        if reference is None:
+            out["general"] = {"reference": general_reference(model, tokenizer, system_prompt=system_prompt,
+                                                             batch_size=batch_size)}
+        else:
+            out["general"] = general_agreement(model, reference, batch_size=batch_size)
     if retention:
         records = with_system_prompt(retention_records(), system_prompt)
         res = qa_accuracy(model, tokenizer, records, batch_size=batch_size, max_new_tokens=RETENTION_MAX_NEW_TOKENS,
@@ -66,8 +77,14 @@ def trade_off_summary(before: dict, after: dict) -> dict:
     """Two `trade_off_probe` results (base, fine-tuned) -> the summary's ``trade_off`` entry:
     ``{"retention": {"before", "after" (contains rates), "exact_match_before", "exact_match_after", "n",
     "kept" (share of the facts answered before that are still answered after), "lost": [prompts],
-    "items": [{"prompt", "answers", "before", "after"}]}, "generations": [{"prompt", "base", "tuned"}]}``."""
+    "items": [{"prompt", "answers", "before", "after"}]}, "generations": [{"prompt", "base", "tuned"}],
+    "general": {"agreement", "n_prompts", "n_tokens", "per_prompt": [{"prompt", "agreement"}]}}``."""
     out: dict = {}
+    if "general" in before and "agreement" in after.get("general", {}):
+        g = after["general"]
+        out["general"] = {"agreement": g["agreement"], "n_prompts": g["n_prompts"], "n_tokens": g["n_tokens"],
+                          "per_prompt": [{"prompt": p, "agreement": a}
+                                         for p, a in zip(before["general"]["reference"]["prompts"], g["per_prompt"])]}
     if "retention" in before and "retention" in after:
         b, a = before["retention"], after["retention"]
         known = [(x, y) for x, y in zip(b["items"], a["items"]) if x["contains"]]
