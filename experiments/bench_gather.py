@@ -16,8 +16,8 @@ import torch
 
 from offload.store import RowStore
 
-__all__ = ["D_7B", "GATHER_OPS", "MIN_SAMPLE_S", "GatherCase", "measure_gather", "summarize_gather", "gather_7b", "lines_7b", "gather_table",
-           "roofline_lines"]
+__all__ = ["D_7B", "GATHER_OPS", "MIN_SAMPLE_S", "GatherCase", "measure_gather", "summarize_gather", "gather_7b",
+           "lines_7b", "gather_table", "roofline_lines"]
 
 D_7B = 4096  # hidden size of Llama-2-7B and Mistral-7B
 GATHER_OPS = ("copy", "numba bf16", "numba bf16 sequential ids", "torch index_select + to(bf16)", "numba fp32")

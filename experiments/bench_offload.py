@@ -48,13 +48,20 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.bench_gather import (  # noqa: E402  # noqa: E402
+    D_7B,
+    MIN_SAMPLE_S,
+    gather_7b,
+    gather_table,
+    lines_7b,
+    measure_gather,
+    roofline_lines,
+    summarize_gather,
+)
+from experiments.benchmarks_md import replace_section  # noqa: E402
 from offload import kernels  # noqa: E402
 from offload.optim import SparseAdamW  # noqa: E402
 from offload.store import RowStore  # noqa: E402
-
-from experiments.bench_gather import D_7B, gather_7b, gather_table, measure_gather, roofline_lines  # noqa: E402
-from experiments.bench_gather import MIN_SAMPLE_S, lines_7b, summarize_gather  # noqa: E402
-from experiments.benchmarks_md import replace_section  # noqa: E402
 
 __all__ = ["main"]
 

@@ -1,9 +1,10 @@
 """TrafficMeter: every host<->device transfer and every CPU row operation, recorded and reported.
 
-Owns the accounting of docs/design.md "Traffic, profiling, planning": per transfer (step, micro-batch, layer, direction, bytes,
-rows, start/end, engine, pageable), per CPU operation (gather / accumulate / update: rows, bytes
-touched, duration), compute intervals (`record_compute`), host-blocked intervals (`record_blocked`: the
-thread that drives compute waiting for rows or a staging slot) and lookahead hit counters.
+Owns the accounting of docs/design.md "Traffic, profiling, planning": per transfer (step, micro-batch,
+layer, direction, bytes, rows, start/end, engine, pageable), per CPU operation (gather / accumulate /
+update: rows, bytes touched, duration), compute intervals (`record_compute`), host-blocked intervals
+(`record_blocked`: the thread that drives compute waiting for rows or a staging slot) and lookahead hit
+counters.
 
 Overlap: the share of transfer time that runs while the host does CPU row work or compute. Compute
 intervals are host-timed, so the time the driving thread spends blocked inside them (waiting for the

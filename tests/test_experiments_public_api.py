@@ -1,4 +1,4 @@
-"""Experiments use only the public API of meft and offload (docs/design.md "Layout": experiments import the public faces only).
+"""Experiments use only the public API of meft and offload (docs/design.md "Layout").
 
 Public: a package face (`meft`, `meft.adapter`, `meft.lomo`, `meft.data`, `meft.train`, `meft.plan`,
 `meft.profile`, `offload`) or a public module (`meft.config`, `meft.evaluate`, `meft.pretrained`, any

@@ -37,6 +37,7 @@ from meft.adapter.wrap import (
     unwrap,
     wrap,  # late: meft.adapter.wrap imports this package's siblings
 )
+from meft.atomic import atomic_folder
 from meft.config import MeftConfig
 
 __all__ = ["save_adapter", "load_adapter", "adapter_training_info", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -77,8 +78,6 @@ def save_adapter(model, path: str, *, verbose: bool = True, training: dict | Non
     }
     if training:
         meta["training"] = training
-    from meft.train.atomic import atomic_folder  # late: meft.train imports this module
-
     with atomic_folder(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         with open(tmp / CONFIG_NAME, "w") as f:

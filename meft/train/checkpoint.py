@@ -7,7 +7,7 @@ A checkpoint is a folder `output_dir/checkpoints/step-NNNNNN/` holding
                        step and the options the run was started with
   options.json         the options that define the run (`meft.train.resume`: --resume compares them)
   manifest.json        size + sha256 of each file above, written last (`meft.train.manifest`)
-The folder is filled under a temp name and renamed into place (`meft.train.atomic.atomic_folder`); only
+The folder is filled under a temp name and renamed into place (`meft.atomic.atomic_folder`); only
 then does `checkpoints/latest` name it. A process killed at any moment leaves `latest` naming the
 previous complete checkpoint. When the disk has less free space than the previous checkpoint took, the
 checkpoints that this save would prune anyway (beyond `keep`) are removed before it writes, so
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from meft.train.atomic import atomic_folder, read_pointer, write_pointer
+from meft.atomic import atomic_folder, read_pointer, write_pointer
 from meft.train.manifest import MANIFEST_NAME, write_manifest
 
 __all__ = ["save_training_state", "load_training_state", "latest_checkpoint", "CheckpointError",

@@ -21,11 +21,12 @@ interval) and SIGTERMs the others; their SIGTERM handler prints the same message
 (a rank on this node whose process is gone) before exiting. A SIGTERM during the step loop with no failed
 rank (a scheduler or `kill` stopping the job; torchrun passes its own SIGTERM on to every worker) is a stop
 request instead: the loop's handler sets it, the ranks agree on it in the step's reduction, every rank
-stops after the same step and rank 0 saves a checkpoint (`Ranks.exit_if_peer_failed`). An exception in a rank (a user error, a
-collective that failed because its peer closed the connection) is recorded in the store for the others'
-watchdogs, and re-raised as `RankFailedError` naming the dead peer when one is known (after a failed
-collective, once the peer's heartbeat has gone stale: at most the timeout). Nodes are told apart by
-`offload.node.node_key` (hostname, or MEFT_NODE_ID: emulated nodes on one machine are other hosts here).
+stops after the same step and rank 0 saves a checkpoint (`Ranks.exit_if_peer_failed`). An exception in a
+rank (a user error, a collective that failed because its peer closed the connection) is recorded in the
+store for the others' watchdogs, and re-raised as `RankFailedError` naming the dead peer when one is known
+(after a failed collective, once the peer's heartbeat has gone stale: at most the timeout). Nodes are told
+apart by `offload.node.node_key` (hostname, or MEFT_NODE_ID: emulated nodes on one machine are other hosts
+here).
 """
 
 from __future__ import annotations

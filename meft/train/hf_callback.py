@@ -42,7 +42,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from transformers import TrainerCallback
 
 from meft.adapter.saving import save_adapter
-from meft.train.atomic import atomic_folder
+from meft.atomic import atomic_folder
 from meft.train.tracking import Tracker, open_tracker, parse_report_to, step_traffic
 
 __all__ = ["MeftCallback", "ADAPTER_DIR"]

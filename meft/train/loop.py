@@ -6,8 +6,9 @@ each way, CPU update time, routing: distinct experts and budget-dropped share) i
 `metrics.jsonl` and the `--report-to` trackers (`meft.train.tracking`), resumable checkpoints
 (`meft.train.checkpoint`; resuming on another number of ranks reshards; which one and whether the options
 match: `meft.train.resume`), the run folder's ownership (`meft.train.run_folder`: lock, no overwrite),
-Ctrl-C and SIGTERM (finish the step, save, exit with 130 / 143), a rank of a torchrun run that dies (`meft.train.distributed`: the others stop loudly), and the
-end-of-run summary table and loss plot. Everything model-specific lives in `meft.adapter.wrap` / `meft.adapter.runtime`.
+Ctrl-C and SIGTERM (finish the step, save, exit with 130 / 143), a rank of a torchrun run that dies
+(`meft.train.distributed`: the others stop loudly), and the end-of-run summary table and loss plot.
+Everything model-specific lives in `meft.adapter.wrap` / `meft.adapter.runtime`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 import meft
 from meft.adapter.saving import save_adapter
 from meft.adapter.targets import check_layer_choice
+from meft.atomic import atomic_write_text
 from meft.config import MeftConfig, parse_backbone_dtype
 from meft.data.packed import check_packing_mode, pack_batch, resolve_packing
 from meft.data.records import IGNORE_INDEX
@@ -32,7 +34,6 @@ from meft.data.sources import RunData, load_run_data
 from meft.evaluate import qa_accuracy
 from meft.pretrained import enable_checkpointing, load_model
 from meft.train.args import LR_SCHEDULES, TrainArgs
-from meft.train.atomic import atomic_write_text
 from meft.train.checkpoint import CheckpointError, load_training_state, save_training_state
 from meft.train.distributed import Ranks
 from meft.train.loss import step_loss

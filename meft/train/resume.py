@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-from meft.train.atomic import read_pointer_name
+from meft.atomic import read_pointer_name
 from meft.train.checkpoint import OPTIONS_NAME
 from meft.train.manifest import MANIFEST_NAME, verify_manifest
 

@@ -14,6 +14,7 @@ Owns `claim_run_folder`, called by `meft train` before anything loads:
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -40,8 +41,6 @@ class RunLock:
     """An exclusive `flock` on `output_dir/.lock`, held until `release()` or the process ends."""
 
     def __init__(self, out: Path):
-        import fcntl
-
         self.path = out / LOCK_NAME
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -5,8 +5,8 @@ import os
 import pytest
 from safetensors import SafetensorError
 
+from meft.atomic import DiskFullError, atomic_folder, atomic_write_text, read_pointer, write_pointer
 from meft.cli.main import USER_ERRORS
-from meft.train.atomic import DiskFullError, atomic_folder, atomic_write_text, read_pointer, write_pointer
 
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 

@@ -97,7 +97,7 @@ def test_layers_stride_larger_than_the_model():
 
     model = tiny_model(300)
     n = model.config.num_hidden_layers
-    with pytest.raises(ValueError, match=r"layers = 999: .*fix: a stride in 1..%d" % (n - 1)):
+    with pytest.raises(ValueError, match=rf"layers = 999: .*fix: a stride in 1..{n - 1}"):
         check_layer_choice(999, model)
     with pytest.raises(ValueError, match="index 999 is out of range"):
         check_layer_choice([0, 999], model)
