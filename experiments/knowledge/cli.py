@@ -8,7 +8,7 @@ full_adalomo: full fine-tuning with AdaLomo -- on the same batches (same seed, s
 so the same training tokens), and reports exact match on the trained phrasings and on held-out
 phrasings, the device-resident training state (computed: see `methods`), host RAM (peak RSS of the
 run's own process; MEFT's row stores), and the median step time. Each (method, dataset, seed) runs in
-its own process (`runner.run_one`); results are appended to a JSONL file as they finish, so a long run
+its own process (`cells`, `runner.run_one`); results are appended to a JSONL file as they finish, so a long run
 can be stopped and resumed (`--resume`) and the tables rebuilt (`--report`). Run from the repository
 root:
 
@@ -37,22 +37,19 @@ box about 14 h of training: 15 sweep runs of 228 steps, 5 of 752, 5 of 2252, at 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from experiments.knowledge.capacity import CAPACITY_LRS, CAPACITY_METHODS, CAPACITY_NS, CapacityPlan, summarize
+from experiments.knowledge.cells import ROOT, load_results, run_spec_here
+from experiments.knowledge.cells import run_specs as _run
 from experiments.knowledge.forgetting import RETENTION_FILE
 from experiments.knowledge.report import ADAMW_FREE, format_capacity_report, format_report
-from experiments.knowledge.runner import RunSpec, spec_key
-
-ROOT = Path(__file__).resolve().parents[2]  # the repository root: `-m experiments.knowledge` runs from there
+from experiments.knowledge.runner import RunSpec
 
 __all__ = ["main", "parse_args", "specs_for", "capacity_plan"]
 
@@ -218,46 +215,6 @@ def capacity_plan(args) -> CapacityPlan:
                         epochs=args.epochs, template=_template(args), router_lr=router)
 
 
-def _env(jobs: int) -> dict:
-    """A cell's environment: quiet, and with `jobs` cells at once each gets its share of the cores
-    (torch's and numba's thread pools would otherwise each take every core and fight)."""
-    env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
-    if jobs > 1:
-        threads = str(max(1, (os.cpu_count() or 1) // jobs))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, NUMBA_NUM_THREADS=threads)
-    return env
-
-
-class _Cell:
-    """One spec running in its own process (a clean peak RSS); stdout and stderr go to temporary files,
-    so a chatty cell can never block on a full pipe while the parent waits for another."""
-
-    def __init__(self, spec: RunSpec, jobs: int):
-        self.spec = spec
-        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        cmd = [sys.executable, "-m", "experiments.knowledge", "--one", json.dumps(dataclasses.asdict(spec))]
-        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, text=True, env=_env(jobs), cwd=ROOT)
-
-    def result(self) -> dict:
-        """The cell's result line, or {"spec", "error"} with the end of its stderr; call once it exited."""
-        self.out.seek(0)
-        self.err.seek(0)
-        lines = [ln for ln in self.out.read().splitlines() if ln.startswith("{")]
-        err = self.err.read()
-        self.out.close()
-        self.err.close()
-        if self.proc.returncode != 0 or not lines:
-            return {"spec": dataclasses.asdict(self.spec), "error": err[-2000:]}
-        return json.loads(lines[-1])
-
-
-def _one(text: str) -> None:
-    from experiments.knowledge.runner import eval_base, run_one
-
-    spec = RunSpec(**json.loads(text))
-    print(json.dumps(eval_base(spec) if spec.method == "base" else run_one(spec)), flush=True)
-
-
 def _build_retention(text: str) -> None:
     import torch
 
@@ -289,55 +246,6 @@ def _ensure_model(args) -> None:
         resolve_model(args.model)
 
 
-def _load_results(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
-def _label(spec: RunSpec) -> str:
-    lr = "" if spec.method == "base" else f" lr={spec.lr:g}"
-    return f"{spec.dataset} N={spec.n_facts} {spec.method}{lr} seed={spec.seed} steps={spec.steps}"
-
-
-def _run(specs: list[RunSpec], out: Path, *, jobs: int = 1, more=None) -> None:
-    """Run every spec without a successful result in `out` yet, `jobs` at a time, appending each result
-    as it finishes (only this process writes `out`). `more(results)`, if given, is asked after every
-    result for specs that have become runnable (the capacity plan's carried cells once a method's lr
-    sweep is complete); they join the queue ahead of the rest, since they are the longer runs."""
-    done = {spec_key(r["spec"]) for r in _load_results(out) if "error" not in r}
-    queued = set(done)
-    todo: list[RunSpec] = []
-
-    def add(new: list[RunSpec], front: bool = False) -> None:
-        fresh = [s for s in new if spec_key(dataclasses.asdict(s)) not in queued]
-        queued.update(spec_key(dataclasses.asdict(s)) for s in fresh)
-        todo[:0 if front else len(todo)] = fresh
-
-    add(specs)
-    if more is not None:
-        add(more(_load_results(out)), front=True)
-    running: list[_Cell] = []
-    t0, started, finished = time.time(), 0, 0
-    while todo or running:
-        while todo and len(running) < jobs:
-            spec = todo.pop(0)
-            started += 1
-            print(f"[start {started} {time.time() - t0:6.0f}s] {_label(spec)}", flush=True)
-            running.append(_Cell(spec, jobs))
-        time.sleep(0.5 if jobs > 1 else 0.05)
-        for cell in [c for c in running if c.proc.poll() is not None]:
-            running.remove(cell)
-            res = cell.result()
-            finished += 1
-            status = f"FAILED: {res['error']}" if "error" in res else "done"
-            print(f"[end {finished} {time.time() - t0:6.0f}s] {_label(cell.spec)}: {status}", flush=True)
-            with out.open("a") as fh:
-                fh.write(json.dumps(res) + "\n")
-            if more is not None:
-                add(more(_load_results(out)), front=True)
-
-
 def _command() -> str:
     """The command line as typed (`python -m experiments.knowledge ...` when run as a module)."""
     if sys.argv and sys.argv[0].endswith(("__main__.py", "cli.py")):
@@ -353,7 +261,7 @@ def _capacity(args, out: Path) -> None:
         _ensure_model(args)
         # carried cells start as soon as their method's sweep is complete, not after every sweep
         _run(plan.base_specs() + plan.sweep_specs(), out, jobs=args.jobs, more=plan.carried_specs)
-    summary = summarize(plan, _load_results(out))
+    summary = summarize(plan, load_results(out))
     print(format_capacity_report(summary, command=_command()))
     if importlib.util.find_spec("matplotlib") is None:
         print("no plots: matplotlib is not installed")
@@ -370,7 +278,7 @@ def _capacity(args, out: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
-        _one(args.one)
+        run_spec_here(args.one)
         return 0
     if args.build_retention:
         _build_retention(args.build_retention)
@@ -378,7 +286,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if not args.report:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if args.capacity and not (args.resume or args.quick) and _load_results(out):  # hours of results
+        if args.capacity and not (args.resume or args.quick) and load_results(out):  # hours of results
             print(f"{out} holds results: pass --resume to continue them, or remove the file to start over",
                   file=sys.stderr)
             return 2
@@ -392,12 +300,12 @@ def main(argv=None) -> int:
             _ensure_retention(args)
         _ensure_model(args)
         _run(specs_for(args), out, jobs=args.jobs)
-    text, summary = format_report(_load_results(out), command=_command())
+    text, summary = format_report(load_results(out), command=_command())
     print(text)
     if args.plot:
         from experiments.knowledge.plot import plot_sweep
 
-        print(f"wrote {plot_sweep(_load_results(out), args.plot)}")
+        print(f"wrote {plot_sweep(load_results(out), args.plot)}")
     if args.json:
         print(json.dumps(summary))
     return 0
