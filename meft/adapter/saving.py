@@ -154,7 +154,7 @@ def load_adapter(model, path: str, config: MeftConfig | None = None, *, verbose:
         unwrap(model)
         raise ValueError(f"adapter {path!r} was trained on another base model ({differs}); its rows would "
                          "add to the wrong features. Fix: load it onto the base model it was trained on, or pass "
-                         "force=True to load it anyway")
+                         "force=True (meft eval / generate: --force-base) to load it anyway")
     weights = Path(path) / WEIGHTS_NAME
     try:
         with safe_open(str(weights), framework="pt") as f, torch.no_grad():

@@ -19,8 +19,11 @@ from meft.option_field import opt
 from meft.pretrained import load_model
 from offload.text import format_table
 
-__all__ = ["add_parser", "run", "EvalArgs", "load_scored_model", "scoring_system_prompt", "SYSTEM_PROMPT_HELP"]
+__all__ = ["add_parser", "run", "EvalArgs", "load_scored_model", "scoring_system_prompt", "SYSTEM_PROMPT_HELP",
+           "FORCE_BASE_HELP"]
 
+FORCE_BASE_HELP = ("Load --adapter even onto a base model other than the one it was trained on (the adapter "
+                   "folder records its base model's name and hashes; a mismatch is refused without this).")
 SYSTEM_PROMPT_HELP = ("System message put first in every prompt (chat models): 'auto' = the one the adapter was "
                       "trained with (its adapter_config.json records it), else what `meft train` uses (an empty one "
                       "for the built-in sets, the chat template's default otherwise); 'model' = the template's "
@@ -43,6 +46,7 @@ class EvalArgs:
     max_length: int = opt(512, "Window length for perplexity.")
     seed: int = opt(0, "Seed of the built-in data and of the sample.")
     system_prompt: str = opt("auto", SYSTEM_PROMPT_HELP)
+    force_base: bool = opt(False, FORCE_BASE_HELP)
     json_out: str | None = opt(None, "Also write the full result (with every prediction) to this JSON file.")
     progress: bool = opt(True, "Show a progress bar.")
 
@@ -56,13 +60,14 @@ def add_parser(sub) -> None:
                 run=run, groups=[(EvalArgs, "eval")])
 
 
-def load_scored_model(model_arg: str, adapter: str | None):
-    """(model, tokenizer) for scoring: the base model, wrapped with `adapter` when given."""
+def load_scored_model(model_arg: str, adapter: str | None, *, force_base: bool = False):
+    """(model, tokenizer) for scoring: the base model, wrapped with `adapter` when given (`force_base`: even
+    when the adapter records another base model)."""
     if adapter is not None and not os.path.isdir(adapter):
         raise FileNotFoundError(f"--adapter {adapter!r}: no such folder; pass run_dir/adapter of a `meft train` run")
     model, tokenizer = load_model(model_arg)
     if adapter is not None:
-        load_adapter(model, adapter)
+        load_adapter(model, adapter, force=force_base)
     return model.eval(), tokenizer
 
 
@@ -90,7 +95,7 @@ def _records(args: EvalArgs) -> tuple[str, list[dict]]:
 def run(args: argparse.Namespace) -> int:
     (ea,) = resolve_options(args, [EvalArgs])
     kind, records = _records(ea)
-    model, tokenizer = load_scored_model(ea.model, ea.adapter)
+    model, tokenizer = load_scored_model(ea.model, ea.adapter, force_base=ea.force_base)
     if kind != "text":
         builtin = parse_data_spec(ea.data)[0] != "file"
         records = with_system_prompt(records, scoring_system_prompt(ea.system_prompt, ea.adapter, tokenizer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from meft.cli.eval import SYSTEM_PROMPT_HELP, load_scored_model, scoring_system_prompt
+from meft.cli.eval import FORCE_BASE_HELP, SYSTEM_PROMPT_HELP, load_scored_model, scoring_system_prompt
 from meft.cli.options import add_command, resolve_options
 from meft.data.records import prompt_ids, with_system_prompt
 from meft.evaluate import generate_answers
@@ -23,6 +23,7 @@ class GenerateArgs:
     max_new_tokens: int = opt(64, "Tokens generated per answer (greedy decoding).")
     batch_size: int = opt(8, "Prompts answered together.")
     system_prompt: str = opt("auto", SYSTEM_PROMPT_HELP)
+    force_base: bool = opt(False, FORCE_BASE_HELP)
 
 
 def add_parser(sub) -> None:
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             prompts += [line.strip() for line in fh if line.strip()]
     if not prompts:
         raise ValueError("no prompts: pass them as arguments or with --prompt-file FILE")
-    model, tokenizer = load_scored_model(ga.model, ga.adapter)
+    model, tokenizer = load_scored_model(ga.model, ga.adapter, force_base=ga.force_base)
     system = scoring_system_prompt(ga.system_prompt, ga.adapter, tokenizer, builtin=False)
     records = with_system_prompt([{"prompt": p, "completion": "-"} for p in prompts], system)
     ids = [prompt_ids(r, tokenizer) for r in records]

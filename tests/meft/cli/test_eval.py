@@ -62,3 +62,24 @@ def test_eval_reads_every_record_file_kind(tiny, tmp_path):
     text.write_text(json.dumps([{"text": "The sea is wide and the sky is blue. " * 4}] * 3))
     res = _run(MEFT + ["eval", "--model", str(tiny / "model"), "--data", str(text), "--progress", "false"])
     assert res.returncode == 0 and "perplexity" in res.stdout, res.stderr[-3000:]
+
+
+def test_eval_refuses_an_adapter_of_another_base_unless_forced(tiny, tmp_path):
+    """The adapter folder records its base model; `meft eval` onto a model with other weights is a one-line
+    error naming --force-base, and --force-base loads it anyway."""
+    from tests.meft.data.test_records import tiny_model, tiny_tokenizer
+
+    out = tmp_path / "run"
+    res = _run(_cmd(tiny, out, "--steps", "1", "--eval-before", "false", "--eval-after", "false",
+                    "--retention", "false", "--generations", "false"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    other = tmp_path / "other"
+    tok = tiny_tokenizer()
+    tiny_model(len(tok), seed=1).save_pretrained(other)  # same shape, other weights
+    tok.save_pretrained(other)
+    args = ["eval", "--model", str(other), "--adapter", str(out / "adapter"), "--data", str(tiny / "train.jsonl"),
+            "--limit", "2", "--max-new-tokens", "2", "--progress", "false"]
+    res = _run(MEFT + args)
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "--force-base" in res.stderr, res.stderr[-2000:]
+    res = _run(MEFT + args + ["--force-base"])
+    assert res.returncode == 0, res.stderr[-3000:]
