@@ -71,7 +71,7 @@ def test_eval_refuses_an_adapter_of_another_base_unless_forced(tiny, tmp_path):
 
     out = tmp_path / "run"
     res = _run(_cmd(tiny, out, "--steps", "1", "--eval-before", "false", "--eval-after", "false",
-                    "--retention", "false", "--generations", "false"))
+                    "--retention", "false", "--generations", "false", "--general", "false"))
     assert res.returncode == 0, res.stderr[-3000:]
     other = tmp_path / "other"
     tok = tiny_tokenizer()

@@ -71,7 +71,7 @@ def test_answer_form_replays_the_short_answers_the_model_gave():
 def test_train_with_replay(tiny, tmp_path):
     out = tmp_path / "run"
     res = _run(_cmd(tiny, out, "--epochs", "1", "--replay", "8", "--eval-before", "false", "--eval-after", "false",
-                    "--retention", "false", "--generations", "false"))
+                    "--retention", "false", "--generations", "false", "--general", "false"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "replay: " in res.stdout and "+ " in res.stdout
     n = int(res.stdout.split("replay: ")[1].split()[0])

@@ -26,7 +26,7 @@ from pathlib import Path
 STEPS = 8
 SMALL = ["--adapter-rows", "256", "--expert-size", "16", "--max-active-rows", "64", "--batch-size", "4",
          "--progress", "false", "--wire-dtype", "float32", "--eval-before", "false", "--eval-after", "false",
-         "--retention", "false", "--generations", "false"]
+         "--retention", "false", "--generations", "false", "--general", "false"]
 _CTX = None
 
 
