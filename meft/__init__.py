@@ -2,7 +2,8 @@
 
 Public names are resolved lazily (PEP 562) so `import meft` stays cheap and never initializes CUDA.
 Subpackages by role (each with its own public face): `adapter`, `lomo`, `data`, `train`, `plan`,
-`profile`, `cli`; modules `config`, `pretrained`, `evaluate`.
+`profile`, `cli`; modules `config`, `pretrained`, `evaluate`, `agreement` (general-prompt agreement with the
+base model) and `trade_off` (what a fine-tune kept and lost).
 """
 
 from meft._faces import lazy_face
@@ -18,6 +19,8 @@ _WHERE = {
     "load_adapter": "meft.adapter.saving",
     "load_model": "meft.pretrained",
     "MeftCallback": "meft.train.hf_callback",
+    "general_reference": "meft.agreement",
+    "general_agreement": "meft.agreement",
 }
 __all__ = list(_WHERE)
 

@@ -145,7 +145,8 @@ def _forgetting(r: dict, base: dict | None) -> dict:
     return {"retention": ret["contains"] if ret else None,
             "retention_drop": 100 * (bret["contains"] - ret["contains"]) if same_set else None,
             "ppl": ppl["perplexity"] if ppl else None,
-            "ppl_increase": ppl["perplexity"] / bppl["perplexity"] - 1 if same_texts else None}
+            "ppl_increase": ppl["perplexity"] / bppl["perplexity"] - 1 if same_texts else None,
+            "locality": (f.get("general") or {}).get("agreement")}  # general-prompt agreement (1.0 = untouched)
 
 
 def _cell(runs: list[dict], base: dict | None) -> dict:
@@ -156,7 +157,7 @@ def _cell(runs: list[dict], base: dict | None) -> dict:
             "em_trained": _mean(_em(r, "trained") for r in runs),
             "em_held_out": _mean(_em(r, "held_out") for r in runs),
             "retention": pick("retention"), "retention_drop": pick("retention_drop"), "ppl": pick("ppl"),
-            "ppl_increase": pick("ppl_increase"),
+            "ppl_increase": pick("ppl_increase"), "locality": pick("locality"),
             "device": {k: _mean(r["device"][k] for r in runs) for k in runs[0]["device"]},
             "peak_rss_bytes": _mean(r["peak_rss_bytes"] for r in runs),
             "host_stores_bytes": _mean(r["host_stores_bytes"] for r in runs),
@@ -252,11 +253,13 @@ def _json(cells: dict, chosen: dict, missing: list[str]) -> dict:
             "lora8_retention_drop": r1(at("lora8", "retention_drop")),
             "meft_ppl_increase": r1(at("meft", "ppl_increase"), 4),
             "lora8_ppl_increase": r1(at("lora8", "ppl_increase"), 4),
+            "meft_locality": r1(at("meft", "locality"), 4), "lora8_locality": r1(at("lora8", "locality"), 4),
             "meft_heldout": r1(None if at("meft", "em_held_out") is None else 100 * at("meft", "em_held_out")),
             "lora8_heldout": r1(None if at("lora8", "em_held_out") is None else 100 * at("lora8", "em_held_out")),
             "meft_device_mib": dev("meft"), "lora64_device_mib": dev("lora64"),
             "units": {"heldout": "exact match points", "retention_drop": "points of retained known facts "
-                      "(contains match) vs the base model", "ppl_increase": "relative (0.1 = +10%) vs the base model"},
+                      "(contains match) vs the base model", "ppl_increase": "relative (0.1 = +10%) vs the base model",
+                      "locality": "general-prompt agreement with the base model (1.0 = untouched)"},
             "chosen_lr": {m: c["lr"] for m, c in chosen.items()},
             "heldout_by_n": {m: {str(k): r1(100 * v["em_held_out"]) for k, v in by.items()} for m, by in cells.items()},
             "missing": missing}

@@ -4,7 +4,9 @@ Owns: building the data (built-in world / fictional facts), the identical batch 
 sees (same `BatchIterator` seed, same steps, so the same training tokens), training with one of the
 `methods` trainers, timing each step, scoring exact match on the trained phrasings and on
 the held-out phrasings (`meft.evaluate.qa_accuracy`), optionally what it forgot (`forgetting.measure`:
-retention of known facts, perplexity on general text; the base model is measured the same way), and
+retention of known facts, perplexity on general text; the base model is measured the same way; and the
+general-prompt agreement with the base model, `meft.general_agreement`, against the continuations the
+untrained model wrote in the same process before training), and
 the memory numbers (device-resident training state computed by `device_memory`, and on a GPU the
 measured peak of allocated device memory over training; host: peak RSS of this process, and for MEFT
 the row stores as `meft.plan.host_ram_bytes` counts them). A run in its own
@@ -21,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from meft import general_agreement, general_reference
 
 __all__ = ["RunSpec", "spec_key", "load_facts", "run_one", "eval_base"]
 
@@ -142,6 +146,7 @@ def run_one(spec: RunSpec) -> dict:
     model, tok = _load(spec)
     facts = load_facts(spec)
     replayed = _replay(model, tok, spec)  # asked before any adapter exists
+    reference = general_reference(model, tok) if spec.forgetting else None  # the untrained model's continuations
     batches = _batches(facts, tok, spec, replayed)
     tr = build_trainer(spec.method, model, seed=spec.seed, rows=spec.rows, max_active_rows=spec.max_active_rows,
                        expert_size=spec.expert_size, lr=spec.lr, backbone_lr=spec.backbone_lr,
@@ -167,6 +172,9 @@ def run_one(spec: RunSpec) -> dict:
     host_stores = _meft_host_bytes(tr)
     ev = _evaluate(tr.model, tok, facts, spec)
     forgot = _forgetting(tr.model, tok, spec) if spec.forgetting else None
+    if forgot is not None:
+        agree = general_agreement(tr.model, reference)
+        forgot["general"] = {k: agree[k] for k in ("agreement", "n_prompts", "n_tokens")}
     tr.close()
     timed = step_s[2:] if len(step_s) > 4 else step_s  # first steps warm up (numba, allocator)
     return {"spec": asdict(spec), "n_facts": facts.n_facts, "n_train_records": len(facts.train),

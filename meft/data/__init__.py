@@ -3,7 +3,8 @@ prompt/completion, text), record files with file:line errors (`files`: .jsonl, .
 tokenization and batching (`records`), the built-in datasets (`builtin`), turning `--data` /
 `--eval-data` into batches and evaluation splits (`sources`), and the facts the default model already
 knows plus free prompts that `meft train` probes before and after training (`retention`), the questions
-whose base-model answers `--replay` mixes into training (`replay`), and answer scoring (`answers`).
+whose base-model answers `--replay` mixes into training (`replay`), answer scoring (`answers`), and the general
+prompts whose continuations a fine-tune should leave alone (`general_prompts`).
 """
 
 from meft._faces import lazy_face
@@ -24,6 +25,7 @@ _WHERE = {
     "with_system_prompt": "meft.data.records",
     "prompt_ids": "meft.data.records",
     "RETENTION_MAX_NEW_TOKENS": "meft.data.retention",
+    "GENERAL_PROMPTS": "meft.data.general_prompts",
     "replay_prompts": "meft.data.replay",
 }
 __all__ = list(_WHERE)
