@@ -49,6 +49,8 @@ _PREFETCH = ("none", "lookahead")
 _BALANCE = ("none", "bias")  # router load balancing (meft.adapter.router)
 BACKGROUND_SOURCES = ("pydoc", "questions")  # sparse_update's background (meft.data.background)
 FETCH_MODES = ("staged", "zero_copy")  # how offloaded rows reach the device (offload.TransferScheduler)
+KEY_SOURCES = ("auto", "generated", "stored")  # where frozen keys come from (meft.adapter.keys)
+_AUTO_GENERATES = False  # key_source="auto" with frozen keys: generated (True) or stored (False)
 
 
 def budget_experts(max_active_rows: int, expert_size: int, n_experts: int) -> int:
@@ -123,6 +125,10 @@ class MeftConfig:
         0.0, "Learning rate of the rows' keys (the first d columns of each row): 0.0 freezes them (MEFT; "
         "the rows a token fires stay put while the values learn), None (null) trains them with the values "
         "at adapter_lr. Other values need a per-column lr in the host SparseAdamW, which it does not have yet.")
+    key_source: str = opt(
+        "auto", "Where the rows' keys come from: 'generated' (frozen keys computed on the device from (seed, "
+        "layer, row); the host stores, moves and updates values only: half the bytes), 'stored' (rows are "
+        "[key | value], 2d wide; needed to train keys), or 'auto' (generated when key_lr is 0, else stored).")
     balance: str = opt(
         "none", "Router load balancing against collapse: 'none', or 'bias' (DeepSeek-V3's auxiliary-loss-free "
         "balancing: a per-expert bias added to the scores only for choosing experts, moved after every "
@@ -183,7 +189,8 @@ class MeftConfig:
     def _key_lr_problems(self) -> list[tuple[str, Any, str]]:
         v = self.key_lr
         if v is None:
-            return []
+            return [("key_source", "generated", "'stored' or 'auto' with key_lr=None: generated keys are frozen; "
+                                               "or key_lr=0.0")] if self.key_source == "generated" else []
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != 0:
             return [("key_lr", v, "0.0 (frozen keys) or None (keys train at adapter_lr); a separate key lr "
                                   "needs a per-column lr in offload.SparseAdamW, which it does not have yet")]
@@ -247,7 +254,7 @@ class MeftConfig:
     def _choice_problems(self) -> list[tuple[str, Any, str]]:
         bad = []
         for name, choices in (("backbone", _BACKBONES), ("inference_rows", INFERENCE_ROWS), ("clip", CLIP_MODES),
-                              ("prefetch", _PREFETCH), ("fetch_mode", FETCH_MODES),
+                              ("prefetch", _PREFETCH), ("fetch_mode", FETCH_MODES), ("key_source", KEY_SOURCES),
                               ("staleness", (0, 1)), ("offload", (True, False)),
                               ("copy_timing", (True, False))):
             v = getattr(self, name)
@@ -303,6 +310,17 @@ class MeftConfig:
     def budget_rows(self) -> int:
         """Rows one layer's fetch holds at most per micro-batch: the schedulers' `max_rows`."""
         return self.budget_experts * self.expert_size
+
+    @property
+    def generated_keys(self) -> bool:
+        """Rows are values only and keys come from `meft.adapter.keys` (key_source, 'auto' resolved)."""
+        if self.key_source == "auto":
+            return _AUTO_GENERATES and self.key_lr is not None and self.key_lr == 0
+        return self.key_source == "generated"
+
+    def row_width(self, d: int) -> int:
+        """Host row width for model width d: d (values) with generated keys, else 2d ([key | value])."""
+        return d if self.generated_keys else 2 * d
 
     @property
     def wire(self) -> torch.dtype:

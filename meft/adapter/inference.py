@@ -5,6 +5,10 @@ own experts, no row budget, delayed staleness-1 updates landed first) and where 
 resident copy below with offloaded rows, the resident twin's device tensors otherwise, and on the CPU
 without gradients each token's own rows straight from that copy (`meft.adapter.token_rows`).
 
+With generated keys (`MeftConfig.key_source`) the rows are values [N, d]; the keys of a forward's ids are
+generated on the device, and the CPU per-token path generates a layer's whole key table once and keeps it
+(keys never change).
+
 `InferenceRows`:
 
 With rows offloaded (TransferScheduler) inference would otherwise read each layer's rows through the host
@@ -26,6 +30,7 @@ import psutil
 import torch
 from torch import Tensor
 
+from meft.adapter.keys import KeyedRows, generate_keys, key_table
 from meft.adapter.router import Routing
 
 __all__ = ["InferencePath", "InferenceRows"]
@@ -85,6 +90,7 @@ class InferencePath:
         self.wire = scheduler.wire_dtype
         self.copy = (InferenceRows(config.inference_rows, scheduler, stores, device, self.wire)
                      if config.offload else None)  # None: the resident twin holds every row on the device
+        self._key_tables: dict[int, Tensor] = {}  # generated keys, CPU per-token path: [N, d] wire dtype
 
     def invalidate(self) -> None:
         if self.copy is not None:
@@ -108,7 +114,15 @@ class InferencePath:
             return None
         if adapter.training and in_training_pass:
             return None  # a training micro-batch's layer run without grad (reentrant checkpointing) uses its fetch
-        return self.routing(adapter, x2, step_open), copy.table(adapter.index)
+        table = copy.table(adapter.index)  # [N, W] wire dtype
+        if self.config.generated_keys:  # keys never change: generated once per layer, kept
+            keys = self._key_tables.get(adapter.index)
+            if keys is None:
+                keys = key_table(table.shape[0], seed=self.config.seed, layer=adapter.layer, d=adapter.d,
+                                 dtype=self.wire)
+                self._key_tables[adapter.index] = keys
+            table = KeyedRows(keys, table)
+        return self.routing(adapter, x2, step_open), table
 
     def rows(self, adapter, x2: Tensor, compute: torch.dtype, step_open: bool) -> tuple[Routing, Tensor]:
         """(routing, rows [R, 2d] in `compute` dtype) of an inference forward through the general path."""
@@ -117,4 +131,8 @@ class InferencePath:
             rows = self.copy.rows(adapter.index, routing.ids)  # [R, 2d] wire dtype
         else:  # the resident twin: every row is on the device already
             rows = self.scheduler.read_rows(adapter.index, routing.ids).to(self.wire)  # [R, 2d]
+        if self.config.generated_keys:  # rows are values [R, d]; the keys of their ids made here
+            keys = generate_keys(routing.ids, seed=self.config.seed, layer=adapter.layer, d=adapter.d,
+                                 dtype=self.wire)
+            return routing, KeyedRows(keys.to(compute), rows.to(compute))
         return routing, rows.to(compute)

@@ -13,7 +13,9 @@ that makes a plain PyTorch loop correct:
   forward and returns a `wait` the adapter calls after its base FFN (the rows travel meanwhile); the
   (routing, rows leaf) pair is cached, and gradient-checkpoint recomputation (which runs outside the
   decoder's forward) reuses it -- no second fetch, no re-routing. A post-accumulate-grad hook on the
-  rows leaf pushes the row gradient `[R, 2d]` to the scheduler and drops the cache entry. Routing has
+  rows leaf pushes the row gradient `[R, 2d]` to the scheduler and drops the cache entry. With generated
+  keys (`MeftConfig.key_source`) the fetched rows are values [R, d], their gradient is dV [R, d], and the
+  keys of the fetched ids are generated on the device (`meft.adapter.keys`): `KeyedRows(keys, values)`. Routing has
   fixed shapes (row ids [R] with -1 padding for unused slots): nothing here makes the host wait for
   the device; the ids reach the host through the scheduler's asynchronous copy;
 * `balance="bias"`: each training routing adds its per-expert demand (`Routing.load`, device tensors)
@@ -42,6 +44,7 @@ from torch import Tensor
 
 from meft.adapter.hooked import forward_params, hooked_module, mask_position
 from meft.adapter.inference import InferencePath
+from meft.adapter.keys import KeyedRows, generate_keys
 from meft.adapter.lookahead import Lookahead
 from meft.adapter.optim import MeftOptimizer
 from meft.adapter.router import Routing, route, update_balance_bias
@@ -62,7 +65,7 @@ def in_backward() -> bool:
 class _Entry:
     key: tuple[int, int]   # (step, micro-batch)
     routing: Routing
-    rows: Tensor           # [R, 2d] compute-dtype leaf, requires grad
+    rows: Tensor | KeyedRows  # [R, 2d] compute-dtype leaf, requires grad (generated keys: .values is)
     n_tokens: int
 
 
@@ -273,8 +276,8 @@ class MeftRuntime:
             rows_wire = start()  # [R, 2d] wire dtype ([n, 2d] when compacted); waits for the rows here
             if rows_wire.shape[0] < routing.ids.numel():  # compacted: zero rows for the unused slots
                 rows_wire = torch.nn.functional.pad(rows_wire, (0, 0, 0, routing.ids.numel() - rows_wire.shape[0]))
-            rows = rows_wire.to(compute).detach().requires_grad_(True)
-            entry = _Entry(key, routing, rows, x2.shape[0])
+            rows = rows_wire.to(compute).detach().requires_grad_(True)  # the leaf: [R, 2d], or values [R, d]
+            entry = _Entry(key, routing, self._with_keys(adapter, routing.ids, rows), x2.shape[0])
 
             def push(leaf: Tensor) -> None:
                 self.scheduler.push_grads(idx, ids, leaf.grad[: ids.numel()], **push_kw)
@@ -284,9 +287,18 @@ class MeftRuntime:
 
             rows.register_post_accumulate_grad_hook(push)
             self._cache.setdefault(idx, []).append(entry)
-            return rows
+            return entry.rows
 
         return routing, wait
+
+    def _with_keys(self, adapter, ids: Tensor, values: Tensor):
+        """Generated keys (`MeftConfig.key_source`): `KeyedRows(keys [R, d], values)` for row ids [R] (-1: any
+        finite keys, gate weight 0), generated on the values' device, rounded to the wire dtype as a stored key
+        is, in the values' dtype. Stored keys: `values` are whole rows [R, 2d], returned as they are."""
+        if not self.config.generated_keys:
+            return values
+        keys = generate_keys(ids, seed=self.config.seed, layer=adapter.layer, d=adapter.d, dtype=self._wire)
+        return KeyedRows(keys.to(values.dtype), values)
 
     # ---- sparse update (MeftConfig.sparse_update; meft.adapter.sparse_update) ------------------
     @property

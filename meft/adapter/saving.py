@@ -8,10 +8,16 @@ Owns the adapter folder format (full training-state checkpoints are a separate m
                                          "training": {...} what the trainer chose to record, e.g.
                                          {"system_prompt": ""} (`meft generate` / `meft eval` reuse it),
                                          "base_model": the base model's identity (`meft.adapter.base_identity`)}
-    <dir>/adapter_model.safetensors    "layers.<l>.rows" [N, 2d] fp32 (keys | values of layer l)
+    <dir>/adapter_model.safetensors    "layers.<l>.values" [N, d] fp32 with generated keys (adapter_config's
+                                         "keys": {"source": "generated", "generator", "seed"}: the keys are
+                                         made again from the seed, `meft.adapter.keys`), or
+                                       "layers.<l>.rows" [N, 2d] fp32 (keys | values of layer l; "keys":
+                                         {"source": "stored"}, and every folder saved before generated keys)
                                        "layers.<l>.router" [E, d] fp32 router gate of layer l
                                        "layers.<l>.expert_bias" [E] fp32 routing balance bias (balance="bias")
 
+A [K | V] folder loads into the stored-keys path whatever `key_source` says (its keys are in the file);
+a values-only folder loads into either path (a stored-keys run gets the generated keys in its rows).
 Optimizer moments are not part of an adapter (as in PEFT). Loading into a fresh copy of the base model
 reproduces the wrapped model's logits exactly (fp32 rows and gates are stored bit for bit). Loading onto
 another base model (a different identity) is refused unless `force=True`.
@@ -23,6 +29,7 @@ malformed or truncated file is a ValueError naming the file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from meft.adapter.base_identity import base_identity, identity_mismatch
+from meft.adapter.keys import GENERATOR, key_table
 from meft.adapter.wrap import (
     unwrap,
     wrap,  # late: meft.adapter.wrap imports this package's siblings
@@ -61,8 +69,10 @@ def save_adapter(model, path: str, *, verbose: bool = True, training: dict | Non
     rt = _runtime(model)
     rt.sync_to_host()  # staleness 1 pending updates applied; resident rows copied back to the stores
     tensors = {}
+    generated = rt.config.generated_keys
     for ad, store in zip(rt.adapters, rt.stores):
-        tensors[f"layers.{ad.layer}.rows"] = store.weights  # [N, 2d] fp32, contiguous host tensor
+        # [N, d] values (keys generated from the seed) or [N, 2d] [K | V] rows; fp32, contiguous host tensor
+        tensors[f"layers.{ad.layer}.{'values' if generated else 'rows'}"] = store.weights
         tensors[f"layers.{ad.layer}.router"] = ad.gate.detach().float().cpu().contiguous()  # [E, d]
         if rt.config.balance == "bias":  # the bias chooses experts: routing without it would differ
             tensors[f"layers.{ad.layer}.expert_bias"] = ad.expert_bias.detach().float().cpu().contiguous()  # [E]
@@ -72,6 +82,8 @@ def save_adapter(model, path: str, *, verbose: bool = True, training: dict | Non
         "format": "meft-adapter", "version": 1, "config": rt.config.to_dict(),
         "layers": [ad.layer for ad in rt.adapters], "hidden_size": rt.adapters[0].d,
         "row_width": rt.stores[0].width,
+        "keys": ({"source": "generated", "generator": GENERATOR, "seed": rt.config.seed} if generated
+                 else {"source": "stored"}),
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "sizes": {"params": params, "bytes": nbytes},
         "base_model": base_identity(model),
@@ -119,11 +131,35 @@ def adapter_training_info(path: str) -> dict:
     return dict(_read_config(path).get("training") or {})
 
 
-def _merge_config(saved: MeftConfig, config: MeftConfig | None) -> MeftConfig:
+def _folder_keys(meta: dict, path: str) -> bool:
+    """True: the folder holds values and generated keys' seed; False: [K | V] rows (every folder before
+    generated keys)."""
+    keys = meta.get("keys") or {"source": "stored"}
+    if keys.get("source") == "stored":
+        return False
+    if keys.get("source") != "generated" or keys.get("generator") != GENERATOR:
+        raise ValueError(f"{path!r}: keys {keys} are not ones this meft can make (it generates {GENERATOR!r}); "
+                         "fix: load it with the meft version that saved it")
+    return True
+
+
+def _saved_rows(f, ad, store, cfg: MeftConfig, folder_generated: bool) -> torch.Tensor:
+    """Layer `ad`'s rows for `store`: as saved, or a values-only folder made [K | V] for a stored-keys run."""
+    if not folder_generated:
+        return f.get_tensor(f"layers.{ad.layer}.rows")  # [N, 2d]
+    values = f.get_tensor(f"layers.{ad.layer}.values")  # [N, d]
+    if store.width == values.shape[1]:
+        return values
+    keys = key_table(values.shape[0], seed=cfg.seed, layer=ad.layer, d=values.shape[1])  # [N, d]
+    return torch.cat([keys, values], dim=1)  # [N, 2d]
+
+
+def _merge_config(saved: MeftConfig, config: MeftConfig | None, *, seed_fixed: bool = False) -> MeftConfig:
     if config is None:
         return saved
+    fields = _SHAPE_FIELDS + (("seed",) if seed_fixed else ())  # generated keys come from the saved seed
     diff = [f"{n}: saved {getattr(saved, n)!r}, given {getattr(config, n)!r}"
-            for n in _SHAPE_FIELDS if getattr(saved, n) != getattr(config, n)]
+            for n in fields if getattr(saved, n) != getattr(config, n)]
     if diff:
         raise ValueError("config does not match the saved adapter's shape (" + "; ".join(diff) +
                          "); leave these fields as saved, or pass config=None")
@@ -140,14 +176,19 @@ def load_adapter(model, path: str, config: MeftConfig | None = None, *, verbose:
 
     meta = _read_config(path)
     identity = base_identity(model)
-    cfg = _merge_config(MeftConfig.from_dict(meta["config"]), config)
+    folder_generated = _folder_keys(meta, path)
+    cfg = _merge_config(MeftConfig.from_dict(meta["config"]), config, seed_fixed=folder_generated)
+    if not folder_generated and cfg.generated_keys:  # the folder's keys are stored rows: keep them exactly
+        cfg = dataclasses.replace(cfg, key_source="stored")
     wrap(model, cfg)
     rt = model.meft
     got = [ad.layer for ad in rt.adapters]
-    if got != meta["layers"] or rt.stores[0].width != meta["row_width"]:
+    d = rt.adapters[0].d
+    saved_width = d if folder_generated else 2 * d
+    if got != meta["layers"] or meta["row_width"] != saved_width:
         unwrap(model)
         raise ValueError(f"adapter in {path!r} has layers {meta['layers']} and row width {meta['row_width']}; "
-                         f"this model gives layers {got} and row width {rt.stores[0].width}: "
+                         f"this model gives layers {got} and row width {saved_width}: "
                          f"load it into the base model it was trained on")
     differs = identity_mismatch(meta.get("base_model"), identity)
     if differs and not force:
@@ -159,7 +200,7 @@ def load_adapter(model, path: str, config: MeftConfig | None = None, *, verbose:
     try:
         with safe_open(str(weights), framework="pt") as f, torch.no_grad():
             for ad, store in zip(rt.adapters, rt.stores):
-                store.set_weights(f.get_tensor(f"layers.{ad.layer}.rows"))  # the zero-copy mirror too
+                store.set_weights(_saved_rows(f, ad, store, cfg, folder_generated))  # the zero-copy mirror too
                 ad.gate.copy_(f.get_tensor(f"layers.{ad.layer}.router"))
                 if f"layers.{ad.layer}.expert_bias" in f.keys():
                     ad.expert_bias.copy_(f.get_tensor(f"layers.{ad.layer}.expert_bias"))

@@ -6,6 +6,8 @@ Owns:
 * `token_rows_adapter(x, rows, coef, slots, ...)`: training, an autograd Function over a micro-batch's
   gathered rows [R, 2d], with the same inputs and gradients as `meft.adapter.functional.sparse_adapter`
   (its dense twin) plus each token's slots.
+Either takes `KeyedRows` (generated keys, values [R, d]; `meft.adapter.keys`) where it takes [k | v] rows:
+the kernels read keys and values from two arrays (values at a column offset of d, or 0).
 
 Why: the general path computes dense [T, R] products over all of a forward's rows (the micro-batch's
 R = max_active_rows in training; in inference the union of every token's experts, up to all N rows of a
@@ -36,6 +38,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from meft.adapter.keys import KeyedRows
 from offload.kernels import as_numpy, load_f32
 
 __all__ = ["token_rows_delta", "reference_token_rows_delta", "token_rows_adapter", "TokenRowsFunction"]
@@ -43,15 +46,27 @@ __all__ = ["token_rows_delta", "reference_token_rows_delta", "token_rows_adapter
 _NO_H = np.zeros((0, 0), dtype=np.float32)  # "do not keep h" (inference)
 
 
-def token_rows_delta(x: Tensor, table: Tensor, experts: Tensor, weights: Tensor, *, expert_size: int,
-                     scale: float) -> Tensor:
-    """Inference: x [T, d], table [N, 2d] float32 or bfloat16 (rows [k | v]), experts [T, k] int64 (-1: none),
-    weights [T, k] -> y [T, d] float32. CPU tensors; no autograd."""
-    n_tok, d = x.shape
+def _split(table, d: int):
+    """(keys array, values array, values' column offset) of a [N, 2d] table or a `KeyedRows`."""
+    if isinstance(table, KeyedRows):
+        if table.keys.shape != table.values.shape or table.values.shape[1] != d:
+            raise ValueError(f"keys {tuple(table.keys.shape)} and values {tuple(table.values.shape)} must both "
+                             f"be [N, d = {d}]")
+        return as_numpy(table.keys.detach().contiguous()), as_numpy(table.values.detach().contiguous()), 0
     if table.shape[1] != 2 * d:
         raise ValueError(f"table width {table.shape[1]} != 2 * d = {2 * d}")
+    arr = as_numpy(table.detach().contiguous())
+    return arr, arr, d
+
+
+def token_rows_delta(x: Tensor, table, experts: Tensor, weights: Tensor, *, expert_size: int,
+                     scale: float) -> Tensor:
+    """Inference: x [T, d], table [N, 2d] float32 or bfloat16 (rows [k | v]) or `KeyedRows` (keys, values
+    [N, d] each), experts [T, k] int64 (-1: none), weights [T, k] -> y [T, d] float32. CPU tensors; no autograd."""
+    n_tok, d = x.shape
+    keys, values, voff = _split(table, d)
     out = torch.empty(n_tok, d, dtype=torch.float32)  # [T, d]
-    _forward(as_numpy(x.detach().float().contiguous()), as_numpy(table.detach().contiguous()),
+    _forward(as_numpy(x.detach().float().contiguous()), keys, values, voff,
              as_numpy(experts.contiguous()), as_numpy(weights.detach().float().contiguous()), expert_size,
              np.float32(scale), _NO_H, as_numpy(out))
     return out
@@ -61,6 +76,8 @@ def reference_token_rows_delta(x: Tensor, table: Tensor, experts: Tensor, weight
                                scale: float) -> Tensor:
     """Plain twin of `token_rows_delta`: gather each token's rows, relu(K x) * w, then @ V."""
     n_tok, d = x.shape
+    if isinstance(table, KeyedRows):
+        table = torch.cat([table.keys.float(), table.values.float()], dim=1)  # [N, 2d]
     ids = (experts.clamp(min=0)[:, :, None] * expert_size + torch.arange(expert_size)).reshape(n_tok, -1)  # [T, kS]
     w = torch.where(experts >= 0, weights.float(), 0.0).repeat_interleave(expert_size, dim=1)  # [T, kS]
     rows = table.float()[ids]  # [T, kS, 2d]
@@ -74,50 +91,52 @@ class TokenRowsFunction(torch.autograd.Function):
     `gate_weights` reads back). fp32 CPU tensors."""
 
     @staticmethod
-    def forward(ctx, x, rows, coef, slots, expert_size: int, scale: float, train_keys: bool):
+    def forward(ctx, x, rows, coef, slots, expert_size: int, scale: float, train_keys: bool, keys=None):
         n_tok, d = x.shape
         k = slots.shape[1]
         x = x.contiguous()
         weights = torch.where(slots >= 0, coef.gather(1, slots.clamp(min=0)), 0.0).float().contiguous()  # [T, k]
         h = torch.empty(n_tok, k * expert_size, dtype=torch.float32)  # [T, kS] pre-activations, for backward
         y = torch.empty(n_tok, d, dtype=torch.float32)  # [T, d]
-        _forward(as_numpy(x), as_numpy(rows), as_numpy(slots), as_numpy(weights), expert_size, np.float32(scale),
-                 as_numpy(h), as_numpy(y))
-        ctx.save_for_backward(x, rows, slots, weights, h)
+        k_arr, v_arr, voff = _split(rows if keys is None else KeyedRows(keys, rows), d)
+        _forward(as_numpy(x), k_arr, v_arr, voff, as_numpy(slots), as_numpy(weights), expert_size,
+                 np.float32(scale), as_numpy(h), as_numpy(y))
+        ctx.save_for_backward(x, rows, slots, weights, h, keys)
         ctx.expert_size, ctx.scale, ctx.train_keys, ctx.n_slots = expert_size, scale, train_keys, coef.shape[1]
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, rows, slots, weights, h = ctx.saved_tensors
+        x, rows, slots, weights, h, keys = ctx.saved_tensors
         S, scale = ctx.expert_size, np.float32(ctx.scale)
+        k_arr, v_arr, voff = _split(rows if keys is None else KeyedRows(keys, rows), x.shape[1])
         gy = gy.float().contiguous()  # [T, d]
         dx = torch.empty_like(x)  # [T, d]
         dweights = torch.empty_like(weights)  # [T, k]
         dh = torch.empty_like(h)  # [T, kS]
-        _backward_tokens(as_numpy(rows), as_numpy(slots), as_numpy(weights), S, scale, as_numpy(h), as_numpy(gy),
+        _backward_tokens(k_arr, v_arr, voff, as_numpy(slots), as_numpy(weights), S, scale, as_numpy(h), as_numpy(gy),
                          as_numpy(dx), as_numpy(dweights), as_numpy(dh))
         drows = dcoef = None
         if ctx.needs_input_grad[1]:
-            drows = torch.empty_like(rows)  # [R, 2d]
+            drows = torch.empty_like(rows)  # [R, 2d], or dV [R, d] with generated keys
             offsets, order = _assignments_by_slot(as_numpy(slots), ctx.n_slots)
             _backward_rows(as_numpy(x), as_numpy(slots), as_numpy(weights), S, scale, as_numpy(h), as_numpy(dh),
-                           as_numpy(gy), offsets, order, ctx.train_keys, as_numpy(drows))
+                           as_numpy(gy), offsets, order, ctx.train_keys and keys is None, voff, as_numpy(drows))
         if ctx.needs_input_grad[2]:
             dcoef = torch.zeros(x.shape[0], ctx.n_slots, dtype=torch.float32)  # [T, n]
             dcoef.scatter_add_(1, slots.clamp(min=0), dweights)  # slot -1 adds its 0 to column 0
-        return dx, drows, dcoef, None, None, None, None
+        return dx, drows, dcoef, None, None, None, None, None
 
 
 def token_rows_adapter(x: Tensor, rows: Tensor, coef: Tensor, slots: Tensor, *, expert_size: int,
-                       scale: float = 1.0, train_keys: bool = True) -> Tensor:
+                       scale: float = 1.0, train_keys: bool = True, keys: Tensor | None = None) -> Tensor:
     """Training on the CPU: `sparse_adapter(x, rows, coef, ...)` reading each token's own rows. slots [T, k]
     int64: the columns of coef (kept-expert slots) token t routes to (`Routing.pos`), -1: none."""
-    return TokenRowsFunction.apply(x, rows, coef, slots, expert_size, float(scale), train_keys)
+    return TokenRowsFunction.apply(x, rows, coef, slots, expert_size, float(scale), train_keys, keys)
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def _forward(x, table, experts, weights, expert_size, scale, h_out, y):
+def _forward(x, keys, values, voff, experts, weights, expert_size, scale, h_out, y):
     n_tok, d = x.shape
     keep_h = h_out.shape[0] > 0
     for t in prange(n_tok):
@@ -136,17 +155,17 @@ def _forward(x, table, experts, weights, expert_size, scale, h_out, y):
                 r = e * expert_size + s
                 h = np.float32(0.0)
                 for j in range(d):  # k_r . x_t (fastmath: a vectorised reduction)
-                    h += x[t, j] * load_f32(table, r, j)
+                    h += x[t, j] * load_f32(keys, r, j)
                 if keep_h:
                     h_out[t, base + s] = h
                 if h > 0.0 and w != 0.0:
                     a = scale * w * h
                     for j in range(d):
-                        y[t, j] += a * load_f32(table, r, d + j)
+                        y[t, j] += a * load_f32(values, r, voff + j)
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def _backward_tokens(rows, slots, weights, expert_size, scale, h, gy, dx, dweights, dh):
+def _backward_tokens(keys, values, voff, slots, weights, expert_size, scale, h, gy, dx, dweights, dh):
     n_tok, d = gy.shape
     for t in prange(n_tok):
         for j in range(d):
@@ -164,12 +183,12 @@ def _backward_tokens(rows, slots, weights, expert_size, scale, h, gy, dx, dweigh
                     if hv > 0.0:  # relu' = 0 elsewhere: no da needed
                         da = np.float32(0.0)
                         for j in range(d):
-                            da += gy[t, j] * rows[r, d + j]
+                            da += gy[t, j] * values[r, voff + j]
                         da *= scale
                         acc += da * hv
                         g = da * w
                         for j in range(d):
-                            dx[t, j] += g * rows[r, j]
+                            dx[t, j] += g * keys[r, j]
                     dh[t, base + s] = g
             else:
                 for s in range(expert_size):
@@ -200,12 +219,12 @@ def _assignments_by_slot(slots, n_slots):
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def _backward_rows(x, slots, weights, expert_size, scale, h, dh, gy, offsets, order, train_keys, drows):
+def _backward_rows(x, slots, weights, expert_size, scale, h, dh, gy, offsets, order, train_keys, voff, drows):
     d = x.shape[1]
     k = slots.shape[1]
     for b in prange(offsets.shape[0] - 1):  # one thread owns a slot's rows: no two threads add to one row
         for s in range(expert_size):
-            for j in range(2 * d):
+            for j in range(drows.shape[1]):
                 drows[b * expert_size + s, j] = 0.0
         for q in range(offsets[b], offsets[b + 1]):
             t = order[q] // k
@@ -217,7 +236,7 @@ def _backward_rows(x, slots, weights, expert_size, scale, h, dh, gy, offsets, or
                     r = b * expert_size + s
                     a = scale * w * hv
                     for j in range(d):
-                        drows[r, d + j] += a * gy[t, j]
+                        drows[r, voff + j] += a * gy[t, j]
                     if train_keys:
                         g = dh[t, c * expert_size + s]
                         for j in range(d):

@@ -5,9 +5,11 @@ host stores + SparseAdamW optimizers, the scheduler (`offload.TransferScheduler`
 twin `offload.resident.ResidentScheduler` with `offload=False`), the runtime (`model.meft`), the
 adapter-side optimizer and, for backbone="lomo"/"adalomo", the backbone optimizer; and undoing it.
 Rows: row i of layer l is [k_i | v_i] (2d wide); keys ~ U(-1/sqrt(d), 1/sqrt(d)) seeded per layer,
-values 0, so the wrapped model starts exactly equal to the base model. Each router gate starts aligned
-with its layer's keys (`router.init_gate`: gate row e = unit-norm mean of expert e's keys), and the keys
-are frozen unless `MeftConfig.key_lr` is None (stable addressing, docs/design.md "The adapter").
+values 0, so the wrapped model starts exactly equal to the base model. With generated keys
+(`MeftConfig.key_source`, frozen keys) a store row is v_i only (d wide) and k_i comes from
+`meft.adapter.keys` (the same distribution, from (seed, layer, row)) wherever it is used. Each router
+gate starts aligned with its layer's keys (`router.init_gate`: gate row e = unit-norm mean of expert e's
+keys), and the keys are frozen unless `MeftConfig.key_lr` is None (stable addressing, docs/design.md "The adapter").
 Under torch.distributed (torchrun, several ranks) the ranks' configs are checked first, then the stores of a
 node's ranks are built in the node's shared memory (`offload.node`, `offload.shared`): one host copy per
 node, whose rows the node's ranks update by ownership (docs/design.md "Distributed").
@@ -22,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from meft.adapter.distributed import data_parallel_group
+from meft.adapter.keys import key_table
 from meft.adapter.layer import SparseFFNAdapter
 from meft.adapter.router import init_gate
 from meft.adapter.runtime import MeftRuntime
@@ -120,7 +123,7 @@ def wrap(model: nn.Module, config: MeftConfig | None = None, *, tokenizer=None) 
     d = hidden_size_of(model)
     group = data_parallel_group(config)  # None in one process; every rank's config checked under torchrun
     node = None if group is None else node_of(group)  # the node's ranks share one host copy of the stores
-    _check_host_ram(config, len(chosen), 2 * d, node)
+    _check_host_ram(config, len(chosen), config.row_width(d), node)  # d with generated keys, else 2d
     device = next(model.parameters()).device
     undo = _Undo({n: p.requires_grad for n, p in model.named_parameters()})
     backbone = list(model.parameters())
@@ -189,9 +192,14 @@ class _Undo:
 def _attach(t, i: int, d: int, config: MeftConfig, device, undo: _Undo, node=None):
     """Adapter `i` around target t (module replaced, input tapped if split) + its store (in the node's shared
     memory under torch.distributed with several ranks per node) and optimizer."""
-    store = RowStore(config.adapter_rows, 2 * d, init=row_init(d, config.seed, t.layer),
-                     state_dtype=config.state, node=node)
-    gate = init_gate(store.weights[:, :d], config.expert_size).to(device)  # [E, d] from the keys
+    if config.generated_keys:  # values only, zeros; the keys are generated where they are used
+        store = RowStore(config.adapter_rows, d, state_dtype=config.state, node=node)  # [N, d]
+        keys = key_table(config.adapter_rows, seed=config.seed, layer=t.layer, d=d)  # [N, d] fp32, CPU
+    else:
+        store = RowStore(config.adapter_rows, 2 * d, init=row_init(d, config.seed, t.layer),
+                         state_dtype=config.state, node=node)  # [N, 2d] = [K | V]
+        keys = store.weights[:, :d]
+    gate = init_gate(keys, config.expert_size).to(device)  # [E, d] from the keys
     base = getattr(t.parent, t.out_name)
     ad = SparseFFNAdapter(base, index=i, layer=t.layer, d=d, gate=gate, expert_size=config.expert_size,
                           scale=config.scale, active_per_token=config.active_per_token,

@@ -10,7 +10,9 @@ Owns:
   case: the row budget is full) as `rows_dev[:R].to(compute dtype)` -- a copy only when the dtypes
   differ, a view otherwise, exactly as the runtime does -- caches them until their gradient is pushed
   (checkpoint recomputation reuses them), and on push casts the gradient into a lazily made
-  `grads_dev [max_rows, 2d]` when it is not already wire dtype (as TransferScheduler does). No fetch,
+  `grads_dev [max_rows, 2d]` when it is not already wire dtype (as TransferScheduler does). With generated
+  keys (`MeftConfig.key_source`) the rows are values [R, d] and each call adds the [R, d] keys the device
+  generates and keeps for backward. No fetch,
   no RowStore, no scheduler: those live in host RAM.
 * `attach_meft` (the dense baseline is `meft.adapter.dense`), and a fake-tensor-safe AdamW step
   (`adamw_states`, `adamw_step`; torch.optim.AdamW reads its step count with .item(), which fake
@@ -24,6 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from meft.adapter.dense import freeze
+from meft.adapter.keys import KeyedRows
 from meft.adapter.layer import SparseFFNAdapter
 from meft.adapter.router import Routing
 from meft.adapter.runtime import in_backward
@@ -54,7 +57,9 @@ class PlanRuntime:
         self.max_rows = config.budget_rows  # = wrap's scheduler max_rows
         # lookahead: the runtime reserves 2 x max_rows live rows per layer (prefetch + misses)
         live = self.max_rows * (2 if config.prefetch == "lookahead" else 1)
-        self.rows_dev = [torch.zeros(live, 2 * d, dtype=wire) for _ in adapters]  # [M, 2d]
+        self.d = d
+        width = config.row_width(d)  # d (values) with generated keys, else 2d
+        self.rows_dev = [torch.zeros(live, width, dtype=wire) for _ in adapters]  # [M, W]
         self.ids_dev = [torch.zeros(live, dtype=torch.int64) for _ in adapters]  # [M]
         self.grads_dev: list[Tensor | None] = [None] * len(adapters)
         self._cache: dict[int, tuple[Routing, Tensor]] = {}
@@ -97,6 +102,8 @@ class PlanRuntime:
         compute = adapter.compute_dtype or x2.dtype
         rows = self.rows_dev[idx][:n].to(compute).detach().requires_grad_(True)  # [R, 2d]
         rows.register_post_accumulate_grad_hook(lambda leaf: self._push(idx, leaf, n))
+        if self.config.generated_keys:  # keys made on the device per fetch, kept for backward: [R, d]
+            rows = KeyedRows(torch.zeros(n, self.d, dtype=compute), rows)
         self._cache[idx] = (routing, rows)
         return routing, rows
 

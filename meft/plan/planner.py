@@ -125,7 +125,7 @@ def host_ram_bytes(cfg: MeftConfig, n_layers: int, d: int, *, gpus: int = 1, nod
     """Host bytes of the offloaded adapter on one node: the stores (one copy per node, shared by its ranks),
     and per rank its pinned staging slots, pending gradients and, with several ranks, the buffers of one
     layer's row-gradient exchange (gathered ids + the fp32 [union, 2d] block)."""
-    width, max_rows = 2 * d, cfg.budget_rows
+    width, max_rows = cfg.row_width(d), cfg.budget_rows  # d (values) with generated keys, else 2d
     stores = n_layers * RowStore.bytes_needed(cfg.adapter_rows, width, cfg.state)
     live = 2 * max_rows if cfg.prefetch == "lookahead" else max_rows  # a prefetch plus its misses
     mirror_rows = cfg.adapter_rows if cfg.fetch_mode == "zero_copy" else 0  # pinned wire-dtype mirrors
@@ -156,7 +156,7 @@ def collective_bytes(cfg: MeftConfig, n_layers: int, d: int, world: int) -> dict
     fp32 [U, 2d] block; the all-reduce's own algorithm moves about 2 (W-1)/W times its payload)."""
     if world <= 1:
         return {"world": world, "union_rows": 0, "analytic_min": 0, "as_sent": 0}
-    union, width = union_rows_bound(cfg, world), 2 * d
+    union, width = union_rows_bound(cfg, world), cfg.row_width(d)
     wire = cfg.wire.itemsize
     mine = cfg.grad_accum_steps * cfg.budget_rows
     return {"world": world, "union_rows": union, "analytic_min": n_layers * union * (8 + width * wire),
@@ -260,15 +260,16 @@ def _largest_param_numel(hf_config) -> int:
 
 
 def _adapter_rows_bytes(opts, cfg, m, d: int) -> int:
-    """Active rows alive at the peak: every layer's [R, 2d] compute-dtype rows stay cached from their
+    """Active rows alive at the peak: every layer's [R, W] compute-dtype rows stay cached from their
     forward until their gradient is pushed (a copy only when compute dtype != wire dtype), plus one
-    layer's row gradient [R, 2d]."""
+    layer's row gradient [R, W]; W = 2d, or d with generated keys, whose [R, d] keys every layer keeps."""
     if opts.method != "meft" or not m["n_layers"]:
         return 0
     compute = cfg.compute or parse_dtype(opts.dtype)
     wire = cfg.wire
-    one = m["rows_per_layer"] * 2 * d * compute.itemsize
-    return (m["n_layers"] * one if compute != wire else 0) + one
+    one = m["rows_per_layer"] * cfg.row_width(d) * compute.itemsize
+    keys = m["rows_per_layer"] * d * compute.itemsize if cfg.generated_keys else 0  # generated, kept for backward
+    return (m["n_layers"] * one if compute != wire else 0) + m["n_layers"] * keys + one
 
 
 def _total_ram() -> int:

@@ -1,7 +1,8 @@
 """Resumable training state: written atomically, read back so a resumed run continues exactly.
 
 A checkpoint is a folder `output_dir/checkpoints/step-NNNNNN/` holding
-  stores.safetensors   every adapter layer's RowStore: rows, AdamW moments, per-row step counts
+  stores.safetensors   every adapter layer's RowStore: rows ([K | V], or values only with generated keys),
+                       AdamW moments, per-row step counts
   state.pt             router gates, adapter-side optimizer (router AdamW + SparseAdamW hyper-parameters), backbone
                        optimizer and trained backbone weights (Lomo/AdaLomo), data position, RNG states,
                        step and the options the run was started with
@@ -209,6 +210,11 @@ def _load_training_state(folder: Path, model) -> dict:
     for i, store in enumerate(rt.stores):
         prefix = f"{i}."
         sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        saved_width = sd["weights"].shape[1] if "weights" in sd else store.width
+        if saved_width != store.width:  # [K | V] rows vs values only: MeftConfig.key_source differs
+            src = "stored" if saved_width == 2 * store.width else "generated"
+            raise ValueError(f"layer {i}: the checkpoint's rows are {saved_width} wide, this run's {store.width}: "
+                             f"it was saved with key_source={src!r}; fix: resume with key_source={src!r}")
         store.load_state_dict({**store.state_dict(), **sd})
     state = _load_plain(folder / "state.pt")
     rt.optimizer.load_state_dict(state["optimizer"])

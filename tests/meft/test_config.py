@@ -51,6 +51,7 @@ BAD = [  # (field, bad value, words the fix must contain)
     ("seed", -1, ">= 0"),
     ("key_lr", 1e-4, "per-column lr"),
     ("key_lr", "slow", "0.0 (frozen keys) or None"),
+    ("key_source", "keys", "'auto', 'generated', 'stored'"),
     ("balance", "aux_loss", "'none', 'bias'"),
     ("balance_rate", -1e-3, ">= 0"),
     ("sparse_update", -1, "0 (off) or a positive int"),
