@@ -93,10 +93,13 @@ def main(argv=None) -> int:
             "kept": with_system_prompt(retention_records(), system),
             "general": with_system_prompt([{"prompt": p, "completion": ""} for p in GENERAL_PROMPTS], system)}
     norms = {k: _token_norms(model, tap, tok, v) for k, v in sets.items()}
+    quant = {}
     for name, per_layer in norms.items():
         allv = torch.stack([n.quantile(torch.tensor([0.1, 0.5, 0.9])) for n in per_layer])  # [L, 3]
-        print(f"{name:>9} ||dh|| per layer, median over layers of p10 / p50 / p90: "
-              f"{allv.median(0).values.tolist()}", flush=True)
+        quant[name] = [round(v, 3) for v in allv.median(0).values.tolist()]
+        print(f"{name:>9} ||dh|| per layer, median over layers of p10 / p50 / p90: {quant[name]}", flush=True)
+    with Path(a.out).open("a") as f:
+        f.write(json.dumps({"tag": a.tag, "norm_p10_p50_p90": quant}) + "\n")
     for q in a.quantiles:
         tap.tau = None if q == 0 else [float(n.quantile(q / 100)) for n in norms["trained"]]
         t0 = time.time()
