@@ -50,7 +50,7 @@ _BALANCE = ("none", "bias")  # router load balancing (meft.adapter.router)
 BACKGROUND_SOURCES = ("pydoc", "questions")  # sparse_update's background (meft.data.background)
 FETCH_MODES = ("staged", "zero_copy")  # how offloaded rows reach the device (offload.TransferScheduler)
 KEY_SOURCES = ("auto", "generated", "stored")  # where frozen keys come from (meft.adapter.keys)
-_AUTO_GENERATES = False  # key_source="auto" with frozen keys: generated (True) or stored (False)
+_AUTO_GENERATES = True  # key_source="auto" with frozen keys: generated (True) or stored (False)
 
 
 def budget_experts(max_active_rows: int, expert_size: int, n_experts: int) -> int:

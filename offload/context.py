@@ -37,7 +37,7 @@ class SchedulerContext:
 
     @property
     def width(self) -> int:
-        """Row width W = 2d ([K | V])."""
+        """Row width W: 2d ([K | V]), or d (values only, keys generated on the device)."""
         return self.optimizers[0].store.width
 
     @property

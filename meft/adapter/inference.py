@@ -133,6 +133,6 @@ class InferencePath:
             rows = self.scheduler.read_rows(adapter.index, routing.ids).to(self.wire)  # [R, 2d]
         if self.config.generated_keys:  # rows are values [R, d]; the keys of their ids made here
             keys = generate_keys(routing.ids, seed=self.config.seed, layer=adapter.layer, d=adapter.d,
-                                 dtype=self.wire)
-            return routing, KeyedRows(keys.to(compute), rows.to(compute))
+                                 dtype=compute, wire=self.wire)  # [R, d]
+            return routing, KeyedRows(keys, rows.to(compute))
         return routing, rows.to(compute)

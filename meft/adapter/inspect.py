@@ -89,8 +89,11 @@ def adapter_stats(adapter_dir: str, checkpoint_dir: str | None = None) -> list[L
     with safe_open(os.path.join(adapter_dir, WEIGHTS_NAME), framework="pt") as f, \
             (safe_open(stores, framework="pt") if stores and os.path.isfile(stores) else _Null()) as ckpt:
         for i, layer in enumerate(meta["layers"]):
-            rows = f.get_tensor(f"layers.{layer}.rows")  # [N, 2d] fp32: keys | values
-            values = rows[:, d:]  # [N, d]
+            if f"layers.{layer}.values" in f.keys():  # generated keys: the folder holds values only
+                rows = values = f.get_tensor(f"layers.{layer}.values")  # [N, d] fp32
+            else:
+                rows = f.get_tensor(f"layers.{layer}.rows")  # [N, 2d] fp32: keys | values
+                values = rows[:, d:]  # [N, d]
             steps = _checkpoint_steps(ckpt, i, rows)
             trained = steps > 0 if steps is not None else values.abs().amax(dim=1) > 0  # [N] bool
             n_exp = rows.shape[0] // es

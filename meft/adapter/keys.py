@@ -128,7 +128,9 @@ def _mix_nb(x):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _keys_kernel(ids, base, scale, out):
+def _keys_kernel(ids, base, scale, round_bf16, out, out_bits):
+    """out [R, d] fp32 keys; round_bf16: rounded to bf16 (round-to-nearest-even on the bits, out_bits is
+    out's uint32 view), still fp32: what `.to(torch.bfloat16).float()` gives, in the same pass."""
     n, d = out.shape
     for i in prange(n):
         r = ids[i] if ids[i] > 0 else 0
@@ -136,21 +138,27 @@ def _keys_kernel(ids, base, scale, out):
         for j in range(d):
             u = _mix_nb(rowkey ^ ((j * 0x1E3779B9) & 0xFFFFFFFF))
             out[i, j] = np.float32(2 * (u >> 8) + 1 - (1 << 24)) * scale
+            if round_bf16:  # |key| < 1: no carry reaches the sign bit
+                bits = np.int64(out_bits[i, j])
+                out_bits[i, j] = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
 
 
-def generate_keys(ids: Tensor, *, seed: int, layer: int, d: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Keys [R, d] of row ids [R] (int64, -1: row 0's keys) on ids' device, generated in fp32 and cast to
-    `dtype` (the wire dtype, then the compute dtype: the rounding a stored key gets on its way)."""
-    if ids.device.type == "cpu":
-        out = torch.empty(ids.shape[0], d, dtype=torch.float32)  # [R, d]
-        _keys_kernel(ids.contiguous().numpy(), np.int64(layer_base(seed, layer)), _scale(d), out.numpy())
-    else:
-        out = _torch_keys(ids, seed=seed, layer=layer, d=d)
-    return out if dtype == torch.float32 else out.to(dtype)
+def generate_keys(ids: Tensor, *, seed: int, layer: int, d: int, dtype: torch.dtype = torch.float32,
+                  wire: torch.dtype = torch.float32) -> Tensor:
+    """Keys [R, d] of row ids [R] (int64, -1: row 0's keys) on ids' device, generated in fp32, rounded to
+    `wire` and given in `dtype` (`.to(wire).to(dtype)`: the rounding a stored key gets on its way)."""
+    if ids.device.type == "cpu":  # made in numpy and wrapped: no tensor ops but the ids' numpy view
+        arr = np.empty((ids.shape[0], d), dtype=np.float32)  # [R, d]
+        _keys_kernel(ids.contiguous().numpy(), np.int64(layer_base(seed, layer)), _scale(d),
+                     wire == torch.bfloat16, arr, arr.view(np.uint32))
+        out = torch.from_numpy(arr)
+        return out if dtype == torch.float32 else out.to(dtype)
+    out = _torch_keys(ids, seed=seed, layer=layer, d=d)
+    return out.to(wire).to(dtype)
 
 
 def key_table(n_rows: int, *, seed: int, layer: int, d: int, dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu") -> Tensor:
     """Every key of a layer, [n_rows, d] `dtype` on `device` (router init, per-token inference tables)."""
     ids = torch.arange(n_rows, dtype=torch.int64, device=device)
-    return generate_keys(ids, seed=seed, layer=layer, d=d, dtype=dtype)
+    return generate_keys(ids, seed=seed, layer=layer, d=d, dtype=dtype, wire=dtype)

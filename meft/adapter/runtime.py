@@ -297,8 +297,9 @@ class MeftRuntime:
         is, in the values' dtype. Stored keys: `values` are whole rows [R, 2d], returned as they are."""
         if not self.config.generated_keys:
             return values
-        keys = generate_keys(ids, seed=self.config.seed, layer=adapter.layer, d=adapter.d, dtype=self._wire)
-        return KeyedRows(keys.to(values.dtype), values)
+        keys = generate_keys(ids, seed=self.config.seed, layer=adapter.layer, d=adapter.d, dtype=values.dtype,
+                             wire=self._wire)  # [R, d]
+        return KeyedRows(keys, values)
 
     # ---- sparse update (MeftConfig.sparse_update; meft.adapter.sparse_update) ------------------
     @property

@@ -47,15 +47,15 @@ _NO_H = np.zeros((0, 0), dtype=np.float32)  # "do not keep h" (inference)
 
 
 def _split(table, d: int):
-    """(keys array, values array, values' column offset) of a [N, 2d] table or a `KeyedRows`."""
+    """(keys array, values array, values' column offset) of a contiguous [N, 2d] table or a `KeyedRows`."""
     if isinstance(table, KeyedRows):
         if table.keys.shape != table.values.shape or table.values.shape[1] != d:
             raise ValueError(f"keys {tuple(table.keys.shape)} and values {tuple(table.values.shape)} must both "
                              f"be [N, d = {d}]")
-        return as_numpy(table.keys.detach().contiguous()), as_numpy(table.values.detach().contiguous()), 0
+        return as_numpy(table.keys), as_numpy(table.values), 0
     if table.shape[1] != 2 * d:
         raise ValueError(f"table width {table.shape[1]} != 2 * d = {2 * d}")
-    arr = as_numpy(table.detach().contiguous())
+    arr = as_numpy(table)
     return arr, arr, d
 
 
@@ -64,6 +64,10 @@ def token_rows_delta(x: Tensor, table, experts: Tensor, weights: Tensor, *, expe
     """Inference: x [T, d], table [N, 2d] float32 or bfloat16 (rows [k | v]) or `KeyedRows` (keys, values
     [N, d] each), experts [T, k] int64 (-1: none), weights [T, k] -> y [T, d] float32. CPU tensors; no autograd."""
     n_tok, d = x.shape
+    if isinstance(table, KeyedRows):
+        table = KeyedRows(table.keys.detach().contiguous(), table.values.detach().contiguous())
+    else:
+        table = table.detach().contiguous()
     keys, values, voff = _split(table, d)
     out = torch.empty(n_tok, d, dtype=torch.float32)  # [T, d]
     _forward(as_numpy(x.detach().float().contiguous()), keys, values, voff,

@@ -81,7 +81,8 @@ def predict_link(link: str, bytes_per_layer: dict, compute: dict, *, lookahead: 
 
 
 def _meft_original(active: dict) -> dict:
-    w, d = active["width"], active["width"] // 2
+    d = active.get("d", active["width"] // 2)
+    w = 2 * d  # MEFT's scheme moves whole fp32 [key | value] rows
     rows, tokens = sum(active["rows"].values()), sum(active["tokens"].values())
     return {"hidden_d2h": tokens * d * 4, "rows_h2d": rows * w * 4, "grads_d2h": rows * w * 4,
             "total": tokens * d * 4 + 2 * rows * w * 4}

@@ -144,7 +144,7 @@ def profile(args: TrainArgs, cfg: MeftConfig, *, link: str | None = None,
         counter.remove()
         rt.close()
     d = rt.adapters[0].d
-    active = {"rows": dict(counter.rows), "tokens": dict(counter.tokens), "width": 2 * d,
+    active = {"rows": dict(counter.rows), "tokens": dict(counter.tokens), "width": rt.stores[0].width, "d": d,
               "wire_bytes": cfg.wire.itemsize}
     rep = build_report(rt.meter, run, active, link=link, compute_ms_per_layer=compute_ms_per_layer,
                        link_latency_us=link_latency_us,

@@ -132,3 +132,62 @@ def test_old_format_folder_loads_exactly_whatever_key_source_says(tmp_path):
         assert not fresh.meft.config.generated_keys and fresh.meft.stores[0].width == 2 * D
         assert torch.equal(_logits(fresh, ids), want)
         fresh.meft.close()
+
+
+@pytest.mark.parametrize("wire", ["float32", "bfloat16"])
+def test_metered_bytes_equal_the_analytic_count_on_both_paths(wire):
+    """rows x row width x wire bytes each way: W = d with generated keys, 2d stored; the same rows cross."""
+    gen, old = twins(wire_dtype=wire, grad_accum_steps=2)
+    ids = batch(4)
+    train(gen, ids, 2, accum=2), train(old, ids, 2, accum=2)
+    esize = torch.empty((), dtype=getattr(torch, wire)).element_size()
+    (gd, gu, grows, _), (od, ou, orows, _) = gen.meft.traffic_totals(), old.meft.traffic_totals()
+    assert grows == orows > 0
+    assert gd == gu == grows * D * esize and od == ou == orows * 2 * D * esize
+    for m in (gen, old):
+        m.meft.close()
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_offloaded_training_equals_resident(staleness):
+    ids = batch(4)
+    off = meft.wrap(tiny_model("llama"), small_config(key_source="generated", staleness=staleness))
+    res = meft.wrap(tiny_model("llama"), small_config(key_source="generated", staleness=staleness, offload=False))
+    for m in (off, res):
+        m.meft.token_rows = False
+    torch.testing.assert_close(torch.tensor(train(off, ids, 3)), torch.tensor(train(res, ids, 3)), rtol=1e-5, atol=1e-6)
+    for a, b in zip(adapter_state(off), adapter_state(res)):  # host kernel vs device AdamW: rounding
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for m in (off, res):
+        m.meft.close()
+
+
+def test_default_frozen_keys_are_generated_and_gates_aligned_with_them():
+    model = meft.wrap(tiny_model("llama"), small_config())
+    rt = model.meft
+    assert rt.config.generated_keys and rt.stores[0].width == D
+    for ad in rt.adapters:
+        keys = key_table(256, seed=0, layer=ad.layer, d=D)
+        torch.testing.assert_close(ad.gate.detach(), init_gate(keys, 8), rtol=0, atol=0)
+    rt.close()
+    assert not small_config(key_lr=None).generated_keys and small_config(key_lr=None).row_width(D) == 2 * D
+
+
+def test_values_only_checkpoint_resumes_and_a_stored_one_names_the_key_source(tmp_path):
+    from meft.train.checkpoint import CheckpointError, load_training_state, save_training_state
+
+    ids = batch()
+    gen = meft.wrap(tiny_model("llama"), small_config())
+    train(gen, ids, 2)
+    folder = save_training_state(tmp_path / "gen", 2, gen, data_state={}, extra={})
+    again = meft.wrap(tiny_model("llama"), small_config())
+    load_training_state(folder, again)
+    assert all(torch.equal(a, b) for a, b in zip(adapter_state(gen), adapter_state(again)))
+    assert train(gen, ids, 2) == train(again, ids, 2)  # resumed losses equal the uninterrupted run's
+    old = meft.wrap(tiny_model("llama"), small_config(key_source="stored"))
+    folder = save_training_state(tmp_path / "old", 1, old, data_state={}, extra={})
+    with pytest.raises(CheckpointError, match="saved with key_source='stored'; fix: resume with key_source='stored'"):
+        load_training_state(folder, meft.wrap(tiny_model("llama"), small_config()))
+    for m in (gen, again, old):
+        m.meft.close()

@@ -40,10 +40,15 @@ def test_distribution_is_uniform_and_streams_differ():
     assert layer_base(0, 0) != layer_base(0, 1) != layer_base(1, 0)
 
 
-def test_dtype_is_the_cast_of_the_fp32_keys():
-    ids = torch.arange(40)
+def test_dtype_and_wire_rounding_are_the_casts_of_the_fp32_keys():
+    ids = torch.arange(4096)
     fp32 = generate_keys(ids, seed=3, layer=2, d=24)
     assert torch.equal(generate_keys(ids, seed=3, layer=2, d=24, dtype=torch.bfloat16), fp32.bfloat16())
+    # rounded to a bf16 wire inside the kernel, still fp32: as a stored key's trip fp32 -> bf16 -> fp32
+    via_wire = generate_keys(ids, seed=3, layer=2, d=24, wire=torch.bfloat16)
+    assert via_wire.dtype == torch.float32 and torch.equal(via_wire, fp32.bfloat16().float())
+    assert torch.equal(generate_keys(ids, seed=3, layer=2, d=24, dtype=torch.bfloat16, wire=torch.bfloat16),
+                       fp32.bfloat16())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -53,3 +58,5 @@ def test_cuda_equals_cpu_bitwise():
         cpu = generate_keys(ids, seed=11, layer=5, d=d)
         cuda = generate_keys(ids.cuda(), seed=11, layer=5, d=d).cpu()
         assert (_bits(cpu) == _bits(cuda)).all()
+        wire = dict(seed=11, layer=5, d=d, wire=torch.bfloat16)
+        assert torch.equal(generate_keys(ids, **wire), generate_keys(ids.cuda(), **wire).cpu())

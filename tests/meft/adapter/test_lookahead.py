@@ -57,7 +57,7 @@ def test_lookahead_equals_none_and_moves_only_missing_rows(accum, kw):
         both0, both1 = t0["h2d"][key] + t0["d2h"][key], t1["h2d"][key] + t1["d2h"][key]
         assert both1 <= (1 + miss_share) * both0
     wire = 2 if kw.get("wire_dtype") == "bfloat16" else 4
-    assert t1["h2d"]["bytes"] == t1["h2d"]["rows"] * 2 * 32 * wire  # width 2d = 64
+    assert t1["h2d"]["bytes"] == t1["h2d"]["rows"] * 32 * wire  # width d = 32: values (frozen keys generated)
 
 
 def test_lookahead_reserves_room_for_prefetch_plus_misses():

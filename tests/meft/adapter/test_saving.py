@@ -21,14 +21,14 @@ def test_round_trip_reproduces_logits(tmp_path, capsys, arch, offload, staleness
     with torch.no_grad():
         want = model(ids).logits
     info = meft.save_adapter(model, str(tmp_path))
-    assert "saved meft adapter: 1 layers x 256 rows x 64" in capsys.readouterr().out
-    assert info["params"] == 256 * 64 + 32 * 32 and info["layers"] == [1]
+    assert "saved meft adapter: 1 layers x 256 rows x 32" in capsys.readouterr().out  # values: keys generated
+    assert info["params"] == 256 * 32 + 32 * 32 and info["layers"] == [1]
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert meta["format"] == "meft-adapter" and meta["config"]["adapter_rows"] == 256
     with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as f:
-        assert sorted(f.keys()) == ["layers.1.router", "layers.1.rows"]
-        rows = f.get_tensor("layers.1.rows")
-    assert rows[:, 32:].abs().max() > 0  # trained values were saved (they start at zero)
+        assert sorted(f.keys()) == ["layers.1.router", "layers.1.values"]
+        values = f.get_tensor("layers.1.values")
+    assert values.abs().max() > 0  # trained values were saved (they start at zero)
     fresh = tiny_model(arch)  # same seed: the same base weights
     meft.load_adapter(fresh, str(tmp_path))
     assert "loaded meft adapter" in capsys.readouterr().out
@@ -61,7 +61,7 @@ def test_load_errors(tmp_path):
         meft.load_adapter(tiny_model("llama"), str(tmp_path), small_config(adapter_rows=512))
     other = tiny_model("gpt_neox")  # d=32 too but its own target paths work; width must match
     other.config.hidden_size = 48
-    with pytest.raises(ValueError, match="row width 64"):
+    with pytest.raises(ValueError, match="row width 32"):  # values only: frozen keys are generated
         meft.load_adapter(other, str(tmp_path), verbose=False)
     assert not hasattr(other, "meft")  # left unwrapped
     with pytest.raises(ValueError, match="not wrapped"):

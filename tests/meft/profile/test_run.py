@@ -23,7 +23,7 @@ def test_profile_cli_writes_json_trace_png_with_exact_bytes(tiny, tmp_path):
     rep = json.loads((out / "profile.json").read_text())
     m, a = rep["measured_bytes"], rep["analytic_bytes"]
     assert a["rows"] > 0 and m["h2d"] == a["h2d"] and m["d2h"] == a["d2h"]
-    assert a["h2d"] == a["rows"] * 64 * 2  # width 2d = 64, bf16 wire
+    assert a["h2d"] == a["rows"] * 32 * 2  # width d = 32 (values; frozen keys are generated), bf16 wire
     assert rep["measured_equals_analytic"] is True
     assert rep["meft_original_over_measured"] > 2  # fp32 rows both ways + fp32 hidden states
     assert rep["run"]["steps"] == 3 and rep["run"]["tokens_per_s"] > 0

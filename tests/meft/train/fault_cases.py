@@ -242,7 +242,7 @@ def concurrent_runs(tiny: Path, root: Path, ref: list[float]) -> Verdict:
 
 _FULL_DISK = r"""
 set -u
-mount -t tmpfs -o size=1100k tmpfs "$D1" && mount -t tmpfs -o size=100k tmpfs "$D2" || exit 77
+mount -t tmpfs -o size=600k tmpfs "$D1" && mount -t tmpfs -o size=50k tmpfs "$D2" || exit 77
 "$PY" -m meft.cli.main train $ARGS --output-dir "$D1/run" --save-every 1 --keep-checkpoints 3 > "$OUT/a.log" 2>&1
 echo $? > "$OUT/a.rc"
 ls "$D1/run/checkpoints" > "$OUT/a.ls"
@@ -257,9 +257,9 @@ ls -a "$D2/run" > "$OUT/c.ls"
 
 
 def full_disk(tiny: Path, root: Path, ref: list[float]) -> Verdict:
-    """A 1.1 MB tmpfs holds two checkpoints, not three: --keep-checkpoints 3 fails with the disk-full error, the
-    suggested --keep-checkpoints 1 then finishes; a 100 kB one cannot hold the adapter: a clear error and no
-    half adapter folder. Mounted in a private mount namespace (`unshare -rm`); skipped where that fails."""
+    """A 600 kB tmpfs holds two checkpoints (~238 kB each: values-only stores), not three: --keep-checkpoints 3
+    fails with the disk-full error, the suggested --keep-checkpoints 1 then finishes; a 50 kB one cannot hold the
+    adapter (~75 kB): a clear error and no half adapter folder. Mounted in a private mount namespace (`unshare -rm`); skipped where that fails."""
     how = "full disk during checkpoint and adapter saves"
     res = root / "full-disk"
     for d in ("m1", "m2", "res"):
