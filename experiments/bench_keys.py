@@ -6,7 +6,9 @@ with those widths and a small vocabulary (the LM head is not what is measured). 
 `--steps` steps with `key_source="stored"` ([K | V] rows, the path before generated keys, its stored keys
 set to the generated ones so both route the same rows) and `"generated"` (values only);
 the traffic meter gives the bytes each way and the host update time per step, the stores their bytes.
-Printed, not asserted: `new / old` for D2H bytes per step, host update ms per step and host store bytes.
+Printed, not asserted: `new / old` for D2H bytes per step, host update ms per step and host store bytes; and
+the host AdamW alone on the same rows (interleaved repeats, median: the step's update time is noisy on a
+shared CPU).
 
     .venv/bin/python experiments/bench_keys.py --steps 5 [--layers 30] [--json]
 """
@@ -23,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import meft
 from meft.adapter import init_gate, key_table
 from meft.config import MeftConfig
+from offload import RowStore, SparseAdamW
 
 
 def _model(layers: int, d: int, seed: int = 0):
@@ -72,6 +75,24 @@ def run(key_source: str, args) -> dict:
     return out
 
 
+def update_kernel_ms(args) -> dict:
+    """The host AdamW alone: per layer `--rows-per-layer` random rows of a 4,096-row store, [K | V] (2d) vs
+    values (d) wide, the two interleaved `--repeats` times over `--layers` layers; median ms per step."""
+    g = torch.Generator().manual_seed(2)
+    opts = {w: [SparseAdamW(RowStore(4096, w)) for _ in range(args.layers)] for w in (2 * args.d, args.d)}
+    ids = [torch.randperm(4096, generator=g)[:args.rows_per_layer].sort().values for _ in range(args.layers)]
+    grads = {w: torch.randn(args.rows_per_layer, w, generator=g) for w in opts}
+    times = {w: [] for w in opts}
+    for _ in range(args.repeats):
+        for w, layer_opts in opts.items():
+            t0 = time.perf_counter()
+            for opt, i in zip(layer_opts, ids):
+                opt.step_rows(i, grads[w])
+            times[w].append((time.perf_counter() - t0) * 1e3)
+    med = {w: sorted(t)[len(t) // 2] for w, t in times.items()}
+    return {"stored_ms": med[2 * args.d], "generated_ms": med[args.d], "new_over_old": med[args.d] / med[2 * args.d]}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=5)
@@ -79,18 +100,24 @@ def main(argv=None) -> dict:
     p.add_argument("--d", type=int, default=576)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rows-per-layer", type=int, default=672, help="the host update's rows (the quick start's "
+                   "~20,150 rows per step over 30 layers)")
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     old, new = run("stored", args), run("generated", args)
     ratios = {k: new[k] / old[k] for k in ("d2h_bytes_per_step", "h2d_bytes_per_step", "host_update_ms_per_step",
                                            "store_bytes", "step_s")}
-    res = {"stored": old, "generated": new, "new_over_old": ratios}
+    res = {"stored": old, "generated": new, "new_over_old": ratios, "update_kernel": update_kernel_ms(args)}
     if args.json:
         print(json.dumps(res, indent=2))
     else:
         for k in ratios:
             print(f"{k:>26}: stored {old[k]:>14,.1f}  generated {new[k]:>14,.1f}  new/old {ratios[k]:.3f}")
         print(f"{'rows_per_step':>26}: stored {old['rows_per_step']:>14,.1f}  generated {new['rows_per_step']:>14,.1f}")
+        k = res["update_kernel"]
+        print(f"{'host AdamW alone (ms/step)':>26}: stored {k['stored_ms']:>14,.1f}  generated "
+              f"{k['generated_ms']:>14,.1f}  new/old {k['new_over_old']:.3f}")
     return res
 
 
