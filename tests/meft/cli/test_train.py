@@ -143,7 +143,7 @@ def test_user_errors_are_one_clear_line(tiny, tmp_path, case):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "completion": "a"}\nnot json\n{"prompt": 3, "completion": "a"}\n')
     cmd = {
-        "missing_model": MEFT + ["train", "--model", str(tmp_path / "nope")],
+        "missing_model": MEFT + ["train", "--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "r0")],
         "bad_data": _cmd(tiny, tmp_path / "r", "--data", str(bad)),
         "bad_config": _cmd(tiny, tmp_path / "r", "--expert-size", "7"),
     }[case]
