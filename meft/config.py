@@ -7,14 +7,14 @@ string per field in `metadata`, as peft's tuner configs do), which is also what 
 dtype names are parsed by `meft.dtypes`.
 
 Defaults are sized for SmolLM2-135M (d=576, 30 layers, FFN width 1536):
-* adapter_rows=4096 per layer: 2.7x the FFN's own 1536 neurons; rows are [k | v] of width 2d=1152, so
-  one layer is 19 MB of fp32 weights (+2x moments) and the whole adapter (142M params, more than the
-  backbone) lives in host RAM (~1.6 GiB with fp32 moments), never on the GPU.
+* adapter_rows=4096 per layer: 2.7x the FFN's own 1536 neurons; with frozen, generated keys a host row is its
+  value (width d=576), so one layer is 9.4 MB of fp32 weights (+2x moments) and the whole adapter (71M stored
+  params, 142M with its keys) lives in host RAM (~0.8 GiB with fp32 moments), never on the GPU.
 * expert_size=16 -> E=256 experts, MEFT's best "about 4*sqrt(N)" (4*sqrt(4096) = 256).
 * experts_per_token=4: each token sees 4*16 = 64 candidate rows, softmax-weighted.
 * max_active_rows=1024 (a quarter of the rows, 64 experts): the adapter then costs fewer FLOPs than the
-  base FFN (T*1024*2d vs T*1536*3d per layer), and moves 1024*1152*2 B = 2.4 MB per layer each way in
-  bf16 (~70 MB per micro-batch for 30 layers: a few ms over PCIe 4).
+  base FFN (T*1024*2d vs T*1536*3d per layer), and moves 1024*576*2 B = 1.2 MB per layer each way in
+  bf16 (~35 MB per micro-batch for 30 layers: a few ms over PCIe 4).
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ class MeftConfig:
     # layer = 2.7x the FFN's neurons, 142M adapter parameters (more than the backbone), 1.6 GiB of host
     # RAM with fp32 moments; 256 experts of 16 rows = MEFT's best E ~ 4*sqrt(N).
     adapter_rows: int = opt(
-        4096, "Rows (neurons) of the sparse adapter per layer; each row is [key | value], 2*d wide.")
+        4096, "Rows (neurons) of the sparse adapter per layer; the host keeps each row's value (d wide; "
+        "[key | value], 2d wide, with key_source 'stored').")
     expert_size: int = opt(
         16, "Contiguous rows per expert; E = adapter_rows / expert_size (MEFT: E ~ 4*sqrt(N)).")
     experts_per_token: int = opt(
@@ -113,7 +114,8 @@ class MeftConfig:
         "staged", "How offloaded rows reach the device: 'staged' (the host gathers the rows into pinned "
         "staging, one H2D copy per layer) or 'zero_copy' (the device reads them straight from a pinned, "
         "device-mapped wire-dtype mirror of every store: no ids round trip or CPU gather before the "
-        "adapter, at the cost of the mirror's pinned host RAM: adapter_rows x 2d x wire bytes per layer).")
+        "adapter, at the cost of the mirror's pinned host RAM: adapter_rows x W x wire bytes per layer, W = d "
+        "(2d with stored keys)).")
     copy_timing: bool = opt(
         False, "Time every row copy with CUDA events (exact copy durations for the traffic meter; "
         "`meft profile` turns it on). Off: copies carry host-side time stamps only.")

@@ -12,7 +12,7 @@ Owns one small `Trainer` per method, all driving the same HF causal LM with one 
                   (`target_modules="all-linear"`, alpha = 2r, no dropout), torch AdamW.
 * "dense"         MEFT's "PA" baseline: a dense parallel adapter of `rows` rows per layer, every row
                   resident and trained (`meft.adapter.DenseParallelAdapter`, keys initialised like
-                  MEFT's rows by `meft.adapter.row_init`, values 0), torch AdamW.
+                  MEFT's generated keys, `meft.adapter.key_table`, values 0), torch AdamW.
 * "full_adalomo"  full fine-tuning with `meft.AdaLomo` (update fused into backward).
 
 `device_memory()` computes the device-resident *training state* of a method from the live objects
@@ -98,7 +98,7 @@ def _lora(model, *, r, lr):
 
 
 def _dense(model, *, seed, rows, lr):
-    from meft.adapter import DenseParallelAdapter, attach_dense, hidden_size_of, row_init
+    from meft.adapter import DenseParallelAdapter, attach_dense, hidden_size_of, key_table
     from meft.config import MeftConfig
 
     d = hidden_size_of(model)
@@ -108,12 +108,10 @@ def _dense(model, *, seed, rows, lr):
     device = next(model.parameters()).device
     for ad in adapters:  # attach_dense builds the adapter rows on the CPU; `.to` moves them in place (same Parameters)
         ad.to(device)
-    layer_rows = torch.empty(rows, 2 * d)  # [N, 2d]: [keys | values] exactly as MEFT's rows start
     with torch.no_grad():
-        for i, ad in enumerate(adapters):
-            row_init(d, seed, i)(layer_rows)
-            ad.keys.copy_(layer_rows[:, :d])
-            ad.values.copy_(layer_rows[:, d:])
+        for i, ad in enumerate(adapters):  # keys exactly as MEFT's generated keys start, values 0
+            ad.keys.copy_(key_table(rows, seed=seed, layer=i, d=d))
+            ad.values.zero_()
             ad.keys.requires_grad_(True)
             ad.values.requires_grad_(True)
     return model, {"adam": torch.optim.AdamW(trained, lr=lr, weight_decay=0.0), "trained": trained}
