@@ -309,3 +309,33 @@ def test_sparse_update_against_questions_from_the_command_line(tiny, tmp_path):
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 3 and all(0 < r["updated_rows"] <= 2 * cfg["expert_size"] for r in recs)
     assert all(r["updated_rows"] < r["distinct_experts"] * cfg["expert_size"] for r in recs)
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_saves(tiny, tmp_path):
+    """`kill <torchrun>` (what a scheduler does): the launcher passes SIGTERM to both ranks, they agree to stop
+    after the same step, rank 0 saves a checkpoint of that step, and the run resumes from it under torchrun."""
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "meft.cli.main"]
+    args = _cmd(tiny, out, "--steps", "100000", "--save-every", "0", "--eval-before", "false",
+                "--eval-after", "false", "--retention", "false", "--generations", "false", "--general", "false")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(launcher + args[len(MEFT):], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    try:
+        assert _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(_losses(out)) >= 2), "never trained"
+        proc.send_signal(signal.SIGTERM)
+        text = proc.communicate(timeout=180)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, text[-3000:]
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None, text[-3000:]
+    steps = len(_losses(out))
+    assert int(ckpt.name.split("-")[1]) == steps, (ckpt.name, steps, text[-3000:])
+    assert "--resume" in text, text[-3000:]
+    resumed = _run(launcher + _cmd(tiny, out, "--steps", str(steps + 2), "--save-every", "0", "--eval-before",
+                                   "false", "--eval-after", "false", "--retention", "false", "--generations",
+                                   "false", "--general", "false", "--resume")[len(MEFT):], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(_losses(out)) == steps + 2
