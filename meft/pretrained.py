@@ -209,13 +209,6 @@ def resolve_model(model: str | os.PathLike | None = None, *, cache: str | os.Pat
                 f"--model {name!r}: folder exists but has no config.json, so it is not a HuggingFace "
                 "model folder. Fix: point --model at a folder written by save_pretrained, or at a hub id."
             )
-        weights = [p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-                   or p.name.endswith(".safetensors.index.json")]
-        if not weights:
-            raise ModelError(
-                f"--model {name!r}: the folder has a config.json but no weights (no *.safetensors or "
-                "pytorch_model*.bin). Fix: copy the weight files in (save_pretrained writes them), or point "
-                "--model at a complete model folder.")
         return str(path)
     if path.exists():
         raise ModelError(f"--model {name!r} is a file, not a model folder. Fix: pass the folder holding "
@@ -228,6 +221,20 @@ def resolve_model(model: str | os.PathLike | None = None, *, cache: str | os.Pat
             f"id like 'HuggingFaceTB/SmolLM2-135M-Instruct', or omit --model for the default {DEFAULT_MODEL}."
         )
     return name
+
+
+def _check_weights(where: str) -> None:
+    """A local model folder must hold weight files (checked after its architecture, the more basic error)."""
+    path = Path(where)
+    if not path.is_dir():
+        return  # a hub id
+    weights = [p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+               or p.name.endswith(".safetensors.index.json")]
+    if not weights:
+        raise ModelError(
+            f"--model {where!r}: the folder has a config.json but no weights (no *.safetensors or "
+            "pytorch_model*.bin). Fix: copy the weight files in (save_pretrained writes them), or point "
+            "--model at a complete model folder.")
 
 
 def check_architecture(config) -> None:
@@ -300,6 +307,7 @@ def load_model(model: str | os.PathLike | None = None, *, dtype: torch.dtype = t
     where = resolve_model(model, cache=cache)
     config = _load_config(where)
     check_architecture(config)
+    _check_weights(where)
     net = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(where)
     _ensure_chat_and_pad(tokenizer)

@@ -151,9 +151,10 @@ def union_rows_bound(cfg: MeftConfig, world: int) -> int:
 
 def collective_bytes(cfg: MeftConfig, n_layers: int, d: int, world: int) -> dict:
     """Bytes each rank exchanges per optimizer step for the rows, at most (every rank's rows disjoint, budgets
-    full): `analytic_min` = per layer the union's ids (int64) + its row gradients [U, 2d] in the wire dtype;
-    `as_sent` = what `offload.collective.RowGradReducer` sends (counts, padded ids of every rank's rows, the
-    fp32 [U, 2d] block; the all-reduce's own algorithm moves about 2 (W-1)/W times its payload)."""
+    full): `analytic_min` = per layer the union's ids (int64) + its row gradients [U, W] in the wire dtype
+    (row width W = d, 2d with stored keys); `as_sent` = what `offload.collective.RowGradReducer` sends
+    (counts, padded ids of every rank's rows, the fp32 [U, W] block; the all-reduce's own algorithm moves
+    about 2 (P-1)/P times its payload for P ranks)."""
     if world <= 1:
         return {"world": world, "union_rows": 0, "analytic_min": 0, "as_sent": 0}
     union, width = union_rows_bound(cfg, world), cfg.row_width(d)

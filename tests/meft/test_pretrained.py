@@ -66,6 +66,12 @@ def test_unknown_architecture(tmp_path, model_type, match):
     assert model_type in str(info.value)
 
 
+def test_a_folder_with_a_config_and_no_weights_is_one_clear_error(tmp_path):
+    tiny_model(300).config.save_pretrained(tmp_path)  # a causal LM's config.json, no weight files
+    with pytest.raises(ModelError, match="config.json but no weights.*Fix: copy the weight files"):
+        load_model(tmp_path)
+
+
 def test_load_local_folder(tiny_folder):
     folder, ref = tiny_folder
     model, tok = load_model(folder)

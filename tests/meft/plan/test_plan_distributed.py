@@ -27,12 +27,13 @@ def test_host_ram_per_node_counts_the_stores_once_and_the_rest_per_rank():
     assert "2 node(s) x 4 GPU(s) = 8 ranks" in text and "host RAM per node" in text and "collective" in text
 
 
-def test_collective_bytes_are_ids_plus_union_rows_times_2d_times_wire_bytes():
+@pytest.mark.parametrize("key_source, width", [("generated", 1), ("stored", 2)])  # row width in units of d
+def test_collective_bytes_are_ids_plus_union_rows_times_width_times_wire_bytes(key_source, width):
     d, layers = 64, 2
-    cfg = MeftConfig(**SMALL, wire_dtype="bfloat16")  # budget 64 rows of 256
+    cfg = MeftConfig(**SMALL, wire_dtype="bfloat16", key_source=key_source)  # budget 64 rows of 256
     c = collective_bytes(cfg, layers, d, world=2)
-    assert c["union_rows"] == 128 and c["analytic_min"] == layers * 128 * (8 + 2 * d * 2)
-    assert c["as_sent"] == layers * (8 * (1 + 64) + 128 * 2 * d * 4)  # fp32 block
+    assert c["union_rows"] == 128 and c["analytic_min"] == layers * 128 * (8 + width * d * 2)
+    assert c["as_sent"] == layers * (8 * (1 + 64) + 128 * width * d * 4)  # fp32 block
     assert collective_bytes(cfg, layers, d, world=8)["union_rows"] == 256  # bounded by adapter_rows
     assert collective_bytes(cfg, layers, d, world=1)["analytic_min"] == 0
 
