@@ -8,7 +8,8 @@ Owns `claim_run_folder`, called by `meft train` before anything loads:
   * a folder that holds another run (metrics, summary, adapter, checkpoints) is refused unless the run
     continues it (`--resume`) or replaces it (`--overwrite`: the old run's files are removed first, whole;
     files that are not part of a run are left alone);
-  * temp folders a killed save left behind (`checkpoints/.step-*.tmp`, `.adapter.*.tmp`) are removed.
+  * temp files and folders a killed save left behind (`checkpoints/.step-*.tmp`, `checkpoints/.latest.*.tmp`,
+    `.adapter.*.tmp`, ...) are removed.
 """
 
 from __future__ import annotations
@@ -73,11 +74,17 @@ def _read_holder(fd: int) -> str:
 
 
 def remove_orphans(out: Path) -> list[Path]:
-    """Remove temp folders of saves that a killed process never finished; returns what was removed."""
-    found = list((out / "checkpoints").glob(".step-*.tmp")) if (out / "checkpoints").is_dir() else []
-    found += list(out.glob(".adapter.*.tmp")) + list((out / "checkpoints").glob(".step-*.old"))
+    """Remove the temp files and folders of writes that a killed process never finished (checkpoint and adapter
+    folders, the `latest` pointer, summary and config files: every `meft.atomic` temp is `.<name>.*.tmp`);
+    returns what was removed."""
+    ckpts = out / "checkpoints"
+    found = list(ckpts.glob(".*.tmp")) + list(ckpts.glob(".step-*.old")) if ckpts.is_dir() else []
+    found += list(out.glob(".*.tmp")) + list(out.glob("summary.json.tmp"))
     for p in found:
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return found
 
 
@@ -117,7 +124,7 @@ def claim_run_folder(output_dir: str | Path, *, resume: bool, overwrite: bool) -
             _remove_run(out)
             print(f"meft: --overwrite: removed the previous run in {out} ({', '.join(found)})", flush=True)
         for p in remove_orphans(out):
-            print(f"meft: removed {p}, the temp folder of a save that never finished", flush=True)
+            print(f"meft: removed {p}, left by a write that never finished", flush=True)
     except BaseException:
         lock.release()
         raise

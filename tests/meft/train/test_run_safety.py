@@ -42,6 +42,27 @@ def test_the_lock_refuses_a_second_live_process_and_dies_with_it(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
 
 
+def test_orphans_of_a_killed_save_are_removed_and_nothing_else(tmp_path):
+    """A kill inside an atomic write leaves `.<name>.*.tmp` files or folders (the checkpoint folder, the `latest`
+    pointer, the adapter, config/summary); the next start removes them and leaves the run's files alone."""
+    from meft.train.run_folder import remove_orphans
+
+    ck = tmp_path / "checkpoints"
+    (ck / ".step-000004.abc.tmp").mkdir(parents=True)
+    (ck / "step-000002").mkdir()
+    (ck / ".latest.x1y2.tmp").write_text("step-000004\n")
+    (ck / "latest").write_text("step-000002\n")
+    (tmp_path / ".adapter.q.tmp").mkdir()
+    (tmp_path / ".config.json.z.tmp").write_text("{")
+    (tmp_path / "summary.json.tmp").write_text("{")
+    (tmp_path / "notes.tmp").write_text("the user's")
+    removed = {p.name for p in remove_orphans(tmp_path)}
+    assert removed == {".step-000004.abc.tmp", ".latest.x1y2.tmp", ".adapter.q.tmp", ".config.json.z.tmp",
+                       "summary.json.tmp"}
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step-000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "notes.tmp"]
+
+
 def test_output_dir_that_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
