@@ -21,12 +21,9 @@ import torch
 
 from meft.data.general_prompts import GENERAL_MAX_NEW_TOKENS, GENERAL_PROMPTS
 from meft.data.records import prompt_ids, with_system_prompt
+from meft.evaluate import device_of, greedy_new_tokens, left_pad
 
 __all__ = ["general_reference", "general_agreement"]
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -34,18 +31,10 @@ def _continuations(model, tokenizer, prompts: Sequence[list[int]], max_new_token
                    ) -> list[list[int]]:
     """Greedy continuation token ids of each prompt (left-padded batches), cut after the first EOS."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device, out = _device_of(model), []
+    device, out = device_of(model), []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)      # [B, T] left-padded
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)            # [B, T]
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[row, width - len(p):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                             eos_token_id=tokenizer.eos_token_id)[:, width:].cpu()  # [B, new]
+        ids, mask = left_pad(prompts[start:start + batch_size], pad_id)  # [B, T]
+        gen = greedy_new_tokens(model, tokenizer, ids.to(device), mask.to(device), max_new_tokens, pad_id)  # [B, new]
         for row in gen.tolist():
             cut = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
             out.append(row[:cut])
@@ -55,7 +44,7 @@ def _continuations(model, tokenizer, prompts: Sequence[list[int]], max_new_token
 @torch.no_grad()
 def _top1(model, sequences: Sequence[list[int]], n_prompt: Sequence[int], batch_size: int) -> list[list[int]]:
     """Teacher-forced top-1 token at each continuation position of each sequence [prompt | continuation]."""
-    device, out = _device_of(model), []
+    device, out = device_of(model), []
     for start in range(0, len(sequences), batch_size):
         chunk, lens = sequences[start:start + batch_size], n_prompt[start:start + batch_size]
         width = max(len(s) for s in chunk)
@@ -99,8 +88,7 @@ def general_agreement(model, reference: dict, *, batch_size: int = 16) -> dict:
         top = _top1(model, reference["sequences"], reference["n_prompt"], batch_size)
     finally:
         model.train(was_training)
-    per_prompt = [sum(a == b for a, b in zip(t, r)) / len(r) for t, r in zip(top, reference["reference"])]
-    hits = sum(sum(a == b for a, b in zip(t, r)) for t, r in zip(top, reference["reference"]))
+    hits = [sum(a == b for a, b in zip(t, r)) for t, r in zip(top, reference["reference"])]  # per prompt
     n_tokens = sum(len(r) for r in reference["reference"])
-    return {"agreement": hits / n_tokens if n_tokens else None, "n_prompts": len(per_prompt),
-            "n_tokens": n_tokens, "per_prompt": [round(x, 4) for x in per_prompt]}
+    return {"agreement": sum(hits) / n_tokens if n_tokens else None, "n_prompts": len(hits), "n_tokens": n_tokens,
+            "per_prompt": [round(h / len(r), 4) for h, r in zip(hits, reference["reference"])]}

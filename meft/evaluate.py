@@ -31,11 +31,12 @@ from meft.data.answers import contains_match, exact_match, normalize_answer
 from meft.data.records import IGNORE_INDEX, prompt_ids, reference_answers
 
 __all__ = ["normalize_answer", "exact_match", "contains_match", "generate_answers", "qa_accuracy",
-           "perplexity", "common_prefix_length"]
+           "perplexity", "common_prefix_length", "left_pad", "device_of", "greedy_new_tokens"]
 
 _MIN_SHARED_PREFIX = 8  # below this the prefix saves little compute, so the plain path runs
 
-def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences left-padded for batched generation: (ids [B, T], attention mask [B, T])."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)      # [B, T]
     mask = torch.zeros((len(seqs), width), dtype=torch.long)            # [B, T]
@@ -45,7 +46,8 @@ def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def _device_of(model) -> torch.device:
+def device_of(model) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -93,8 +95,9 @@ def _prefix_cache(model, prefix: list[int], device: torch.device, cache_arg: str
     return cache
 
 
-def _generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, pad_id: int,
-              **cache) -> torch.Tensor:
+def greedy_new_tokens(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, pad_id: int,
+                      **cache) -> torch.Tensor:
+    """Greedy decoding of a left-padded batch: the new token ids [B, <= max_new_tokens] on the CPU."""
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, **cache)  # [B, T + new]
     return out[:, ids.shape[1]:].cpu()
@@ -113,7 +116,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[list[int]], *, batch_si
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
-    device = _device_of(model)
+    device = device_of(model)
     # every prompt keeps at least one token of its own: generation starts from a real forward of it
     n_prefix = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
     cache_arg = _cache_arg(model) if share_prefix and n_prefix >= _MIN_SHARED_PREFIX else None
@@ -125,16 +128,16 @@ def generate_answers(model, tokenizer, prompts: Sequence[list[int]], *, batch_si
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             if prefix is None:
-                ids, mask = _left_pad([prompts[i] for i in chunk], pad_id)
-                new = _generate(model, tokenizer, ids.to(device), mask.to(device), max_new_tokens, pad_id)
+                ids, mask = left_pad([prompts[i] for i in chunk], pad_id)
+                new = greedy_new_tokens(model, tokenizer, ids.to(device), mask.to(device), max_new_tokens, pad_id)
             else:
-                tail_ids, tail_mask = _left_pad([prompts[i][n_prefix:] for i in chunk], pad_id)  # [B, S]
+                tail_ids, tail_mask = left_pad([prompts[i][n_prefix:] for i in chunk], pad_id)  # [B, S]
                 head = torch.tensor(prompts[chunk[0]][:n_prefix], dtype=torch.long).expand(len(chunk), -1)
                 ids = torch.cat([head, tail_ids], dim=1)                                       # [B, P + S]
                 mask = torch.cat([torch.ones_like(head), tail_mask], dim=1)                    # [B, P + S]
                 cache = copy.deepcopy(prefix)  # generate extends the cache in place
                 cache.batch_repeat_interleave(len(chunk))
-                new = _generate(model, tokenizer, ids.to(device), mask.to(device), max_new_tokens, pad_id,
+                new = greedy_new_tokens(model, tokenizer, ids.to(device), mask.to(device), max_new_tokens, pad_id,
                                 **{cache_arg: cache})
             for row, i in enumerate(chunk):
                 answers[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
@@ -204,7 +207,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 4, m
     if not windows:
         raise ValueError("perplexity needs at least one text of 2+ tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device, total, count = _device_of(model), 0.0, 0
+    device, total, count = device_of(model), 0.0, 0
     was_training = model.training
     model.eval()
     try:

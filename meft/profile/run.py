@@ -1,4 +1,4 @@
-"""`meft profile`: run N training steps of a `meft train` setup under the TrafficMeter and report.
+"""`meft profile`: N training steps of a `meft train` setup under the TrafficMeter, and their report.
 
 Owns: per-layer compute timing (forward hooks on each adapted decoder layer; backward from gradient
 hooks on the layer outputs -- layer l's backward runs from the arrival of its output gradient to the
