@@ -33,6 +33,7 @@ class SchedulerContext:
     d2h_pool: object            # offload.staging.SlotPool: gradients back
     h2d_pool: object | None     # offload.staging.SlotPool: rows down (None with zero-copy)
     skip_waits: set[str] = field(default_factory=set)  # test hook: {"h2d", "d2h", "mirror", "slots", "node"}
+    flags: object = None        # offload.flags.DeviceFlags of the staged fetch (None: wait for the worker)
     error_reported: bool = False
 
     @property

@@ -8,7 +8,8 @@ tensor crosses streams. Copies are timed with CUDA events only when `timing=True
 their times are host-side stamps (issue, and the watcher seeing completion). Never constructed without
 CUDA (it raises). Zero-copy: `alloc_mapped` pins host memory with `cudaHostRegisterMapped`, seen from the
 device at the same address (unified virtual addressing) through `__cuda_array_interface__`, and
-`gather_mapped` reads rows of it by device ids on the H2D stream: the PCIe read is the gather.
+`gather_mapped` reads rows of it by device ids on the H2D stream: the PCIe read is the gather. Device flags
+(`alloc_flags`): `offload.cuda_flags`, stream memory operations on the H2D stream and the compute stream.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 
 import torch
 
+from offload.cuda_flags import CudaFlags, load_stream_memops
 from offload.engine_base import D2H, H2D, STOP, CopyEngine, CopyEvent, call_done, check_copy, check_gather, check_host
 
 __all__ = ["CudaCopyEngine", "cuda_available"]
@@ -142,6 +144,22 @@ class CudaCopyEngine(CopyEngine):
             ev._end.record(stream)
         self._watch[H2D].put((ev, None))
         return ev
+
+    def alloc_flags(self, n: int) -> CudaFlags | None:
+        """Device flags written on the H2D stream (`offload.cuda_flags`), or None (reason in `flags_missing`)
+        where the driver has no stream memory operations or the probe write / wait fails."""
+        memops = load_stream_memops()
+        if memops is None:
+            self.flags_missing = "libcuda has no cuStreamWriteValue32 / cuStreamWaitValue32"
+            return None
+        flags = CudaFlags(n, self.device, self._streams[H2D], memops)
+        try:
+            flags.probe()
+        except RuntimeError as exc:
+            self.flags_missing = str(exc)
+            return None
+        self.flags_missing = ""
+        return flags
 
     def mark_compute(self):
         ev = torch.cuda.Event()

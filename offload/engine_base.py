@@ -2,8 +2,9 @@
 
 `CopyEvent` (completion of one asynchronous copy: host `wait()`, device `wait_device()`, times for the
 meter) and `CopyEngine` (allocation, `mark_compute`, `h2d`, `d2h`, `alloc_mapped`, `gather_mapped`,
-`close`), the argument checks both engines run before a copy, and `call_done`: an `on_done` callback
-runs on an engine thread and must never kill it (its exception is kept on the event instead).
+`alloc_flags` (the device flags of `offload.flags`), `close`), the argument checks both engines run before
+a copy, and `call_done`: an `on_done` callback runs on an engine thread and must never kill it (its
+exception is kept on the event instead).
 The engines themselves are `offload.thread_engine` and `offload.cuda_engine`; `offload.engine` picks one.
 """
 
@@ -64,6 +65,13 @@ class CopyEngine:
         read row 0: the caller masks them). src_mapped: [N, W] device view from `alloc_mapped`; ids_dev [R]
         int64 on the device; out_dev [R, W] on the device. Returns the event of the read."""
         raise NotImplementedError  # pragma: no cover
+
+    def alloc_flags(self, n: int):
+        """`offload.flags.DeviceFlags` with n counters, or None where the engine has none (the scheduler then
+        waits for the host worker on the caller's thread). Why no flags: `flags_missing`."""
+        return None
+
+    flags_missing = "this engine has no device flags"
 
     def mark_compute(self):
         """A marker after the compute work issued so far (None where the caller's order suffices)."""

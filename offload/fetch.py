@@ -126,14 +126,17 @@ def check_extend(base, m: int, layer: int, step: int, micro_batch: int, capacity
 class FetchLink:
     """What handles need from their scheduler, and nothing else."""
 
-    __slots__ = ("check", "end_chain", "blocked", "skip_waits")
+    __slots__ = ("check", "end_chain", "blocked", "skip_waits", "flags", "wait_issued")
 
     def __init__(self, check: Callable[[], None], end_chain: Callable[[LayerState], None],
-                 blocked: Callable[[int, float, float], None], skip_waits: set[str]):
+                 blocked: Callable[..., None], skip_waits: set[str], flags=None,
+                 wait_issued: Callable[[], None] | None = None):
         self.check = check  # raises a host-worker error in the caller
         self.end_chain = end_chain  # ends a layer's live fetch (queues the update it held back)
-        self.blocked = blocked  # (step, start, end): the caller's thread waited on rows (for the meter)
+        self.blocked = blocked  # (step, start, end, on=): the caller's thread waited on rows (for the meter)
         self.skip_waits = skip_waits  # test hook (shared with the scheduler): {"h2d", ...} disables that wait
+        self.flags = flags  # offload.flags.DeviceFlags of a staged fetch, or None (wait for the worker)
+        self.wait_issued = wait_issued  # waits until the worker has issued every flagged copy submitted so far
 
 
 class LayerState:
@@ -168,6 +171,11 @@ class LayerState:
         off = 0 if base is None else base.n_rows
         end = off + n
         if ids.device.type == "cpu":
+            if self.ids_dev is not self.ids_host and link.wait_issued is not None:
+                # protects against a deadlock: this ids H2D goes on the copy stream from this thread and waits
+                # for compute issued so far, which may include a flag wait for a copy the worker has not
+                # issued yet (it would queue behind this one); host ids are not the training path
+                link.wait_issued()
             if self.last_ids_h2d is not None:
                 # protects ids_host: the previous host-ids H2D out of it is queued behind compute on the
                 # copy stream and may not have read it yet; overwriting now would hand that fetch these ids
@@ -240,6 +248,8 @@ class FetchHandle:
         self.slots_event = None  # the H2D of this part's union slots (accumulation; None where host = device)
         self.in_union = False  # fetched in a step with accumulation: slots in the step union
         self.union_rows = None  # [U + 1, W] the step union's rows this part is taken from (row caching)
+        self.staged = False  # the host worker issues this part's H2D (StagedFetch)
+        self.flag_value = None  # staged with device flags: the layer's flag reaches it once this part landed
         self.valid = True
 
     def _live(self, what: str) -> None:
@@ -279,13 +289,22 @@ class FetchHandle:
         self._live("wait()")
         if "h2d" not in self._link.skip_waits:
             t0 = time.perf_counter()
-            for h in self.parts():
-                if h.copy_event is None:  # staged: the host worker issues the H2D once it has gathered
-                    wait_for(h.gathered, self._link.check)
-                # protects compute from reading rows_dev before the H2D (zero-copy: the device's read from
-                # the mirror) of these rows has landed (CUDA: the compute stream waits; thread engine: the host)
-                h.copy_event.wait_device()
-            self._link.blocked(self.step, t0, time.perf_counter())
+            if self.flag_value is not None:
+                # protects compute from reading rows_dev (and, under accumulation, slots_dev) before the host
+                # worker's copies of every part have landed: the compute stream waits until the layer's flag
+                # reaches the newest part's value (values grow per layer and the flag is written behind the
+                # copies, so it covers the older parts); this thread does not wait for the worker (CUDA: the
+                # host returns at once; thread engine: the "device" is this thread)
+                self._link.flags.wait_device(self.layer, self.flag_value, self._link.check)
+                self._link.blocked(self.step, t0, time.perf_counter(), on="device")
+            else:
+                for h in self.parts():
+                    if h.copy_event is None:  # staged without flags: the worker issues the H2D once it gathered
+                        wait_for(h.gathered, self._link.check)
+                    # protects compute from reading rows_dev before the H2D (zero-copy: the device's read from
+                    # the mirror) of these rows has landed (CUDA: the compute stream waits; thread engine: host)
+                    h.copy_event.wait_device()
+                self._link.blocked(self.step, t0, time.perf_counter(), on="worker" if self.staged else "device")
         self._link.check()
         st = self._layer
         for h in self.parts():

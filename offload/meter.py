@@ -156,6 +156,8 @@ class TrafficMeter:
             self._cpu = defaultdict(_Agg)  # op -> totals
             self._compute_s = 0.0
             self._blocked_s = 0.0
+            self._worker_blocked_s = 0.0  # of which waiting for the host worker's gathers
+            self._worker_waits = 0  # row waits of the compute thread on the host worker
             self._pageable = 0
             self._evicted_upto = -(2**62)  # raw events of steps <= this were dropped
             self._evicted_xfer_s = 0.0  # union transfer time of evicted steps
@@ -214,14 +216,22 @@ class TrafficMeter:
             self._raw_for(s).compute.append(Compute(s, name, start, end))
             self._compute_s += end - start
 
-    def record_blocked(self, step: int, start: float, end: float) -> None:
+    def record_blocked(self, step: int, start: float, end: float, on: str = "scheduler") -> None:
         """The thread that drives compute was blocked waiting on the scheduler (rows, a slot) over
-        [start, end]: cut out of the compute intervals before overlap is counted."""
+        [start, end]: cut out of the compute intervals before overlap is counted. `on`: what it waited
+        for -- "worker" (the host worker's gather, the lockstep of a staged fetch without device flags),
+        "device" (a device-side wait: on CUDA the host returns at once; on the CPU device the thread is
+        the device) or "scheduler" (a staging slot, a push). Waits on the worker are counted apart."""
+        if on == "worker":
+            with self._lock:
+                self._worker_waits += 1
         if end <= start:
             return
         with self._lock:
             self._raw_for(step).blocked.append((start, end))
             self._blocked_s += end - start
+            if on == "worker":
+                self._worker_blocked_s += end - start
 
     def record_lookahead(self, step: int, layer: int, needed: int, hit: int) -> None:
         """Lookahead counters: of `needed` rows of a fetch, `hit` had been prefetched."""
@@ -255,7 +265,8 @@ class TrafficMeter:
                 "cpu": {op: a.as_dict() for op, a in sorted(self._cpu.items())},
                 "compute_ms": self._compute_s * 1e3,
                 "overlap": {"transfer_ms": xfer_s * 1e3, "overlapped_ms": over_s * 1e3,
-                            "share": over_s / xfer_s if xfer_s > 0 else 0.0, "blocked_ms": self._blocked_s * 1e3},
+                            "share": over_s / xfer_s if xfer_s > 0 else 0.0, "blocked_ms": self._blocked_s * 1e3,
+                            "worker_blocked_ms": self._worker_blocked_s * 1e3, "worker_waits": self._worker_waits},
                 "pageable_copies": self._pageable,
                 "lookahead": _lookahead(self._lookahead),
                 "keep_steps": self.keep_steps,

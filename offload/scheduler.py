@@ -24,6 +24,12 @@ the step, summed in layer order on the host in finish_step; the updates then sta
 cost). Staging slots and device buffers come from fixed pools; a full pool blocks the caller. A worker
 exception is re-raised in the caller at the next call with its original traceback.
 
+No lockstep (`device_flags=True`, the default): a staged fetch's rows are awaited by the device, on a
+per-layer flag the worker's copy queue writes behind the rows (`offload.flags`), so the caller's thread
+never waits for the worker's gather in a forward; engines without flags (or `device_flags=False`, the
+plain twin) wait for the gather on the caller's thread. The meter counts the caller's waits on the worker
+(`overlap.worker_waits`).
+
 Zero-copy (`zero_copy=True`, MeftConfig.fetch_mode="zero_copy"): the device reads the rows from a pinned,
 device-mapped mirror of each store instead (`offload.zero_copy.ZeroCopyFetch`); no H2D staging pool.
 
@@ -91,7 +97,7 @@ class TransferScheduler:
                  wire_dtype=torch.bfloat16, max_rows: int, n_slots: int = 2, staleness: int = 0,
                  clip: str = "none", max_norm: float = 1.0, meter: TrafficMeter | None = None,
                  host_threads: int | None = None, max_live_rows: int | None = None, timing: bool = False,
-                 zero_copy: bool = False, process_group=None, update_mask: bool = False):
+                 zero_copy: bool = False, process_group=None, update_mask: bool = False, device_flags: bool = True):
         self._closed = True  # until fully constructed
         self.optimizers = list(optimizers)
         check_scheduler_args(self.optimizers, wire_dtype, max_rows, staleness, clip, max_norm)
@@ -105,6 +111,8 @@ class TransferScheduler:
             raise ValueError(f"zero_copy={zero_copy!r} must be True or False")
         if update_mask not in (True, False):
             raise ValueError(f"update_mask={update_mask!r} must be True or False")
+        if device_flags not in (True, False):
+            raise ValueError(f"device_flags={device_flags!r} must be True or False")
         self.update_mask = update_mask  # push_grads may carry a sparse update's row mask (`keep`)
         if host_threads is None and torch.device(device).type == "cuda":
             host_threads = threads_left_for_kernels(engine_threads=2)  # the CUDA engine's two watchers
@@ -132,14 +140,17 @@ class TransferScheduler:
         # rows down: staging slots, or (zero-copy) each store's mirror; gradients back: staging slots
         self.h2d_pool = None if zero_copy else SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype)
         self.d2h_pool = SlotPool(self.engine, n_slots, max_rows, self.width, wire_dtype, keep=update_mask)
-        self.worker = HostWorker(init=init)
+        # staged fetches: the device waits for the worker's copies on a flag (no lockstep), where the engine can
+        self.flags = self.engine.alloc_flags(len(self.layers)) if device_flags and not zero_copy else None
+        self.worker = HostWorker(init=init, on_error=None if self.flags is None else self.flags.release_all)
         self.ctx = ctx = SchedulerContext(self.optimizers, self.engine, self.worker, self.meter, self.device,
-                                          wire_dtype, max_rows, self.d2h_pool, self.h2d_pool)
+                                          wire_dtype, max_rows, self.d2h_pool, self.h2d_pool, flags=self.flags)
         self._test_skip_waits = ctx.skip_waits  # test hook: add "h2d" / "d2h" / ... to disable that wait
         state_bytes = torch.empty((), dtype=self.optimizers[0].store.state_dtype).element_size()
         self.updates = UpdateRunner(ctx, staleness=staleness, clip=clip, max_norm=max_norm,
                                     state_bytes=state_bytes, reducer=reducer, node=node)
-        self._link = FetchLink(ctx.check, self.updates.end_chain, self.meter.record_blocked, ctx.skip_waits)
+        self._link = FetchLink(ctx.check, self.updates.end_chain, self.meter.record_blocked, ctx.skip_waits,
+                               flags=self.flags, wait_issued=self._wait_issued)
         self.clock = StepClock()
         self.union_traffic = UnionTraffic(ctx, self.updates)
         if zero_copy:
@@ -246,6 +257,13 @@ class TransferScheduler:
         return self._fetcher.start_part(st, ids, n, base, (self.step, self.micro_batch),
                                         accumulating=self._accumulating, cache_rows=self._cache_rows)
 
+    def _wait_issued(self) -> None:
+        """Wait until the worker has issued the copies of every staged part submitted so far (FIFO: each
+        layer's newest part is enough); see `LayerState.stage_ids`."""
+        for st in self.layers:
+            if st.last_gather is not None and st.last_gather.staged:
+                wait_for(st.last_gather.gathered, self._check)
+
     def reserve_live_rows(self, rows: int) -> None:
         """Size each layer's live buffers (rows_dev [rows, width], ids) for `rows` >= max_rows rows, so a
         fetch plus `fetch_more` fits (2 * max_rows for a lookahead prefetch plus its misses: the device
@@ -351,6 +369,8 @@ class TransferScheduler:
         finally:
             self._closed = True
             self.worker.stop()
+            if self.flags is not None:
+                self.flags.release_all()  # a device wait for a part the worker never ran must not hang close
             if self._own_engine:
                 self.engine.close()
         if not self.ctx.error_reported:

@@ -6,7 +6,11 @@ padding), gathers those rows from the RowStore into a staging slot of the H2D po
 to the wire dtype by the numba kernel) and issues the H2D into the layer's `rows_dev` (or, under gradient
 accumulation with row caching, only the rows new to the step union, into the union's rows). The slot goes
 back to the pool when the copy has read it. Nothing here makes the caller wait but a full slot pool
-(backpressure); `FetchHandle.wait()` is where the rows are awaited.
+(backpressure); `FetchHandle.wait()` is where the rows are awaited. With device flags (`offload.flags`, the
+default where the engine has them) each part gets its layer's next flag value here, the worker queues the
+flag's write behind the part's copies, and `wait()` makes the device wait for it: the caller's thread never
+waits for the gather (no lockstep per layer). Without flags `wait()` waits for the gather on the caller's
+thread, then for the copy on the device.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ class StagedFetch:
         meta = (*key, st.index)
         h = st.stage_ids(self.link, ctx.engine, ids, n, base, marker, key,
                          lambda ev: ctx.meter_copy(ev, "ids", meta))
-        h.in_union = accumulating
+        h.in_union, h.staged = accumulating, True
         if accumulating and cache_rows:
             h.union_rows = st.union.rows_dev  # wait() takes the part's rows from the step union by slot
+        if ctx.flags is not None:  # before the submit: a worker failure releases every value handed out
+            h.flag_value = ctx.flags.next(st.index)
         st.handle = st.last_gather = h
         ctx.worker.submit(lambda: self._gather_task(st, h, slot, marker), st.index)
         return h
@@ -67,6 +73,8 @@ class StagedFetch:
         dst = st.union.rows_dev[first:first + m] if h.union_rows is not None else st.rows_dev[off:off + m]
         h.copy_event = ctx.engine.h2d(slot.rows[:m], dst, rows=m, after=marker,
                                       on_done=lambda ev: self._h2d_done(ev, slot, meta))
+        if h.flag_value is not None:
+            ctx.flags.signal(st.index, h.flag_value)  # queued behind this part's copies (slots, rows)
         h.gathered.set()
 
     def _h2d_done(self, ev, slot, meta) -> None:

@@ -3,8 +3,9 @@
 Each direction has a real worker thread (PCIe is full duplex, like the two CUDA copy streams), events are
 `threading.Event`s, so ordering bugs and missing waits show up on a machine without a GPU. An optional
 simulated link (`link_gbps`, `latency_us`) makes each copy last at least `latency + bytes / bandwidth`, and a
-test-only `delay` injector makes races deterministic. `gather_mapped` is an `index_select` from the same
-host tensor on its H2D thread (simulated link included).
+test-only `delay` injector makes races deterministic. Device flags (`alloc_flags`, `offload.flags.ThreadFlags`)
+are signalled on the H2D thread in queue order, after the copies queued before them. `gather_mapped` is an
+`index_select` from the same host tensor on its H2D thread (simulated link included).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from offload.engine_base import D2H, H2D, STOP, CopyEngine, CopyEvent, call_done, check_copy, check_gather
+from offload.flags import ThreadFlags
 
 __all__ = ["ThreadCopyEngine"]
 
@@ -86,6 +88,12 @@ class ThreadCopyEngine(CopyEngine):
 
         return self._submit(H2D, None, out_dev, rows, None, op=read)
 
+    def alloc_flags(self, n: int) -> ThreadFlags:
+        """Device flags whose signals run on the H2D thread after the copies queued before them."""
+        return ThreadFlags(n, enqueue=lambda op: self._queues[H2D].put((None, op, None)))
+
+    flags_missing = ""
+
     def _submit(self, direction, src, dst, rows, on_done, op=None) -> CopyEvent:
         if self._closed:
             raise RuntimeError("ThreadCopyEngine is closed; create a new one")
@@ -104,6 +112,9 @@ class ThreadCopyEngine(CopyEngine):
             if item is STOP:
                 return
             ev, op, on_done = item
+            if ev is None:  # a device-flag signal: in queue order, no link time, never fails
+                op()
+                continue
             try:
                 if self.delay is not None:
                     time.sleep(max(0.0, float(self.delay(direction, ev.nbytes))))

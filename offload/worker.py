@@ -63,8 +63,10 @@ class HostWorker:
     queues behind an update that started in a gap between two layers' fetches.
     """
 
-    def __init__(self, name: str = "meft-host-worker", init: Callable[[], None] | None = None):
+    def __init__(self, name: str = "meft-host-worker", init: Callable[[], None] | None = None,
+                 on_error: Callable[[], None] | None = None):
         self._q: queue.Queue = queue.Queue()
+        self._on_error = on_error  # runs once, on the worker, right after the first error is kept
         self._deferred: dict = {}  # layer -> fn, insertion-ordered (oldest first)
         self._idle_ok = threading.Event()  # set: idle time may run parked tasks (cleared during forwards)
         self._idle_ok.set()
@@ -128,7 +130,12 @@ class HostWorker:
                         self._deferred.pop(layer)()  # the parked task of this layer comes first
                     fn()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller by the scheduler
-                self.error = exc
+                self.error = exc  # first: a caller that checks after the hook below already sees it
+                if self._on_error is not None:
+                    try:
+                        self._on_error()  # e.g. release the device flags: nothing may wait for this worker
+                    except BaseException:  # noqa: BLE001 - the first error is the one to report
+                        pass
 
     def barrier(self, check: Callable[[], None]) -> None:
         """Wait until every task submitted so far has run (or the worker failed: `check` raises).
