@@ -28,6 +28,8 @@ with, per shape:
   plan_gpu_gib, plan_host_gib   per MEFT method: `meft.plan.plan` for the same model slice, batch and config
   host_ram_gib         per MEFT method: {"rss_growth": process RSS after wrap minus before, "stores": the row
                        stores' bytes (model.meft.summary())}
+  device_flags         per MEFT method: the staged fetch's rows are awaited by the device on flags (no lockstep)
+  worker_waits         per MEFT method: times the compute thread waited for the host worker (0 with flags)
   exposed_fetch_ms     per MEFT method and timed step: time the compute thread was blocked on the scheduler
                        (rows, a slot), from the runtime's TrafficMeter report ("overlap.blocked_ms")
   cpu_update_ms        per MEFT method and timed step: host row-update time from the same report
@@ -202,6 +204,9 @@ def run_method(method: str, data_cfg: dict, dev: str, dtype, batch: dict, args) 
             meter1 = _meter_totals(model)
             res["exposed_fetch_ms"] = (meter1[0] - meter0[0]) / args.steps
             res["cpu_update_ms"] = (meter1[1] - meter0[1]) / args.steps
+            # staged: the device awaits the rows on flags (no lockstep) unless the engine has none
+            res["device_flags"] = getattr(model.meft.scheduler, "flags", None) is not None
+            res["worker_waits"] = model.meft.meter.report()["overlap"]["worker_waits"]
         res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GiB if dev == "cuda" else None
         res["gpu_busy_fraction"] = profile_busy(model, opt, batch) if dev == "cuda" else None
     finally:
@@ -284,6 +289,7 @@ def run_shape(name: str, dev: str, args) -> dict:
         "plan_host_gib": {m: plans[m].get("host_gib") for m in meft_ms},
         "host_ram_gib": pick("host_ram_gib", meft_ms), "exposed_fetch_ms": pick("exposed_fetch_ms", meft_ms),
         "cpu_update_ms": pick("cpu_update_ms", meft_ms), "launches_per_layer": pick("launches_per_layer", meft_ms),
+        "device_flags": pick("device_flags", meft_ms), "worker_waits": pick("worker_waits", meft_ms),
         "seconds": pick("seconds"), "errors": errors,
     }
 

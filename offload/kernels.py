@@ -18,10 +18,12 @@ region cost ~10 ms on an oversubscribed 2-core machine (measured: 16 ms median f
 9 us with OMP_WAIT_POLICY=PASSIVE), so we default that variable for numba's libgomp (loaded at the
 first parallel launch, after this import; torch's own bundled libgomp was initialised before).
 A user-set OMP_WAIT_POLICY wins. Thread count: all cores but one by default (the caller's main thread
-keeps one), 1 for calls under PARALLEL_MIN_BYTES; `set_num_threads` / OFFLOAD_NUM_THREADS change it.
+keeps one), 1 for calls under PARALLEL_MIN_BYTES; `set_num_threads` / OFFLOAD_NUM_THREADS change it for
+the process, `set_thread_budget` for the calling thread (a scheduler's `host_threads`, on its worker).
 """
 
 import os
+import threading
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -40,7 +42,9 @@ from offload.bits import store_f32 as _st  # noqa: E402
 __all__ = [
     "PARALLEL_MIN_BYTES",
     "set_num_threads",
+    "set_thread_budget",
     "get_num_threads",
+    "threads_for",
     "as_numpy",
     "gather_rows",
     "reference_gather_rows",
@@ -76,14 +80,31 @@ def set_num_threads(n: int | None) -> None:
     _threads = n or 0
 
 
+_local = threading.local()  # per calling thread: `set_thread_budget` (a scheduler's host_threads)
+
+
+def set_thread_budget(n: int | None) -> None:
+    """Threads the parallel kernels use when called from *this* thread (None: the process-wide setting).
+    A scheduler's host worker sets its `host_threads` here, so the option holds for every kernel it runs."""
+    top = numba.config.NUMBA_NUM_THREADS
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= top):
+        raise ValueError(f"host_threads={n!r} must be None or an int in [1, {top}] (NUMBA_NUM_THREADS)")
+    _local.threads = n
+
+
 def get_num_threads() -> int:
-    """Threads the parallel kernels use for work of at least PARALLEL_MIN_BYTES."""
-    return _threads or _DEFAULT_THREADS
+    """Threads the parallel kernels use for work of at least PARALLEL_MIN_BYTES, from the calling thread."""
+    return getattr(_local, "threads", None) or _threads or _DEFAULT_THREADS
+
+
+def threads_for(work_bytes: int) -> int:
+    """Threads a kernel call touching `work_bytes` runs on, from the calling thread."""
+    return 1 if work_bytes < PARALLEL_MIN_BYTES else get_num_threads()
 
 
 def _run(kernel, work_bytes: int, *args):
     """Launch `kernel(*args)` with the configured thread count (1 for small work), then restore it."""
-    want = 1 if work_bytes < PARALLEL_MIN_BYTES else get_num_threads()
+    want = threads_for(work_bytes)
     prev = numba.get_num_threads()
     if want == prev:
         return kernel(*args)

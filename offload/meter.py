@@ -256,6 +256,8 @@ class TrafficMeter:
         with self._lock:
             raws = list(self._raw.items())
             retained = [_overlap_of(r) for _, r in raws]
+            upd = [_update_overlap(r) for _, r in raws]  # retained steps only
+            upd_s, upd_over_s = sum(t for t, _ in upd), sum(o for _, o in upd)
             xfer_s = self._evicted_xfer_s + sum(t for t, _ in retained)
             over_s = self._evicted_overlap_s + sum(o for _, o in retained)
             rep = {
@@ -266,7 +268,9 @@ class TrafficMeter:
                 "compute_ms": self._compute_s * 1e3,
                 "overlap": {"transfer_ms": xfer_s * 1e3, "overlapped_ms": over_s * 1e3,
                             "share": over_s / xfer_s if xfer_s > 0 else 0.0, "blocked_ms": self._blocked_s * 1e3,
-                            "worker_blocked_ms": self._worker_blocked_s * 1e3, "worker_waits": self._worker_waits},
+                            "worker_blocked_ms": self._worker_blocked_s * 1e3, "worker_waits": self._worker_waits,
+                            "update_ms": upd_s * 1e3, "update_with_compute_ms": upd_over_s * 1e3,
+                            "update_overlap_share": upd_over_s / upd_s if upd_s > 0 else 0.0},
                 "pageable_copies": self._pageable,
                 "lookahead": _lookahead(self._lookahead),
                 "keep_steps": self.keep_steps,
@@ -296,6 +300,14 @@ def _overlap_of(raw: _StepRaw) -> tuple[float, float]:
     compute = interval_subtract([(c.start, c.end) for c in raw.compute], raw.blocked)  # blocked waits are no work
     other = [(c.start, c.end) for c in raw.cpu] + [tuple(c) for c in compute]
     return interval_overlap(xfer, other)
+
+
+def _update_overlap(raw: _StepRaw) -> tuple[float, float]:
+    """(host row-update seconds, of which concurrent with compute): the update of layer l running while the
+    device computes the backward of layer l - 1 shows here (compute intervals are recorded by profiling)."""
+    upd = [(c.start, c.end) for c in raw.cpu if c.op == "update"]
+    compute = interval_subtract([(c.start, c.end) for c in raw.compute], raw.blocked)
+    return interval_overlap(upd, [tuple(c) for c in compute])
 
 
 def _per_layer(layer_dir) -> dict:

@@ -85,7 +85,7 @@ from offload.staging import SlotPool, check_n_slots, staging_bytes
 from offload.steps import StepClock, check_layer
 from offload.union import StepUnion, UnionTraffic
 from offload.updates import UpdateRunner, check_update_args
-from offload.worker import HostWorker, numba_threads_setter, threads_left_for_kernels, wait_for
+from offload.worker import HostWorker, numba_threads_setter, thread_plan, wait_for
 from offload.zero_copy import ZeroCopyFetch
 
 __all__ = ["TransferScheduler", "FetchHandle"]
@@ -114,9 +114,10 @@ class TransferScheduler:
         if device_flags not in (True, False):
             raise ValueError(f"device_flags={device_flags!r} must be True or False")
         self.update_mask = update_mask  # push_grads may carry a sparse update's row mask (`keep`)
-        if host_threads is None and torch.device(device).type == "cuda":
-            host_threads = threads_left_for_kernels(engine_threads=2)  # the CUDA engine's two watchers
-        init = None if host_threads is None else numba_threads_setter(host_threads)
+        # host_threads: the worker's kernels run on this many threads, main thread + team <= cores by default
+        self.thread_plan = thread_plan(host_threads, engine="thread" if torch.device(device).type == "cpu"
+                                       else "cuda", device=torch.device(device).type)
+        init = numba_threads_setter(self.thread_plan["host_threads"])
         live_rows = check_live_rows(max_live_rows, max_rows)
         self.device = torch.device(device)
         self._own_engine = engine is None

@@ -6,7 +6,8 @@
   first exception stops execution of later tasks and is kept (with its traceback) for the caller; waits
   poll it so nothing blocks forever.
 * `wait_for`: block on a threading.Event while polling for a worker error.
-* `numba_threads_setter`: the `host_threads` option (numba threads of the worker's kernels).
+* `thread_plan` / `numba_threads_setter`: the `host_threads` option (threads of the worker's kernels), sized
+  so that the main thread plus the worker's team fit the cores, and honoured for every kernel the worker runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ import queue
 import threading
 from collections.abc import Callable
 
-__all__ = ["HostWorker", "wait_for", "numba_threads_setter", "threads_left_for_kernels", "POLL_S"]
+import numba
+import torch
+
+from offload.kernels import set_thread_budget
+
+__all__ = ["HostWorker", "wait_for", "numba_threads_setter", "thread_plan", "cores_available", "POLL_S"]
 
 POLL_S = 0.05  # how often blocked callers re-check for a worker error
 
@@ -27,25 +33,38 @@ def wait_for(event: threading.Event, check: Callable[[], None]) -> None:
         check()
 
 
-def numba_threads_setter(n):
-    """`host_threads`: numba threads of the host worker's kernels (thread-local in numba). Tiny
-    parallel kernels on an oversubscribed machine wait for a time slice per parallel region; 1 avoids it.
-    Returns the worker's `init` task."""
-    import numba
+def cores_available() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
+
+def thread_plan(host_threads: int | None, *, engine: str, device: str) -> dict:
+    """How a scheduler's threads share the cores: `host_threads` resolved and the count shown.
+
+    Busy threads: the main thread (it drives compute: on a GPU it mostly enqueues; on the CPU device it is
+    the device, with torch's intra-op threads) and the host worker's numba team of `host_threads` threads
+    (the worker thread is one of them). The engine's two threads copy (thread engine) or sleep in blocking
+    CUDA events (CUDA watchers) and are listed apart. Default: every core but the main thread's, so that
+    main + worker team == cores. An explicit `host_threads` is honoured as given (`fits` says whether it
+    oversubscribes). The CPU device's torch threads are not the scheduler's to size (`torch_threads`)."""
+    cores = cores_available()
     limit = numba.config.NUMBA_NUM_THREADS
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= limit:
-        raise ValueError(f"host_threads={n!r} must be an int in [1, {limit}] (NUMBA_NUM_THREADS) or None")
-    return lambda: numba.set_num_threads(n)
+    if host_threads is None:
+        n = max(1, min(limit, cores - 1))
+    elif isinstance(host_threads, bool) or not isinstance(host_threads, int) or not 1 <= host_threads <= limit:
+        raise ValueError(f"host_threads={host_threads!r} must be an int in [1, {limit}] (NUMBA_NUM_THREADS) or "
+                         f"None (default: cores - 1 = {max(1, cores - 1)})")
+    else:
+        n = host_threads
+    return {"cores": cores, "main": 1, "host_threads": n, "engine_threads": 2, "engine": engine,
+            "busy": 1 + n, "fits": 1 + n <= cores,
+            "torch_threads": torch.get_num_threads() if device == "cpu" else None}
 
 
-def threads_left_for_kernels(engine_threads: int) -> int:
-    """numba threads for the host worker's kernels: the cores this process may use, less the copy
-    engine's threads and the one thread that drives the model (they would otherwise fight for cores)."""
-    import numba
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(numba.config.NUMBA_NUM_THREADS, cores - engine_threads - 1))
+def numba_threads_setter(n: int):
+    """The host worker's `init` task: every kernel it runs uses `n` threads (`kernels.set_thread_budget`;
+    numba's thread count is per calling thread, so it is set on the worker itself)."""
+    return lambda: set_thread_budget(n)  # n comes validated from `thread_plan`
 
 
 _STOP = object()

@@ -89,7 +89,7 @@ def _meft_original(active: dict) -> dict:
 
 
 def build_report(meter, run: dict, active: dict, *, link=None, compute_ms_per_layer=None, config=None,
-                 link_latency_us: float = LINK_LATENCY_US) -> dict:
+                 link_latency_us: float = LINK_LATENCY_US, threads: dict | None = None) -> dict:
     rep = meter.report()
     tot = rep["totals"]
     measured = {k: tot.get(k, {}).get("bytes", 0) for k in ("h2d", "d2h", "ids")}
@@ -118,6 +118,11 @@ def build_report(meter, run: dict, active: dict, *, link=None, compute_ms_per_la
            "transfer": {"total_ms": ov["transfer_ms"], "overlapped_ms": ov["overlapped_ms"],
                         "exposed_ms": ov["transfer_ms"] - ov["overlapped_ms"], "overlap_share": ov["share"],
                         "host_blocked_ms": ov["blocked_ms"]},
+           "host": {"threads": threads or {}, "worker_waits": ov.get("worker_waits", 0),
+                    "worker_blocked_ms": ov.get("worker_blocked_ms", 0.0),
+                    "update_ms": ov.get("update_ms", 0.0),
+                    "update_with_compute_ms": ov.get("update_with_compute_ms", 0.0),
+                    "update_overlap_share": ov.get("update_overlap_share", 0.0)},
            "cpu": rep["cpu"], "pageable_copies": rep["pageable_copies"], "per_layer": per_layer,
            "per_step": rep["per_step"], "totals": tot, "lookahead": rep["lookahead"], "config": config or {}}
     if link:
@@ -150,6 +155,15 @@ def format_report(rep: dict) -> str:
              f"h2d {a['h2d']:,} d2h {a['d2h']:,} ({'equal' if rep['measured_equals_analytic'] else 'DIFFERENT'})",
              f"MEFT's original scheme for the same active sets (fp32 hidden [T, d] up, fp32 rows [R, 2d] down, "
              f"fp32 row grads up): {o['total']:,} bytes = {rep['meft_original_over_measured']:.2f}x measured"]
+    h = rep.get("host")
+    if h:
+        t = h["threads"]
+        plan = (f"{t['cores']} cores: main thread 1 + host worker {t['host_threads']} kernel thread(s) = "
+                f"{t['busy']} busy ({'fits' if t['fits'] else 'OVERSUBSCRIBED'}), {t['engine_threads']} copy-engine "
+                "threads" if t else "thread plan not recorded")
+        lines.append(f"host: {plan}; the compute thread waited for the host worker {h['worker_waits']} times "
+                     f"({h['worker_blocked_ms']:.2f} ms); row updates {h['update_ms']:.2f} ms, "
+                     f"{100 * h['update_overlap_share']:.0f}% of it while compute ran")
     p = rep.get("link_prediction")
     if p:
         lines.append(f"{p['label']}: on {p['link']} ({p['gbps']:g} GB/s, {p['latency_us']:g} us per copy) "

@@ -147,7 +147,7 @@ def profile(args: TrainArgs, cfg: MeftConfig, *, link: str | None = None,
     active = {"rows": dict(counter.rows), "tokens": dict(counter.tokens), "width": rt.stores[0].width, "d": d,
               "wire_bytes": cfg.wire.itemsize}
     rep = build_report(rt.meter, run, active, link=link, compute_ms_per_layer=compute_ms_per_layer,
-                       link_latency_us=link_latency_us,
+                       link_latency_us=link_latency_us, threads=getattr(rt.scheduler, "thread_plan", None),
                        config={"train": asdict(args), "meft": cfg.to_dict()})
     (out / "profile.json").write_text(json.dumps(rep, indent=2, default=str))
     rt.meter.export_chrome_trace(out / "trace.json")

@@ -41,6 +41,10 @@ def test_profile_cli_writes_json_trace_png_with_exact_bytes(tiny, tmp_path):
     assert {"copy", "cpu", "compute"} <= set(tids) and len({tids["copy"], tids["cpu"], tids["compute"]}) == 3
     assert (out / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "PREDICTION" in res.stdout and "MEFT's original" in res.stdout
+    host = rep["host"]  # the thread plan; the compute thread never waited for the host worker (device flags)
+    assert host["threads"]["busy"] == 1 + host["threads"]["host_threads"] and host["worker_waits"] == 0
+    assert host["update_ms"] > 0 and 0.0 <= host["update_overlap_share"] <= 1.0
+    assert "waited for the host worker 0 times" in res.stdout
 
 
 def test_link_prediction_model():
