@@ -32,6 +32,9 @@ halves so that gradient checkpointing can recompute the differentiable half with
   cached Routing, computes them again). On CUDA with a bf16 / fp16 model the product runs in the model's
   dtype with fp32 accumulation and output (`torch.mm(..., out_dtype=float32)`: no fp32 copy of x, G
   rounded to the model's dtype); elsewhere in fp32. Tested against the fp32 scores.
+* **Compiled** (`MeftConfig.compile_router`): `route` is a thin shell over `route_core`, the pure tensor work
+  with every shape and int decided on the host; `torch.compile` fuses it (dynamic token count, one graph per
+  process), with results equal to the eager core (`tests/meft/adapter/test_compiled_router.py`).
 * **Balance** (`MeftConfig.balance="bias"`, DeepSeek-V3's auxiliary-loss-free balancing): a per-expert
   bias `b` [E] is added to the scores for *choosing* experts only (top-k, the re-routing); gate weights
   stay the softmax of the unbiased scores. `Routing.load` (real tokens choosing each expert) is what the
@@ -52,8 +55,8 @@ from torch import Tensor
 
 from meft.config import budget_experts
 
-__all__ = ["Routing", "route", "gate_weights", "token_gate_weights", "expert_weights", "init_gate",
-           "update_balance_bias", "router_scores"]
+__all__ = ["Routing", "route", "route_core", "compiled_route_core", "gate_weights", "token_gate_weights",
+           "expert_weights", "init_gate", "update_balance_bias", "router_scores"]
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -144,12 +147,31 @@ def update_balance_bias(bias: Tensor, load: Tensor, rate: float) -> None:
 
 @torch.no_grad()
 def route(x: Tensor, gate: Tensor, *, experts_per_token: int, expert_size: int,
-          max_active_rows: int | None, valid: Tensor | None = None, bias: Tensor | None = None) -> Routing:
+          max_active_rows: int | None, valid: Tensor | None = None, bias: Tensor | None = None,
+          compiled: bool = False) -> Routing:
     """x [T, d], gate [E, d], valid [T] bool (None: every token is real), bias [E] (balance; None: off)
-    -> Routing. Deterministic. `max_active_rows=None`: no budget (inference). See the module docstring."""
+    -> Routing. Deterministic. `max_active_rows=None`: no budget (inference). See the module docstring.
+    `compiled=True`: the same tensor work through `torch.compile` (`compiled_route_core`): equal results,
+    a few fused kernels instead of ~50 small ops; the first call in a process compiles (seconds)."""
+    n_tok, n_experts = x.shape[0], gate.shape[0]
+    k = min(experts_per_token, n_experts)
+    if max_active_rows is None:
+        n_slots = min(n_experts, n_tok * k)  # room for every token's own experts
+    else:
+        n_slots = budget_experts(max_active_rows, expert_size, n_experts)
+    reroute = n_slots < min(n_experts, n_tok * k)  # the budget can bind: re-route among the kept experts
+    core = compiled_route_core() if compiled else route_core
+    top_idx, pos, kept, ids, dropped, load, scores = core(x, gate, valid, bias, k, expert_size, n_slots, reroute)
+    return Routing(top_idx=top_idx, pos=pos, kept=kept, ids=ids, expert_size=expert_size, dropped=dropped,
+                   load=load, _scores=(x, gate, scores))
+
+
+def route_core(x: Tensor, gate: Tensor, valid: Tensor | None, bias: Tensor | None, k: int, expert_size: int,
+               n_slots: int, reroute: bool) -> tuple[Tensor, ...]:
+    """The tensor work of `route` (shapes and ints decided by it): (top_idx, pos, kept, ids, dropped, load,
+    scores). Pure and fixed-shape, so `torch.compile` can fuse it (`compiled_route_core`)."""
     n_tok, n_experts = x.shape[0], gate.shape[0]
     dev = x.device
-    k = min(experts_per_token, n_experts)
     scores = router_scores(x, gate)  # [T, E] fp32
     choice = scores if bias is None else scores + bias.float()  # [T, E] what experts are chosen by
     top_s, top_idx = torch.topk(choice, k, dim=1)  # [T, k] descending; ties -> lower index
@@ -163,10 +185,6 @@ def route(x: Tensor, gate: Tensor, *, experts_per_token: int, expert_size: int,
     w = expert_weights(top_idx, g, n_experts)  # [E] total weight of the real tokens
     load = expert_weights(top_idx, real[:, None].expand(n_tok, k).float(), n_experts)  # [E] real tokens per expert
     chosen = load > 0  # [E]
-    if max_active_rows is None:
-        n_slots = min(n_experts, n_tok * k)  # room for every token's own experts
-    else:
-        n_slots = budget_experts(max_active_rows, expert_size, n_experts)
     # stable descending sort: equal weights keep ascending index order -> ties to the lower index;
     # experts no real token chose sort last (-1), even if a softmax weight underflowed to 0
     order = torch.sort(torch.where(chosen, w, -1.0), descending=True, stable=True).indices[:n_slots]  # [B]
@@ -179,14 +197,23 @@ def route(x: Tensor, gate: Tensor, *, experts_per_token: int, expert_size: int,
     pos = slot_of[top_idx]  # [T, k] (a Python-scalar store into col would be a synced H2D copy)
     # [] share of real assignments whose expert was not kept (load counts each real token's k assignments)
     dropped = load.masked_fill(slot_of >= 0, 0.0).sum() / load.sum().clamp(min=1.0)
-    if n_slots < min(n_experts, n_tok * k):  # the budget can bind: re-route among the kept experts
+    if reroute:
         top_idx = torch.topk(choice.masked_fill(slot_of < 0, float("-inf")), k, dim=1).indices  # [T, k]
         pos = slot_of[top_idx]  # -1 only where fewer than k experts are kept
     pos = pos.masked_fill(pad, -1)  # padding routes nowhere
     # kept * S + j is negative exactly for unused slots (kept = -1, j < S): clamp them to -1
     ids = torch.arange(expert_size, device=dev).add(kept[:, None], alpha=expert_size).clamp_(min=-1).view(-1)
-    return Routing(top_idx=top_idx, pos=pos, kept=kept, ids=ids, expert_size=expert_size, dropped=dropped,
-                   load=load, _scores=(x, gate, scores))
+    return top_idx, pos, kept, ids, dropped, load, scores
+
+
+_COMPILED: list = []  # the process's one compiled route_core (compiled lazily, on first use)
+
+
+def compiled_route_core():
+    """`route_core` under `torch.compile` (dynamic token count, one graph), built once per process."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(route_core, dynamic=True, fullgraph=True))
+    return _COMPILED[0]
 
 
 def token_gate_weights(x: Tensor, gate: Tensor, routing: Routing) -> Tensor:
