@@ -15,7 +15,9 @@ its weights, moments and step count untouched (`step_rows` hands the mask to the
 skips those rows; `accumulate` leaves them out of the pending buffer). Its gradient is ignored, even a
 non-finite one.
 
-The arithmetic lives in `offload.kernels.adamw_rows` (numba, fused, in place).
+The arithmetic lives in `offload.kernels.adamw_rows` (numba, fused, in place). `rule="sgd"` updates the same
+rows with plain SGD instead (`offload.sgd_kernel.sgd_rows`: lr x gradient, decoupled weight decay; the
+moments are neither read nor written), the row update of sparse memory finetuning.
 """
 
 import math
@@ -26,9 +28,12 @@ import torch
 
 from offload import kernels
 from offload.dtypes import WIRE_DTYPES
+from offload.sgd_kernel import sgd_rows
 from offload.store import RowStore, check_ids
 
-__all__ = ["SparseAdamW", "reference_adamw_rows"]
+__all__ = ["SparseAdamW", "reference_adamw_rows", "RULES"]
+
+RULES = ("adamw", "sgd")  # row update rules: lazy AdamW (default), plain SGD (offload.sgd_kernel)
 
 _F32_MAX_BITS = 0x7F800000  # abs bit patterns >= this are inf/NaN
 _MIN_CAPACITY = 64
@@ -38,10 +43,14 @@ class SparseAdamW:
     """Lazy AdamW over the rows of `store` that were given gradients (see module docstring)."""
 
     def __init__(self, store: RowStore, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, rule: str = "adamw"):
         if not isinstance(store, RowStore):
             raise TypeError(f"store must be an offload.RowStore, got {type(store).__name__}")
         _check_hparams(lr, betas, eps, weight_decay)
+        if rule not in RULES:
+            raise ValueError(f"rule={rule!r} must be one of {', '.join(map(repr, RULES))} (the row update: "
+                             "AdamW, or plain SGD as sparse memory finetuning uses)")
+        self.rule = rule  # "adamw" | "sgd" (offload.sgd_kernel: no moments read or written)
         self.store = store
         self.lr, self.betas = float(lr), (float(betas[0]), float(betas[1]))
         self.eps, self.weight_decay = float(eps), float(weight_decay)
@@ -217,6 +226,9 @@ class SparseAdamW:
         lr, betas, eps, wd = hparams if hparams is not None else self.hparams()
         _check_hparams(lr, betas, eps, wd)
         s = self.store
+        if self.rule == "sgd":
+            sgd_rows(s._w_np, s._steps_np, ids_np, grads_np, float(grad_scale), lr, wd, s._mirror_np, keep_np)
+            return True
         kernels.adamw_rows(s._w_np, s._m_np, s._v_np, s._steps_np, ids_np, grads_np, float(grad_scale),
                            lr, betas[0], betas[1], eps, wd, s._mirror_np,  # the zero-copy mirror in the same pass
                            keep_np)
@@ -242,7 +254,7 @@ class SparseAdamW:
         Pending (not yet applied) gradients are not saved: checkpoint at a step boundary.
         """
         return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
-                "skipped_steps": self.skipped_steps, "store": self.store.state_dict()}
+                "rule": self.rule, "skipped_steps": self.skipped_steps, "store": self.store.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore hyper-parameters (and the store when `sd` holds one); drops pending gradients."""
@@ -250,6 +262,10 @@ class SparseAdamW:
         if missing:
             raise ValueError(f"state_dict is missing {missing}; expected a SparseAdamW.state_dict()")
         _check_hparams(sd["lr"], sd["betas"], sd["eps"], sd["weight_decay"])
+        rule = sd.get("rule", "adamw")  # states saved before the rule existed are AdamW's
+        if rule != self.rule:
+            raise ValueError(f"state_dict was saved by a rule={rule!r} optimizer, this one has rule={self.rule!r}; "
+                             "build it with the same rule (MeftConfig.row_optimizer)")
         if "store" in sd:
             self.store.load_state_dict(sd["store"])
         self.lr, self.betas = float(sd["lr"]), (float(sd["betas"][0]), float(sd["betas"][1]))
