@@ -50,6 +50,7 @@ class LocalityTerm:
         self._weight: Tensor | None = None   # [T] fp32 weight of the running training forward
         self._terms: list[Tensor] = []        # per-layer terms of the latest training forward
         self._active = False                  # inside a training forward
+        self.last: Tensor | None = None       # the latest `with_term`'s term, detached (for metrics)
 
     def set_weight(self, weight: Tensor | None) -> None:
         """The per-token background weight [T] (float, on the compute device) of the next training forward;
@@ -93,4 +94,5 @@ class LocalityTerm:
         term = self.term()
         if term is None:
             return loss, None
-        return loss + weight * term, term.detach()
+        self.last = term.detach()
+        return loss + weight * term, self.last
