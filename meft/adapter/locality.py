@@ -20,7 +20,10 @@ the term is a mean over background tokens, and a token shared by several backgro
 prompt prefix -- the number of rows it stands for), so gradient accumulation stays exact: split a
 micro-batch and give each part its share of the same weights. Every operation is a device op with fixed
 shapes: no sync, no boolean-mask indexing (the adapter path's rule, docs/design.md "One training step").
-Nothing is added outside a training forward (eval, no_grad, gradient-checkpoint recomputation).
+Nothing is added outside a training forward (eval, no_grad, gradient-checkpoint recomputation). Non-reentrant
+gradient checkpointing keeps the term exact (its backward recomputes the layer, and the term's ops with it, so
+the recomputation saves what the forward saved); reentrant checkpointing runs layers without gradients, which
+`add` refuses.
 """
 
 from __future__ import annotations
@@ -70,14 +73,25 @@ class LocalityTerm:
     def add(self, adapter, y: Tensor) -> None:
         """Adapter output y [T, d] of `adapter` in the running training forward: record its term."""
         w = self._weight
-        if w is None or not self._active:
+        # non-reentrant checkpoint recomputation (inside backward, after the forward closed) must save the tensors
+        # the forward saved: the term's ops run again there, and their result is dropped
+        recompute = not self._active and torch._C._current_graph_task_id() != -1 and torch.is_grad_enabled()
+        if w is None or not (self._active or recompute):
             return
         if w.shape[0] != y.shape[0]:
             raise ValueError(
                 f"locality weight has {w.shape[0]} entries but adapter {adapter.index} (layer {adapter.layer}) "
                 f"sees {y.shape[0]} tokens: set model.meft.locality.set_weight() before each training forward "
                 "with one weight per token of that forward's input (batch x length, flattened)")
-        self._terms.append(locality_term(y, w.to(y.device), self.margin))
+        if not y.requires_grad:  # reentrant checkpointing runs the layer without gradients: the term would be inert
+            raise RuntimeError(
+                f"adapter {adapter.index} (layer {adapter.layer}): its output has no gradient in this training "
+                "forward, so the locality term could not train it (reentrant gradient checkpointing runs layers "
+                "without gradients); fix: non-reentrant checkpointing (use_reentrant=False, what meft train uses) "
+                "or none")
+        term = locality_term(y, w.to(y.device), self.margin)
+        if self._active:
+            self._terms.append(term)
 
     def term(self) -> Tensor | None:
         """The latest training forward's term, averaged over adapted layers (differentiable fp32 scalar);

@@ -177,3 +177,33 @@ def test_bad_weights_and_options_are_clear_errors():
     assert "locality_margin = inf: a norm >= 0" in msg
     assert "locality_background = 0: a positive int" in msg
     assert "locality_weight" in MeftConfig.help() and LocalityTerm(0.1).margin == 0.1
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_keeps_the_term_or_refuses(reentrant):
+    """Non-reentrant checkpointing: the same term and gradients (backward recomputes the layers); reentrant runs
+    the layers without gradients, so the term could not train them: a clear error instead of a silent no-op."""
+    ids = batch(2, 12)
+    w = _weight(ids, seed=5)
+    runs = []
+    for ckpt in (False, True):
+        model = _trained(offload=False)
+        if ckpt:
+            kw = {"use_reentrant": reentrant}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        model.train()
+        model.meft.locality.set_weight(w)
+        if ckpt and reentrant:
+            with pytest.raises(RuntimeError, match="reentrant gradient checkpointing"):
+                model(input_ids=ids, labels=ids)
+            model.meft.close()
+            return
+        loss, term = model.meft.locality.with_term(model(input_ids=ids, labels=ids).loss, LAM)
+        loss.backward()
+        runs.append([term] + [lay.grad.clone() for lay in model.meft.scheduler.layers])
+        model.meft.close()
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)

@@ -3,6 +3,7 @@ Lomo's fused backward sees LM loss + lambda x term, and a Trainer adds the term 
 
 import pytest
 import torch
+from torch.utils.data import IterableDataset
 
 import meft
 from meft.config import MeftConfig
@@ -133,7 +134,6 @@ def test_trainer_adds_the_term_in_compute_loss(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from meft.train.hf_callback import MeftCallback, locality_loss
-    from torch.utils.data import IterableDataset
 
     ids = batch(4, 10)
     w = torch.zeros(4, 10)
@@ -156,7 +156,7 @@ def test_trainer_adds_the_term_in_compute_loss(tmp_path):
         loss.backward()
         plain.meft.optimizer.step()
         plain.meft.optimizer.zero_grad()
-        want.append(float(loss))
+        want.append(float(loss.detach()))
     want_state = adapter_state(plain)
     plain.meft.close()
 
