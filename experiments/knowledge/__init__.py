@@ -4,7 +4,8 @@
     python -m experiments.knowledge --capacity --quick  # the capacity curve, end to end in minutes
 
 Files: `cli` (options, the list of runs), `cells` (one subprocess per run, results JSONL), `runner` (one
-(method, dataset, seed) run, with the general-prompt agreement against the base model's continuations), `methods` (the trainers compared and their device-resident state),
+(method, dataset, seed) run, with the general-prompt agreement against the base model's continuations),
+`methods` (the trainers compared and their device-resident state),
 `capacity` (the capacity-curve protocol: cells, lr rule carried from the smallest N, its summary),
 `forgetting` (retention of known facts, perplexity on pydoc text; `retention_default.json` is the
 default model's committed retention set), `report` (Markdown tables under one lr selection rule, JSON

@@ -259,7 +259,8 @@ ls -a "$D2/run" > "$OUT/c.ls"
 def full_disk(tiny: Path, root: Path, ref: list[float]) -> Verdict:
     """A 600 kB tmpfs holds two checkpoints (~238 kB each: values-only stores), not three: --keep-checkpoints 3
     fails with the disk-full error, the suggested --keep-checkpoints 1 then finishes; a 50 kB one cannot hold the
-    adapter (~75 kB): a clear error and no half adapter folder. Mounted in a private mount namespace (`unshare -rm`); skipped where that fails."""
+    adapter (~75 kB): a clear error and no half adapter folder. Mounted in a private mount namespace
+    (`unshare -rm`); skipped where that fails."""
     how = "full disk during checkpoint and adapter saves"
     res = root / "full-disk"
     for d in ("m1", "m2", "res"):
