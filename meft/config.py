@@ -20,7 +20,6 @@ Defaults are sized for SmolLM2-135M (d=576, 30 layers, FFN width 1536):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +36,7 @@ from meft.dtypes import (
     parse_backbone_dtype,
     parse_dtype,
 )
-from meft.option_field import opt
+from meft.option_field import OptionFields, opt
 from offload.updates import CLIP_MODES
 
 __all__ = ["MeftConfig", "DTYPES", "WIRE_DTYPES", "STATE_DTYPES", "COMPUTE_DTYPES", "BACKBONE_DTYPES", "parse_dtype",
@@ -60,10 +59,8 @@ def budget_experts(max_active_rows: int, expert_size: int, n_experts: int) -> in
 
 
 @dataclass
-class MeftConfig:
-    # Default sized for the default model (SmolLM2-135M: d=576, FFN 1536 wide, 30 layers): 4096 rows per
-    # layer = 2.7x the FFN's neurons, 142M adapter parameters (more than the backbone), 1.6 GiB of host
-    # RAM with fp32 moments; 256 experts of 16 rows = MEFT's best E ~ 4*sqrt(N).
+class MeftConfig(OptionFields):
+    # sizes: see the module docstring
     adapter_rows: int = opt(
         4096, "Rows (neurons) of the sparse adapter per layer; the host keeps each row's value (d wide; "
         "[key | value], 2d wide, with key_source 'stored').")
@@ -154,6 +151,18 @@ class MeftConfig:
         "(pydoc_data topics, offline; not the ones the knowledge harness scores perplexity on), 'questions' = "
         "built-in world-fact questions through the chat template (none about the trade-off probe's countries), "
         "so the experts every question uses count as general, not as specific to the training data.")
+    # Locality loss (in the spirit of WISE, arXiv 2405.14768; meft.adapter.locality): questions the run does not
+    # teach ride along in every micro-batch, and their adapter output is pushed towards zero
+    locality_weight: float = opt(
+        0.0, "Weight lambda of the locality term added to the loss: each micro-batch also carries "
+        "locality_background built-in questions the run does not teach (no labels), and the loss gains lambda x the "
+        "mean over their tokens of relu(||delta h|| - locality_margin)^2, averaged over adapted layers (delta h: "
+        "the adapter's output added to the FFN output). 0 = off.")
+    locality_margin: float = opt(
+        0.0, "Margin alpha of the locality term: a background token's adapter output is pushed below this norm "
+        "(0: towards zero, the term is then the mean ||delta h||^2).")
+    locality_background: int = opt(
+        4, "Background questions per micro-batch when locality_weight > 0 (packed as extra segments, no labels).")
 
     # ---- validation -------------------------------------------------------------------------------
     def _problems(self) -> list[tuple[str, Any, str]]:
@@ -233,6 +242,9 @@ class MeftConfig:
             bad.append(("active_per_token", apt, "None (off) or a positive int"))
         if self._bad_int("grad_accum_steps", 1):
             bad.append(("grad_accum_steps", self.grad_accum_steps, "a positive int (micro-batches per step)"))
+        if self._bad_int("locality_background", 1):
+            bad.append(("locality_background", self.locality_background, "a positive int (questions per "
+                        "micro-batch for the locality term), e.g. 4"))
         if self._bad_int("seed", 0):
             bad.append(("seed", self.seed, "an int >= 0"))
         tm = self.target_module
@@ -266,8 +278,10 @@ class MeftConfig:
 
     def _number_problems(self) -> list[tuple[str, Any, str]]:
         bad = []
-        need = {"scale": "a finite number, e.g. 1.0", "max_norm": "a number > 0"}
-        for name in ("scale", "backbone_lr", "adapter_lr", "router_lr", "weight_decay", "max_norm"):
+        need = {"scale": "a finite number, e.g. 1.0", "max_norm": "a number > 0",
+                "locality_weight": "a number >= 0 (0 = off), e.g. 0.1", "locality_margin": "a norm >= 0, e.g. 0.0"}
+        for name in ("scale", "backbone_lr", "adapter_lr", "router_lr", "weight_decay", "max_norm", "locality_weight",
+                     "locality_margin"):
             v = getattr(self, name)
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             if ok and name == "max_norm":
@@ -362,34 +376,6 @@ class MeftConfig:
         if isinstance(d["layers"], tuple):
             d["layers"] = list(d["layers"])
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MeftConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown MeftConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
-
-    def to_json(self, path: str | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        if path is not None:
-            with open(path, "w") as f:
-                f.write(text + "\n")
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: str) -> MeftConfig:
-        s = text_or_path.lstrip()
-        if not s.startswith("{"):
-            with open(text_or_path) as f:
-                s = f.read()
-        return cls.from_dict(json.loads(s))
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """field name -> help string."""
-        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
 
     def __post_init__(self):
         for name in ("wire_dtype", "compute_dtype", "state_dtype"):

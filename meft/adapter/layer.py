@@ -104,4 +104,5 @@ class SparseFFNAdapter(nn.Module):
         slots = routing.pos if self.runtime.token_rows_apply(self, xc, rows) else None  # CPU: per-token rows
         y = sparse_adapter(xc, rows, coef, expert_size=self.expert_size, scale=self.scale,
                            active_per_token=self.active_per_token, train_keys=self.train_keys, slots=slots)  # [T, d]
+        self.runtime.locality.add(self, y)  # a training forward with a background weight: its locality term
         return y.reshape(shape)

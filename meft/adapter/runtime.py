@@ -29,6 +29,7 @@ that makes a plain PyTorch loop correct:
 * `sparse_update=t`: each training micro-batch updates only the rows its `SparseUpdate`
   (`meft.adapter.sparse_update`: tf x idf against background text) keeps; the mask travels with the row
   gradients (`push_grads(keep=)`). `routing_stats()["updated_rows"]` is the rows kept per layer.
+* `locality`: the locality term of each training forward (`meft.adapter.locality`; adapters add to it).
 The runtime builds the adapter-side optimizer (`meft.adapter.optim.MeftOptimizer`) and, at each step's
 first training forward, pushes the rows group's hyper-parameters into every layer's SparseAdamW.
 Statistics live in `meft.adapter.stats`, summary tables in `meft.adapter.summary`.
@@ -45,6 +46,7 @@ from torch import Tensor
 from meft.adapter.hooked import forward_params, hooked_module, mask_position
 from meft.adapter.inference import InferencePath
 from meft.adapter.keys import KeyedRows, generate_keys
+from meft.adapter.locality import LocalityTerm
 from meft.adapter.lookahead import Lookahead
 from meft.adapter.optim import MeftOptimizer
 from meft.adapter.router import Routing, route, update_balance_bias
@@ -96,6 +98,7 @@ class MeftRuntime:
         self._route_stats = RoutingStats()
         self._mask: Tensor | None = None  # [B, past + L] bool real positions of the running forward
         self._load: dict[int, Tensor] = {}  # layer -> [E] fp32 this step's demand per expert (balance)
+        self.locality = LocalityTerm(config.locality_margin)  # background weight -> term (meft.adapter.locality)
         # sparse_update: the background and the update masks (inert with sparse_update=0: nothing captured)
         self.sparse = SparseUpdate(config.sparse_update,
                                    lambda adapter, x: self._route(adapter, x, None, budget=False))
@@ -160,11 +163,13 @@ class MeftRuntime:
         self.scheduler.begin_micro_batch()
         self._micro += 1
         self._lookahead.clear()
+        self.locality.open()
         self._in_forward = True
 
     def _on_forward_post(self, module, args, output) -> None:
         self._in_forward = False
         self._mask = None
+        self.locality.close()
 
     def end_step(self) -> None:
         """Called by the optimizer's step(): the scheduler finishes the step's row updates."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from meft.data.locality import packed_background_weight
 from meft.data.records import IGNORE_INDEX
 
 __all__ = ["pack_batch", "packing_supported", "resolve_packing", "check_packing_mode", "PACKING_MODES",
@@ -93,9 +94,10 @@ def pack_batch(batch: dict[str, Tensor], *, dtype: torch.dtype = torch.float32,
     or None when it does not pack (not right-padded, or longer than `max_tokens`).
 
     Returns input_ids [1, L], labels [1, L], position_ids [1, L] and attention_mask [1, 1, L, L] (additive,
-    `dtype`: 0 where a query may attend, the dtype's minimum elsewhere)."""
+    `dtype`: 0 where a query may attend, the dtype's minimum elsewhere). A batch with `background` [B] bool
+    (`meft.data.locality.with_background`) also gets `background_weight` [1, L] (`packed_background_weight`)."""
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    if mask.dim() != 2 or set(batch) - {"input_ids", "labels", "attention_mask"}:
+    if mask.dim() != 2 or set(batch) - {"input_ids", "labels", "attention_mask", "background"}:
         return None
     lengths = mask.sum(dim=1)  # [B]
     cells = torch.arange(mask.shape[1])[None, :] < lengths[:, None]  # [B, T] where a right-padded row is real
@@ -119,5 +121,8 @@ def pack_batch(batch: dict[str, Tensor], *, dtype: torch.dtype = torch.float32,
     q = torch.arange(total)
     visible = (q[:, None] >= q[None, :]) & ((owner[None, :] == -1) | (owner[:, None] == owner[None, :]))  # [L, L]
     additive = torch.zeros(total, total, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
-    return {"input_ids": torch.cat(seg_ids)[None], "labels": torch.cat(seg_labels)[None],
-            "position_ids": torch.cat(seg_pos)[None], "attention_mask": additive[None, None]}
+    out = {"input_ids": torch.cat(seg_ids)[None], "labels": torch.cat(seg_labels)[None],
+           "position_ids": torch.cat(seg_pos)[None], "attention_mask": additive[None, None]}
+    if "background" in batch:  # locality background rows (meft.data.locality): their per-token weight [1, L]
+        out["background_weight"] = packed_background_weight(owner, batch["background"], mask)
+    return out

@@ -32,6 +32,16 @@ holds the backbone under the wrapped module names and no host rows. Resuming thr
     trainer = Trainer(model=model, args=TrainingArguments(..., max_grad_norm=0), train_dataset=ds,
                       optimizers=(model.meft.optimizer, None), callbacks=[MeftCallback()])
     trainer.train()
+
+The locality term (`MeftConfig.locality_weight`, `meft.adapter.locality`) is part of the loss, which Trainer
+takes from the model; `locality_loss` is the `compute_loss` that adds it. The batches carry
+`background_weight` (a float per token, [B, T]: `meft.data.locality.padded_background_weight` of the
+background rows, which have labels -100), and `TrainingArguments(remove_unused_columns=False)` lets it
+reach `compute_loss`; `meft/locality` (the latest micro-batch's term) then joins the logged scalars:
+
+    class LocalityTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kw):
+            return locality_loss(model, inputs, return_outputs=return_outputs)
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from meft.adapter.saving import save_adapter
 from meft.atomic import atomic_folder
 from meft.train.tracking import Tracker, open_tracker, parse_report_to, step_traffic
 
-__all__ = ["MeftCallback", "ADAPTER_DIR"]
+__all__ = ["MeftCallback", "ADAPTER_DIR", "locality_loss"]
 
 ADAPTER_DIR = "meft_adapter"  # inside each Trainer checkpoint-N folder
 
@@ -56,6 +66,17 @@ def _base_optimizer(opt):
     while isinstance(opt, AcceleratedOptimizer):
         opt = opt.optimizer
     return opt
+
+
+def locality_loss(model, inputs: dict, *, return_outputs: bool = False):
+    """`Trainer.compute_loss` with the locality term: pops `background_weight` ([B, T] float, or absent: no
+    term) from `inputs`, sets it on `model.meft.locality`, runs the model and returns its loss +
+    `MeftConfig.locality_weight` x the term (and the outputs with `return_outputs`)."""
+    rt = model.meft
+    rt.locality.set_weight(inputs.pop("background_weight", None))
+    outputs = model(**inputs)
+    loss, _ = rt.locality.with_term(outputs.loss, rt.config.locality_weight)
+    return (loss, outputs) if return_outputs else loss
 
 
 class MeftCallback(TrainerCallback):
@@ -116,6 +137,8 @@ class MeftCallback(TrainerCallback):
                  "meft/rows_down": round(d["rows_down"], 1), "meft/rows_up": round(d["rows_up"], 1),
                  "meft/cpu_update_ms": round(d["cpu_ms"], 3),
                  **{f"meft/{k}": round(v, 4) for k, v in rt.routing_stats().items()}}
+        if rt.locality.last is not None:  # the locality term of the latest micro-batch (`locality_loss`)
+            extra["meft/locality"] = round(float(rt.locality.last), 6)
         logs.update(extra)  # seen by the callbacks after this one (printer, progress bar)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)  # Trainer appended its copy before calling on_log

@@ -1,8 +1,8 @@
 """The training loop behind `meft train`: a plain PyTorch loop around a wrapped model.
 
 Owns: loading model + data for a run, evaluation before/after, the step loop (micro-batches,
-optimizer steps, learning-rate schedule), per-step metrics (loss, lr, tokens/s, rows and bytes moved
-each way, CPU update time, routing: distinct experts and budget-dropped share) into a progress bar,
+optimizer steps, learning-rate schedule, the locality term's background questions), per-step metrics (LM loss,
+`locality` term, lr, tokens/s, rows and bytes moved each way, CPU update time, routing) into a progress bar,
 `metrics.jsonl` and the `--report-to` trackers (`meft.train.tracking`), resumable checkpoints
 (`meft.train.checkpoint`; resuming on another number of ranks reshards; which one and whether the options
 match: `meft.train.resume`), the run folder's ownership (`meft.train.run_folder`: lock, no overwrite),
@@ -27,6 +27,7 @@ from meft.adapter.saving import save_adapter
 from meft.adapter.targets import check_layer_choice
 from meft.atomic import atomic_write_text
 from meft.config import MeftConfig, parse_backbone_dtype
+from meft.data.locality import BackgroundQuestions, padded_background_weight, with_background
 from meft.data.packed import check_packing_mode, pack_batch, resolve_packing
 from meft.data.records import IGNORE_INDEX
 from meft.data.replay import REPLAY_FORMS, replay_prompts
@@ -119,28 +120,47 @@ def _evaluate(model, tokenizer, data: RunData, args: TrainArgs, label: str) -> d
 
 def lay_out(model, batch: dict, pack: bool) -> dict:
     """A micro-batch as the step computes it: its packed layout (`meft.data.packed`) where `pack` and it
-    packs, else as given."""
+    packs, else as given. A batch with locality background rows (`background` [B] bool,
+    `meft.data.locality.with_background`) comes back with their per-token `background_weight` instead."""
     window = getattr(model.config, "sliding_window", None)  # the packed mask has none: examples must fit in one
-    if not pack or (window and batch["input_ids"].shape[1] > window):
+    if pack and not (window and batch["input_ids"].shape[1] > window):
+        packed = pack_batch(batch, dtype=model.get_input_embeddings().weight.dtype)  # mask dtype = scores'
+        if packed is not None:
+            return packed
+    if "background" not in batch:
         return batch
-    return pack_batch(batch, dtype=model.get_input_embeddings().weight.dtype) or batch  # mask dtype = scores'
+    out = {k: v for k, v in batch.items() if k != "background"}
+    out["background_weight"] = padded_background_weight(batch["attention_mask"], batch["background"])  # [B, T]
+    return out
 
 
-def train_step(model, rt, batches, accum: int, *, pack: bool = False) -> tuple[float, int]:
-    """Run `accum` micro-batches and the optimizer step; returns (mean loss, labelled tokens).
+def train_step(model, rt, batches, accum: int, *, pack: bool = False, locality_weight: float = 0.0,
+               stats: dict | None = None) -> tuple[float, int]:
+    """Run `accum` micro-batches and the optimizer step; returns (mean language-model loss, labelled tokens).
     `pack`: each micro-batch runs in its packed layout (`meft.data.packed`: no padding, the shared prompt
-    prefix once) where it packs; the same loss and gradients as its padded layout."""
-    loss_sum, tokens = 0.0, 0
+    prefix once) where it packs; the same loss and gradients as its padded layout.
+    A micro-batch with locality background rows (`meft.data.locality`) sets its per-token weight on the
+    runtime (`model.meft.locality`) and backpropagates LM loss + `locality_weight` x the locality term;
+    `stats["locality"]` then receives the term's mean over the micro-batches."""
+    loss_sum, tokens, local_sum = 0.0, 0, None
     device = rt.device
     for batch in batches:
         batch = {k: v.to(device) for k, v in lay_out(model, batch, pack).items()}
-        loss = step_loss(model, batch, rt.backbone_optimizer) / accum
+        weight = batch.pop("background_weight", None)  # [B, T] / [1, L] fp32, or None
+        rt.locality.set_weight(weight)
+        lm = step_loss(model, batch, rt.backbone_optimizer)
+        loss, local = rt.locality.with_term(lm, locality_weight)
+        loss = loss / accum
         if rt.backbone_optimizer is not None:
-            rt.backbone_optimizer.backward(loss)
+            rt.backbone_optimizer.backward(loss)  # the fused update sees the full loss, term included
         else:
             loss.backward()
-        loss_sum += float(loss.detach())
+        loss_sum += float(lm.detach() / accum)
+        if local is not None:
+            local_sum = (local_sum or 0.0) + float(local) / accum
         tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+    if stats is not None and local_sum is not None:
+        stats["locality"] = local_sum
     rt.optimizer.step()
     rt.optimizer.zero_grad()
     if rt.backbone_optimizer is not None:
@@ -237,6 +257,7 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe, candidates: li
     out, main = Path(args.output_dir), ranks.main
     meft, model, tokenizer, data = setup_run(args, cfg)
     check_layer_choice(cfg.layers, model)
+    background = _locality_background(cfg, tokenizer, data, main)
     pack = resolve_packing(args.packing, model)
     total = args.steps or max(1, math.ceil(args.epochs * data.batches.batches_per_epoch / cfg.grad_accum_steps))
     resuming = bool(candidates)
@@ -282,13 +303,21 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe, candidates: li
         for step in range(start + 1, total + 1):
             t0 = time.perf_counter()
             batches = [ranks.shard(next(data.batches)) for _ in range(cfg.grad_accum_steps)]
+            if background is not None:  # locality: every micro-batch also carries background questions
+                batches = [with_background(b, background.sample(step, i, ranks.rank), data.batches.pad_token_id)
+                           for i, b in enumerate(batches)]
             tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # input tokens, padding excluded
-            loss, _labelled = train_step(model, rt, batches, cfg.grad_accum_steps, pack=pack)
+            stats: dict = {}
+            loss, _labelled = train_step(model, rt, batches, cfg.grad_accum_steps, pack=pack,
+                                         locality_weight=cfg.locality_weight, stats=stats)
             for s in scheds:
                 s.step()
             loss, tokens, stop_now = ranks.reduce(loss, tokens, stop.requested)  # every rank decides alike
+            if "locality" in stats:  # the term's mean over ranks
+                stats["locality"] = ranks.reduce(stats["locality"], 0, False)[0]
             dt = time.perf_counter() - t0
             rec, prev = _step_record(rt, prev, step=step, loss=loss, tokens=tokens, dt=dt)
+            rec.update(stats)
             last = step == total
             if main:
                 log.write(rec)
@@ -329,6 +358,20 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe, candidates: li
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     rt.close()
     return summary
+
+
+def _locality_background(cfg: MeftConfig, tokenizer, data: RunData, main: bool) -> BackgroundQuestions | None:
+    """The locality term's background questions (`meft.data.locality`), or None with locality_weight 0: outside
+    the run's training subjects and the trade-off probe's facts, asked with the run's system prompt."""
+    if not cfg.locality_weight:
+        return None
+    bg = BackgroundQuestions(tokenizer, per_batch=cfg.locality_background, exclude=data.train_subjects,
+                             system_prompt=data.system_prompt, seed=cfg.seed)
+    if main:
+        print(f"meft: locality: {cfg.locality_background} of {len(bg.rows)} background questions per micro-batch, "
+              f"loss + {cfg.locality_weight} x mean relu(||delta h|| - {cfg.locality_margin})^2 over their tokens",
+              flush=True)
+    return bg
 
 
 def _reshard_note(state: dict, ranks: Ranks) -> str:

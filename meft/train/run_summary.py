@@ -1,5 +1,5 @@
 """The end-of-run summary of `meft train`: summary.json's numbers and the table printed after training
-(accuracy before / after, a few example answers, the loss, steps, tokens, time and traffic)."""
+(accuracy before / after, a few example answers, the loss and the locality term, steps, tokens, time and traffic)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ def run_summary(args, cfg, rt, records, before, after, train_s, interrupted) -> 
         "steps": records[-1]["step"] if records else 0, "interrupted": interrupted,
         "first_loss": records[0]["loss"] if records else None,
         "last_loss": records[-1]["loss"] if records else None,
+        # the locality term (MeftConfig.locality_weight > 0), unweighted, at the first and last step
+        "first_locality": records[0].get("locality") if records else None,
+        "last_locality": records[-1].get("locality") if records else None,
         "train_seconds_this_session": train_s, "tokens": tokens,
         "bytes_down": tot.get("h2d", {}).get("bytes", 0), "bytes_up": tot.get("d2h", {}).get("bytes", 0),
         "before": {k: {m: v[m] for m in ("exact_match", "contains", "n", "examples")} for k, v in before.items()},
@@ -32,6 +35,8 @@ def summary_table(s: dict) -> str:
             a = s["after"].get(split, {}).get(metric)
             rows.append([f"{split} {metric}", "-" if b is None else f"{b:.1%}", "-" if a is None else f"{a:.1%}"])
     rows.append(["loss (first -> last step)", _num(s["first_loss"]), _num(s["last_loss"])])
+    if s.get("last_locality") is not None:
+        rows.append(["locality term (first -> last step)", _num(s["first_locality"]), _num(s["last_locality"])])
     head = format_table(rows, ["metric", "before", "after"]) + _examples_table(s)
     info = format_table([
         ["steps", s["steps"]], ["tokens (padding excluded)", s["tokens"]],

@@ -28,6 +28,7 @@ SCALARS = {  # metrics.jsonl key -> tracked scalar name
     "active_rows": "meft/rows_down", "rows_up": "meft/rows_up",
     "mb_down": "meft/mb_down", "mb_up": "meft/mb_up", "cpu_update_ms": "meft/cpu_update_ms",
     "distinct_experts": "meft/distinct_experts", "dropped_share": "meft/dropped_share",
+    "locality": "train/locality",  # with MeftConfig.locality_weight > 0 (meft.adapter.locality)
 }
 _EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb"}
 

@@ -56,6 +56,11 @@ BAD = [  # (field, bad value, words the fix must contain)
     ("balance_rate", -1e-3, ">= 0"),
     ("sparse_update", -1, "0 (off) or a positive int"),
     ("sparse_background_tokens", 0, "a positive int"),
+    ("locality_weight", -0.1, "0 = off"),
+    ("locality_weight", float("nan"), ">= 0"),
+    ("locality_margin", -1.0, "a norm >= 0"),
+    ("locality_background", 0, "questions per micro-batch"),
+    ("locality_background", 2.5, "a positive int"),
 ]
 
 

@@ -24,8 +24,8 @@ def test_train_cli_tensorboard_scalars_equal_metrics_jsonl(tiny, tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard (meft[tensorboard]) is not installed")
     out = tmp_path / "run"
     res = _run(_cmd(tiny, out, "--steps", "3", "--eval-before", "false", "--eval-after", "false",
-                    "--report-to", "tensorboard"))
-    assert res.returncode == 0, res.stderr[-3000:]
+                    "--report-to", "tensorboard", "--locality-weight", "0.1", "--locality-background", "2"))
+    assert res.returncode == 0, res.stderr[-3000:]  # with the locality term on: every scalar of SCALARS is logged
     assert "Warning" not in res.stderr and "warn" not in res.stdout.lower(), res.stderr[-2000:]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     events = _events(out / "tensorboard")
