@@ -91,6 +91,10 @@ class MeftConfig(OptionFields):
     router_lr: float = opt(1e-3, "AdamW learning rate of the router gates (on the device); keep it below "
                                 "adapter_lr so routing stays stable while rows learn.")
     weight_decay: float = opt(0.0, "Decoupled AdamW weight decay of the adapter rows (touched rows only).")
+    row_optimizer: str = opt(
+        "adamw", "Update rule of the adapter rows on the host: 'adamw' (lazy AdamW over the touched rows) or "
+        "'sgd' (plain SGD, as sparse memory finetuning: a row's step is adapter_lr x its gradient, so rows a "
+        "batch barely uses barely move; no moments are read or written; needs a much larger adapter_lr).")
     staleness: int = opt(
         0, "0: row updates finish inside the step; 1: they overlap the next step (delayed update).")
     clip: str = opt(
@@ -116,6 +120,9 @@ class MeftConfig(OptionFields):
     copy_timing: bool = opt(
         False, "Time every row copy with CUDA events (exact copy durations for the traffic meter; "
         "`meft profile` turns it on). Off: copies carry host-side time stamps only.")
+    compile_router: bool = opt(
+        False, "Run the fixed-shape routing through torch.compile (equal results; fewer, fused kernels). The "
+        "first step of a process compiles it (tens of seconds on a CPU).")
     seed: int = opt(0, "Seed of the key and router-gate initialisation.")
     # Stable addressing: trained at the rows' lr, keys move a large share of their init scale per step, so which
     # rows fire for a token is redrawn every few steps. MEFT's CPU path freezes them.
@@ -270,7 +277,8 @@ class MeftConfig(OptionFields):
         for name, choices in (("backbone", _BACKBONES), ("inference_rows", INFERENCE_ROWS), ("clip", CLIP_MODES),
                               ("prefetch", _PREFETCH), ("fetch_mode", FETCH_MODES), ("key_source", KEY_SOURCES),
                               ("staleness", (0, 1)), ("offload", (True, False)),
-                              ("copy_timing", (True, False))):
+                              ("copy_timing", (True, False)), ("compile_router", (False, True)),
+                              ("row_optimizer", ("adamw", "sgd"))):
             v = getattr(self, name)
             if v not in choices or type(v) is not type(choices[0]):
                 bad.append((name, v, "one of " + ", ".join(repr(c) for c in choices)))

@@ -8,7 +8,8 @@ reserve_live_rows, sync_to_host, load_from_host, close), same constructor checks
 touched rows with per-row step counts, clip none/layer/global with `offload.updates.clip_scale`,
 staleness 0/1; a step's gradients are summed in fp32 and rounded to the wire dtype once, as the step
 union of TransferScheduler sends them), but every layer's weights and moments live on `device` and the update is
-`offload.optim.reference_adamw_rows` (plain torch) on those device tensors. Nothing is asynchronous and
+`offload.optim.reference_adamw_rows` (plain torch; `offload.sgd_kernel.reference_sgd_rows` for an optimizer
+built with rule="sgd") on those device tensors. Nothing is asynchronous and
 nothing is metered.
 
 Sparse update (`update_mask=True`): `push_grads(..., keep=)` takes the same per-row mask as
@@ -29,6 +30,7 @@ from torch import Tensor
 from offload.fetch import check_extend, check_grads, check_ids, check_keep, check_live_rows, check_subset
 from offload.optim import SparseAdamW, reference_adamw_rows
 from offload.protocol import check_scheduler_args
+from offload.sgd_kernel import reference_sgd_rows
 from offload.steps import StepClock, check_layer
 from offload.updates import clip_scale
 
@@ -104,6 +106,9 @@ class _Layer:
             self.opt.skipped_steps += 1  # same policy as SparseAdamW.step: skip the whole layer
             return
         o = self.opt
+        if o.rule == "sgd":  # the same rule as the host optimizer's, in plain torch on the device
+            reference_sgd_rows(self.weights, self.steps, ids, grads, lr=o.lr, weight_decay=o.weight_decay)
+            return
         reference_adamw_rows(self.weights, self.exp_avg, self.exp_avg_sq, self.steps, ids, grads,
                              lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 

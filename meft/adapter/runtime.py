@@ -213,7 +213,7 @@ class MeftRuntime:
         c = self.config
         return route(x2, adapter.gate, experts_per_token=c.experts_per_token, expert_size=c.expert_size,
                      max_active_rows=c.max_active_rows if budget else None, valid=valid,
-                     bias=adapter.expert_bias if c.balance == "bias" else None)
+                     bias=adapter.expert_bias if c.balance == "bias" else None, compiled=c.compile_router)
 
     def rows_for(self, adapter, x2: Tensor) -> tuple[Routing, Tensor]:
         """(routing, rows [R, 2d] in compute dtype) for this call: `request_rows`, then its wait."""

@@ -209,7 +209,7 @@ def _attach(t, i: int, d: int, config: MeftConfig, device, undo: _Undo, node=Non
     undo.modules.append((t.parent, t.out_name, base))
     if t.split:
         undo.taps.append(getattr(t.parent, t.in_name).register_forward_pre_hook(ad.tap))
-    return ad, SparseAdamW(store, lr=config.adapter_lr, weight_decay=config.weight_decay)
+    return ad, SparseAdamW(store, lr=config.adapter_lr, weight_decay=config.weight_decay, rule=config.row_optimizer)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -46,6 +46,8 @@ BAD = [  # (field, bad value, words the fix must contain)
     ("grad_accum_steps", 0, "positive int"),
     ("offload", "yes", "True, False"),
     ("copy_timing", 1, "True, False"),
+    ("compile_router", "yes", "False, True"),
+    ("row_optimizer", "adam", "'adamw', 'sgd'"),
     ("inference_rows", "gpu", "'auto', 'resident', 'fetch'"),
     ("fetch_mode", "mapped", "'staged', 'zero_copy'"),
     ("seed", -1, ">= 0"),
