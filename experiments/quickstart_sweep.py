@@ -64,6 +64,11 @@ VARIANTS = {
     "ept2_seed0": ["--experts-per-token", "2", "--seed", "0"],
     "sparseq16_router0_seed0": ["--sparse-update", "16", "--sparse-background", "questions", "--router-lr", "0",
                                 "--seed", "0"],
+    # plain SGD on the rows (`--row-optimizer sgd`, sparse memory finetuning's rule): a row's step is lr x its
+    # gradient (value gradients are ~2e-5 per element here, so AdamW's 3e-2 steps match an SGD lr near 1e3)
+    "sgd300_seed0": ["--row-optimizer", "sgd", "--adapter-lr", "300", "--seed", "0"],
+    "sgd1000_seed0": ["--row-optimizer", "sgd", "--adapter-lr", "1000", "--seed", "0"],
+    "sgd3000_seed0": ["--row-optimizer", "sgd", "--adapter-lr", "3000", "--seed", "0"],
 }
 
 
@@ -79,6 +84,9 @@ def run_one(name: str, args: list[str], workdir: Path) -> dict:
         rec.update(trained=s["after"]["trained"]["exact_match"], held_out=s["after"]["held_out"]["exact_match"],
                    kept=s["trade_off"]["retention"]["kept"], train_s=round(s["train_seconds_this_session"], 1),
                    steps=s["steps"], last_loss=round(s["last_loss"], 4))
+        general = s["trade_off"].get("general")  # general-prompt agreement with the base model, where probed
+        if general:
+            rec["agreement"] = general.get("agreement")
     except (OSError, KeyError, ValueError) as exc:
         rec["error"] = f"{type(exc).__name__}: {exc}; see {workdir / (name + '.log')}"
     for sub in ("checkpoints", "adapter"):
