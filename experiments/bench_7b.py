@@ -106,11 +106,11 @@ def sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
-def meft_config(method: str, dev: str):
+def meft_config(method: str, dev: str, compile_router: bool = False):
     import meft
 
     return meft.MeftConfig(**(MEFT_GPU if dev == "cuda" else MEFT_CPU), backbone="frozen",
-                           fetch_mode="zero_copy" if method == "meft_zc" else "staged")
+                           fetch_mode="zero_copy" if method == "meft_zc" else "staged", compile_router=compile_router)
 
 
 def launches(model, data, dev) -> tuple[int, object]:
@@ -173,7 +173,7 @@ def run_method(method: str, data_cfg: dict, dev: str, dtype, batch: dict, args) 
         plain, _ = launches(model, batch, dev)
         gc.collect()
         r0 = rss()
-        meft.wrap(model, meft_config(method, dev))
+        meft.wrap(model, meft_config(method, dev, args.compile_router))
         res["host_ram_gib"] = {"rss_growth": (rss() - r0) / GiB,
                                "stores": model.meft.summary()["host_resident"]["adapter_rows"]["bytes"] / GiB}
         opt = model.meft.optimizer
@@ -309,6 +309,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--shapes", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20, help="timed steps per method")
+    ap.add_argument("--compile-router", action="store_true", help="MEFT methods route through torch.compile "
+                    "(MeftConfig.compile_router; the warm-up steps absorb the compile)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     a = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -318,6 +320,7 @@ def main(argv=None) -> dict:
     t0 = time.monotonic()
     out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (tiny shapes)", "layers": a.layers,
            "warmup": a.warmup, "timed_steps": a.steps, "gc": "frozen and disabled while stepping",
+           "compile_router": a.compile_router,
            "gpu_cap_gib": GPU_CAP / GiB if dev == "cuda" else None, "torch": torch.__version__,
            "cpu_threads": torch.get_num_threads(), "pid_cpus": len(os.sched_getaffinity(0)), "shapes": {}}
     for name in [s.strip() for s in a.shapes.split(",") if s.strip()]:
