@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from meft.config import budget_experts
 
@@ -160,7 +161,8 @@ def route(x: Tensor, gate: Tensor, *, experts_per_token: int, expert_size: int,
     else:
         n_slots = budget_experts(max_active_rows, expert_size, n_experts)
     reroute = n_slots < min(n_experts, n_tok * k)  # the budget can bind: re-route among the kept experts
-    core = compiled_route_core() if compiled else route_core
+    # under a TorchDispatchMode (op and sync counters) torch.compile cannot run: the eager core, same results
+    core = compiled_route_core() if compiled and not is_in_torch_dispatch_mode(False) else route_core
     top_idx, pos, kept, ids, dropped, load, scores = core(x, gate, valid, bias, k, expert_size, n_slots, reroute)
     return Routing(top_idx=top_idx, pos=pos, kept=kept, ids=ids, expert_size=expert_size, dropped=dropped,
                    load=load, _scores=(x, gate, scores))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from meft.adapter.router import gate_weights, route
+from meft.profile import SyncCounter
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
@@ -41,3 +42,11 @@ def test_compiled_route_equals_eager(case):
     a = gate_weights(xg, gate, route(xg, gate, compiled=True, **kw))
     b = gate_weights(xg, gate, route(xg, gate, **kw))
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_under_a_dispatch_mode_the_eager_core_runs():
+    """Op and sync counters are TorchDispatchModes, which torch.compile cannot run under: same routing, eager."""
+    x, gate, kw = list(_cases())[0]
+    with SyncCounter():
+        fused = route(x, gate, compiled=True, **kw)
+    assert torch.equal(fused.ids, route(x, gate, **kw).ids)
