@@ -6,7 +6,7 @@ the last stdout line).
 Mid-cell checkpoints (`CellOptions`, written by `cell_state`): each cell saves its training state every
 `save_every` steps into its own folder under `checkpoint_dir` (named by the cell's spec, `cell_folder`);
 with `resume` a cell continues from there, so a stop loses at most `save_every` steps of one cell. The
-parent removes a cell's folder once its result is appended.
+parent removes a cell's folder once its result is appended, and `checkpoint_dir` once it is empty.
 """
 
 from __future__ import annotations
@@ -157,3 +157,6 @@ def run_specs(specs: list[RunSpec], out: Path, *, jobs: int = 1, more=None, cell
                 shutil.rmtree(ck.folder, ignore_errors=True)  # the result is kept: its checkpoint is not needed
             if more is not None:
                 add(more(load_results(out)), front=True)
+    if cells.checkpoint_dir is not None and Path(cells.checkpoint_dir).is_dir() \
+            and not any(Path(cells.checkpoint_dir).iterdir()):
+        Path(cells.checkpoint_dir).rmdir()  # every cell's result is in: no checkpoint is left

@@ -9,8 +9,9 @@ so the same training tokens), and reports exact match on the trained phrasings a
 phrasings, the device-resident training state (computed: see `methods`), host RAM (peak RSS of the
 run's own process; MEFT's row stores), and the median step time. Each (method, dataset, seed) runs in
 its own process (`cells`, `runner.run_one`); results are appended to a JSONL file as they finish, so a long run
-can be stopped and resumed (`--resume`) and the tables rebuilt (`--report`). Run from the repository
-root:
+can be stopped and resumed (`--resume`; a run stopped mid-training continues from its last checkpoint,
+`--save-every`) and the tables rebuilt (`--report`). Every method trains on packed micro-batches as `meft
+train` does (`--packing`, `runner`). Run from the repository root:
 
     python -m experiments.knowledge --quick              # minutes: tiny sets, a few steps
     python -m experiments.knowledge --seeds 0 1          # the fuller run (see BENCHMARKS.md)
@@ -27,6 +28,7 @@ PNGs are written next to --out. `--quick` proves the pipeline in minutes (N 5 an
 per method, tiny adapter and probes: not a measurement). The full run is hours of CPU (on the 2-core
 box about 14 h of training: 15 sweep runs of 228 steps, 5 of 752, 5 of 2252, at 1.5-4 s a step; plus
 5-15 min of scoring per run, depending on the load) and resumable: rerun the same command after a stop
+(a run stopped mid-training continues from its last checkpoint, at most --save-every steps back)
 
     mkdir -p runs/knowledge && nohup python -m experiments.knowledge --capacity --resume --json \\
         --out experiments/knowledge/results/capacity.jsonl >> runs/knowledge/capacity.log 2>&1 &
