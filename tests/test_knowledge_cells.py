@@ -133,3 +133,15 @@ def test_cli_cells_stop_and_resume_mid_cell(tiny_dir, tmp_path):
         assert got[m]["packed"] is True
         assert not cell_folder(cells, RunSpec(**got[m]["spec"])).exists()
     assert not cells.exists()  # every result is in: no checkpoint is left
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # the report plots a run-less curve
+def test_capacity_report_names_runs_from_before_packing(tmp_path, capsys):
+    out = tmp_path / "old.jsonl"
+    old = {"method": "meft", "dataset": "fictional", "n_facts": 5, "seed": 0, "steps": 2, "lr": 1e-2}
+    out.write_text(json.dumps({"spec": old, "error": "a stored run"}) + "\n")
+    assert knowledge.main(["--capacity", "--report", "--ns", "5", "--methods", "meft", "--out", str(out)]) == 0
+    assert "1 run(s) in" in capsys.readouterr().out
+    assert knowledge.main(["--capacity", "--report", "--ns", "5", "--methods", "meft", "--packing", "off",
+                           "--out", str(out)]) == 0
+    assert "run(s) in" not in capsys.readouterr().out

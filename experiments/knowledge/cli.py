@@ -289,8 +289,13 @@ def _capacity(args, out: Path) -> None:
         # carried cells start as soon as their method's sweep is complete, not after every sweep
         _run(plan.base_specs() + plan.sweep_specs(), out, jobs=args.jobs, more=plan.carried_specs,
              cells=cell_options(args, out))
-    summary = summarize(plan, load_results(out))
+    results = load_results(out)
+    summary = summarize(plan, results)
     print(format_capacity_report(summary, command=_command()))
+    padded = sum(r["spec"]["method"] != "base" and "packing" not in r["spec"] for r in results)
+    if padded and args.packing != "off":
+        print(f"note: {padded} run(s) in {out} trained on padded batches, before packing existed; they count as "
+              "cells of this report only with --packing off")
     if importlib.util.find_spec("matplotlib") is None:
         print("no plots: matplotlib is not installed")
     else:
