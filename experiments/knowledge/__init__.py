@@ -5,7 +5,8 @@
 
 Files: `cli` (options, the list of runs), `cells` (one subprocess per run, results JSONL), `runner` (one
 (method, dataset, seed) run, with the general-prompt agreement against the base model's continuations),
-`methods` (the trainers compared and their device-resident state),
+`methods` (the trainers compared, each stepping on packed micro-batches, and their device-resident state),
+`cell_state` (a run's mid-training checkpoint, what `--resume` continues a stopped run from),
 `capacity` (the capacity-curve protocol: cells, lr rule carried from the smallest N, its summary),
 `forgetting` (retention of known facts, perplexity on pydoc text; `retention_default.json` is the
 default model's committed retention set), `report` (Markdown tables under one lr selection rule, JSON

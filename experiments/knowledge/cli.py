@@ -9,8 +9,9 @@ so the same training tokens), and reports exact match on the trained phrasings a
 phrasings, the device-resident training state (computed: see `methods`), host RAM (peak RSS of the
 run's own process; MEFT's row stores), and the median step time. Each (method, dataset, seed) runs in
 its own process (`cells`, `runner.run_one`); results are appended to a JSONL file as they finish, so a long run
-can be stopped and resumed (`--resume`) and the tables rebuilt (`--report`). Run from the repository
-root:
+can be stopped and resumed (`--resume`; a run stopped mid-training continues from its last checkpoint,
+`--save-every`) and the tables rebuilt (`--report`). Every method trains on packed micro-batches as `meft
+train` does (`--packing`, `runner`). Run from the repository root:
 
     python -m experiments.knowledge --quick              # minutes: tiny sets, a few steps
     python -m experiments.knowledge --seeds 0 1          # the fuller run (see BENCHMARKS.md)
@@ -27,6 +28,7 @@ PNGs are written next to --out. `--quick` proves the pipeline in minutes (N 5 an
 per method, tiny adapter and probes: not a measurement). The full run is hours of CPU (on the 2-core
 box about 14 h of training: 15 sweep runs of 228 steps, 5 of 752, 5 of 2252, at 1.5-4 s a step; plus
 5-15 min of scoring per run, depending on the load) and resumable: rerun the same command after a stop
+(a run stopped mid-training continues from its last checkpoint, at most --save-every steps back)
 
     mkdir -p runs/knowledge && nohup python -m experiments.knowledge --capacity --resume --json \\
         --out experiments/knowledge/results/capacity.jsonl >> runs/knowledge/capacity.log 2>&1 &
@@ -45,13 +47,13 @@ import sys
 from pathlib import Path
 
 from experiments.knowledge.capacity import CAPACITY_LRS, CAPACITY_METHODS, CAPACITY_NS, CapacityPlan, summarize
-from experiments.knowledge.cells import ROOT, load_results, run_spec_here
+from experiments.knowledge.cells import ROOT, CellOptions, load_results, run_spec_here
 from experiments.knowledge.cells import run_specs as _run
 from experiments.knowledge.forgetting import RETENTION_FILE
 from experiments.knowledge.report import ADAMW_FREE, format_capacity_report, format_report
 from experiments.knowledge.runner import RunSpec
 
-__all__ = ["main", "parse_args", "specs_for", "capacity_plan"]
+__all__ = ["main", "parse_args", "specs_for", "capacity_plan", "cell_options"]
 
 DEFAULT_METHODS = ("meft", "meft_adalomo", "lora8", "lora64", "dense", "full_adalomo")
 QUICK = dict(n_fictional=20, n_countries=5, steps=4, batch_size=8, rows=512, max_active_rows=128,
@@ -117,11 +119,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="runs at once, each its own process with its share of the cores (a GPU: launch-bound "
                         "small steps overlap well; a 2-core box: keep 1)")
     p.add_argument("--out", default="runs/knowledge/results.jsonl")
-    p.add_argument("--resume", action="store_true", help="skip runs already in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="skip runs already in --out, and continue a stopped run from its last checkpoint")
+    p.add_argument("--save-every", type=int, default=50, metavar="K",
+                   help="each run saves its training state every K steps (and after its last step) under "
+                        "--checkpoint-dir, so --resume loses at most K steps of a stopped run; 0: no checkpoints")
+    p.add_argument("--checkpoint-dir", help="where runs keep their checkpoints (default: next to --out, "
+                                            "<out>.cells/); a run's folder is removed once its result is in --out")
+    p.add_argument("--packing", default="auto", choices=["auto", "on", "off"],
+                   help="train on packed micro-batches as `meft train --packing` does: auto (where the model takes "
+                        "them), on (insist), off (the padded step; results files written before packing hold such "
+                        "runs: pass off to report or resume them)")
     p.add_argument("--report", action="store_true", help="only print the tables of --out")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     p.add_argument("--plot", metavar="PNG", help="also draw exact match against AdamW lr per method (a sweep)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON RunSpec, run in this process
+    p.add_argument("--cell-options", help=argparse.SUPPRESS)  # internal: JSON CellOptions of that run
+    p.add_argument("--stop-after-steps", type=int, default=0, help=argparse.SUPPRESS)  # test hook: stop each run there
     p.add_argument("--build-retention", help=argparse.SUPPRESS)  # internal: JSON {model, path, limit}
     args = p.parse_args(argv)
     presets = [CAPACITY] + [QUICK_CAPACITY] * args.quick if args.capacity else [QUICK] * args.quick
@@ -135,6 +149,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.lr_for = _parse_lr_for(p, args.lr_for, args.methods, args.capacity)
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: give 1 or more runs at once")
+    if args.save_every < 0:
+        p.error(f"--save-every {args.save_every}: give a number of steps, or 0 for no checkpoints")
+    if args.stop_after_steps < 0:
+        p.error(f"--stop-after-steps {args.stop_after_steps}: give a step number, or 0 (off)")
     if args.device.startswith("cuda") and not args.report:
         import torch
 
@@ -201,8 +219,17 @@ def _template(args, *, lr: bool = True) -> dict:
                expert_size=args.expert_size, state_dtype=args.state_dtype, chat=args.chat,
                eval_limit=args.eval_limit, model=args.model, retention_file=_retention_file(args) if forgetting else "",
                retention_limit=args.retention_limit, ppl_texts=args.ppl_texts, ppl_tokens=args.ppl_tokens,
-               device=args.device, **({"replay": args.replay} if args.replay else {}))
+               device=args.device, packing=args.packing, **({"replay": args.replay} if args.replay else {}))
     return dict(out, backbone_lr=args.backbone_lr) if lr else out
+
+
+def cell_options(args, out: Path) -> CellOptions:
+    """How this invocation's runs checkpoint (absolute paths: the runs' cwd is the repository root)."""
+    if not (args.save_every or args.stop_after_steps):
+        return CellOptions(resume=args.resume)
+    folder = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".cells")
+    return CellOptions(checkpoint_dir=str(folder.resolve()), save_every=args.save_every, resume=args.resume,
+                       stop_after=args.stop_after_steps)
 
 
 def capacity_plan(args) -> CapacityPlan:
@@ -260,9 +287,15 @@ def _capacity(args, out: Path) -> None:
         _ensure_retention(args)
         _ensure_model(args)
         # carried cells start as soon as their method's sweep is complete, not after every sweep
-        _run(plan.base_specs() + plan.sweep_specs(), out, jobs=args.jobs, more=plan.carried_specs)
-    summary = summarize(plan, load_results(out))
+        _run(plan.base_specs() + plan.sweep_specs(), out, jobs=args.jobs, more=plan.carried_specs,
+             cells=cell_options(args, out))
+    results = load_results(out)
+    summary = summarize(plan, results)
     print(format_capacity_report(summary, command=_command()))
+    padded = sum(r["spec"]["method"] != "base" and "packing" not in r["spec"] for r in results)
+    if padded and args.packing != "off":
+        print(f"note: {padded} run(s) in {out} trained on padded batches, before packing existed; they count as "
+              "cells of this report only with --packing off")
     if importlib.util.find_spec("matplotlib") is None:
         print("no plots: matplotlib is not installed")
     else:
@@ -278,8 +311,7 @@ def _capacity(args, out: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
-        run_spec_here(args.one)
-        return 0
+        return run_spec_here(args.one, args.cell_options)
     if args.build_retention:
         _build_retention(args.build_retention)
         return 0
@@ -299,7 +331,7 @@ def main(argv=None) -> int:
         if args.forgetting:
             _ensure_retention(args)
         _ensure_model(args)
-        _run(specs_for(args), out, jobs=args.jobs)
+        _run(specs_for(args), out, jobs=args.jobs, cells=cell_options(args, out))
     text, summary = format_report(load_results(out), command=_command())
     print(text)
     if args.plot:

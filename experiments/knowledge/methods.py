@@ -15,6 +15,13 @@ Owns one small `Trainer` per method, all driving the same HF causal LM with one 
                   MEFT's generated keys, `meft.adapter.key_table`, values 0), torch AdamW.
 * "full_adalomo"  full fine-tuning with `meft.AdaLomo` (update fused into backward).
 
+Every trainer steps on packed micro-batches where its `pack` is set (`build_trainer(pack=True)`, as the
+knowledge runs do): the layout `meft train` computes (`meft.train.lay_out`: the right-padded batch as one
+sequence, no padding, a shared prompt prefix once, a block-diagonal attention mask and per-example
+position ids, so every token sees and is placed as in the padded batch), for MEFT through
+`meft.train.train_step(pack=True)` itself and for the others (plain HF / peft models) through the same
+`lay_out` of the underlying HF model; where a model or batch does not pack, the padded batch is used.
+
 `device_memory()` computes the device-resident *training state* of a method from the live objects
 (no activations: they are the same backbone activations for every method at a given batch, and a CPU
 run cannot measure GPU memory): weights of every parameter that sits on the device, gradients
@@ -31,6 +38,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from meft.train import causal_lm_loss, lay_out, train_step
+
 __all__ = ["METHODS", "build_trainer", "device_memory", "Trainer"]
 
 METHODS = ("meft", "meft_sparse", "meft_adalomo", "lora8", "lora16", "lora64", "dense", "full_adalomo")
@@ -46,21 +55,28 @@ def _nbytes(params) -> int:
 
 class Trainer:
     """One method around one model: `step(batch) -> (loss, labelled tokens)`, `close()`."""
-    def __init__(self, method: str, model: nn.Module, *, adam=None, fused=None, rt=None, trained=()):
+    def __init__(self, method: str, model: nn.Module, *, adam=None, fused=None, rt=None, trained=(),
+                 pack: bool = False):
         self.method, self.model = method, model
         self.adam, self.fused, self.rt = adam, fused, rt   # torch AdamW | AdaLomo | MeftRuntime
         self.trained = list(trained)                      # device params updated by `adam`
+        self.pack = pack                                  # step on the packed layout where a batch packs
+
+    @property
+    def inner(self) -> nn.Module:
+        """The HF causal LM itself (peft's wrapper hides `logits_to_keep`; its base model carries the LoRA layers)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def step(self, batch: dict) -> tuple[float, int]:
-        """One optimizer step on `batch`; every method uses the same loss (`meft.train.causal_lm_loss`:
-        LM head only at labelled positions, as `meft train` does). Returns (loss, labelled tokens)."""
-        from meft.train import causal_lm_loss, train_step
-
+        """One optimizer step on `batch` (right-padded input_ids / attention_mask / labels; on the CPU when
+        packing); every method uses the same loss (`meft.train.causal_lm_loss`: LM head only at labelled
+        positions, as `meft train` does). Returns (loss, labelled tokens)."""
         labelled = int((batch["labels"] != -100).sum())
         if self.rt is not None:
-            return train_step(self.model, self.rt, [batch], 1)[0], labelled
-        # peft's wrapper hides `logits_to_keep`; its base model carries the injected LoRA layers
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            return train_step(self.model, self.rt, [batch], 1, pack=self.pack)[0], labelled
+        inner = self.inner
+        device = next(inner.parameters()).device
+        batch = {k: v.to(device) for k, v in lay_out(inner, batch, self.pack).items()}
         loss = causal_lm_loss(inner, batch)
         if self.fused is not None:
             self.fused.backward(loss)
@@ -128,10 +144,11 @@ def _full_adalomo(model, *, lr):
 def build_trainer(method: str, model: nn.Module, *, seed: int = 0, rows: int = 4096,
                   max_active_rows: int = 1024, expert_size: int = 32, lr: float = 1e-3,
                   backbone_lr: float = 1e-3, state_dtype: str = "float32",
-                  router_lr: float | None = None) -> Trainer:
+                  router_lr: float | None = None, pack: bool = False) -> Trainer:
     """Turn a freshly loaded `model` (training mode) into `method`'s trainer; see the module docstring.
 
-    `lr` is the AdamW lr of every AdamW-trained tensor; MEFT's router gates use `router_lr` if given."""
+    `lr` is the AdamW lr of every AdamW-trained tensor; MEFT's router gates use `router_lr` if given.
+    `pack`: step on packed micro-batches (see the module docstring; decide with `meft.data.resolve_packing`)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {METHODS}")
     torch.manual_seed(seed)
@@ -148,7 +165,7 @@ def build_trainer(method: str, model: nn.Module, *, seed: int = 0, rows: int = 4
         model, kw = _dense(model, seed=seed, rows=rows, lr=lr)
     else:
         model, kw = _full_adalomo(model, lr=backbone_lr)
-    return Trainer(method, model, **kw)
+    return Trainer(method, model, pack=pack, **kw)
 
 
 def _update_bytes(opt, p: torch.Tensor) -> int:

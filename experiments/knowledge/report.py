@@ -63,9 +63,12 @@ def _pct(x) -> str:
 
 
 def method_label(spec: dict) -> str:
-    """The method's name in tables; a MEFT run with its own router lr is a method of its own."""
+    """The method's name in tables; a MEFT run with its own router lr is a method of its own, and so is a
+    run asked for the padded step (`--packing off`) beside packed ones (a spec written before packing
+    existed has no `packing`: it keeps its plain name)."""
     router = spec.get("router_lr")
-    return spec["method"] if router is None else f"{spec['method']} (router lr {router:g})"
+    label = spec["method"] if router is None else f"{spec['method']} (router lr {router:g})"
+    return f"{label} (padded)" if spec.get("packing") == "off" and spec["method"] != "base" else label
 
 
 def _em(r: dict, split: str, metric: str = "exact_match"):

@@ -3,8 +3,9 @@ prompt/completion, text), record files with file:line errors (`files`: .jsonl, .
 tokenization and batching (`records`), the built-in datasets (`builtin`), turning `--data` /
 `--eval-data` into batches and evaluation splits (`sources`), and the facts the default model already
 knows plus free prompts that `meft train` probes before and after training (`retention`), the questions
-whose base-model answers `--replay` mixes into training (`replay`), answer scoring (`answers`), and the general
-prompts whose continuations a fine-tune should leave alone (`general_prompts`).
+whose base-model answers `--replay` mixes into training (`replay`), answer scoring (`answers`), the general
+prompts whose continuations a fine-tune should leave alone (`general_prompts`), and padding-free packed
+micro-batches (`packed`).
 """
 
 from meft._faces import lazy_face
@@ -27,6 +28,7 @@ _WHERE = {
     "RETENTION_MAX_NEW_TOKENS": "meft.data.retention",
     "GENERAL_PROMPTS": "meft.data.general_prompts",
     "replay_prompts": "meft.data.replay",
+    "resolve_packing": "meft.data.packed",
 }
 __all__ = list(_WHERE)
 
