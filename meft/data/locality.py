@@ -7,7 +7,8 @@ Owns:
   run's training data nor the trade-off probe (`meft.data.replay.outside_questions`, the pool `--replay`
   draws from), asked as the run asks (its system prompt, the chat template's generation prompt), and
   `sample(step, micro, rank)`: `per_batch` of them drawn by (seed, step, micro-batch, rank) alone, so a
-  resumed run draws what the uninterrupted one would, and every rank of a data-parallel run its own;
+  resumed run draws what the uninterrupted one would, and every rank of a data-parallel run its own
+  (`join`: a step's micro-batches with their draws);
 * `with_background(batch, rows, pad_id)`: a right-padded batch with those rows appended (labels -100: they
   teach nothing; `background` [B] bool says which rows they are);
 * the per-token weight (`meft.adapter.locality`): `padded_background_weight` for the padded layout ([B, T],
@@ -52,6 +53,10 @@ class BackgroundQuestions:
         pick = np.random.default_rng([self.seed, step, micro, rank]).choice(len(self.rows), self.per_batch,
                                                                              replace=False)
         return [self.rows[i] for i in pick.tolist()]
+
+    def join(self, batches: Sequence[dict[str, Tensor]], step: int, rank: int, pad_id: int) -> list[dict[str, Tensor]]:
+        """The micro-batches of optimizer step `step` on `rank`, each with its own draw appended (`with_background`)."""
+        return [with_background(b, self.sample(step, i, rank), pad_id) for i, b in enumerate(batches)]
 
 
 def with_background(batch: dict[str, Tensor], rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:

@@ -28,6 +28,7 @@ from torch import Tensor
 from meft.adapter.dense import freeze
 from meft.adapter.keys import KeyedRows
 from meft.adapter.layer import SparseFFNAdapter
+from meft.adapter.locality import LocalityTerm
 from meft.adapter.router import Routing
 from meft.adapter.runtime import in_backward
 from meft.adapter.targets import find_targets, hidden_size_of
@@ -54,6 +55,7 @@ class PlanRuntime:
     def __init__(self, config: MeftConfig, adapters, d: int, wire: torch.dtype):
         self.config, self.adapters, self.wire = config, adapters, wire
         self.capturing = False  # the adapters ask (MeftRuntime.capturing: sparse_update's background capture)
+        self.locality = LocalityTerm(config.locality_margin)  # the adapters add to it; no weight set: inert
         self.max_rows = config.budget_rows  # = wrap's scheduler max_rows
         # lookahead: the runtime reserves 2 x max_rows live rows per layer (prefetch + misses)
         live = self.max_rows * (2 if config.prefetch == "lookahead" else 1)

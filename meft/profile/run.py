@@ -28,7 +28,7 @@ from meft.config import MeftConfig
 from meft.data.packed import resolve_packing
 from meft.profile.report import build_report, format_report, plot_profile
 from meft.train.args import TrainArgs
-from meft.train.loop import lay_out, setup_run, train_step
+from meft.train.loop import lay_out, locality_background, setup_run, train_step
 
 __all__ = ["profile", "LayerTimer", "ActiveSetCounter"]
 
@@ -105,15 +105,18 @@ def _attach(model, rt):
     return timer, ActiveSetCounter(rt.adapters, rt)
 
 
-def _run_steps(model, rt, data, args, cfg) -> dict:
+def _run_steps(model, rt, data, args, cfg, background=None) -> dict:
     accum, tokens, step_s = cfg.grad_accum_steps, 0, []
     input_tokens = 0  # positions computed: padding included, a packed batch's shared prefix once
     pack = resolve_packing(args.packing, model)
-    for _ in range(args.steps):
-        batches = [lay_out(model, next(data.batches), pack) for _ in range(accum)]  # as meft train computes them
+    for step in range(1, args.steps + 1):
+        raw = [next(data.batches) for _ in range(accum)]
+        if background is not None:  # the locality term's background questions, as meft train adds them
+            raw = background.join(raw, step, 0, data.batches.pad_token_id)
+        batches = [lay_out(model, b, pack) for b in raw]  # as meft train computes them
         input_tokens += sum(int(b["input_ids"].numel()) for b in batches)
         t0 = time.perf_counter()
-        _, n = train_step(model, rt, batches, accum)
+        _, n = train_step(model, rt, batches, accum, locality_weight=cfg.locality_weight)
         step_s.append(time.perf_counter() - t0)
         tokens += n
     total = sum(step_s)
@@ -129,7 +132,8 @@ def profile(args: TrainArgs, cfg: MeftConfig, *, link: str | None = None,
         args.steps = 5
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meft, model, _tok, data = setup_run(args, cfg)
+    meft, model, tok, data = setup_run(args, cfg)
+    background = locality_background(cfg, tok, data)  # None unless locality_weight > 0
     model.train()
     meft.wrap(model, cfg)
     rt = model.meft
@@ -138,7 +142,7 @@ def profile(args: TrainArgs, cfg: MeftConfig, *, link: str | None = None,
                          "twin moves no rows and has no TrafficMeter; fix: drop --offload false")
     timer, counter = _attach(model, rt)
     try:
-        run = _run_steps(model, rt, data, args, cfg)
+        run = _run_steps(model, rt, data, args, cfg, background)
     finally:
         timer.remove()
         counter.remove()

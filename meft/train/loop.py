@@ -27,7 +27,7 @@ from meft.adapter.saving import save_adapter
 from meft.adapter.targets import check_layer_choice
 from meft.atomic import atomic_write_text
 from meft.config import MeftConfig, parse_backbone_dtype
-from meft.data.locality import BackgroundQuestions, padded_background_weight, with_background
+from meft.data.locality import BackgroundQuestions, padded_background_weight
 from meft.data.packed import check_packing_mode, pack_batch, resolve_packing
 from meft.data.records import IGNORE_INDEX
 from meft.data.replay import REPLAY_FORMS, replay_prompts
@@ -46,7 +46,7 @@ from meft.train.run_log import MetricsLog, plot_loss_curve
 from meft.train.run_summary import run_summary, summary_table
 from meft.train.tracking import open_tracker, parse_report_to, step_traffic
 
-__all__ = ["train", "train_step", "lay_out", "setup_run", "lr_lambda"]
+__all__ = ["train", "train_step", "lay_out", "setup_run", "lr_lambda", "locality_background"]
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -257,7 +257,7 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe, candidates: li
     out, main = Path(args.output_dir), ranks.main
     meft, model, tokenizer, data = setup_run(args, cfg)
     check_layer_choice(cfg.layers, model)
-    background = _locality_background(cfg, tokenizer, data, main)
+    background = locality_background(cfg, tokenizer, data, main)
     pack = resolve_packing(args.packing, model)
     total = args.steps or max(1, math.ceil(args.epochs * data.batches.batches_per_epoch / cfg.grad_accum_steps))
     resuming = bool(candidates)
@@ -304,8 +304,7 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe, candidates: li
             t0 = time.perf_counter()
             batches = [ranks.shard(next(data.batches)) for _ in range(cfg.grad_accum_steps)]
             if background is not None:  # locality: every micro-batch also carries background questions
-                batches = [with_background(b, background.sample(step, i, ranks.rank), data.batches.pad_token_id)
-                           for i, b in enumerate(batches)]
+                batches = background.join(batches, step, ranks.rank, data.batches.pad_token_id)
             tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # input tokens, padding excluded
             stats: dict = {}
             loss, _labelled = train_step(model, rt, batches, cfg.grad_accum_steps, pack=pack,
@@ -360,7 +359,7 @@ def _train(args: TrainArgs, cfg: MeftConfig, ranks: Ranks, probe, candidates: li
     return summary
 
 
-def _locality_background(cfg: MeftConfig, tokenizer, data: RunData, main: bool) -> BackgroundQuestions | None:
+def locality_background(cfg: MeftConfig, tokenizer, data: RunData, main: bool = True) -> BackgroundQuestions | None:
     """The locality term's background questions (`meft.data.locality`), or None with locality_weight 0: outside
     the run's training subjects and the trade-off probe's facts, asked with the run's system prompt."""
     if not cfg.locality_weight:

@@ -66,3 +66,18 @@ def test_link_prediction_model():
     assert predict_link("50", b, slow, lookahead=False)["gbps"] == 50.0
     with pytest.raises(ValueError, match="--link"):
         predict_link("pcie9", b, slow, lookahead=False)
+
+
+def test_profile_runs_the_locality_term_as_meft_train_does(tiny, tmp_path):
+    """With --locality-weight the profiled steps carry the background questions meft train adds."""
+    base = MEFT + ["profile", "--model", str(tiny / "model"), "--data", str(tiny / "train.jsonl"), "--steps", "2",
+                   "--adapter-rows", "256", "--expert-size", "16", "--max-active-rows", "64", "--batch-size", "4",
+                   "--progress", "false"]
+    tokens = []
+    for extra in ([], ["--locality-weight", "0.5", "--locality-background", "3"]):
+        out = tmp_path / f"prof{len(extra)}"
+        res = subprocess.run(base + ["--output-dir", str(out), *extra], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert ("meft: locality: 3 of" in res.stdout) == bool(extra)
+        tokens.append(json.loads((out / "profile.json").read_text())["run"]["input_tokens"])
+    assert tokens[1] > tokens[0]  # the same training batches plus the background questions
