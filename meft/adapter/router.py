@@ -34,7 +34,8 @@ halves so that gradient checkpointing can recompute the differentiable half with
   rounded to the model's dtype); elsewhere in fp32. Tested against the fp32 scores.
 * **Compiled** (`MeftConfig.compile_router`): `route` is a thin shell over `route_core`, the pure tensor work
   with every shape and int decided on the host; `torch.compile` fuses it (dynamic token count, one graph per
-  process), with results equal to the eager core (`tests/meft/adapter/test_compiled_router.py`).
+  process), with results equal to the eager core (`tests/meft/adapter/test_compiled_router.py`). If the compiler
+  gives up (its recompile limit, say), routing continues on the eager core and `COMPILE_FAILED` says why.
 * **Balance** (`MeftConfig.balance="bias"`, DeepSeek-V3's auxiliary-loss-free balancing): a per-expert
   bias `b` [E] is added to the scores for *choosing* experts only (top-k, the re-routing); gate weights
   stay the softmax of the unbiased scores. `Routing.load` (real tokens choosing each expert) is what the
@@ -56,8 +57,8 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from meft.config import budget_experts
 
-__all__ = ["Routing", "route", "route_core", "compiled_route_core", "gate_weights", "token_gate_weights",
-           "expert_weights", "init_gate", "update_balance_bias", "router_scores"]
+__all__ = ["Routing", "route", "route_core", "compiled_route_core", "COMPILE_FAILED", "gate_weights",
+           "token_gate_weights", "expert_weights", "init_gate", "update_balance_bias", "router_scores"]
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -161,9 +162,17 @@ def route(x: Tensor, gate: Tensor, *, experts_per_token: int, expert_size: int,
     else:
         n_slots = budget_experts(max_active_rows, expert_size, n_experts)
     reroute = n_slots < min(n_experts, n_tok * k)  # the budget can bind: re-route among the kept experts
+    args = (x, gate, valid, bias, k, expert_size, n_slots, reroute)
     # under a TorchDispatchMode (op and sync counters) torch.compile cannot run: the eager core, same results
-    core = compiled_route_core() if compiled and not is_in_torch_dispatch_mode(False) else route_core
-    top_idx, pos, kept, ids, dropped, load, scores = core(x, gate, valid, bias, k, expert_size, n_slots, reroute)
+    if compiled and not is_in_torch_dispatch_mode(False) and not COMPILE_FAILED:
+        try:
+            out = compiled_route_core()(*args)
+        except Exception as exc:  # noqa: BLE001 - the compiler gave up (e.g. its recompile limit): eager is exact
+            COMPILE_FAILED.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            out = route_core(*args)
+    else:
+        out = route_core(*args)
+    top_idx, pos, kept, ids, dropped, load, scores = out
     return Routing(top_idx=top_idx, pos=pos, kept=kept, ids=ids, expert_size=expert_size, dropped=dropped,
                    load=load, _scores=(x, gate, scores))
 
@@ -209,6 +218,9 @@ def route_core(x: Tensor, gate: Tensor, valid: Tensor | None, bias: Tensor | Non
 
 
 _COMPILED: list = []  # the process's one compiled route_core (compiled lazily, on first use)
+# why torch.compile gave up on route_core in this process (then routing stays eager: the same results); empty: it
+# has not. Many routing configurations in one process (tests) can exceed dynamo's recompile limit, for example.
+COMPILE_FAILED: list[str] = []
 
 
 def compiled_route_core():

@@ -8,12 +8,22 @@ same forward's gate weights must be the eager ones, for the same x and gate obje
 import pytest
 import torch
 
-from meft.adapter.router import gate_weights, route
+from meft.adapter import router
+from meft.adapter.router import COMPILE_FAILED, gate_weights, route
 from meft.profile import SyncCounter
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 FIELDS = ("top_idx", "pos", "kept", "ids", "load")
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each test starts with dynamo's caches empty (their recompile counts add up across a process)."""
+    torch._dynamo.reset()
+    COMPILE_FAILED.clear()
+    yield
+    COMPILE_FAILED.clear()
 
 
 def _cases():
@@ -37,6 +47,7 @@ def test_compiled_route_equals_eager(case):
         assert torch.equal(getattr(fused, name), getattr(eager, name)), name
     assert torch.allclose(fused.dropped, eager.dropped, rtol=0, atol=1e-7)
     assert fused.expert_size == eager.expert_size
+    assert not COMPILE_FAILED  # the compiled core ran, not the fallback
     # the kept scores serve the same forward's gate weights, as eager routing's do
     xg = x.clone().requires_grad_(True)
     a = gate_weights(xg, gate, route(xg, gate, compiled=True, **kw))
@@ -50,3 +61,16 @@ def test_under_a_dispatch_mode_the_eager_core_runs():
     with SyncCounter():
         fused = route(x, gate, compiled=True, **kw)
     assert torch.equal(fused.ids, route(x, gate, **kw).ids)
+
+
+def test_a_compiler_that_gives_up_leaves_routing_exact(monkeypatch):
+    def broken():
+        def core(*args):
+            raise RuntimeError("recompile limit reached (simulated)")
+        return core
+
+    monkeypatch.setattr(router, "compiled_route_core", broken)
+    x, gate, kw = list(_cases())[1]
+    fused = route(x, gate, compiled=True, **kw)
+    assert torch.equal(fused.ids, route(x, gate, **kw).ids)
+    assert COMPILE_FAILED == ["RuntimeError: recompile limit reached (simulated)"]
