@@ -65,7 +65,7 @@ VARIANTS = {
     "sparseq16_router0_seed0": ["--sparse-update", "16", "--sparse-background", "questions", "--router-lr", "0",
                                 "--seed", "0"],
     # plain SGD on the rows (`--row-optimizer sgd`, sparse memory finetuning's rule): a row's step is lr x its
-    # gradient (value gradients are ~2e-5 per element here, so AdamW's 3e-2 steps match an SGD lr near 1e3)
+    # gradient (value gradients are tiny, so the lr is in the hundreds or thousands)
     "sgd300_seed0": ["--row-optimizer", "sgd", "--adapter-lr", "300", "--seed", "0"],
     "sgd1000_seed0": ["--row-optimizer", "sgd", "--adapter-lr", "1000", "--seed", "0"],
     "sgd3000_seed0": ["--row-optimizer", "sgd", "--adapter-lr", "3000", "--seed", "0"],

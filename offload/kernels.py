@@ -288,12 +288,7 @@ def adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, we
     with keep[r] False is skipped whole: its weights, moments, mirror row and step count stay as they are
     (a zero-gradient AdamW step would still move it by its momentum). Plain PyTorch: `ids = ids[keep]`.
     """
-    if mirror is None:
-        mirror = _NO_MIRROR
-    if keep is None:
-        keep = _NO_KEEP
-    elif keep.shape[0] != ids.shape[0]:
-        raise ValueError(f"keep has {keep.shape[0]} entries for {ids.shape[0]} ids")
+    mirror, keep = row_update_extras(mirror, keep, ids)
     work = ids.shape[0] * w.shape[1] * (8 + 4 * m.itemsize + grads.itemsize + mirror.itemsize)
     _run(_adamw_rows, work, w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, weight_decay, mirror,
          keep)
@@ -301,6 +296,14 @@ def adamw_rows(w, m, v, steps, ids, grads, grad_scale, lr, beta1, beta2, eps, we
 
 _NO_MIRROR = np.zeros((0, 0), dtype=np.uint16)  # "no mirror": the kernel skips the mirror loop
 _NO_KEEP = np.zeros(0, dtype=np.bool_)  # "no update mask": every row is updated
+
+
+def row_update_extras(mirror, keep, ids):
+    """A row update's optional mirror and mask as the kernels take them (empty arrays for None); keep is
+    checked against ids. Shared by `adamw_rows` and `offload.sgd_kernel.sgd_rows`."""
+    if keep is not None and keep.shape[0] != ids.shape[0]:
+        raise ValueError(f"keep has {keep.shape[0]} entries for {ids.shape[0]} ids")
+    return (_NO_MIRROR if mirror is None else mirror), (_NO_KEEP if keep is None else keep)
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -12,7 +12,7 @@ from numba import njit, prange
 
 from offload.bits import load_f32 as _ld
 from offload.bits import store_f32 as _st
-from offload.kernels import _NO_KEEP, _NO_MIRROR, _run
+from offload.kernels import _run, row_update_extras
 
 __all__ = ["sgd_rows", "reference_sgd_rows"]
 
@@ -25,12 +25,7 @@ def sgd_rows(w, steps, ids, grads, grad_scale, lr, weight_decay, mirror=None, ke
     i.e. `torch.optim.SGD` (no momentum) per row with the decay applied like AdamW's; `reference_sgd_rows`
     is the twin. w: [N, W] f32; steps: [N] int64; ids: [R] int64 unique; grads: [>=R, W] f32 or uint16 (bf16);
     mirror / keep: as in `offload.kernels.adamw_rows`."""
-    if mirror is None:
-        mirror = _NO_MIRROR
-    if keep is None:
-        keep = _NO_KEEP
-    elif keep.shape[0] != ids.shape[0]:
-        raise ValueError(f"keep has {keep.shape[0]} entries for {ids.shape[0]} ids")
+    mirror, keep = row_update_extras(mirror, keep, ids)
     work = ids.shape[0] * w.shape[1] * (8 + grads.itemsize + mirror.itemsize)
     _run(_sgd_rows, work, w, steps, ids, grads, grad_scale, lr, weight_decay, mirror, keep)
 

@@ -14,7 +14,6 @@ from experiments.knowledge.cells import cell_folder
 from experiments.knowledge.methods import METHODS, build_trainer
 from experiments.knowledge.runner import CellStopped, RunSpec, _batches, _computed, load_facts, run_one, spec_key
 from meft import load_model
-from tests.meft.data.test_records import tiny_model, tiny_tokenizer
 
 SMALL = dict(n_facts=5, steps=5, batch_size=4, rows=64, max_active_rows=32, expert_size=16, eval_limit=4,
              max_new_tokens=4)
@@ -26,12 +25,8 @@ assert set(TWINS) <= set(RESUMED) <= set(METHODS)
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_cells")
-    tok = tiny_tokenizer()
-    tiny_model(len(tok)).save_pretrained(root)
-    tok.save_pretrained(root)
-    return str(root)
+def tiny_dir(tiny):
+    return str(tiny / "model")  # the tiny local HF folder of tests/conftest.py
 
 
 def _trainer(tiny_dir, method: str, pack: bool):
